@@ -1,0 +1,50 @@
+"""pyrovae: variational autoencoders written as Pyro programs.
+
+A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide family;
+``vae.model`` and ``vae.guide`` are a Pyro model and guide trained with SVI, and
+:func:`log_marginal_likelihood` estimates log p(x) per data point by importance sampling.
+"""
+
+from pyrovae.config import TrainConfig, build_vae
+from pyrovae.data import DataSplits, load_dataset
+from pyrovae.evaluation import (
+    elbo,
+    importance_log_weights,
+    log_marginal_likelihood,
+    mean_and_standard_error,
+)
+from pyrovae.guides import GUIDES, DiagonalNormalGuide, GuideFamily
+from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
+from pyrovae.models import VAE
+from pyrovae.nets import NETWORKS, MLPDecoder, MLPEncoder
+from pyrovae.priors import PRIORS, DiagonalNormalPrior, Prior, StandardNormalPrior
+from pyrovae.train import fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GUIDES",
+    "LIKELIHOODS",
+    "NETWORKS",
+    "PRIORS",
+    "VAE",
+    "BernoulliLikelihood",
+    "DataSplits",
+    "DiagonalNormalGuide",
+    "DiagonalNormalPrior",
+    "GaussianLikelihood",
+    "GuideFamily",
+    "Likelihood",
+    "MLPDecoder",
+    "MLPEncoder",
+    "Prior",
+    "StandardNormalPrior",
+    "TrainConfig",
+    "build_vae",
+    "elbo",
+    "fit",
+    "importance_log_weights",
+    "load_dataset",
+    "log_marginal_likelihood",
+    "mean_and_standard_error",
+]

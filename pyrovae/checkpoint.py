@@ -1,0 +1,123 @@
+"""Saving and loading runs: model parameters, optimizer state, epoch and config in one file.
+
+Checkpoints hold only tensors and plain Python values, so they load with
+``torch.load(weights_only=True)``: no code in a checkpoint is ever executed.
+Writes are atomic (temporary file, fsync, rename), so a crash during a write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from pyrovae.config import TrainConfig, build_vae
+from pyrovae.errors import CheckpointError
+from pyrovae.models import VAE
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def optimizer_state(vae: VAE, optimizer: pyro.optim.PyroOptim) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name relative to the VAE (no instance prefix)."""
+    prefix = vae._pyro_name + "."
+    return {name.removeprefix(prefix): state for name, state in optimizer.get_state().items()}
+
+
+def restore_optimizer_state(vae: VAE, optimizer: pyro.optim.PyroOptim,
+                            state: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state`; applied lazily by Pyro at the next step."""
+    prefix = vae._pyro_name + "."
+    optimizer.set_state({prefix + name: value for name, value in state.items()})
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, vae: VAE, optimizer: pyro.optim.PyroOptim | None,
+                    epoch: int, config: TrainConfig | None,
+                    image_shape: tuple[int, ...] | None = None) -> None:
+    """Write model parameters, optimizer state, epoch and config to ``path`` atomically."""
+    atomic_torch_save({
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "data_dim": vae.data_dim,
+        "image_shape": list(image_shape) if image_shape is not None else None,
+        "config": config.to_dict() if config is not None else None,
+        "model": vae.state_dict(),
+        "optimizer": optimizer_state(vae, optimizer) if optimizer is not None else {},
+    }, path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code.
+
+    :raises CheckpointError: missing, truncated, corrupted or unsafe file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values, "
+            f"which could run code when unpickled ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or corrupted ({error})"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a pyrovae checkpoint (format {FORMAT_VERSION})")
+    return checkpoint
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu",
+             config: TrainConfig | None = None) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+    """Rebuild the VAE of a checkpoint from its config and load its parameters.
+
+    :param path: a checkpoint file or a run directory holding ``checkpoint.pt``.
+    :returns: ``(vae, config, checkpoint)``; the VAE is on ``device`` in eval mode.
+    """
+    checkpoint = read_checkpoint(path)
+    if config is None:
+        if checkpoint.get("config") is None:
+            raise CheckpointError(f"{path} has no config; pass the config used to train it")
+        config = TrainConfig.from_dict(checkpoint["config"])
+    state = checkpoint["model"]
+    image_shape = checkpoint.get("image_shape")
+    vae = build_vae(config, data_dim=checkpoint["data_dim"],
+                    image_shape=tuple(image_shape) if image_shape is not None else None)
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not match the config (latent_dim={config.latent_dim}, "
+            f"prior={config.prior}, guide={config.guide}, net={config.net}): {first}"
+        ) from None
+    return vae.to(device).eval(), config, checkpoint
+

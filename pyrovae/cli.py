@@ -1,0 +1,232 @@
+"""The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
+
+Errors caused by input (bad flags, data, files) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae
+from pyrovae.config import TrainConfig, build_vae
+from pyrovae.data import load_dataset
+from pyrovae.errors import ConfigError, PyrovaeError
+from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
+from pyrovae.models import VAE
+from pyrovae.provenance import provenance
+from pyrovae.train import check_training_data, fit, resolve_device, seed_everything
+
+logger = logging.getLogger("pyrovae")
+
+CONFIG_NAME = "config.json"
+RESULTS_NAME = "results.json"
+EVALUATION_NAME = "evaluation.json"
+SAMPLES_NAME = "samples.png"
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size: int = 100,
+                 chunk_size: int = 500) -> dict[str, Any]:
+    """Test ELBO and importance-sampled log p(x), each as mean and standard error in nats."""
+    started = time.perf_counter()
+    test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size))
+    log_px = mean_and_standard_error(log_marginal_likelihood(
+        vae, x_test, num_samples, batch_size=batch_size, chunk_size=chunk_size))
+    return {
+        "test_elbo": test_elbo.mean,
+        "test_elbo_standard_error": test_elbo.standard_error,
+        "log_marginal_likelihood": log_px.mean,
+        "log_marginal_likelihood_standard_error": log_px.standard_error,
+        "num_samples": num_samples,
+        "num_test_points": log_px.num_points,
+        "evaluation_seconds": time.perf_counter() - started,
+    }
+
+
+def save_sample_grid(vae: VAE, path: Path, image_shape: Sequence[int] | None,
+                     num_samples: int = 64) -> None:
+    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG."""
+    from torchvision.utils import save_image
+
+    if image_shape is None:
+        raise ConfigError("the data are not images (no image shape); cannot draw a grid")
+    images = vae.sample(num_samples).reshape(num_samples, *image_shape).clamp(0, 1)
+    save_image(images.cpu(), str(path), nrow=int(num_samples**0.5) or 1)
+
+
+def _prepare_run_dir(config: TrainConfig) -> Path:
+    run_dir = Path(config.out_dir)
+    existing = [name for name in (CHECKPOINT_NAME, CONFIG_NAME, "metrics.csv")
+                if (run_dir / name).exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); choose another --out-dir "
+            f"or pass --overwrite to replace it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train_command(args: argparse.Namespace) -> int:
+    config = TrainConfig.from_args(args)
+    run_dir = _prepare_run_dir(config)
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
+                        download=config.download)
+    data = data.subset(config.train_size, config.test_size).to(device)
+    seed_everything(config.seed)
+    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
+    check_training_data(vae, data, config.batch_size)
+    config.save(run_dir / CONFIG_NAME)
+    logger.info("training on %d images (%s), testing on %d; run directory %s",
+                data.train.shape[0], device, data.test.shape[0], run_dir)
+    started = time.perf_counter()
+    history = fit(vae, data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                  objective=config.objective, num_particles=config.num_particles,
+                  seed=config.seed, test_every=config.test_every, run_dir=run_dir,
+                  config=config, progress=config.progress)
+    results: dict[str, Any] = {
+        "train_seconds": time.perf_counter() - started,
+        "epochs": config.epochs,
+        "final_train_elbo": history[-1].train_elbo,
+        "seed": config.seed,
+        "config": config.to_dict(),
+    }
+    if data.image_shape is not None:
+        save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
+    if config.eval_samples > 0:
+        seed_everything(config.seed)
+        results.update(evaluate_vae(vae, data.test, num_samples=config.eval_samples))
+        print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f}"
+              f" nats; log p(x) (K={config.eval_samples}) "
+              f"{results['log_marginal_likelihood']:.2f} ± "
+              f"{results['log_marginal_likelihood_standard_error']:.2f} nats")
+    results.update(provenance(device))
+    _write_json(run_dir / RESULTS_NAME, results)
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    vae, config, _ = load_vae(args.checkpoint, device)
+    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
+    data = load_dataset(config.dataset, data_dir, binarize=config.binarize,
+                        download=config.download)
+    x_test = data.test[: args.test_size or config.test_size].to(device)
+    seed_everything(args.seed)
+    results = evaluate_vae(vae, x_test, num_samples=args.num_samples, batch_size=args.batch_size,
+                           chunk_size=args.chunk_size)
+    results.update({"checkpoint": str(args.checkpoint), "seed": args.seed})
+    results.update(provenance(device))
+    output = Path(args.output) if args.output else _run_dir_of(args.checkpoint) / EVALUATION_NAME
+    _write_json(output, results)
+    print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f} nats")
+    print(f"log p(x) (K={args.num_samples}) {results['log_marginal_likelihood']:.2f} ± "
+          f"{results['log_marginal_likelihood_standard_error']:.2f} nats "
+          f"over {results['num_test_points']} test points")
+    print(f"written to {output}")
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    vae, _, checkpoint = load_vae(args.checkpoint, device)
+    seed_everything(args.seed)
+    output = Path(args.output) if args.output else _run_dir_of(args.checkpoint) / SAMPLES_NAME
+    save_sample_grid(vae, output, checkpoint.get("image_shape"), args.num_samples)
+    print(f"{args.num_samples} samples written to {output}")
+    return 0
+
+
+def _run_dir_of(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyrovae",
+        description="Variational autoencoders as Pyro programs: train, estimate log p(x), sample.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a VAE by SVI and estimate its test log p(x)",
+        description="Train a VAE by SVI. Writes config.json, metrics.csv, checkpoint.pt, "
+                    "samples.png and results.json into --out-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    TrainConfig.add_arguments(train)
+    train.set_defaults(handler=train_command)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="test ELBO and importance-sampled log p(x) of a checkpoint",
+        description="Estimate the test ELBO and log p(x) with K importance samples per test point "
+                    "(the IWAE bound); prints them and writes JSON.")
+    evaluate.add_argument("checkpoint", help="checkpoint.pt or the run directory holding it")
+    evaluate.add_argument("--num-samples", "-k", type=_positive_int, default=5000,
+                          help="importance samples K per data point (default: 5000)")
+    evaluate.add_argument("--test-size", type=_positive_int, default=None,
+                          help="evaluate only the first N test points (default: all)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=100,
+                          help="test points per vectorized trace (default: 100)")
+    evaluate.add_argument("--chunk-size", type=_positive_int, default=500,
+                          help="importance samples per vectorized trace (default: 500)")
+    evaluate.add_argument("--data-dir", default=None, help="override the run's data folder")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    evaluate.add_argument("--output", "-o", default=None,
+                          help="JSON file to write (default: evaluation.json in the run directory)")
+    evaluate.set_defaults(handler=evaluate_command)
+
+    sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")
+    sample.add_argument("checkpoint", help="checkpoint.pt or the run directory holding it")
+    sample.add_argument("--num-samples", "-n", type=_positive_int, default=64,
+                        help="number of images (default: 64)")
+    sample.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument("--output", "-o", default=None,
+                        help="PNG file to write (default: samples.png in the run directory)")
+    sample.set_defaults(handler=sample_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except PyrovaeError as error:
+        print(f"pyrovae: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyrovae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

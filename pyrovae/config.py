@@ -1,0 +1,168 @@
+"""One dataclass that maps 1:1 to the ``pyrovae train`` flags, and the builder that turns it
+into a :class:`~pyrovae.models.VAE` through the registries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pyrovae.data import BINARIZATIONS, DATASETS
+from pyrovae.errors import ConfigError
+from pyrovae.guides import GUIDES
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.models import VAE
+from pyrovae.nets import ACTIVATIONS, NETWORKS
+from pyrovae.objectives import OBJECTIVES
+from pyrovae.priors import PRIORS
+
+
+def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
+    return {"help": help, **argparse_options}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as ``config.json`` in the run directory.
+
+    Each field is the CLI flag of the same name (``hidden_dims`` is ``--hidden-dims``).
+    """
+
+    dataset: str = field(default="mnist", metadata=_flag(
+        "dataset name", choices=tuple(DATASETS)))
+    data_dir: str | None = field(default=None, metadata=_flag(
+        "folder holding MNIST/raw or binarized_mnist.npz (default: $PYROVAE_DATA, then "
+        "~/.cache/pyrovae/data, downloading MNIST there)", type=str))
+    download: bool = field(default=True, metadata=_flag("download MNIST when it is not on disk"))
+    binarize: str = field(default="dynamic", metadata=_flag(
+        "dynamic: resample x ~ Bernoulli(intensity) each time an image is used; static: one "
+        "fixed draw; none: grey levels", choices=BINARIZATIONS))
+    train_size: int | None = field(default=None, metadata=_flag(
+        "use only the first N training images", type=int))
+    test_size: int | None = field(default=None, metadata=_flag(
+        "use only the first N test images", type=int))
+    net: str = field(default="mlp", metadata=_flag(
+        "encoder/decoder architecture", choices=tuple(NETWORKS)))
+    hidden_dims: tuple[int, ...] = field(default=(200, 200), metadata=_flag(
+        "hidden layer widths of the encoder (the decoder mirrors them)", type=int, nargs="+"))
+    activation: str = field(default="tanh", metadata=_flag(
+        "hidden-layer nonlinearity", choices=tuple(ACTIVATIONS)))
+    latent_dim: int = field(default=50, metadata=_flag("dimension of z", type=int))
+    prior: str = field(default="normal", metadata=_flag("prior p(z)", choices=tuple(PRIORS)))
+    guide: str = field(default="diagonal", metadata=_flag(
+        "variational family q(z|x)", choices=tuple(GUIDES)))
+    likelihood: str = field(default="bernoulli", metadata=_flag(
+        "observation model p(x|z)", choices=tuple(LIKELIHOODS)))
+    sigma: float = field(default=1.0, metadata=_flag(
+        "Gaussian likelihood: noise standard deviation (initial value if learned)", type=float))
+    learn_sigma: bool = field(default=False, metadata=_flag(
+        "Gaussian likelihood: learn sigma (one global scalar)"))
+    objective: str = field(default="trace_elbo", metadata=_flag(
+        "training objective", choices=tuple(OBJECTIVES)))
+    num_particles: int = field(default=1, metadata=_flag(
+        "samples of z per data point in the objective", type=int))
+    epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
+    batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
+    lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
+    device: str = field(default="auto", metadata=_flag(
+        "cpu, cuda, cuda:N, or auto (cuda when available)", type=str))
+    seed: int = field(default=0, metadata=_flag("random seed (torch, numpy, python, pyro)", type=int))
+    out_dir: str = field(default="runs/vae", metadata=_flag(
+        "run directory for config, metrics, checkpoint and results", type=str))
+    overwrite: bool = field(default=False, metadata=_flag(
+        "replace an existing run in out_dir (otherwise refuse, so nothing saved is lost)"))
+    test_every: int = field(default=1, metadata=_flag(
+        "compute the test ELBO every N epochs", type=int))
+    eval_samples: int = field(default=1000, metadata=_flag(
+        "importance samples K for the final test log p(x); 0 skips it", type=int))
+    progress: bool = field(default=True, metadata=_flag("show a progress bar"))
+
+    def __post_init__(self) -> None:
+        self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad value and the allowed ones."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ConfigError(
+                    f"unknown {f.name} {value!r}; known: {', '.join(map(str, choices))}"
+                )
+        positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if any(width < 1 for width in self.hidden_dims):
+            raise ConfigError(f"hidden_dims must be positive, got {list(self.hidden_dims)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not self.sigma > 0:
+            raise ConfigError(f"sigma must be positive, got {self.sigma}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples become lists)."""
+        values = asdict(self)
+        values["hidden_dims"] = list(self.hidden_dims)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per field to ``parser``, with the field's default and help."""
+        for f in fields(cls):
+            options = dict(f.metadata)
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            if isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                    default=default, help=options["help"])
+                continue
+            help_text = options.pop("help") + " (default: %(default)s)"
+            parser.add_argument(flag, default=default, help=help_text, **options)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def build_vae(config: TrainConfig, *, data_dim: int,
+              image_shape: tuple[int, ...] | None = None) -> VAE:
+    """Compose a :class:`VAE` from the registries named in ``config``."""
+    encoder, decoder = NETWORKS[config.net](
+        data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
+        activation=config.activation, image_shape=image_shape)
+    feature_dim = encoder.feature_dim
+    return VAE(
+        encoder=encoder,
+        decoder=decoder,
+        prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
+        likelihood=LIKELIHOODS[config.likelihood].from_config(config),
+        guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
+        data_dim=data_dim,
+    )

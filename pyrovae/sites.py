@@ -1,0 +1,16 @@
+"""Names of the Pyro sites shared by every model and guide.
+
+Keeping them in one place lets the evaluation code find the latent and
+observed sites of any :class:`~pyrovae.models.VAE` without guessing.
+"""
+
+from __future__ import annotations
+
+#: the plate over data points; always the rightmost batch dimension (``dim=-1``)
+DATA_PLATE = "data"
+#: the latent variable z, event shape ``(latent_dim,)``
+LATENT_SITE = "z"
+#: the observed data x, event shape ``(data_dim,)``
+OBSERVED_SITE = "x"
+#: the plate over importance samples added by the evaluation code (``dim=-2``)
+PARTICLE_PLATE = "particles"
