@@ -1,0 +1,119 @@
+"""The pyrovae command end to end (subprocess), and its one-line errors (in process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyrovae.cli import main
+from tests.conftest import SHARED_DATA, requires_mnist
+
+TINY = ["--train-size", "300", "--test-size", "40", "--epochs", "2", "--hidden-dims", "32",
+        "--latent-dim", "4", "--batch-size", "50", "--eval-samples", "20", "--no-progress"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli("train", "--data-dir", str(SHARED_DATA), "--out-dir", str(run_dir),
+                     "--overwrite", *TINY)
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+@requires_mnist
+def test_train_writes_a_complete_run(trained_run):
+    run_dir, result = trained_run
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", "samples.png", "results.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["num_samples"] == 20 and results["num_test_points"] == 40
+    # the IWAE bound with 20 samples sits above the ELBO of the same model
+    assert results["test_elbo"] < results["log_marginal_likelihood"] < 0
+    assert results["commit"] is not None and results["torch"]
+    assert "log p(x) (K=20)" in result.stdout
+
+
+@requires_mnist
+def test_evaluate_prints_and_writes_json(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    output = tmp_path / "eval.json"
+    result = run_cli("evaluate", str(run_dir / "checkpoint.pt"), "-k", "30", "--test-size", "25",
+                     "--device", "cpu", "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    values = json.loads(output.read_text())
+    assert values["num_samples"] == 30 and values["num_test_points"] == 25
+    assert values["log_marginal_likelihood_standard_error"] > 0
+    assert "log p(x) (K=30)" in result.stdout
+
+
+@requires_mnist
+def test_sample_writes_a_png_grid(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    output = tmp_path / "grid.png"
+    result = run_cli("sample", str(run_dir), "-n", "9", "-o", str(output), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(output) as image:  # 3 x 3 grid of 28-pixel digits with 2-pixel padding
+        assert image.size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)
+
+
+def test_help_reads_well():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--prior", "--guide", "--likelihood", "--objective", "--data-dir", "--binarize"):
+        assert flag in result.stdout
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyrovae: error:"), err
+    return err[0]
+
+
+def test_missing_data_dir_is_one_clear_line(capsys, tmp_path):
+    message = one_line_error(capsys, ["train", "--data-dir", str(tmp_path / "absent"), "--out-dir",
+                                      str(tmp_path / "run"), "--no-progress"])
+    assert "absent does not exist" in message and "--data-dir" in message
+
+
+@requires_mnist
+def test_grey_levels_with_bernoulli_is_one_clear_line(capsys, tmp_path):
+    message = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--binarize", "none",
+                                      "--out-dir", str(tmp_path / "run"), *TINY])
+    assert "Bernoulli likelihood needs binary data" in message
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing half-written
+
+
+@requires_mnist
+def test_an_existing_run_is_not_overwritten(capsys, trained_run):
+    run_dir, _ = trained_run
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    message = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--out-dir",
+                                      str(run_dir), *TINY])
+    assert "already holds a run" in message and "--overwrite" in message
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_missing_checkpoint_is_one_clear_line(capsys, tmp_path):
+    message = one_line_error(capsys, ["evaluate", str(tmp_path / "nope.pt")])
+    assert "checkpoint not found" in message
+
+
+def test_unknown_prior_lists_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--prior", "nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""TrainConfig: 1:1 with the CLI flags, round-trips through JSON, refuses bad values."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from pyrovae import TrainConfig, build_vae
+from pyrovae.errors import ConfigError
+
+
+def test_every_field_is_a_flag_and_defaults_round_trip():
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    args = parser.parse_args([])
+    assert TrainConfig.from_args(args) == TrainConfig()
+    flags = {action.dest for action in parser._actions} - {"help"}
+    assert flags == {f.name for f in fields(TrainConfig)}
+
+
+def test_flags_reach_the_config():
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    args = parser.parse_args(["--hidden-dims", "32", "16", "--latent-dim", "4", "--no-progress",
+                              "--likelihood", "gaussian", "--learn-sigma", "--lr", "0.01"])
+    config = TrainConfig.from_args(args)
+    assert config.hidden_dims == (32, 16) and config.latent_dim == 4
+    assert not config.progress and config.learn_sigma and config.lr == 0.01
+
+
+def test_json_round_trip(tmp_path):
+    config = TrainConfig(hidden_dims=(10, 5), latent_dim=2, prior="diagonal", seed=3)
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"prior": "nope"}, "unknown prior 'nope'; known: normal"),
+    ({"latent_dim": 0}, "latent_dim must be positive"),
+    ({"batch_size": -1}, "batch_size must be positive"),
+    ({"lr": 0.0}, "lr must be positive"),
+    ({"hidden_dims": (10, 0)}, "hidden_dims must be positive"),
+    ({"eval_samples": -5}, "eval_samples must be >= 0"),
+])
+def test_bad_values_name_the_problem(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match="unknown config keys: colour"):
+        TrainConfig.from_dict({"colour": "red"})
+
+
+def test_build_vae_follows_the_config():
+    config = TrainConfig(hidden_dims=(20, 10), latent_dim=3, likelihood="gaussian", sigma=0.3)
+    vae = build_vae(config, data_dim=15)
+    assert vae.latent_dim == 3 and vae.data_dim == 15
+    assert vae.encoder.feature_dim == 10
+    assert float(vae.likelihood.sigma) == pytest.approx(0.3)
