@@ -54,16 +54,32 @@ class TrainConfig:
     prior: str = field(default="normal", metadata=_flag("prior p(z)", choices=tuple(PRIORS)))
     guide: str = field(default="diagonal", metadata=_flag(
         "variational family q(z|x)", choices=tuple(GUIDES)))
+    num_components: int = field(default=10, metadata=_flag(
+        "mog prior: mixture components; vamp prior: pseudo-inputs", type=int))
+    pseudo_inputs_from_data: bool = field(default=True, metadata=_flag(
+        "vamp prior: start the pseudo-inputs at random training points"))
+    prior_flows: int = field(default=2, metadata=_flag(
+        "flow prior: autoregressive flow steps", type=int))
+    num_flows: int = field(default=2, metadata=_flag(
+        "iaf guide: inverse autoregressive flow steps (0 is the diagonal guide)", type=int))
+    rank: int = field(default=2, metadata=_flag(
+        "lowrank guide: rank of the covariance factor", type=int))
     likelihood: str = field(default="bernoulli", metadata=_flag(
         "observation model p(x|z)", choices=tuple(LIKELIHOODS)))
     sigma: float = field(default=1.0, metadata=_flag(
-        "Gaussian likelihood: noise standard deviation (initial value if learned)", type=float))
+        "Gaussian likelihoods: noise standard deviation (initial value if learned)", type=float))
     learn_sigma: bool = field(default=False, metadata=_flag(
         "Gaussian likelihood: learn sigma (one global scalar)"))
     objective: str = field(default="trace_elbo", metadata=_flag(
         "training objective", choices=tuple(OBJECTIVES)))
     num_particles: int = field(default=1, metadata=_flag(
-        "samples of z per data point in the objective", type=int))
+        "samples of z per data point in the objective (K of the iwae objective)", type=int))
+    beta: float = field(default=1.0, metadata=_flag(
+        "weight of the KL term after warm-up (1: the ELBO; other values: a beta-VAE)",
+        type=float))
+    kl_warmup_epochs: int = field(default=0, metadata=_flag(
+        "raise the KL weight linearly from beta/N to beta over the first N epochs (0: none)",
+        type=int))
     epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
     batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
@@ -93,10 +109,21 @@ class TrainConfig:
                 raise ConfigError(
                     f"unknown {f.name} {value!r}; known: {', '.join(map(str, choices))}"
                 )
-        positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every")
+        positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
+                    "num_components", "rank")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("prior_flows", "num_flows", "kl_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        flows = {"prior_flows": self.prior_flows if self.prior == "flow" else 0,
+                 "num_flows": self.num_flows if self.guide == "iaf" else 0}
+        for name, steps in flows.items():
+            if steps > 0 and self.latent_dim < 2:
+                raise ConfigError(f"{name} > 0 needs latent_dim >= 2, got {self.latent_dim}")
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -162,7 +189,7 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         encoder=encoder,
         decoder=decoder,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
-        likelihood=LIKELIHOODS[config.likelihood].from_config(config),
+        likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
         data_dim=data_dim,
     )

@@ -24,27 +24,65 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 
 from pyrovae.models import VAE
 from pyrovae.sites import PARTICLE_PLATE
 
 
-def _trace_log_prob(trace: poutine.Trace, zeros: torch.Tensor) -> torch.Tensor:
-    """Sum of unscaled log densities of all sample sites, broadcast to ``zeros.shape``."""
+def _trace_log_prob(trace: poutine.Trace, zeros: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """Sum of the log densities of all sample sites, broadcast to ``zeros.shape``."""
     total = zeros
     for site in trace.nodes.values():
         if site["type"] != "sample":
             continue
         # site["fn"].log_prob, not trace.compute_log_prob: the latter multiplies by the
         # site's scale (KL warm-up, subsampling), which has no place in log p(x).
-        total = total + site["fn"].log_prob(site["value"])
+        log_prob = site["fn"].log_prob(site["value"])
+        if scaled:
+            log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
+        total = total + log_prob
     return total
+
+
+def particle_traces(model: Callable[..., object], guide: Callable[..., object], x: torch.Tensor,
+                    num_samples: int) -> tuple[poutine.Trace, poutine.Trace]:
+    """``(model_trace, guide_trace)`` of ``num_samples`` guide draws per data point.
+
+    The guide runs inside a ``"particles"`` plate at ``dim=-2``, so its site ``"z"`` has
+    batch shape ``(K, N)``; the model replays those draws.
+    """
+    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return model_trace, guide_trace
+
+
+def log_weights(model: Callable[..., object], guide: Callable[..., object], x: torch.Tensor,
+                num_samples: int, *, scaled: bool = False) -> torch.Tensor:
+    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws from ``guide``, in one trace.
+
+    Differentiable (reparameterised draws), for training objectives; see
+    :func:`particle_traces`.
+
+    :param model: a Pyro model ``model(x)`` whose sites all live in a data plate at ``dim=-1``.
+    :param guide: the matching guide ``guide(x)``.
+    :param x: data ``(N, D)``.
+    :param num_samples: K, the number of importance samples.
+    :param scaled: multiply each site's log density by its scale (``poutine.scale``, e.g.
+        the KL weight on ``"z"``), as a training objective should; log p(x) uses ``False``.
+    :returns: ``(K, N)`` log weights in nats.
+    """
+    model_trace, guide_trace = particle_traces(model, guide, x, num_samples)
+    zeros = torch.zeros(num_samples, x.shape[0], device=x.device, dtype=x.dtype)
+    return (_trace_log_prob(model_trace, zeros, scaled)
+            - _trace_log_prob(guide_trace, zeros, scaled))
 
 
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -54,11 +92,8 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch
     :param num_samples: K, the number of importance samples.
     :returns: ``(K, N)`` log weights in nats.
     """
-    with torch.no_grad(), pyro.plate(PARTICLE_PLATE, num_samples, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    zeros = torch.zeros(num_samples, x.shape[0], device=x.device, dtype=x.dtype)
-    return _trace_log_prob(model_trace, zeros) - _trace_log_prob(guide_trace, zeros)
+    with torch.no_grad():
+        return log_weights(vae.model, vae.guide, x, num_samples)
 
 
 def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

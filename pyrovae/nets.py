@@ -10,6 +10,7 @@ stack of importance samples ``(K, N, D)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -119,7 +120,124 @@ def mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] =
     return encoder, decoder
 
 
+def _channels_height_width(image_shape: Sequence[int] | None, data_dim: int) -> tuple[int, int, int]:
+    from pyrovae.errors import ConfigError
+
+    if image_shape is None:
+        raise ConfigError("the convolutional networks need image data (an image shape)")
+    shape = tuple(int(size) for size in image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or shape[0] * shape[1] * shape[2] != data_dim:
+        raise ConfigError(
+            f"image shape {tuple(image_shape)} is not (channels, height, width) of {data_dim} values")
+    if shape[1] % 4 or shape[2] % 4:
+        raise ConfigError(f"the convolutional networks need height and width divisible by 4, "
+                          f"got {shape[1]}x{shape[2]}")
+    return shape  # type: ignore[return-value]
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional encoder body ``x -> h`` for flattened images.
+
+    Two stride-2 convolutions (kernel 4, 32 and 64 channels; 28x28 -> 14x14 -> 7x7), then
+    fully connected layers of widths ``hidden_dims``. Data stay flattened ``(..., data_dim)``
+    everywhere else; the reshape to ``(channels, height, width)`` happens here.
+
+    :param image_shape: ``(channels, height, width)`` or ``(height, width)``; height and
+        width divisible by 4.
+    :param hidden_dims: widths of the fully connected layers after the convolutions; the
+        last one is ``feature_dim`` (at least one entry).
+    :param activation: a key of :data:`ACTIVATIONS`.
+    :param channels: output channels of the two convolutions.
+
+    Example::
+
+        encoder = ConvEncoder((1, 28, 28), (256,))
+        h = encoder(torch.rand(100, 784))  # (100, 256)
+    """
+
+    def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int] = (256,),
+                 activation: str = "relu", channels: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        if not hidden_dims:
+            raise ValueError("the convolutional encoder needs at least one hidden width")
+        self.image_shape = _channels_height_width(image_shape, math.prod(image_shape))
+        in_channels, height, width = self.image_shape
+        self.data_dim = in_channels * height * width
+        self.feature_dim = hidden_dims[-1]
+        act = _activation(activation)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 4, stride=2, padding=1), act(),
+            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), act(),
+        )
+        conv_dim = channels[1] * (height // 4) * (width // 4)
+        self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
+        leading = x.shape[:-1]
+        images = x.reshape(-1, *self.image_shape)
+        return self.head(self.conv(images).flatten(1)).reshape(*leading, self.feature_dim)
+
+
+class ConvDecoder(nn.Module):
+    """Transposed-convolutional decoder ``z -> parameters of p(x|z)``, flattened.
+
+    Fully connected layers ``latent_dim -> hidden_dims -> 64 x H/4 x W/4``, then two
+    stride-2 transposed convolutions back to ``(channels, height, width)``; no output
+    nonlinearity (the likelihood applies its own link). Accepts any leading dimensions:
+    ``(..., latent_dim) -> (..., data_dim)``.
+
+    :param latent_dim: size of z.
+    :param image_shape: ``(channels, height, width)`` or ``(height, width)``.
+    :param hidden_dims: widths of the fully connected layers, from z outwards.
+    :param activation: a key of :data:`ACTIVATIONS`.
+    :param channels: the encoder's convolution channels, traversed in reverse
+        (64 -> 32 -> image channels by default).
+
+    Example::
+
+        decoder = ConvDecoder(50, (1, 28, 28), (256,))
+        logits = decoder(torch.randn(5, 100, 50))  # (5, 100, 784)
+    """
+
+    def __init__(self, latent_dim: int, image_shape: Sequence[int],
+                 hidden_dims: Sequence[int] = (256,), activation: str = "relu",
+                 channels: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        self.image_shape = _channels_height_width(image_shape, math.prod(image_shape))
+        out_channels, height, width = self.image_shape
+        self.latent_dim = latent_dim
+        self.data_dim = out_channels * height * width
+        self.grid = (channels[1], height // 4, width // 4)
+        self.head = mlp((latent_dim, *hidden_dims, math.prod(self.grid)), activation,
+                        final_activation=True)
+        act = _activation(activation)
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(channels[1], channels[0], 4, stride=2, padding=1), act(),
+            nn.ConvTranspose2d(channels[0], out_channels, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
+        leading = z.shape[:-1]
+        grid = self.head(z.reshape(-1, self.latent_dim)).reshape(-1, *self.grid)
+        return self.deconv(grid).reshape(*leading, self.data_dim)
+
+
+def conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (256,),
+                  activation: str = "relu", image_shape: Sequence[int] | None = None,
+                  ) -> tuple[ConvEncoder, ConvDecoder]:
+    """A convolutional encoder and its mirror-image decoder for images of ``image_shape``."""
+    shape = _channels_height_width(image_shape, data_dim)
+    encoder = ConvEncoder(shape, hidden_dims, activation)
+    decoder = ConvDecoder(latent_dim, shape, tuple(reversed(hidden_dims)), activation)
+    return encoder, decoder
+
+
 #: encoder/decoder pairs selectable by name from the CLI and config
 NETWORKS = {
     "mlp": mlp_networks,
+    "conv": conv_networks,
 }

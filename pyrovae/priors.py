@@ -3,9 +3,19 @@
 Contract: ``prior(posterior)`` returns a distribution with ``batch_shape == ()`` and
 ``event_shape == (latent_dim,)``; the model's data plate broadcasts it over data points.
 ``posterior`` is the VAE's amortized q(z|x) as a function ``x -> Distribution``; most
-priors ignore it, priors built from the encoder (VampPrior) use it.
+priors ignore it, priors built from the encoder (:class:`VampPrior`) use it.
+:meth:`Prior.init_from_data` is called once by :func:`~pyrovae.train.fit` before the first
+step, for priors that start from data; the others ignore it.
 
 A new prior is one class here plus one entry in :data:`PRIORS`.
+
+References:
+
+1. Tomczak, Welling (2018). VAE with a VampPrior. AISTATS.
+2. Papamakarios, Pavlakou, Murray (2017). Masked Autoregressive Flow for Density
+   Estimation. NeurIPS.
+3. Chen, Kingma, Salimans, Duan, Dhariwal, Schulman, Sutskever, Abbeel (2017).
+   Variational Lossy Autoencoder. ICLR.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroModule, PyroParam
+from pyro.distributions.transforms import AffineAutoregressive
+from pyro.nn import AutoRegressiveNN, PyroModule, PyroParam
+from torch import nn
 
 Posterior = Callable[[torch.Tensor], dist.Distribution]
 
@@ -38,6 +50,13 @@ class Prior(PyroModule):
     def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
         """:returns: p(z), ``batch_shape == ()``, ``event_shape == (latent_dim,)``."""
         raise NotImplementedError
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation before training, from data ``(N, data_dim)``.
+
+        Does nothing by default; must leave an already initialised prior unchanged, so that
+        a reloaded model that trains on keeps what it learned.
+        """
 
 
 class StandardNormalPrior(Prior):
@@ -76,8 +95,202 @@ class DiagonalNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class _BroadcastingMixture(dist.MixtureSameFamily):
+    """``MixtureSameFamily`` that expands the value to the component batch shape explicitly.
+
+    The stock ``log_prob`` scores a value of shape ``(..., 1, latent_dim)`` against
+    components of batch shape ``(..., K)`` and relies on broadcasting inside the component's
+    ``log_prob``. Conditional flows (the IAF guide as a VampPrior component) cannot broadcast
+    a size-1 dimension against their ``(K, context_dim)`` context, so it is expanded here.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        value = self._pad(value)
+        event_shape = self.event_shape
+        batch_shape = torch.broadcast_shapes(value.shape[: value.dim() - len(event_shape)],
+                                             self.component_distribution.batch_shape)
+        log_prob = self.component_distribution.log_prob(value.expand(batch_shape + event_shape))
+        log_weights = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
+        return torch.logsumexp(log_prob + log_weights, dim=-1)
+
+
+class MixtureOfGaussiansPrior(Prior):
+    """p(z) = sum_k pi_k N(z; m_k, diag s_k^2) with learnable pi, m and s.
+
+    Initialised with equal weights, unit scales and means drawn from N(0, I), so that the
+    components start apart. With ``num_components=1`` it is :class:`DiagonalNormalPrior`.
+
+    :param latent_dim: size of z.
+    :param num_components: K, the number of Gaussian components.
+
+    Example::
+
+        prior = MixtureOfGaussiansPrior(latent_dim=50, num_components=10)
+        prior().log_prob(torch.zeros(3, 50))  # (3,) nats
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10) -> None:
+        super().__init__(latent_dim)
+        if num_components < 1:
+            raise ValueError(f"num_components must be positive, got {num_components}")
+        self.num_components = num_components
+        self.logits = PyroParam(torch.zeros(num_components), event_dim=1)
+        self.locs = PyroParam(torch.randn(num_components, latent_dim), event_dim=2)
+        self.scales = PyroParam(torch.ones(num_components, latent_dim),
+                                constraint=constraints.positive, event_dim=2)
+
+    @classmethod
+    def from_config(cls, config: Any, **context: Any) -> MixtureOfGaussiansPrior:
+        return cls(config.latent_dim, config.num_components)
+
+    def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
+        components = dist.Normal(self.locs, self.scales).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+class VampPrior(Prior):
+    """The variational mixture of posteriors: p(z) = (1/K) sum_k q(z | u_k).
+
+    The u_k are K learnable pseudo-inputs in data space, pushed through the VAE's own
+    encoder and guide (the ``posterior`` the VAE passes in), so the prior follows whatever
+    guide family the VAE uses. Scoring a batch costs K guide densities per z: memory grows
+    as ``num_samples * batch_size * K * latent_dim``.
+
+    :param latent_dim: size of z.
+    :param data_dim: size of a flattened data point; the pseudo-inputs are ``(K, data_dim)``.
+    :param num_components: K, the number of pseudo-inputs.
+    :param pseudo_inputs_from_data: whether :meth:`init_from_data` sets the pseudo-inputs to
+        K random training points (otherwise they keep their uniform(0, 1) initial values).
+
+    Example::
+
+        prior = VampPrior(latent_dim=50, data_dim=784, num_components=500)
+        prior.init_pseudo_inputs(x_train)
+        vae = VAE(encoder, decoder, prior, likelihood, guide)  # vae.prior(vae.posterior) is p(z)
+
+    References:
+
+    1. Tomczak, Welling (2018). VAE with a VampPrior. AISTATS.
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, num_components: int = 10,
+                 pseudo_inputs_from_data: bool = True) -> None:
+        super().__init__(latent_dim)
+        if num_components < 1:
+            raise ValueError(f"num_components must be positive, got {num_components}")
+        self.num_components = num_components
+        self.data_dim = data_dim
+        self.pseudo_inputs_from_data = pseudo_inputs_from_data
+        self.pseudo_inputs = nn.Parameter(torch.rand(num_components, data_dim))
+        # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
+        self.register_buffer("initialized_from_data", torch.tensor(False))
+
+    @classmethod
+    def from_config(cls, config: Any, *, data_dim: int, **context: Any) -> VampPrior:
+        return cls(config.latent_dim, data_dim, config.num_components,
+                   config.pseudo_inputs_from_data)
+
+    @torch.no_grad()
+    def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Set the pseudo-inputs to K data points drawn from ``x`` ``(N, data_dim)``.
+
+        Without replacement when ``N >= K``, with replacement otherwise.
+        """
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(f"expected data of shape (N, {self.data_dim}), got {tuple(x.shape)}")
+        if x.shape[0] >= self.num_components:
+            index = torch.randperm(x.shape[0], generator=generator)[: self.num_components]
+        else:
+            index = torch.randint(x.shape[0], (self.num_components,), generator=generator)
+        self.pseudo_inputs.copy_(x[index.to(x.device)])
+        self.initialized_from_data.fill_(True)
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        if self.pseudo_inputs_from_data and not bool(self.initialized_from_data):
+            self.init_pseudo_inputs(x)
+
+    def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
+        if posterior is None:
+            raise ValueError("the VampPrior needs the VAE's posterior q(z|x) to build p(z)")
+        components = posterior(self.pseudo_inputs)  # batch (K,), event (latent_dim,)
+        logits = torch.zeros(self.num_components, dtype=self.pseudo_inputs.dtype,
+                             device=self.pseudo_inputs.device)
+        return _BroadcastingMixture(dist.Categorical(logits=logits), components)
+
+
+def _identity_at_init(arn: AutoRegressiveNN) -> AutoRegressiveNN:
+    # zero output layer: shift 0 and log-scale 0, so that a new flow is the identity map
+    final = arn.layers[-1]
+    nn.init.zeros_(final.weight)
+    nn.init.zeros_(final.bias)
+    return arn
+
+
+class FlowPrior(Prior):
+    """p(z): N(0, I) pushed through ``num_flows`` masked autoregressive affine transforms.
+
+    Each step is u = (z - mu(z_<)) * exp(-log sigma(z_<)) in the density direction, so
+    log p(z) takes one parallel pass per step (the MAF direction); sampling is sequential
+    over the ``latent_dim`` coordinates, which only :meth:`~pyrovae.models.VAE.sample` does.
+    Consecutive steps reverse the coordinate order. Every step starts as the identity, so
+    the prior starts at N(0, I).
+
+    :param latent_dim: size of z; at least 2 (an autoregressive net on one coordinate is
+        a plain affine map).
+    :param num_flows: number of autoregressive steps; 0 gives N(0, I).
+    :param hidden_dims: hidden widths of each autoregressive network (default
+        ``(3 * latent_dim + 1,)``).
+
+    Example::
+
+        prior = FlowPrior(latent_dim=50, num_flows=4)
+        prior().log_prob(torch.zeros(50))
+
+    References:
+
+    1. Papamakarios, Pavlakou, Murray (2017). Masked Autoregressive Flow for Density
+       Estimation. NeurIPS.
+    2. Chen et al. (2017). Variational Lossy Autoencoder. ICLR (autoregressive flow prior).
+    """
+
+    def __init__(self, latent_dim: int, num_flows: int = 2,
+                 hidden_dims: tuple[int, ...] | None = None) -> None:
+        super().__init__(latent_dim)
+        if num_flows < 0:
+            raise ValueError(f"num_flows must be >= 0, got {num_flows}")
+        if num_flows > 0 and latent_dim < 2:
+            raise ValueError("the flow prior needs latent_dim >= 2")
+        self.num_flows = num_flows
+        hidden = list(hidden_dims) if hidden_dims is not None else [3 * latent_dim + 1]
+        forward_order = torch.arange(latent_dim)
+        self.flows = nn.ModuleList(
+            AffineAutoregressive(_identity_at_init(AutoRegressiveNN(
+                latent_dim, hidden,
+                permutation=forward_order if i % 2 == 0 else forward_order.flip(0))))
+            for i in range(num_flows)
+        )
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    @classmethod
+    def from_config(cls, config: Any, **context: Any) -> FlowPrior:
+        return cls(config.latent_dim, config.prior_flows)
+
+    def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        if not self.flows:
+            return base
+        # .inv: the autoregressive transforms' cheap direction z -> u scores densities
+        return dist.TransformedDistribution(base, [flow.inv for flow in self.flows])
+
+
 #: priors selectable by name from the CLI and config
 PRIORS: dict[str, type[Prior]] = {
     "normal": StandardNormalPrior,
     "diagonal": DiagonalNormalPrior,
+    "mog": MixtureOfGaussiansPrior,
+    "vamp": VampPrior,
+    "flow": FlowPrior,
 }

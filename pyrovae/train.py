@@ -25,7 +25,7 @@ from pyrovae.data import DataSplits
 from pyrovae.errors import InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo
 from pyrovae.models import VAE
-from pyrovae.objectives import make_objective
+from pyrovae.objectives import LatentScale, kl_weight, make_objective
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,20 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         lr: float = 1e-3, objective: str = "trace_elbo", num_particles: int = 1,
         seed: int = 0, test_every: int = 1, run_dir: str | Path | None = None,
         config: TrainConfig | None = None, progress: bool = True,
-        validate: bool = False) -> list[EpochRecord]:
+        validate: bool = False, beta: float | None = None,
+        kl_warmup_epochs: int | None = None) -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
+
+    Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
+    the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
 
     :param data: train/test splits on the VAE's device (see :meth:`DataSplits.to`).
     :param objective: a key of :data:`~pyrovae.objectives.OBJECTIVES`.
     :param num_particles: samples of z per data point in the objective.
+    :param beta: the KL weight after warm-up (:func:`~pyrovae.objectives.kl_weight`);
+        ``None`` takes ``config.beta``, or 1 without a config.
+    :param kl_warmup_epochs: epochs of linear KL warm-up; ``None`` takes
+        ``config.kl_warmup_epochs``, or 0 (none) without a config.
     :param seed: seeds the shuffling order and all random number generators.
     :param test_every: compute the test ELBO (1 sample per point) every this many epochs
         and after the last.
@@ -98,14 +106,23 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     :param config: stored in the checkpoint so the model can be rebuilt from it.
     :param validate: Pyro's distribution argument checks; off by default because they cost
         time in the hot loop, and the data are checked once up front instead.
+    :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
+        KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite; the checkpoint of the
         last good epoch is kept.
     """
     check_training_data(vae, data, batch_size)
+    if beta is None:
+        beta = config.beta if config is not None else 1.0
+    if kl_warmup_epochs is None:
+        kl_warmup_epochs = config.kl_warmup_epochs if config is not None else 0
     seed_everything(seed)
+    vae.prior.init_from_data(data.train)
     generator = torch.Generator().manual_seed(seed)
     optimizer = pyro.optim.Adam({"lr": lr})
-    svi = SVI(vae.model, vae.guide, optimizer, loss=make_objective(objective, num_particles))
+    kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
+    svi = SVI(kl_scale(vae.model), kl_scale(vae.guide), optimizer,
+              loss=make_objective(objective, num_particles))
     run_path = Path(run_dir) if run_dir is not None else None
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
@@ -118,6 +135,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     with tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
               dynamic_ncols=True) as bar, pyro.validation_enabled(validate):
         for epoch in range(1, epochs + 1):
+            kl_scale.beta = kl_weight(epoch, beta=beta, warmup_epochs=kl_warmup_epochs)
             started = time.perf_counter()
             total_loss, seen = 0.0, 0
             for x in data.train_batches(batch_size, generator=generator):
