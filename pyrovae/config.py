@@ -95,6 +95,15 @@ class TrainConfig:
     eval_samples: int = field(default=1000, metadata=_flag(
         "importance samples K for the final test log p(x); 0 skips it", type=int))
     progress: bool = field(default=True, metadata=_flag("show a progress bar"))
+    checkpoint_every: int = field(default=0, metadata=_flag(
+        "also checkpoint every N steps within an epoch (0: only at epoch ends)", type=int))
+    keep_last: int = field(default=0, metadata=_flag(
+        "keep copies of the last N epoch checkpoints in out_dir/checkpoints", type=int))
+    clip_norm: float | None = field(default=None, metadata=_flag(
+        "clip each parameter's gradient to this norm", type=float))
+    on_divergence: str = field(default="stop", metadata=_flag(
+        "on a NaN/inf loss: stop, or roll back to the last checkpoint with half the lr",
+        choices=("stop", "rollback")))
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
@@ -136,6 +145,11 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        for name in ("checkpoint_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be positive, got {self.clip_norm}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
@@ -160,13 +174,19 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one ``--flag`` per field to ``parser``, with the field's default and help."""
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, with_defaults: bool = True) -> None:
+        """Add one ``--flag`` per field to ``parser``, with the field's default and help.
+
+        :param with_defaults: ``False`` leaves flags that were not given out of the parsed
+            namespace, to tell which ones the user set.
+        """
         for f in fields(cls):
             options = dict(f.metadata)
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not MISSING else None
-            if isinstance(default, bool):
+            if not with_defaults:
+                default = argparse.SUPPRESS
+            if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                     default=default, help=options["help"])
                 continue

@@ -102,18 +102,21 @@ class DataSplits:
         return replace(self, train=self.train.to(device), test=self.test.to(device))
 
     def train_batches(self, batch_size: int, *, shuffle: bool = True,
-                      generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      start: int = 0) -> Iterator[torch.Tensor]:
         """One epoch of training minibatches ``(batch_size, data_dim)``; the last may be smaller.
 
         :param generator: CPU generator for the shuffling order.
+        :param start: skip the first ``start`` batches of the epoch without drawing anything
+            for them (to resume an epoch part-way).
         """
         n = self.train.shape[0]
         if batch_size > n:
             raise ConfigError(f"batch size {batch_size} is larger than the training set ({n} points)")
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.train.device)
-        for start in range(0, n, batch_size):
-            batch = self.train[order[start : start + batch_size]]
+        for first in range(start * batch_size, n, batch_size):
+            batch = self.train[order[first : first + batch_size]]
             yield torch.bernoulli(batch) if self.dynamic_binarization else batch
 
 

@@ -2,7 +2,8 @@
 
 :func:`fit` runs minibatch SVI with a Pyro ELBO and Adam, reports the running train
 ELBO in a progress bar, the test ELBO every few epochs, writes ``metrics.csv`` and a
-checkpoint every epoch.  ELBO values are per data point, in nats.
+checkpoint every epoch, and resumes exactly from a checkpoint.  ELBO values are per data
+point, in nats.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyro
@@ -19,10 +22,18 @@ import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from pyrovae.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from pyrovae.checkpoint import (
+    CHECKPOINT_NAME,
+    keep_history,
+    mark_best,
+    read_checkpoint,
+    restore_optimizer_state,
+    restore_rng_state,
+    save_checkpoint,
+)
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
-from pyrovae.errors import InvalidDataError, PyrovaeError
+from pyrovae.errors import CheckpointError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
@@ -80,16 +91,38 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
         )
 
 
+DIVERGENCE_POLICIES = ("stop", "rollback")
+#: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
+MAX_ROLLBACKS = 5
+
+
+class TrainingInterrupted(PyrovaeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
 def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         lr: float = 1e-3, objective: str = "trace_elbo", num_particles: int = 1,
         seed: int = 0, test_every: int = 1, run_dir: str | Path | None = None,
         config: TrainConfig | None = None, progress: bool = True,
         validate: bool = False, beta: float | None = None,
-        kl_warmup_epochs: int | None = None) -> list[EpochRecord]:
+        kl_warmup_epochs: int | None = None, resume: bool = False,
+        checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
+        on_divergence: str = "stop") -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
 
     Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
     the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
+
+    With a ``run_dir``, every epoch (and every ``checkpoint_every`` steps) writes
+    ``checkpoint.pt`` atomically with the parameters, optimizer state, RNG states and the
+    loop's position; ``resume=True`` continues from it and ends with the same parameters
+    as an uninterrupted run with the same seed (bit for bit on the same CPU).  SIGINT and
+    SIGTERM finish the current step, write a checkpoint and raise
+    :class:`TrainingInterrupted`.
 
     :param data: train/test splits on the VAE's device (see :meth:`DataSplits.to`).
     :param objective: a key of :data:`~pyrovae.objectives.OBJECTIVES`.
@@ -100,77 +133,276 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         ``config.kl_warmup_epochs``, or 0 (none) without a config.
     :param seed: seeds the shuffling order and all random number generators.
     :param test_every: compute the test ELBO (1 sample per point) every this many epochs
-        and after the last.
-    :param run_dir: where ``metrics.csv`` and ``checkpoint.pt`` go (nothing is written if
+        and after the last; the best test ELBO so far is kept as ``checkpoint_best.pt``.
+    :param run_dir: where ``metrics.csv`` and the checkpoints go (nothing is written if
         ``None``).
     :param config: stored in the checkpoint so the model can be rebuilt from it.
     :param validate: Pyro's distribution argument checks; off by default because they cost
         time in the hot loop, and the data are checked once up front instead.
+    :param resume: continue from ``run_dir/checkpoint.pt``.
+    :param checkpoint_every: also checkpoint every this many steps within an epoch (0: only
+        at epoch ends).
+    :param keep_last: also keep copies of the last this many epoch checkpoints in
+        ``run_dir/checkpoints/``.
+    :param clip_norm: clip each parameter's gradient to this norm (Pyro's per-parameter
+        clipping), or ``None``.
+    :param on_divergence: ``"stop"`` raises on a NaN/inf loss; ``"rollback"`` reloads the
+        last checkpoint, halves the learning rate and carries on (up to 5 times).
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite; the checkpoint of the
-        last good epoch is kept.
+        last good step is kept.
+    :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
     """
     check_training_data(vae, data, batch_size)
+    if on_divergence not in DIVERGENCE_POLICIES:
+        raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
+                           f"got {on_divergence!r}")
+    if (resume or on_divergence == "rollback") and run_dir is None:
+        raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
     if beta is None:
         beta = config.beta if config is not None else 1.0
     if kl_warmup_epochs is None:
         kl_warmup_epochs = config.kl_warmup_epochs if config is not None else 0
-    seed_everything(seed)
-    vae.prior.init_from_data(data.train)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = pyro.optim.Adam({"lr": lr})
-    kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
-    svi = SVI(kl_scale(vae.model), kl_scale(vae.guide), optimizer,
-              loss=make_objective(objective, num_particles))
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        _start_metrics(run_path / METRICS_NAME)
-
-    steps_per_epoch = math.ceil(data.train.shape[0] / batch_size)
-    history: list[EpochRecord] = []
-    step = 0
-    vae.train()
-    with tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
-              dynamic_ncols=True) as bar, pyro.validation_enabled(validate):
-        for epoch in range(1, epochs + 1):
-            kl_scale.beta = kl_weight(epoch, beta=beta, warmup_epochs=kl_warmup_epochs)
-            started = time.perf_counter()
-            total_loss, seen = 0.0, 0
-            for x in data.train_batches(batch_size, generator=generator):
-                loss = svi.step(x)
-                step += 1
-                if not math.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"loss is {loss} at epoch {epoch}, step {step}; the last good checkpoint "
-                        f"is kept; try a lower learning rate (--lr)"
-                    )
-                total_loss += loss
-                seen += x.shape[0]
-                bar.update()
-                bar.set_postfix(epoch=epoch, elbo=f"{-total_loss / seen:.2f}", refresh=False)
-            seconds = time.perf_counter() - started
-            test_elbo = math.nan
-            if epoch % test_every == 0 or epoch == epochs:
-                vae.eval()
-                test_elbo = elbo(vae, data.test).mean().item()
-                vae.train()
-            record = EpochRecord(epoch, step, -total_loss / seen, test_elbo, seconds)
-            history.append(record)
-            logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f nats (%.1fs)", epoch,
-                        record.train_elbo, record.test_elbo, seconds)
-            if run_path is not None:
-                _append_metrics(run_path / METRICS_NAME, record)
-                save_checkpoint(run_path / CHECKPOINT_NAME, vae, optimizer, epoch, config,
-                                data.image_shape)
+    loop = _TrainingLoop(vae, data, epochs=epochs, batch_size=batch_size, lr=lr,
+                         objective=objective, num_particles=num_particles, seed=seed,
+                         test_every=test_every, run_dir=Path(run_dir) if run_dir else None,
+                         config=config, progress=progress, beta=beta,
+                         kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
+                         keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence)
+    with pyro.validation_enabled(validate), _StopSignals() as stop:
+        loop.start(resume)
+        history = loop.run(stop)
     vae.eval()
     return history
 
 
-def _start_metrics(path: Path) -> None:
+def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
+                    run_dir: str | Path | None = None, resume: bool = False,
+                    validate: bool = False) -> list[EpochRecord]:
+    """:func:`fit` with every option taken from ``config`` (what ``pyrovae train`` runs)."""
+    return fit(vae, data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+               objective=config.objective, num_particles=config.num_particles,
+               seed=config.seed, test_every=config.test_every, run_dir=run_dir, config=config,
+               progress=config.progress, validate=validate, beta=config.beta,
+               kl_warmup_epochs=config.kl_warmup_epochs, resume=resume,
+               checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
+               clip_norm=config.clip_norm, on_divergence=config.on_divergence)
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.signal_number is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)  # type: ignore[arg-type]
+
+
+class _TrainingLoop:
+    """The state of one training run: what a checkpoint must hold to resume it exactly."""
+
+    def __init__(self, vae: VAE, data: DataSplits, *, epochs: int, batch_size: int, lr: float,
+                 objective: str, num_particles: int, seed: int, test_every: int,
+                 run_dir: Path | None, config: TrainConfig | None, progress: bool,
+                 beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
+                 clip_norm: float | None, on_divergence: str) -> None:
+        self.vae, self.data, self.config = vae, data, config
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.seed, self.test_every, self.run_dir = seed, test_every, run_dir
+        self.progress, self.beta, self.kl_warmup_epochs = progress, beta, kl_warmup_epochs
+        self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
+        self.on_divergence, self.rollbacks = on_divergence, 0
+        clip_args = {"clip_norm": clip_norm} if clip_norm else {}
+        self.optimizer = pyro.optim.Adam(self._adam_args, clip_args=clip_args)
+        self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
+        self.svi = SVI(self.kl_scale(vae.model), self.kl_scale(vae.guide), self.optimizer,
+                       loss=make_objective(objective, num_particles))
+        self.generator = torch.Generator()
+        # the loop's position: ``epoch`` is the epoch under way (from 1), ``batch`` the
+        # batches of it already done; ``epoch_generator_state`` replays its shuffling order
+        self.epoch, self.batch, self.step = 1, 0, 0
+        self.total_loss, self.seen = 0.0, 0
+        self.epoch_generator_state = self.generator.get_state()
+        self.best_test_elbo = -math.inf
+        self.history: list[EpochRecord] = []
+
+    def _adam_args(self, module_name: str, param_name: str) -> dict[str, float]:
+        # a callable, so that a rollback's lower learning rate reaches new optimizers too
+        return {"lr": self.lr}
+
+    # --- starting and resuming -------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        if resume:
+            assert self.run_dir is not None
+            self._load(self.run_dir / CHECKPOINT_NAME)
+            _write_metrics(self.run_dir / METRICS_NAME, self.history)
+            logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
+            return
+        seed_everything(self.seed)
+        self.vae.prior.init_from_data(self.data.train)
+        self.generator.manual_seed(self.seed)
+        self.epoch_generator_state = self.generator.get_state()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_metrics(self.run_dir / METRICS_NAME, [])
+
+    def _position(self) -> dict[str, object]:
+        return {
+            "epoch": self.epoch, "batch": self.batch, "step": self.step,
+            "total_loss": self.total_loss, "seen": self.seen, "lr": self.lr,
+            "epoch_generator_state": self.epoch_generator_state,
+            "best_test_elbo": self.best_test_elbo, "rollbacks": self.rollbacks,
+            "history": [asdict(record) for record in self.history],
+        }
+
+    def _save(self) -> None:
+        assert self.run_dir is not None
+        for parameter in self.vae.parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise TrainingDivergedError(
+                    f"parameters became NaN/inf by step {self.step} (epoch {self.epoch}); "
+                    f"not overwriting the last good checkpoint; try a lower --lr or --clip-norm"
+                )
+        completed_epochs = self.epoch - 1
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
+                        self.config, self.data.image_shape, progress=self._position())
+
+    def _load(self, path: Path) -> None:
+        checkpoint = read_checkpoint(path)
+        position = checkpoint.get("progress")
+        if position is None:
+            raise CheckpointError(f"{path} has no training position; it cannot be resumed")
+        try:
+            self.vae.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this model: {str(error).splitlines()[0]}"
+            ) from None
+        self.optimizer.optim_objs.clear()  # rebuilt lazily from the restored state
+        self.optimizer.grad_clip.clear()
+        restore_optimizer_state(self.vae, self.optimizer, checkpoint["optimizer"])
+        self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
+        self.total_loss, self.seen = position["total_loss"], position["seen"]
+        self.lr, self.rollbacks = position["lr"], position["rollbacks"]
+        self.epoch_generator_state = position["epoch_generator_state"]
+        self.best_test_elbo = position["best_test_elbo"]
+        self.history = [EpochRecord(**record) for record in position["history"]]
+        restore_rng_state(checkpoint["rng"])
+
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, stop: _StopSignals) -> list[EpochRecord]:
+        steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
+        self.vae.train()
+        with tqdm(total=self.epochs * steps_per_epoch, initial=self.step, disable=not self.progress,
+                  unit="step", dynamic_ncols=True) as bar:
+            while self.epoch <= self.epochs:
+                try:
+                    self._run_epoch(bar, stop)
+                except TrainingDivergedError:
+                    if self.on_divergence != "rollback" or self.rollbacks >= MAX_ROLLBACKS:
+                        raise
+                    self._roll_back()
+        return self.history
+
+    def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
+        epoch = self.epoch
+        self.kl_scale.beta = kl_weight(epoch, beta=self.beta, warmup_epochs=self.kl_warmup_epochs)
+        started = time.perf_counter()
+        self.generator.set_state(self.epoch_generator_state)
+        for x in self.data.train_batches(self.batch_size, generator=self.generator,
+                                         start=self.batch):
+            loss = self.svi.step(x)
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss is {loss} at epoch {epoch}, step {self.step + 1}; the last good "
+                    f"checkpoint is kept; try a lower learning rate (--lr) or --clip-norm"
+                )
+            self.step += 1
+            self.batch += 1
+            self.total_loss += loss
+            self.seen += x.shape[0]
+            bar.update()
+            bar.set_postfix(epoch=epoch, elbo=f"{-self.total_loss / self.seen:.2f}", refresh=False)
+            if stop.signal_number is not None:
+                self._interrupt(stop.signal_number)
+            if self.run_dir is not None and self.checkpoint_every and \
+                    self.step % self.checkpoint_every == 0:
+                self._save()
+        self._finish_epoch(time.perf_counter() - started)
+
+    def _finish_epoch(self, seconds: float) -> None:
+        epoch = self.epoch
+        test_elbo = math.nan
+        if epoch % self.test_every == 0 or epoch == self.epochs:
+            self.vae.eval()
+            test_elbo = elbo(self.vae, self.data.test).mean().item()
+            self.vae.train()
+        record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds)
+        self.history.append(record)
+        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f nats (%.1fs)", epoch,
+                    record.train_elbo, record.test_elbo, seconds)
+        improved = test_elbo > self.best_test_elbo
+        if improved:
+            self.best_test_elbo = test_elbo
+        # the next epoch starts from the generator state this one left
+        self.epoch, self.batch, self.total_loss, self.seen = epoch + 1, 0, 0.0, 0
+        self.epoch_generator_state = self.generator.get_state()
+        if self.run_dir is not None:
+            self._save()
+            _append_metrics(self.run_dir / METRICS_NAME, record)
+            if self.keep_last:
+                keep_history(self.run_dir, epoch, self.keep_last)
+            if improved:
+                mark_best(self.run_dir)
+
+    def _interrupt(self, signal_number: int) -> None:
+        name = signal.Signals(signal_number).name
+        if self.run_dir is None:
+            raise TrainingInterrupted(f"{name} at epoch {self.epoch}, step {self.step}; "
+                                      f"no run directory, nothing saved", signal_number)
+        self._save()
+        raise TrainingInterrupted(
+            f"{name} at epoch {self.epoch}, step {self.step}: checkpoint written; continue with "
+            f"pyrovae train --resume {self.run_dir}", signal_number)
+
+    def _roll_back(self) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            raise TrainingDivergedError("the loss diverged before the first checkpoint; "
+                                        "nothing to roll back to; try a lower --lr")
+        rollbacks = self.rollbacks + 1
+        lr = self.lr / 2
+        self._load(path)
+        self.rollbacks, self.lr = rollbacks, lr
+        for torch_optimizer in self.optimizer.optim_objs.values():
+            for group in torch_optimizer.param_groups:
+                group["lr"] = lr
+        logger.warning("loss diverged; rolled back to epoch %d, step %d with lr %.3g "
+                       "(rollback %d of %d)", self.epoch, self.step, lr, rollbacks, MAX_ROLLBACKS)
+
+
+def _write_metrics(path: Path, records: list[EpochRecord]) -> None:
     with path.open("w", newline="") as handle:
-        csv.writer(handle).writerow(METRIC_COLUMNS)
+        writer = csv.writer(handle)
+        writer.writerow(METRIC_COLUMNS)
+        for record in records:
+            writer.writerow([getattr(record, column) for column in METRIC_COLUMNS])
 
 
 def _append_metrics(path: Path, record: EpochRecord) -> None:

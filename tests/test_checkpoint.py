@@ -1,0 +1,118 @@
+"""Checkpoints: safe loading, corrupted files, incompatible configs, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from pyrovae import TrainConfig, build_vae
+from pyrovae.checkpoint import (
+    atomic_torch_save,
+    capture_rng_state,
+    load_vae,
+    read_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pyrovae.errors import CheckpointError
+
+
+def saved_run(tmp_path, **config_values):
+    config = TrainConfig(hidden_dims=(8,), latent_dim=2, **config_values)
+    vae = build_vae(config, data_dim=6)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, vae, None, epoch=3, config=config)
+    return vae, config, path
+
+
+class _CreatesFile:
+    """Unpickling this calls os.system-like code: it creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_round_trip(tmp_path):
+    vae, config, path = saved_run(tmp_path)
+    loaded, loaded_config, checkpoint = load_vae(path)
+    assert loaded_config == config and checkpoint["epoch"] == 3
+    for (name, value), (_, other) in zip(vae.state_dict().items(), loaded.state_dict().items(),
+                                         strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": _CreatesFile(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    # a raw pickle (not a torch zip) too
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupted_files_give_a_clear_error(tmp_path):
+    _, _, path = saved_run(tmp_path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(garbage)
+    not_ours = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, not_ours)
+    with pytest.raises(CheckpointError, match="not a pyrovae checkpoint"):
+        read_checkpoint(not_ours)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "absent.pt")
+
+
+def test_an_incompatible_config_is_named(tmp_path):
+    _, _, path = saved_run(tmp_path)
+    other = TrainConfig(hidden_dims=(8,), latent_dim=5)
+    with pytest.raises(CheckpointError, match="does not match the config \\(latent_dim=5"):
+        load_vae(path, config=other)
+    other_prior = TrainConfig(hidden_dims=(8,), latent_dim=2, prior="mog")
+    with pytest.raises(CheckpointError, match="prior=mog"):
+        load_vae(path, config=other_prior)
+
+
+def test_a_crash_during_a_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, _, path = saved_run(tmp_path)
+    before = path.read_bytes()
+
+    def crash_half_way(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt  # as if killed during the write
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"x": 1}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert read_checkpoint(path)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+
+
+def test_rng_state_round_trips_through_a_safe_load(tmp_path):
+    state = capture_rng_state()
+    expected = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    atomic_torch_save(state, tmp_path / "rng.pt")
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    assert torch.equal(expected[0], again[0])
+    assert (expected[1] == again[1]).all() and expected[2] == again[2]
