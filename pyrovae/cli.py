@@ -23,6 +23,7 @@ from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.models import VAE
 from pyrovae.provenance import provenance
+from pyrovae.report import add_report_arguments, report_command
 from pyrovae.train import check_training_data, fit, resolve_device, seed_everything
 
 logger = logging.getLogger("pyrovae")
@@ -127,6 +128,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
                         download=config.download)
     x_test = data.test[: args.test_size or config.test_size].to(device)
     seed_everything(args.seed)
+    if args.report:
+        return report_command(args, vae, x_test, Path(args.output or _run_dir_of(args.checkpoint)))
     results = evaluate_vae(vae, x_test, num_samples=args.num_samples, batch_size=args.batch_size,
                            chunk_size=args.chunk_size)
     results.update({"checkpoint": str(args.checkpoint), "seed": args.seed})
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     evaluate.add_argument("--output", "-o", default=None,
-                          help="JSON file to write (default: evaluation.json in the run directory)")
+                          help="JSON file to write (default: evaluation.json in the run directory);"
+                               " with --report, the folder to write into")
+    add_report_arguments(evaluate)
     evaluate.set_defaults(handler=evaluate_command)
 
     sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")

@@ -1,0 +1,465 @@
+"""A marginal-likelihood report a reviewer can check: bound curve, diagnostics, provenance.
+
+:func:`bound_curve` evaluates, on the same test points, the ELBO, the IWAE bound at
+several K (nested prefixes of one set of K_max importance samples) and annealed
+importance sampling, with per-point Monte Carlo errors, ESS and PSIS k-hat.
+:func:`write_report` saves
+
+* ``bounds.csv`` and ``bounds.md``: one row per estimator (mean over points, standard
+  error over points, Monte Carlo error of the mean, seconds);
+* ``bounds.png``: the bound against K, with the ELBO and AIS as reference lines, and
+  k-hat against the AIS - IS difference per point;
+* ``diagnostics.nc``: per-point estimates and diagnostics as ArviZ InferenceData (group
+  ``sample_stats``, dimension ``point``), which reloads with ``arviz.from_netcdf``;
+* ``report.json``: the table plus seed, Ks, AIS settings, number of points with
+  k-hat > 0.7, elapsed seconds, commit, device and library versions.
+
+Two kinds of error are reported.  The *standard error* (std over points / sqrt(N)) is the
+uncertainty of the test-set average as an estimate over the data distribution; the
+*Monte Carlo error* (sqrt(sum_n se_n^2) / N) is the uncertainty due to sampling for these
+fixed points, the one to use when comparing estimators on the same points.  Both hold
+only where k-hat is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from pyrovae.ais import AISResult, ais_log_marginal_likelihood
+from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
+from pyrovae.models import VAE
+from pyrovae.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+#: the Ks of the bound curve by default
+DEFAULT_KS = (1, 5, 50, 500, 5000)
+#: AIS settings used when none are given (a few minutes for 200 MNIST points on 2 cores)
+DEFAULT_AIS = {"num_temperatures": 200, "num_chains": 16, "num_leapfrog_steps": 5,
+               "step_size": 0.05, "initial": "guide"}
+
+TABLE_CSV = "bounds.csv"
+TABLE_MARKDOWN = "bounds.md"
+PLOT_NAME = "bounds.png"
+NETCDF_NAME = "diagnostics.nc"
+SUMMARY_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class BoundRow:
+    """One estimator averaged over the test points, in nats.
+
+    :ivar estimator: ``"ELBO"``, ``"IWAE"`` or ``"AIS"``.
+    :ivar num_samples: K for ELBO/IWAE, the number of chains for AIS.
+    :ivar num_temperatures: T for AIS, else None.
+    :ivar mean: mean over points of the per-point estimate.
+    :ivar standard_error: std over points / sqrt(N).
+    :ivar monte_carlo_error: sqrt(sum_n se_n^2) / N, the sampling error for these points.
+    :ivar seconds: wall time of the pass that produced it (shared by all IWAE rows).
+    """
+
+    estimator: str
+    num_samples: int
+    num_temperatures: int | None
+    mean: float
+    standard_error: float
+    monte_carlo_error: float
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        if self.estimator == "AIS":
+            return f"AIS (T={self.num_temperatures}, C={self.num_samples})"
+        if self.estimator == "IWAE":
+            return f"IWAE (K={self.num_samples})"
+        return f"ELBO (K={self.num_samples})"
+
+
+def _row(estimator: str, num_samples: int, num_temperatures: int | None, values: torch.Tensor,
+         errors: torch.Tensor, seconds: float) -> BoundRow:
+    values, errors = values.double(), errors.double()
+    n = values.numel()
+    return BoundRow(
+        estimator=estimator, num_samples=num_samples, num_temperatures=num_temperatures,
+        mean=values.mean().item(),
+        standard_error=values.std().item() / math.sqrt(n) if n > 1 else math.nan,
+        monte_carlo_error=errors.pow(2).sum().sqrt().item() / n,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class BoundCurve:
+    """ELBO, IWAE_K and AIS on the same points; see :func:`bound_curve`."""
+
+    rows: list[BoundRow]
+    importance: ImportanceSummary
+    ais: AISResult | None
+    seed: int | None
+    ais_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.importance.elbo.numel())
+
+    def row(self, estimator: str, num_samples: int | None = None) -> BoundRow:
+        """The row of ``estimator`` (and K, for IWAE)."""
+        for row in self.rows:
+            if row.estimator == estimator and num_samples in (None, row.num_samples):
+                return row
+        raise KeyError((estimator, num_samples))
+
+    def table(self) -> list[dict[str, Any]]:
+        """The rows as dicts, ready for CSV or JSON."""
+        return [{"estimator": row.estimator, "label": row.label, **{
+            key: value for key, value in asdict(row).items() if key != "estimator"}}
+            for row in self.rows]
+
+    def to_markdown(self) -> str:
+        header = ("| estimator | mean (nats) | standard error | Monte Carlo error | seconds |\n"
+                  "|---|---:|---:|---:|---:|\n")
+        lines = [f"| {row.label} | {row.mean:.3f} | {row.standard_error:.3f} | "
+                 f"{row.monte_carlo_error:.3f} | {row.seconds:.1f} |" for row in self.rows]
+        diagnostics = self.importance
+        note = (f"\n{self.num_points} test points; standard error over points, Monte Carlo error "
+                f"of the mean for these points. IWAE at K={diagnostics.num_samples[-1]}: "
+                f"{diagnostics.num_unreliable} points with Pareto k-hat > "
+                f"{diagnostics.khat_threshold} (unreliable), median ESS "
+                f"{float(diagnostics.effective_sample_size.median()):.1f}.\n")
+        return header + "\n".join(lines) + "\n" + note
+
+    def to_csv(self, path: str | Path) -> None:
+        table = self.table()
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+
+    def plot(self, path: str | Path) -> None:
+        """Save the bound curve and the k-hat panel as a PNG (Agg backend)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        iwae = [row for row in self.rows if row.estimator == "IWAE"]
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        left.errorbar([row.num_samples for row in iwae], [row.mean for row in iwae],
+                      yerr=[row.monte_carlo_error for row in iwae], marker="o", capsize=3,
+                      label="IWAE$_K$")
+        elbo = self.row("ELBO")
+        left.axhline(elbo.mean, color="grey", linestyle="--", label="ELBO")
+        if self.ais is not None:
+            ais = self.row("AIS")
+            left.axhline(ais.mean, color="C3", label=ais.label)
+            left.axhspan(ais.mean - ais.monte_carlo_error, ais.mean + ais.monte_carlo_error,
+                         color="C3", alpha=0.2)
+        left.set_xscale("log")
+        left.set_xlabel("K (importance samples)")
+        left.set_ylabel("mean log p(x) bound (nats)")
+        left.set_title(f"bounds on {self.num_points} test points (bars: Monte Carlo error)")
+        left.legend(loc="lower right")
+
+        khat = self.importance.pareto_k.numpy()
+        if self.ais is not None:
+            difference = (self.ais.log_marginal_likelihood
+                          - self.importance.log_marginal_likelihood).numpy()
+            right.scatter(np.where(np.isfinite(khat), khat, np.nan), difference, s=10)
+            right.axhline(0.0, color="grey", linewidth=0.8)
+            right.set_ylabel("AIS − IWAE$_{K_{max}}$ per point (nats)")
+        else:
+            right.hist(khat[np.isfinite(khat)], bins=30)
+            right.set_ylabel("number of points")
+        right.axvline(0.5, color="C2", linestyle=":", label="k = 0.5")
+        right.axvline(self.importance.khat_threshold, color="C3", linestyle="--",
+                      label=f"k = {self.importance.khat_threshold} (unreliable above)")
+        right.set_xlabel(f"Pareto k-hat of the K={self.importance.num_samples[-1]} weights")
+        right.set_title(f"{self.importance.num_unreliable} of {self.num_points} points unreliable")
+        right.legend(loc="best")
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    def to_inference_data(self, attrs: Mapping[str, Any] | None = None) -> Any:
+        """Per-point results as ArviZ InferenceData (a DataTree with ArviZ >= 1).
+
+        Group ``sample_stats``, dimension ``point`` (and ``num_samples`` for the IWAE bound,
+        ``ais_chain`` for the AIS chain weights).
+        """
+        import xarray as xr
+
+        summary = self.importance
+        point = np.arange(self.num_points)
+        variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+            "elbo": (("point",), summary.elbo.numpy()),
+            "iwae": (("num_samples", "point"), summary.iwae.numpy()),
+            "iwae_standard_error": (("num_samples", "point"), summary.iwae_standard_error.numpy()),
+            "log_marginal_likelihood": (("point",), summary.log_marginal_likelihood.numpy()),
+            "pareto_k": (("point",), summary.pareto_k.numpy()),
+            "unreliable": (("point",), summary.unreliable.numpy()),
+            "effective_sample_size": (("point",), summary.effective_sample_size.numpy()),
+            "log_weight_mean": (("point",), summary.log_weight_mean.numpy()),
+            "log_weight_std": (("point",), summary.log_weight_std.numpy()),
+            "log_weight_min": (("point",), summary.log_weight_min.numpy()),
+            "log_weight_max": (("point",), summary.log_weight_max.numpy()),
+        }
+        if self.ais is not None:
+            variables.update({
+                "ais": (("point",), self.ais.log_marginal_likelihood.numpy()),
+                "ais_standard_error": (("point",), self.ais.standard_error.numpy()),
+                "ais_log_weights": (("ais_chain", "point"), self.ais.log_weights.numpy()),
+                "ais_acceptance_rate": (("point",), self.ais.acceptance_rate.numpy()),
+                "ais_step_size": (("point",), self.ais.step_size.numpy()),
+            })
+        dataset = xr.Dataset(variables, coords={"point": point,
+                                                "num_samples": list(summary.num_samples)},
+                             attrs=_netcdf_attrs(attrs or {}))
+        return _inference_data(sample_stats=dataset)
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers for ``report.json``: table, diagnostics and the AIS - IS comparison."""
+        diagnostics = self.importance
+        khat = diagnostics.pareto_k
+        finite = khat[torch.isfinite(khat)]
+        result: dict[str, Any] = {
+            "num_points": self.num_points,
+            "seed": self.seed,
+            "ks": list(diagnostics.num_samples),
+            "bounds": self.table(),
+            "diagnostics": {
+                "num_samples": diagnostics.num_samples[-1],
+                "khat_threshold": diagnostics.khat_threshold,
+                "num_unreliable": diagnostics.num_unreliable,
+                "khat_median": float(khat.median()) if len(khat) else None,
+                "khat_max": float(finite.max()) if len(finite) else None,
+                "num_khat_above_0.5": int((khat > 0.5).sum()),
+                "effective_sample_size_median": float(diagnostics.effective_sample_size.median()),
+                "effective_sample_size_min": float(diagnostics.effective_sample_size.min()),
+            },
+        }
+        if self.ais is not None:
+            difference = self.ais.log_marginal_likelihood - diagnostics.log_marginal_likelihood
+            reliable = ~diagnostics.unreliable
+            result["ais"] = {**self.ais_settings,
+                             "acceptance_rate": float(self.ais.acceptance_rate.mean()),
+                             "final_step_size_median": float(self.ais.step_size.median())}
+            result["ais_minus_is"] = {
+                "mean": float(difference.mean()),
+                "standard_error": _standard_error(difference),
+                "mean_where_reliable": float(difference[reliable].mean()) if reliable.any() else None,
+                "mean_where_unreliable": (float(difference[~reliable].mean())
+                                          if (~reliable).any() else None),
+            }
+        return _json_safe(result)
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    return float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.nan
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become None: strict JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _netcdf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """netCDF attributes hold strings and numbers only: the rest goes in as JSON text."""
+    # str(value): subclasses of str (torch.__version__) would reach h5py as numpy unicode
+    return {key: str(value) if isinstance(value, str) else value
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else json.dumps(_json_safe(value)) for key, value in attrs.items()}
+
+
+def _inference_data(**groups: Any) -> Any:
+    import arviz
+
+    if hasattr(arviz, "InferenceData"):
+        return arviz.InferenceData(**groups)
+    import xarray as xr  # pragma: no cover - ArviZ >= 1 stores groups in a DataTree
+
+    return xr.DataTree.from_dict(groups)  # pragma: no cover
+
+
+def bound_curve(vae: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
+                ais_kwargs: Mapping[str, Any] | None = None, ais: bool = True,
+                batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
+                khat_threshold: float = KHAT_THRESHOLD) -> BoundCurve:
+    """ELBO, IWAE_K for each K in ``ks``, and AIS, on the same points, in nats.
+
+    The IWAE bounds use nested prefixes of one set of max(ks) importance samples per point,
+    so they rise with K up to noise in the weights only; the ELBO row is the mean of all
+    max(ks) log weights.  With ``seed`` the RNG is seeded before the importance pass and
+    again before AIS, so each is reproducible on its own.
+
+    :param vae: a :class:`~pyrovae.models.VAE`.
+    :param x: test data ``(N, D)``.
+    :param ks: numbers of importance samples.
+    :param ais_kwargs: keyword arguments of
+        :func:`~pyrovae.ais.ais_log_marginal_likelihood`, over :data:`DEFAULT_AIS`.
+    :param ais: run AIS at all.
+    :param batch_size: data points per vectorized trace.
+    :param chunk_size: importance samples per vectorized trace.
+    :param seed: seed for both passes; None leaves the RNG as it is.
+    :param khat_threshold: k-hat above which a point is flagged unreliable.
+    :returns: a :class:`BoundCurve`.
+
+    Example::
+
+        curve = bound_curve(vae, x_test[:200], ks=(1, 5, 50, 500, 5000),
+                            ais_kwargs={"num_temperatures": 500})
+        print(curve.to_markdown())
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    started = time.perf_counter()
+    summary = importance_summary(vae, x, ks, batch_size=batch_size, chunk_size=chunk_size,
+                                 khat_threshold=khat_threshold)
+    is_seconds = time.perf_counter() - started
+    k_max = summary.num_samples[-1]
+    elbo_error = summary.log_weight_std / math.sqrt(k_max)
+    rows = [_row("ELBO", k_max, None, summary.elbo, elbo_error, is_seconds)]
+    rows += [_row("IWAE", k, None, summary.iwae[i], summary.iwae_standard_error[i], is_seconds)
+             for i, k in enumerate(summary.num_samples)]
+    logger.info("importance sampling with K=%d on %d points: %.1f s", k_max, len(x), is_seconds)
+    result: AISResult | None = None
+    settings: dict[str, Any] = {}
+    if ais:
+        settings = {**DEFAULT_AIS, **(ais_kwargs or {})}
+        settings.setdefault("batch_size", batch_size)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        started = time.perf_counter()
+        result = ais_log_marginal_likelihood(vae, x, **settings)
+        ais_seconds = time.perf_counter() - started
+        rows.append(_row("AIS", result.num_chains, result.num_temperatures,
+                         result.log_marginal_likelihood, result.standard_error, ais_seconds))
+        logger.info("AIS with T=%d, C=%d on %d points: %.1f s", result.num_temperatures,
+                    result.num_chains, len(x), ais_seconds)
+    return BoundCurve(rows=rows, importance=summary, ais=result, seed=seed, ais_settings=settings)
+
+
+def save_inference_data(data: Any, path: str | Path) -> None:
+    """Write InferenceData (or an ArviZ >= 1 DataTree) to netCDF with the h5netcdf engine."""
+    data.to_netcdf(str(path), engine="h5netcdf")
+
+
+def write_report(vae: VAE, x: torch.Tensor, output_dir: str | Path, *,
+                 ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
+                 ais: bool = True, batch_size: int = 100, chunk_size: int = 500, seed: int = 0,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run :func:`bound_curve` and write the table, plot, netCDF and JSON into ``output_dir``.
+
+    :param extra: more entries for ``report.json`` (e.g. the checkpoint path).
+    :returns: the contents of ``report.json``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    curve = bound_curve(vae, x, ks, ais_kwargs=ais_kwargs, ais=ais, batch_size=batch_size,
+                        chunk_size=chunk_size, seed=seed)
+    summary = curve.summary()
+    summary.update({"batch_size": batch_size, "chunk_size": chunk_size,
+                    "elapsed_seconds": time.perf_counter() - started})
+    summary.update(extra or {})
+    summary.update(provenance(vae.device))
+    summary["arviz"] = _arviz_version()
+    curve.to_csv(output_dir / TABLE_CSV)
+    (output_dir / TABLE_MARKDOWN).write_text(curve.to_markdown())
+    curve.plot(output_dir / PLOT_NAME)
+    save_inference_data(curve.to_inference_data(attrs={
+        key: value for key, value in summary.items() if key not in ("bounds", "diagnostics")}),
+        output_dir / NETCDF_NAME)
+    (output_dir / SUMMARY_NAME).write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    return summary
+
+
+def _arviz_version() -> str:
+    import arviz
+
+    return arviz.__version__
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"every K must be positive, got {text!r}")
+    return ks
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--report`` flags of ``pyrovae evaluate``."""
+    group = parser.add_argument_group(
+        "report", "with --report: ELBO, IWAE_K for each K and AIS on the same test points, "
+                  "with k-hat/ESS diagnostics; writes bounds.csv, bounds.md, bounds.png, "
+                  "diagnostics.nc and report.json into the run directory or --output folder")
+    group.add_argument("--report", action="store_true",
+                       help="write the bound-curve report instead of evaluation.json")
+    group.add_argument("--ks", type=_ks, default=DEFAULT_KS,
+                       help="comma-separated Ks of the IWAE bound (default: 1,5,50,500,5000)")
+    group.add_argument("--ais-temperatures", type=_non_negative_int,
+                       default=DEFAULT_AIS["num_temperatures"],
+                       help="AIS temperatures T; 0 skips AIS (default: %(default)s)")
+    group.add_argument("--ais-chains", type=_positive_int, default=DEFAULT_AIS["num_chains"],
+                       help="AIS chains per test point (default: %(default)s)")
+    group.add_argument("--ais-leapfrog-steps", type=_positive_int,
+                       default=DEFAULT_AIS["num_leapfrog_steps"],
+                       help="leapfrog steps per HMC transition (default: %(default)s)")
+    group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],
+                       help="initial leapfrog step size, adapted towards 0.65 acceptance "
+                            "(default: %(default)s)")
+    group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
+                       help="start AIS chains from q(z|x) or p(z) (default: %(default)s)")
+
+
+def report_command(args: argparse.Namespace, vae: VAE, x_test: torch.Tensor,
+                   output_dir: Path) -> int:
+    """``pyrovae evaluate --report``: write the report and print its table."""
+    ais_kwargs = {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
+                  "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
+                  "initial": args.ais_init}
+    summary = write_report(vae, x_test, output_dir, ks=args.ks, ais_kwargs=ais_kwargs,
+                           ais=args.ais_temperatures > 0, batch_size=args.batch_size,
+                           chunk_size=args.chunk_size, seed=args.seed,
+                           extra={"checkpoint": str(args.checkpoint)})
+    print((output_dir / TABLE_MARKDOWN).read_text(), end="")
+    print(f"report written to {output_dir} ({summary['elapsed_seconds']:.1f} s)")
+    return 0
