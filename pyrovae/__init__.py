@@ -13,11 +13,34 @@ from pyrovae.evaluation import (
     log_marginal_likelihood,
     mean_and_standard_error,
 )
-from pyrovae.guides import GUIDES, DiagonalNormalGuide, GuideFamily
-from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
+from pyrovae.guides import (
+    GUIDES,
+    DiagonalNormalGuide,
+    FullCovarianceNormalGuide,
+    GuideFamily,
+    IAFGuide,
+    LowRankNormalGuide,
+)
+from pyrovae.likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    PixelGaussianLikelihood,
+)
 from pyrovae.models import VAE
-from pyrovae.nets import NETWORKS, MLPDecoder, MLPEncoder
-from pyrovae.priors import PRIORS, DiagonalNormalPrior, Prior, StandardNormalPrior
+from pyrovae.nets import NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from pyrovae.objectives import ImportanceWeightedELBO, LatentScale, kl_weight
+from pyrovae.priors import (
+    PRIORS,
+    DiagonalNormalPrior,
+    FlowPrior,
+    MixtureOfGaussiansPrior,
+    Prior,
+    StandardNormalPrior,
+    VampPrior,
+)
 from pyrovae.train import fit
 
 __version__ = "0.1.0"
@@ -29,21 +52,34 @@ __all__ = [
     "PRIORS",
     "VAE",
     "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood",
+    "ConvDecoder",
+    "ConvEncoder",
     "DataSplits",
     "DiagonalNormalGuide",
     "DiagonalNormalPrior",
+    "FlowPrior",
+    "FullCovarianceNormalGuide",
     "GaussianLikelihood",
     "GuideFamily",
+    "IAFGuide",
+    "ImportanceWeightedELBO",
+    "LatentScale",
     "Likelihood",
+    "LowRankNormalGuide",
     "MLPDecoder",
     "MLPEncoder",
+    "MixtureOfGaussiansPrior",
+    "PixelGaussianLikelihood",
     "Prior",
     "StandardNormalPrior",
+    "VampPrior",
     "TrainConfig",
     "build_vae",
     "elbo",
     "fit",
     "importance_log_weights",
+    "kl_weight",
     "load_dataset",
     "log_marginal_likelihood",
     "mean_and_standard_error",

@@ -156,7 +156,10 @@ class VampPrior(Prior):
     The u_k are K learnable pseudo-inputs in data space, pushed through the VAE's own
     encoder and guide (the ``posterior`` the VAE passes in), so the prior follows whatever
     guide family the VAE uses. Scoring a batch costs K guide densities per z: memory grows
-    as ``num_samples * batch_size * K * latent_dim``.
+    as ``num_samples * batch_size * K * latent_dim``. With the IAF guide each of those
+    densities inverts the flows, ``latent_dim`` sequential passes per flow step: on CPU a
+    SVI step of the 784-200-200-50 VAE (batch 100, K = 10, 2 flows, 2 threads) took about
+    0.4 s against 0.015 s with the diagonal guide.
 
     :param latent_dim: size of z.
     :param data_dim: size of a flattened data point; the pseudo-inputs are ``(K, data_dim)``.
