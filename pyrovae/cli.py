@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -24,7 +24,13 @@ from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_
 from pyrovae.models import VAE
 from pyrovae.provenance import provenance
 from pyrovae.report import add_report_arguments, report_command
-from pyrovae.train import check_training_data, fit, resolve_device, seed_everything
+from pyrovae.train import (
+    TrainingInterrupted,
+    check_training_data,
+    fit_from_config,
+    resolve_device,
+    seed_everything,
+)
 
 logger = logging.getLogger("pyrovae")
 
@@ -80,9 +86,39 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
+#: flags that may change when a run is resumed; the others would make it another run
+RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
+                              "eval_samples", "checkpoint_every", "keep_last"})
+
+
+def _resumed_config(run_dir: Path, train_argv: Sequence[str]) -> TrainConfig:
+    """The run's saved config, with the flags in ``train_argv`` that may change applied."""
+    if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: it needs {CONFIG_NAME} and "
+                          f"{CHECKPOINT_NAME} from an earlier pyrovae train")
+    config = TrainConfig.load(run_dir / CONFIG_NAME)
+    explicit = argparse.ArgumentParser(add_help=False)
+    TrainConfig.add_arguments(explicit, with_defaults=False)
+    given = vars(explicit.parse_known_args(list(train_argv))[0])
+    fixed = sorted(set(given) - RESUME_OVERRIDES)
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        raise ConfigError(f"{flags} cannot change when resuming {run_dir} (only "
+                          f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUME_OVERRIDES))})")
+    values = config.to_dict()
+    values.update(given)
+    values["out_dir"] = str(run_dir)
+    return TrainConfig.from_dict(values)
+
+
 def train_command(args: argparse.Namespace) -> int:
-    config = TrainConfig.from_args(args)
-    run_dir = _prepare_run_dir(config)
+    resume = args.resume is not None
+    if resume:
+        run_dir = Path(args.resume)
+        config = _resumed_config(run_dir, args.train_argv)
+    else:
+        config = TrainConfig.from_args(args)
+        run_dir = _prepare_run_dir(config)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
                         download=config.download)
@@ -94,10 +130,7 @@ def train_command(args: argparse.Namespace) -> int:
     logger.info("training on %d images (%s), testing on %d; run directory %s",
                 data.train.shape[0], device, data.test.shape[0], run_dir)
     started = time.perf_counter()
-    history = fit(vae, data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                  objective=config.objective, num_particles=config.num_particles,
-                  seed=config.seed, test_every=config.test_every, run_dir=run_dir,
-                  config=config, progress=config.progress)
+    history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
     results: dict[str, Any] = {
         "train_seconds": time.perf_counter() - started,
         "epochs": config.epochs,
@@ -169,8 +202,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Report a bad flag in one line (argparse prints the whole usage by default)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="pyrovae",
         description="Variational autoencoders as Pyro programs: train, estimate log p(x), sample.",
     )
@@ -183,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "samples.png and results.json into --out-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     TrainConfig.add_arguments(train)
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR from its last checkpoint, with its saved "
+                            "config (--epochs may extend it)")
     train.set_defaults(handler=train_command)
 
     evaluate = commands.add_parser(
@@ -220,11 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # the flags after "train", to tell which ones were given when resuming
+    args.train_argv = argv[argv.index("train") + 1:] if "train" in argv else []
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.handler(args)
+    except TrainingInterrupted as error:
+        print(f"pyrovae: {error}", file=sys.stderr)
+        return 128 + error.signal_number
     except PyrovaeError as error:
         print(f"pyrovae: error: {error}", file=sys.stderr)
         return 2

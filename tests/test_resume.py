@@ -1,0 +1,172 @@
+"""Runs survive faults: resume after SIGKILL/SIGTERM ends bit-identical to an uninterrupted
+run; NaN losses stop or roll back; the last N and the best checkpoints are kept."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyrovae import TrainConfig, build_vae, fit
+from pyrovae.checkpoint import read_checkpoint
+from pyrovae.data import DataSplits
+from pyrovae.train import TrainingDivergedError, read_metrics
+from tests.conftest import SHARED_DATA, requires_mnist
+
+
+def tiny_data(dynamic: bool = True) -> DataSplits:
+    generator = torch.Generator().manual_seed(0)
+    grey = torch.rand(120, 10, generator=generator)
+    return DataSplits.from_tensors(grey, grey[:30], binarize="dynamic" if dynamic else "static")
+
+
+def tiny_vae(seed: int = 1):
+    torch.manual_seed(seed)
+    return build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+
+
+def assert_same_parameters(first, second):
+    for (name, value), (_, other) in zip(first.items(), second.items(), strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path):
+    data = tiny_data()
+    reference = tiny_vae()
+    fit(reference, data, epochs=3, batch_size=16, seed=5, progress=False, run_dir=tmp_path / "a")
+    stopped = tiny_vae()
+    fit(stopped, data, epochs=1, batch_size=16, seed=5, progress=False, run_dir=tmp_path / "b")
+    resumed = tiny_vae(seed=99)  # whatever it starts from, the checkpoint overrides it
+    history = fit(resumed, data, epochs=3, batch_size=16, seed=5, progress=False,
+                  run_dir=tmp_path / "b", resume=True)
+    assert_same_parameters(reference.state_dict(), resumed.state_dict())
+    assert [r.epoch for r in history] == [1, 2, 3]
+    expected = [r.train_elbo for r in read_metrics(tmp_path / "a" / "metrics.csv")]
+    assert [r.train_elbo for r in read_metrics(tmp_path / "b" / "metrics.csv")] == expected
+
+
+def poison_one_update(patch: pytest.MonkeyPatch) -> None:
+    """Make the next Adam update write NaN into the parameters; later updates are healthy."""
+    poisoned = {"done": False}
+    original_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        if not poisoned["done"]:
+            poisoned["done"] = True
+            for group in self.param_groups:
+                for parameter in group["params"]:
+                    parameter.data.fill_(math.nan)
+            return None
+        return original_step(self, *args, **kwargs)
+
+    patch.setattr(torch.optim.Adam, "step", step)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = tiny_data(dynamic=False)
+    vae = tiny_vae()
+    fit(vae, data, epochs=1, batch_size=16, progress=False, run_dir=tmp_path)
+    good = read_checkpoint(tmp_path)["model"]
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="NaN"), \
+            pytest.raises(TrainingDivergedError, match="epoch 2, step 10"):
+        poison_one_update(patch)
+        fit(vae, data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path, resume=True)
+    assert_same_parameters(read_checkpoint(tmp_path)["model"], good)
+
+
+def test_rollback_lowers_the_learning_rate_and_finishes(tmp_path):
+    data = tiny_data(dynamic=False)
+    vae = tiny_vae()
+    fit(vae, data, epochs=1, batch_size=16, progress=False, run_dir=tmp_path)
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="NaN"):
+        poison_one_update(patch)
+        history = fit(vae, data, epochs=3, batch_size=16, progress=False, run_dir=tmp_path,
+                      resume=True, on_divergence="rollback", lr=1e-3)
+    position = read_checkpoint(tmp_path)["progress"]
+    assert position["rollbacks"] == 1 and position["lr"] == pytest.approx(5e-4)
+    assert [r.epoch for r in history] == [1, 2, 3]
+    assert all(math.isfinite(r.train_elbo) for r in history)
+
+
+def test_keeps_the_last_n_and_the_best(tmp_path):
+    fit(tiny_vae(), tiny_data(), epochs=4, batch_size=16, progress=False, run_dir=tmp_path,
+        keep_last=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["epoch-0003.pt", "epoch-0004.pt"]
+    best = read_checkpoint(tmp_path / "checkpoint_best.pt")
+    records = read_metrics(tmp_path / "metrics.csv")
+    best_record = max(records, key=lambda r: r.test_elbo)
+    assert best["epoch"] == best_record.epoch
+    assert best["progress"]["best_test_elbo"] == pytest.approx(best_record.test_elbo)
+
+
+TRAIN = ["--train-size", "3000", "--test-size", "50", "--epochs", "3", "--hidden-dims", "64",
+         "--latent-dim", "4", "--batch-size", "20", "--eval-samples", "0", "--no-progress",
+         "--checkpoint-every", "7", "--seed", "3"]
+
+
+def pyrovae_train(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", "--data-dir",
+                             str(SHARED_DATA), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def interrupted_then_resumed(run_dir, signal_number: int, rng: random.Random) -> str:
+    """Start a run, send ``signal_number`` at a random moment after its first checkpoint,
+    resume it, and return what the interrupted process printed."""
+    for _ in range(5):
+        process = pyrovae_train("--out-dir", str(run_dir), "--overwrite", *TRAIN)
+        while not (run_dir / "checkpoint.pt").exists() and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=120)
+        if process.returncode != 0:  # it was interrupted before finishing
+            break
+    else:
+        pytest.fail("the run finished before every interruption")
+    progress = read_checkpoint(run_dir)["progress"]
+    assert progress["epoch"] <= 3 and progress["step"] < 3 * 150
+    resumed = pyrovae_train("--resume", str(run_dir), "--no-progress")
+    _, resume_err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resume_err
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    process = pyrovae_train("--out-dir", str(run_dir), "--overwrite", *TRAIN)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return read_checkpoint(run_dir)["model"]
+
+
+@requires_mnist
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    interrupted_then_resumed(tmp_path, signal.SIGKILL, random.Random(0))
+    assert_same_parameters(read_checkpoint(tmp_path)["model"], uninterrupted)
+
+
+@requires_mnist
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted):
+    stderr = interrupted_then_resumed(tmp_path, signal.SIGTERM, random.Random(1))
+    assert "SIGTERM at epoch" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert_same_parameters(read_checkpoint(tmp_path)["model"], uninterrupted)
+
+
+@requires_mnist
+def test_resume_refuses_flags_that_would_make_another_run(tmp_path, uninterrupted):
+    process = pyrovae_train("--out-dir", str(tmp_path), *TRAIN[:-4], "--epochs", "1")
+    process.communicate(timeout=300)
+    refused = pyrovae_train("--resume", str(tmp_path), "--latent-dim", "8")
+    _, stderr = refused.communicate(timeout=120)
+    assert refused.returncode == 2
+    assert "--latent-dim cannot change when resuming" in stderr
