@@ -117,3 +117,38 @@ def test_unknown_prior_lists_the_known_ones(capsys):
         main(["train", "--prior", "nope"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs must be positive, got 0"),
+    (["--batch-size", "-3"], "batch_size must be positive"),
+    (["--train-size", "0"], "train_size must be positive"),
+    (["--lr", "-1"], "lr must be positive"),
+    (["--latent-dim", "0"], "latent_dim must be positive"),
+    (["--clip-norm", "0"], "clip_norm must be positive"),
+    (["--sigma", "0", "--likelihood", "gaussian"], "sigma must be positive"),
+])
+def test_bad_values_are_one_clear_line(capsys, tmp_path, flags, message):
+    line = one_line_error(capsys, ["train", "--out-dir", str(tmp_path / "run"), *flags])
+    assert message in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--guide", "nope"], "argument --guide: invalid choice: 'nope' (choose from"),
+    (["--likelihood", "poisson"], "argument --likelihood: invalid choice: 'poisson'"),
+])
+def test_unparseable_flags_are_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@requires_mnist
+def test_batch_larger_than_the_data_is_one_clear_line(capsys, tmp_path):
+    line = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--out-dir",
+                                   str(tmp_path / "run"), "--train-size", "30", "--batch-size", "100"])
+    assert "batch size 100 is larger than the training set (30 points)" in line
+
