@@ -234,9 +234,10 @@ def _identity_at_init(arn: AutoRegressiveNN) -> AutoRegressiveNN:
 class FlowPrior(Prior):
     """p(z): N(0, I) pushed through ``num_flows`` masked autoregressive affine transforms.
 
-    Each step is u = (z - mu(z_<)) * exp(-log sigma(z_<)) in the density direction, so
-    log p(z) takes one parallel pass per step (the MAF direction); sampling is sequential
-    over the ``latent_dim`` coordinates, which only :meth:`~pyrovae.models.VAE.sample` does.
+    In the density direction each step maps u_i = mu_i(z_<i) + sigma_i(z_<i) z_i with a MADE
+    network, so log p(z) takes one parallel pass per step (the MAF direction); sampling is
+    sequential over the ``latent_dim`` coordinates, which only
+    :meth:`~pyrovae.models.VAE.sample` does.
     Consecutive steps reverse the coordinate order. Every step starts as the identity, so
     the prior starts at N(0, I).
 
