@@ -453,6 +453,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def report_command(args: argparse.Namespace, vae: VAE, x_test: torch.Tensor,
                    output_dir: Path) -> int:
     """``pyrovae evaluate --report``: write the report and print its table."""
+    # arviz 0.x logs at INFO on import which optional packages are missing: noise here
+    logging.getLogger("arviz").setLevel(logging.WARNING)
     ais_kwargs = {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
                   "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
                   "initial": args.ais_init}

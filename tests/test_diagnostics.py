@@ -131,3 +131,15 @@ def test_bad_ks_are_refused():
         importance_summary(vae, x, ks=(0, 5))
     with pytest.raises(ValueError, match="batch_size"):
         importance_summary(vae, x, ks=(5,), batch_size=0)
+
+
+def test_the_arviz_1_branch_agrees_on_the_sign_convention(monkeypatch):
+    # ArviZ >= 1 (arviz-stats) negates its input; the shim must hand it -log w
+    pytest.importorskip("arviz_stats")
+    import arviz
+
+    log_weights = gaussian_log_weights(0.3, num_points=4)
+    old = pareto_k(log_weights)
+    monkeypatch.setattr(arviz, "__version__", "1.0.0")
+    new = pareto_k(log_weights)
+    torch.testing.assert_close(new, old, atol=0.05, rtol=0)
