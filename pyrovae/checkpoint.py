@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
 
 from pyrovae.config import TrainConfig, build_vae
@@ -63,19 +62,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def optimizer_state(vae: VAE, optimizer: pyro.optim.PyroOptim) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name relative to the VAE (no instance prefix)."""
-    prefix = vae._pyro_name + "."
-    return {name.removeprefix(prefix): state for name, state in optimizer.get_state().items()}
-
-
-def restore_optimizer_state(vae: VAE, optimizer: pyro.optim.PyroOptim,
-                            state: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state`; applied lazily by Pyro at the next step."""
-    prefix = vae._pyro_name + "."
-    optimizer.set_state({prefix + name: value for name, value in state.items()})
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -91,7 +77,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, vae: VAE, optimizer: pyro.optim.PyroOptim | None,
+def save_checkpoint(path: str | Path, vae: VAE, optimizer: torch.optim.Optimizer | None,
                     epoch: int, config: TrainConfig | None,
                     image_shape: tuple[int, ...] | None = None,
                     progress: dict[str, Any] | None = None) -> None:
@@ -107,7 +93,7 @@ def save_checkpoint(path: str | Path, vae: VAE, optimizer: pyro.optim.PyroOptim 
         "image_shape": list(image_shape) if image_shape is not None else None,
         "config": config.to_dict() if config is not None else None,
         "model": vae.state_dict(),
-        "optimizer": optimizer_state(vae, optimizer) if optimizer is not None else {},
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "rng": capture_rng_state(),
         "progress": progress,
     }, path)

@@ -101,6 +101,8 @@ class TrainConfig:
         "keep copies of the last N epoch checkpoints in out_dir/checkpoints", type=int))
     clip_norm: float | None = field(default=None, metadata=_flag(
         "clip each parameter's gradient to this norm", type=float))
+    fused: bool = field(default=True, metadata=_flag(
+        "evaluate trace_elbo/meanfield_elbo without Pyro's tracing (same value, faster)"))
     on_divergence: str = field(default="stop", metadata=_flag(
         "on a NaN/inf loss: stop, or roll back to the last checkpoint with half the lr",
         choices=("stop", "rollback")))

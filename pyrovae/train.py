@@ -1,6 +1,6 @@
-"""Training a :class:`~pyrovae.models.VAE` with Pyro's SVI.
+"""Training a :class:`~pyrovae.models.VAE` by stochastic variational inference.
 
-:func:`fit` runs minibatch SVI with a Pyro ELBO and Adam, reports the running train
+:func:`fit` minimises a Pyro ELBO by minibatch gradient steps with Adam, reports the running train
 ELBO in a progress bar, the test ELBO every few epochs, writes ``metrics.csv`` and a
 checkpoint every epoch, and resumes exactly from a checkpoint.  ELBO values are per data
 point, in nats.
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from pyrovae.checkpoint import (
@@ -27,7 +26,6 @@ from pyrovae.checkpoint import (
     keep_history,
     mark_best,
     read_checkpoint,
-    restore_optimizer_state,
     restore_rng_state,
     save_checkpoint,
 )
@@ -35,6 +33,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
 from pyrovae.errors import CheckpointError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo
+from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
 from pyrovae.validation import check_data
@@ -111,8 +110,15 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         validate: bool = False, beta: float | None = None,
         kl_warmup_epochs: int | None = None, resume: bool = False,
         checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
-        on_divergence: str = "stop") -> list[EpochRecord]:
+        on_divergence: str = "stop", fused: bool = True) -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
+
+    Each step minimises the objective's loss, ``objective.differentiable_loss(vae.model,
+    vae.guide, x)`` for the Pyro ELBO named by ``objective``, with one ``torch.optim.Adam``
+    over all parameters (Pyro's ``SVI`` with ``pyro.optim.Adam`` keeps one optimizer per
+    parameter, which costs time at every step).  With ``fused=True``, ``trace_elbo`` and
+    ``meanfield_elbo`` are evaluated by :func:`~pyrovae.fused.fused_elbo_loss`, which gives
+    the same number from the same draws without tracing.
 
     Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
     the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
@@ -144,14 +150,15 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         at epoch ends).
     :param keep_last: also keep copies of the last this many epoch checkpoints in
         ``run_dir/checkpoints/``.
-    :param clip_norm: clip each parameter's gradient to this norm (Pyro's per-parameter
-        clipping), or ``None``.
+    :param clip_norm: clip the gradient of all parameters together to this total norm, or
+        ``None``; a non-finite gradient norm then stops the run like a NaN loss.
     :param on_divergence: ``"stop"`` raises on a NaN/inf loss; ``"rollback"`` reloads the
         last checkpoint, halves the learning rate and carries on (up to 5 times).
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
-    :raises TrainingDivergedError: the loss became NaN or infinite; the checkpoint of the
-        last good step is kept.
+    :param fused: evaluate ``trace_elbo``/``meanfield_elbo`` without tracing (same value).
+    :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
+        update, so the parameters stay finite); the checkpoint of the last good step is kept.
     :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
     """
     check_training_data(vae, data, batch_size)
@@ -164,12 +171,13 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         beta = config.beta if config is not None else 1.0
     if kl_warmup_epochs is None:
         kl_warmup_epochs = config.kl_warmup_epochs if config is not None else 0
-    loop = _TrainingLoop(vae, data, epochs=epochs, batch_size=batch_size, lr=lr,
+    loop = TrainingLoop(vae, data, epochs=epochs, batch_size=batch_size, lr=lr,
                          objective=objective, num_particles=num_particles, seed=seed,
                          test_every=test_every, run_dir=Path(run_dir) if run_dir else None,
                          config=config, progress=progress, beta=beta,
                          kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
-                         keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence)
+                         keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
+                         fused=fused)
     with pyro.validation_enabled(validate), _StopSignals() as stop:
         loop.start(resume)
         history = loop.run(stop)
@@ -187,7 +195,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                progress=config.progress, validate=validate, beta=config.beta,
                kl_warmup_epochs=config.kl_warmup_epochs, resume=resume,
                checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
-               clip_norm=config.clip_norm, on_divergence=config.on_divergence)
+               clip_norm=config.clip_norm, on_divergence=config.on_divergence,
+               fused=config.fused)
 
 
 class _StopSignals:
@@ -213,25 +222,33 @@ class _StopSignals:
             signal.signal(number, handler)  # type: ignore[arg-type]
 
 
-class _TrainingLoop:
-    """The state of one training run: what a checkpoint must hold to resume it exactly."""
+class TrainingLoop:
+    """The state of one training run, driven by :func:`fit`: the optimizer, the objective,
+    and the position a checkpoint must hold to resume the run exactly.
+
+    :meth:`train_step` is one gradient step on a minibatch (what ``benchmark_speed.py``
+    times); the keyword arguments are those of :func:`fit`.
+    """
 
     def __init__(self, vae: VAE, data: DataSplits, *, epochs: int, batch_size: int, lr: float,
                  objective: str, num_particles: int, seed: int, test_every: int,
                  run_dir: Path | None, config: TrainConfig | None, progress: bool,
                  beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
-                 clip_norm: float | None, on_divergence: str) -> None:
+                 clip_norm: float | None, on_divergence: str, fused: bool) -> None:
         self.vae, self.data, self.config = vae, data, config
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.seed, self.test_every, self.run_dir = seed, test_every, run_dir
         self.progress, self.beta, self.kl_warmup_epochs = progress, beta, kl_warmup_epochs
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.on_divergence, self.rollbacks = on_divergence, 0
-        clip_args = {"clip_norm": clip_norm} if clip_norm else {}
-        self.optimizer = pyro.optim.Adam(self._adam_args, clip_args=clip_args)
+        self.clip_norm = clip_norm
+        self.parameters = list(vae.parameters())
+        self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
         self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
-        self.svi = SVI(self.kl_scale(vae.model), self.kl_scale(vae.guide), self.optimizer,
-                       loss=make_objective(objective, num_particles))
+        self.objective, self.num_particles = objective, num_particles
+        self.elbo = make_objective(objective, num_particles)
+        self.model, self.guide = self.kl_scale(vae.model), self.kl_scale(vae.guide)
+        self.fused = fused and supports_fused(vae, objective, data.test)
         self.generator = torch.Generator()
         # the loop's position: ``epoch`` is the epoch under way (from 1), ``batch`` the
         # batches of it already done; ``epoch_generator_state`` replays its shuffling order
@@ -241,9 +258,34 @@ class _TrainingLoop:
         self.best_test_elbo = -math.inf
         self.history: list[EpochRecord] = []
 
-    def _adam_args(self, module_name: str, param_name: str) -> dict[str, float]:
-        # a callable, so that a rollback's lower learning rate reaches new optimizers too
-        return {"lr": self.lr}
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Minus the (KL-weighted) objective summed over the minibatch, differentiable."""
+        if self.fused:
+            return fused_elbo_loss(self.vae, x, num_particles=self.num_particles,
+                                   beta=self.kl_scale.beta,
+                                   analytic_kl=FUSED_OBJECTIVES[self.objective])
+        return self.elbo.differentiable_loss(self.model, self.guide, x)
+
+    def train_step(self, x: torch.Tensor, epoch: int = 1) -> float:
+        """One gradient step; raises before updating if the loss or gradient is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"loss is {value} at epoch {epoch}, step {self.step + 1}; the last good "
+                f"checkpoint is kept; try a lower learning rate (--lr) or --clip-norm"
+            )
+        loss.backward()
+        if self.clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+            if not bool(torch.isfinite(norm)):
+                raise TrainingDivergedError(
+                    f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
+                    f"the last good checkpoint is kept; try a lower learning rate (--lr)"
+                )
+        self.optimizer.step()
+        return value
 
     # --- starting and resuming -------------------------------------------------------
     def start(self, resume: bool) -> None:
@@ -293,9 +335,11 @@ class _TrainingLoop:
             raise CheckpointError(
                 f"checkpoint {path} does not match this model: {str(error).splitlines()[0]}"
             ) from None
-        self.optimizer.optim_objs.clear()  # rebuilt lazily from the restored state
-        self.optimizer.grad_clip.clear()
-        restore_optimizer_state(self.vae, self.optimizer, checkpoint["optimizer"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"the optimizer state in {path} does not match this model "
+                                  f"({error})") from None
         self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
         self.total_loss, self.seen = position["total_loss"], position["seen"]
         self.lr, self.rollbacks = position["lr"], position["rollbacks"]
@@ -326,12 +370,7 @@ class _TrainingLoop:
         self.generator.set_state(self.epoch_generator_state)
         for x in self.data.train_batches(self.batch_size, generator=self.generator,
                                          start=self.batch):
-            loss = self.svi.step(x)
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss is {loss} at epoch {epoch}, step {self.step + 1}; the last good "
-                    f"checkpoint is kept; try a lower learning rate (--lr) or --clip-norm"
-                )
+            loss = self.train_step(x, epoch)
             self.step += 1
             self.batch += 1
             self.total_loss += loss
@@ -390,9 +429,8 @@ class _TrainingLoop:
         lr = self.lr / 2
         self._load(path)
         self.rollbacks, self.lr = rollbacks, lr
-        for torch_optimizer in self.optimizer.optim_objs.values():
-            for group in torch_optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         logger.warning("loss diverged; rolled back to epoch %d, step %d with lr %.3g "
                        "(rollback %d of %d)", self.epoch, self.step, lr, rollbacks, MAX_ROLLBACKS)
 

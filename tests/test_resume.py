@@ -73,7 +73,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     vae = tiny_vae()
     fit(vae, data, epochs=1, batch_size=16, progress=False, run_dir=tmp_path)
     good = read_checkpoint(tmp_path)["model"]
-    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="NaN"), \
+    with pytest.MonkeyPatch.context() as patch, \
             pytest.raises(TrainingDivergedError, match="epoch 2, step 10"):
         poison_one_update(patch)
         fit(vae, data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path, resume=True)
@@ -84,7 +84,7 @@ def test_rollback_lowers_the_learning_rate_and_finishes(tmp_path):
     data = tiny_data(dynamic=False)
     vae = tiny_vae()
     fit(vae, data, epochs=1, batch_size=16, progress=False, run_dir=tmp_path)
-    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="NaN"):
+    with pytest.MonkeyPatch.context() as patch:
         poison_one_update(patch)
         history = fit(vae, data, epochs=3, batch_size=16, progress=False, run_dir=tmp_path,
                       resume=True, on_divergence="rollback", lr=1e-3)

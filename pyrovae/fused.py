@@ -1,0 +1,70 @@
+"""The VAE's ELBO computed straight from its parts, without Pyro's tracing machinery.
+
+For the :class:`~pyrovae.models.VAE`, Pyro's ``Trace_ELBO`` evaluates, per data point,
+
+    ELBO(x) = log p(x | z) + beta (log p(z) - log q(z | x)),   z ~ q(z | x) reparameterised,
+
+averaged over particles; ``TraceMeanField_ELBO`` replaces ``log q(z|x) - log p(z)`` by the
+analytic KL(q(z|x) || p(z)) where torch has one.  The model and guide have one latent site
+and one observed site, so the same number can be computed by calling the prior,
+guide family, decoder and likelihood directly.  That skips the per-step trace
+bookkeeping (messengers, site dictionaries, parameter-store registration), which costs
+about as much as the networks themselves at batch 100 on a CPU.
+
+The draws are the same as Pyro's: with the same RNG state, :func:`fused_elbo_loss`
+returns exactly ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)`` (tested),
+so the fused path is a faster evaluation of Pyro's objective, not another objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import kl_divergence
+
+from pyrovae.models import VAE
+
+#: the objectives :func:`fused_elbo_loss` reproduces, with whether the KL is analytic
+FUSED_OBJECTIVES = {"trace_elbo": False, "meanfield_elbo": True}
+
+
+def supports_fused(vae: VAE, objective: str, x: torch.Tensor) -> bool:
+    """Whether :func:`fused_elbo_loss` reproduces ``objective`` for this VAE.
+
+    It does for ``trace_elbo`` and ``meanfield_elbo`` whenever the guide family can be
+    reparameterised (all pyrovae families can).
+    """
+    if objective not in FUSED_OBJECTIVES:
+        return False
+    with torch.no_grad():
+        return bool(vae.posterior(x[:1]).has_rsample)
+
+
+def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: float = 1.0,
+                    analytic_kl: bool = False) -> torch.Tensor:
+    """Minus the ELBO summed over the minibatch, as Pyro's ``Trace_ELBO`` computes it.
+
+    :param vae: the model; its parameters receive gradients.
+    :param x: data ``(N, D)``.
+    :param num_particles: draws of z per data point, averaged (Pyro's vectorized particles).
+    :param beta: weight of the KL term (Pyro: ``poutine.scale`` on site ``"z"``).
+    :param analytic_kl: use KL(q || p) in closed form where torch registers one
+        (``TraceMeanField_ELBO``); Monte Carlo otherwise.
+    :returns: a scalar tensor, nats.
+    """
+    q = vae.posterior(x)
+    p = vae.prior(vae.posterior)
+    z = q.rsample((num_particles,)) if num_particles > 1 else q.rsample()
+    log_likelihood = vae.likelihood(vae.decoder(z)).log_prob(x)
+    kl = None
+    if analytic_kl:
+        try:
+            # the data plate broadcasts p(z) over data points before Pyro takes the KL
+            kl = kl_divergence(q, p.expand(q.batch_shape))
+        except NotImplementedError:
+            kl = None
+    if kl is None:
+        kl = q.log_prob(z) - p.log_prob(z)
+    elbo = log_likelihood - beta * kl
+    if num_particles > 1:
+        elbo = elbo.mean(0)
+    return -elbo.sum()
