@@ -136,16 +136,31 @@ def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, 
         log_px = log_marginal_likelihood(vae, x_test, num_samples=5000)
         mean, stderr = mean_and_standard_error(log_px)
     """
+    def combine(running: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
+        chunk = torch.logsumexp(log_w, dim=0)
+        return chunk if running is None else torch.logaddexp(running, chunk)
+
+    return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
+                               lambda running: running - math.log(num_samples))
+
+
+def _reduce_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, batch_size: int,
+                        chunk_size: int,
+                        combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+                        finish: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Fold the ``(chunk, batch)`` log weights of each data batch with ``combine``, then
+    ``finish``; returns ``(N,)`` on the CPU.  Memory: one ``chunk_size x batch_size`` trace."""
     _check_counts(num_samples, batch_size, chunk_size)
     vae.check_data(x)
     results = []
-    for batch in _batches(x, batch_size):
-        batch = batch.to(vae.device)
-        running = torch.full((batch.shape[0],), -math.inf, device=batch.device, dtype=batch.dtype)
-        for chunk in _sample_chunks(num_samples, chunk_size):
-            log_w = importance_log_weights(vae, batch, chunk)
-            running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
-        results.append((running - math.log(num_samples)).cpu())
+    # the data were checked above; distribution argument checks would only cost time here
+    with pyro.validation_enabled(False):
+        for batch in _batches(x, batch_size):
+            batch = batch.to(vae.device)
+            state = None
+            for chunk in _sample_chunks(num_samples, chunk_size):
+                state = combine(state, importance_log_weights(vae, batch, chunk))
+            results.append(finish(state).cpu())
     return torch.cat(results)
 
 
@@ -157,16 +172,11 @@ def elbo(vae: VAE, x: torch.Tensor, num_samples: int = 1, *, batch_size: int = 1
     :param num_samples: samples per data point (more samples, less variance; same mean).
     :returns: ``(N,)`` ELBO estimates in nats, on the CPU.
     """
-    _check_counts(num_samples, batch_size, chunk_size)
-    vae.check_data(x)
-    results = []
-    for batch in _batches(x, batch_size):
-        batch = batch.to(vae.device)
-        total = torch.zeros(batch.shape[0], device=batch.device, dtype=batch.dtype)
-        for chunk in _sample_chunks(num_samples, chunk_size):
-            total = total + importance_log_weights(vae, batch, chunk).sum(0)
-        results.append((total / num_samples).cpu())
-    return torch.cat(results)
+    def combine(total: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
+        return log_w.sum(0) if total is None else total + log_w.sum(0)
+
+    return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
+                               lambda total: total / num_samples)
 
 
 @dataclass(frozen=True)
