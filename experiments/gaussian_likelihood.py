@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         squared_error = ((trained.vae.reconstruct(data.test) - data.test) ** 2).sum(-1)
         runs.append(trained)
         summaries.append(common.run_summary(
-            trained, evaluation, setting=f"grey MNIST, Gaussian likelihood, {name}",
+            trained, evaluation, setting=f"grey MNIST (a density: not comparable), Gaussian, {name}",
             sigma=sigma, learn_sigma=bool(setting["learn_sigma"]),
             reconstruction=reconstruction.mean,
             reconstruction_standard_error=reconstruction.standard_error,

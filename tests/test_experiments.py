@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import csv
+import functools
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import pyro
+import pytest
+import torch
+
+from pyrovae import DataSplits, TrainConfig, build_vae, importance_log_weights
+from pyrovae.errors import ConfigError
+from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+#: a few hundred images, one epoch, K = 10, small networks
+TINY = ("--train-size", "200", "--test-size", "100", "--epochs", "1", "--eval-samples", "10",
+        "--hidden-dims", "16", "--latent-dim", "3", "--no-progress", "--seed", "0")
 
 
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, str(EXPERIMENTS / name), *args], capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    if check:
+        assert result.returncode == 0, result.stderr
     return result
+
+
+def run_experiment(name: str, out_dir: Path, *args: str) -> dict:
+    """Run ``name`` tinily into ``out_dir``; check results.json and every figure it lists."""
+    run_script(name, "--data-dir", str(SHARED_DATA), "--out-dir", str(out_dir), *TINY, *args)
+    results = json.loads((out_dir / "results.json").read_text())
+    for key in ("commit", "seed", "device", "torch", "pyro", "epochs", "wall_seconds"):
+        assert key in results, key
+    assert results["figures"]
+    for figure in results["figures"]:
+        assert (out_dir / figure).stat().st_size > 0, figure
+        assert (out_dir / figure).read_bytes()[:4] == b"\x89PNG"
+    for run in results["runs"]:
+        assert run["epochs"] == 1 and run["eval_samples"] == 10 and run["num_test_points"] == 100
+        assert run["test_log_marginal_likelihood"] < 0
+        assert run["test_log_marginal_likelihood_standard_error"] > 0
+        assert run["test_elbo"] < run["test_log_marginal_likelihood"] + 5  # K=10, noisy
+    return results
 
 
 def test_benchmark_speed(tmp_path):
@@ -24,3 +58,127 @@ def test_benchmark_speed(tmp_path):
     assert "ratio" in result.stdout
     row = json.loads(output.read_text())["training_step"][0]
     assert row["batch_size"] == 20 and row["pyrovae_ms"] > 0 and row["plain_pytorch_ms"] > 0
+
+
+@requires_mnist
+def test_mnist_vae(tmp_path):
+    results = run_experiment("mnist_vae.py", tmp_path, "--objectives", "trace_elbo", "iwae5")
+    runs = {run["name"]: run for run in results["runs"]}
+    assert runs["trace_elbo"]["published_log_marginal_likelihood"] == -86.76
+    assert runs["iwae5"]["config"]["objective"] == "iwae"
+    assert runs["iwae5"]["config"]["num_particles"] == 5
+    assert "elbo_curves.png" in results["figures"]
+
+
+@requires_mnist
+def test_mnist_vae_resumes(tmp_path):
+    args = ("--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path), "--objectives", "trace_elbo")
+    run_script("mnist_vae.py", *args, *TINY)
+    longer = [*TINY[:5], "2", *TINY[6:]]
+    assert longer[4:6] == ["--epochs", "2"]
+    run_script("mnist_vae.py", *args, *longer, "--resume")
+    with (tmp_path / "trace_elbo" / "metrics.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["epochs"] == 2
+
+
+@functools.cache
+def load_common():
+    """experiments/common.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("experiments_common", EXPERIMENTS / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_refuses_to_overwrite_or_resume_other_settings(tmp_path):
+    common = load_common()
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((40, 6), 0.5)), binarize="none")
+    config = TrainConfig(hidden_dims=(4,), latent_dim=2, epochs=1, batch_size=20,
+                         progress=False, eval_samples=5)
+    first = common.train("run", config, data, tmp_path, resume=False)
+    evaluation = common.evaluate(first, data, num_samples=5)
+    assert common.evaluate(first, data, num_samples=5) == evaluation  # cached
+    with pytest.raises(ConfigError, match="--resume"):
+        common.train("run", config, data, tmp_path, resume=False)
+    with pytest.raises(ConfigError, match="lr"):
+        common.train("run", replace(config, lr=0.01), data, tmp_path, resume=True)
+    longer = common.train("run", replace(config, epochs=2), data, tmp_path, resume=True)
+    assert [record.epoch for record in longer.history] == [1, 2]
+    assert common.evaluate(longer, data, num_samples=5)["epochs_trained"] == 2
+
+
+def test_elbo_terms_add_up_to_the_elbo():
+    common = load_common()
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((30, 6), 0.5)), binarize="none")
+    config = TrainConfig(hidden_dims=(4,), latent_dim=2)
+    vae = build_vae(config, data_dim=6)
+    pyro.set_rng_seed(1)
+    terms = common.elbo_terms(vae, data.test, num_samples=3, batch_size=7)
+    pyro.set_rng_seed(1)
+    log_w = importance_log_weights(vae, data.test[:7], 3)
+    assert terms["reconstruction"].shape == terms["kl"].shape == (30,)
+    assert (terms["reconstruction"] - terms["kl"])[:7] == pytest.approx(log_w.mean(0), abs=1e-4)
+
+
+@requires_binarized_mnist
+def test_compare_priors(tmp_path):
+    results = run_experiment("compare_priors.py", tmp_path, "--num-components", "5",
+                             "--prior-flows", "1")
+    assert [run["name"] for run in results["runs"]] == ["normal", "mog", "vamp", "flow"]
+    assert {run["config"]["dataset"] for run in results["runs"]} == {"binarized_mnist"}
+
+
+@requires_mnist
+def test_compare_guides(tmp_path):
+    results = run_experiment("compare_guides.py", tmp_path, "--num-flows", "1")
+    assert [run["name"] for run in results["runs"]] == ["diagonal", "fullcov", "iaf"]
+    for run in results["runs"]:
+        assert run["gap"] == pytest.approx(run["test_log_marginal_likelihood"] - run["test_elbo"])
+
+
+@requires_mnist
+def test_gaussian_likelihood(tmp_path):
+    results = run_experiment("gaussian_likelihood.py", tmp_path, "--sigmas", "1", "0.1",
+                             "--term-samples", "2")
+    runs = {run["name"]: run for run in results["runs"]}
+    assert set(runs) == {"sigma_1", "sigma_0.1", "learned"}
+    assert runs["sigma_0.1"]["sigma"] == pytest.approx(0.1)
+    assert runs["learned"]["learn_sigma"] and runs["learned"]["sigma"] > 0
+    for run in runs.values():
+        assert run["kl"] > 0 and not run["comparable_to_binary"]
+        # ELBO = reconstruction - KL, up to Monte Carlo noise of different draws
+        assert run["reconstruction"] - run["kl"] == pytest.approx(run["test_elbo"], rel=0.2)
+    assert "not comparable" in results["note"]
+
+
+@requires_mnist
+def test_latent_space(tmp_path):
+    results = run_experiment("latent_space.py", tmp_path, "--latent-dim", "2", "--grid-size", "4",
+                             "--interpolation-steps", "5")
+    for figure in ("latent_means.png", "manifold.png", "interpolations.png"):
+        assert figure in results["figures"]
+
+
+def test_latent_space_needs_two_dimensions(tmp_path):
+    result = run_script("latent_space.py", "--out-dir", str(tmp_path), "--latent-dim", "3",
+                        check=False)
+    assert result.returncode == 2 and "--latent-dim 2" in result.stderr
+
+
+def test_make_results_table(tmp_path):
+    run = {"name": "trace_elbo", "setting": "dynamic MNIST, trace_elbo", "epochs": 3,
+           "train_seconds": 30.0, "evaluation_seconds": 5.0,
+           "test_log_marginal_likelihood": -90.123, "test_log_marginal_likelihood_standard_error": 0.25,
+           "eval_samples": 5000, "num_test_points": 10000, "test_elbo": -94.5,
+           "published_log_marginal_likelihood": -86.76, "published_source": "Burda et al. 2016"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"experiment": "mnist_vae", "hardware": "a CPU", "runs": [run]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- results table: begin -->\nold\n<!-- results table: end -->\nafter\n")
+    result = run_script("make_results_table.py", str(path), "--readme", str(readme))
+    assert "-90.12 ± 0.25 (K=5000, N=10000)" in result.stdout
+    text = readme.read_text()
+    assert "old" not in text and "-86.76 (Burda et al. 2016)" in text and "35 s" in text
+    assert text.startswith("before\n") and text.endswith("after\n")

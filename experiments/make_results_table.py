@@ -1,0 +1,98 @@
+"""Collect the experiments' ``results.json`` files into one Markdown table.
+
+One row per trained setting: experiment, setting, epochs, our test log p(x) ± standard
+error (with K), the published number and its source, hardware, and wall time (training
+plus evaluation).  Only numbers found in the JSON files appear.  With ``--readme`` the
+table replaces the text between the ``<!-- results table -->`` markers of that file.
+
+Usage::
+
+    python experiments/make_results_table.py runs/*/results.json --readme experiments/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- results table: begin -->"
+END = "<!-- results table: end -->"
+COLUMNS = ("experiment", "setting", "epochs", "test log p(x) ± SE (K)", "test ELBO",
+           "published log p(x)", "hardware", "wall time")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def rows(results: dict[str, Any]) -> Iterable[list[str]]:
+    """Table rows for one ``results.json``."""
+    hardware = results.get("hardware") or results.get("device") or "?"
+    for run in results["runs"]:
+        published = run.get("published_log_marginal_likelihood")
+        source = run.get("published_source")
+        wall = run["train_seconds"] + run.get("evaluation_seconds", 0.0)
+        yield [
+            results["experiment"],
+            run["setting"],
+            str(run["epochs"]),
+            f"{run['test_log_marginal_likelihood']:.2f} ± "
+            f"{run['test_log_marginal_likelihood_standard_error']:.2f} (K={run['eval_samples']}, "
+            f"N={run['num_test_points']})",
+            f"{run['test_elbo']:.2f}",
+            f"{published:g} ({source})" if published is not None else "—",
+            hardware,
+            _duration(wall),
+        ]
+
+
+def markdown_table(paths: Sequence[Path]) -> str:
+    """The Markdown table of every run in ``paths``, in the order given."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for path in paths:
+        for row in rows(json.loads(Path(path).read_text())):
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between_markers(text: str, table: str) -> str:
+    """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by ``table``."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"markers {BEGIN!r} ... {END!r} not found")
+    return text[: start + len(BEGIN)] + "\n" + table + text[end:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make_results_table.py",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json files")
+    parser.add_argument("--output", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="replace the table between the markers of this Markdown file")
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        parser.error(f"not found: {', '.join(missing)}")
+    table = markdown_table(args.results)
+    print(table, end="")
+    if args.output is not None:
+        args.output.write_text(table)
+    if args.readme is not None:
+        try:
+            args.readme.write_text(replace_between_markers(args.readme.read_text(), table))
+        except ValueError as error:
+            parser.error(f"{args.readme}: {error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
