@@ -361,10 +361,15 @@ def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
     """
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown: list[float] = []  # values after the first epoch, which would squash the y axis
     for index, run in enumerate(runs):
         color = colors[index % len(colors)]
         records = read_metrics(run.run_dir / METRICS_NAME)
         epochs = [r.epoch for r in records]
+        later = records[1:] if len(records) > 2 else records
+        shown += [v for r in later for v in (r.train_elbo, r.test_elbo) if math.isfinite(v)]
+        shown += [value for table in (published, final) if table and table.get(run.name) is not None
+                  for value in [table[run.name]]]
         axis.plot(epochs, [r.train_elbo for r in records], color=color, alpha=0.45, lw=1,
                   label=f"{run.name}: train objective")
         tested = [(r.epoch, r.test_elbo) for r in records if math.isfinite(r.test_elbo)]
@@ -376,6 +381,10 @@ def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
         if published and published.get(run.name) is not None:
             axis.axhline(published[run.name], color=color, ls="--", lw=1,
                          label=f"{run.name}: published log p(x)")
+    if shown:
+        low, high = min(shown), max(shown)
+        margin = 0.05 * (high - low) + 0.5
+        axis.set_ylim(low - margin, high + margin)
     axis.set_xlabel("epoch")
     axis.set_ylabel("nats per image")
     axis.set_title(title)

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             kl=kl.mean, kl_standard_error=kl.standard_error,
             squared_error=mean_and_standard_error(squared_error).mean,
             term_samples=args.term_samples, comparable_to_binary=False))
-        label = f"sigma={sigma:.3g}" + (" (learned)" if setting["learn_sigma"] else "")
+        label = f"sigma={sigma:.3g}" + ("\n(learned)" if setting["learn_sigma"] else "")
         reconstructions[label] = reconstructed
         seed_everything(args.seed)
         samples[label] = trained.vae.sample(10)
