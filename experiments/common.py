@@ -241,7 +241,7 @@ def write_results(out_dir: Path, experiment: str, args: argparse.Namespace,
     """Write ``out_dir/results.json``: provenance, arguments, wall time and one entry per run."""
     results = {
         "experiment": experiment,
-        "script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None,
+        "script": f"experiments/{experiment}.py",
         "arguments": {key: value for key, value in vars(args).items()},
         "seed": args.seed,
         "epochs": args.epochs,
