@@ -1,20 +1,31 @@
-"""Time one SVI training step of pyrovae against the same VAE written in plain PyTorch.
+"""pyrovae against the same VAE written in plain PyTorch: training steps, importance
+sampling, a full epoch, and how time scales with batch size, K and N.
 
 Both sides use identical networks (784-200-200-50 tanh MLPs, Bernoulli likelihood,
-diagonal Gaussian guide), batch, dtype and thread count, the same Monte Carlo ELBO
-(one reparameterised sample, log p(z) - log q(z|x) sampled, not the analytic KL) and
-Adam, in one process.  Reports the median over repetitions and the ratio.
+diagonal Gaussian guide, shared initial weights), batch, dtype and thread count, the same
+Monte Carlo ELBO (one reparameterised sample; log p(z) - log q(z|x) sampled) and Adam, in
+one process; the two are interleaved over several repetitions and the medians compared.
+Three training paths are timed: Pyro's own ``SVI`` + ``pyro.optim.Adam`` + ``Trace_ELBO``
+(the reference a Pyro user writes), pyrovae's training step (:class:`pyrovae.train.TrainingLoop`)
+and plain PyTorch.
+
+Importance sampling compares :func:`pyrovae.log_marginal_likelihood` (Pyro traces) with a
+hand-written vectorized estimator using the same batch and chunk sizes; peak memory is
+measured in a fresh subprocess per setting (max RSS above the process's baseline).
 
 Usage::
 
-    python experiments/benchmark_speed.py --batch-sizes 100 1000 --output results.json
+    python experiments/benchmark_speed.py --data-dir ../shared/data --output experiments/results/speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +36,10 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import Normal
 
-from pyrovae import TrainConfig, build_vae
+from pyrovae import TrainConfig, build_vae, log_marginal_likelihood
+from pyrovae.data import DataSplits, load_mnist
 from pyrovae.provenance import provenance
+from pyrovae.train import TrainingLoop, fit
 
 
 class PlainVAE(torch.nn.Module):
@@ -38,101 +51,229 @@ class PlainVAE(torch.nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.loc_head, self.scale_head = loc_head, scale_head
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Minus the single-sample ELBO summed over the batch, as Trace_ELBO computes it."""
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
-        z_loc = self.loc_head(h)
-        z_scale = torch.nn.functional.softplus(self.scale_head(h)) + 1e-4
-        z = z_loc + z_scale * torch.randn_like(z_loc)
+        return self.loc_head(h), torch.nn.functional.softplus(self.scale_head(h)) + 1e-4
+
+    def log_weights(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """``(K, N)`` log p(x, z_k) - log q(z_k | x)."""
+        z_loc, z_scale = self.posterior(x)
+        z = z_loc + z_scale * torch.randn(num_samples, *z_loc.shape)
         logits = self.decoder(z)
         log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, x, reduction="none").sum(-1)
-        log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
-        log_q = Normal(z_loc, z_scale).log_prob(z).sum(-1)
-        return -(log_lik + log_prior - log_q).sum()
+            logits, x.expand_as(logits), reduction="none").sum(-1)
+        return (log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1)
+                - Normal(z_loc, z_scale).log_prob(z).sum(-1))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Minus the single-sample ELBO summed over the batch, as Trace_ELBO computes it."""
+        return -self.log_weights(x, 1).sum()
+
+    @torch.no_grad()
+    def log_marginal_likelihood(self, x: torch.Tensor, num_samples: int, batch_size: int,
+                                chunk_size: int) -> torch.Tensor:
+        results = []
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            running = torch.full((len(batch),), -math.inf)
+            for first in range(0, num_samples, chunk_size):
+                log_w = self.log_weights(batch, min(chunk_size, num_samples - first))
+                running = torch.logaddexp(running, torch.logsumexp(log_w, 0))
+            results.append(running - math.log(num_samples))
+        return torch.cat(results)
 
 
-def make_models(seed: int) -> tuple[object, PlainVAE]:
+def make_models(seed: int = 0):
     torch.manual_seed(seed)
     config = TrainConfig(hidden_dims=(200, 200), latent_dim=50)
     vae = build_vae(config, data_dim=784)
-    # the reference gets its own copy of identical initial weights
-    copy = build_vae(config, data_dim=784)
+    copy = build_vae(config, data_dim=784)  # the reference gets identical initial weights
     copy.load_state_dict(vae.state_dict())
     plain = PlainVAE(copy.encoder, copy.decoder, copy.guide_family.loc_head,
                      copy.guide_family.scale_head)
     return vae, plain
 
 
-def median_step_seconds(step: Callable[[], object], steps: int, repeats: int) -> float:
-    for _ in range(max(3, steps // 5)):  # warm-up
-        step()
-    times = []
+def seconds_per_call(call: Callable[[], object], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - started) / calls
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], per_repeat: int,
+                        repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, measured in alternation against noise."""
+    for call in calls.values():  # warm-up
+        seconds_per_call(call, max(2, per_repeat // 5))
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - started) / steps)
-    return statistics.median(times)
+        for name, call in calls.items():
+            times[name].append(seconds_per_call(call, per_repeat))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def load_batches(data_dir: str | None, batch_size: int) -> torch.Tensor:
+def mnist_or_random(data_dir: str | None, n: int) -> DataSplits:
     if data_dir is not None:
-        from pyrovae.data import load_mnist
-
-        images = load_mnist(data_dir, binarize="static").train[:batch_size]
-    else:
-        images = torch.bernoulli(torch.full((batch_size, 784), 0.13))
-    return images
+        return load_mnist(data_dir, binarize="static").subset(n, min(n, 10000))
+    x = torch.bernoulli(torch.full((n, 784), 0.13))
+    return DataSplits.from_tensors(x, x[:10000])
 
 
-def benchmark_training_step(batch_size: int, steps: int, repeats: int, data_dir: str | None,
-                            seed: int = 0) -> dict[str, float]:
-    x = load_batches(data_dir, batch_size)
+def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -> dict[str, float]:
+    x = data.train[:batch_size]
     pyro.clear_param_store()
-    vae, plain = make_models(seed)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    vae, plain = make_models()
+    svi_vae, _ = make_models()
+    svi = SVI(svi_vae.model, svi_vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    loop = TrainingLoop(vae, data, epochs=1, batch_size=batch_size, lr=1e-3,
+                        objective="trace_elbo", num_particles=1, seed=0, test_every=1,
+                        run_dir=None, config=None, progress=False, beta=1.0, kl_warmup_epochs=0,
+                        checkpoint_every=0, keep_last=0, clip_norm=None, on_divergence="stop",
+                        fused=True)
     optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
 
     def plain_step() -> float:
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         loss = plain.loss(x)
+        value = loss.item()
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return value
 
     with pyro.validation_enabled(False):
-        # interleave the two so that machine noise hits both alike
-        pyro_times, plain_times = [], []
-        for _ in range(repeats):
-            pyro_times.append(median_step_seconds(lambda: svi.step(x), steps, 1))
-            plain_times.append(median_step_seconds(plain_step, steps, 1))
-    pyro_seconds, plain_seconds = statistics.median(pyro_times), statistics.median(plain_times)
-    return {"batch_size": batch_size, "pyrovae_ms": 1e3 * pyro_seconds,
-            "plain_pytorch_ms": 1e3 * plain_seconds, "ratio": pyro_seconds / plain_seconds}
+        medians = interleaved_medians({"pyro_svi": lambda: svi.step(x),
+                                       "pyrovae": lambda: loop.train_step(x),
+                                       "plain": plain_step}, steps, repeats)
+    return {"batch_size": batch_size, "pyro_svi_ms": 1e3 * medians["pyro_svi"],
+            "pyrovae_ms": 1e3 * medians["pyrovae"], "plain_pytorch_ms": 1e3 * medians["plain"],
+            "ratio": medians["pyrovae"] / medians["plain"],
+            "pyro_svi_ratio": medians["pyro_svi"] / medians["plain"]}
+
+
+def importance_sampling(num_samples: int, num_points: int, repeats: int, data: DataSplits,
+                        batch_size: int = 100, chunk_size: int = 500) -> dict[str, float]:
+    x = data.test[:num_points]
+    vae, plain = make_models()
+    medians = interleaved_medians({
+        "pyrovae": lambda: log_marginal_likelihood(vae, x, num_samples, batch_size=batch_size,
+                                                   chunk_size=chunk_size),
+        "plain": lambda: plain.log_marginal_likelihood(x, num_samples, batch_size, chunk_size),
+    }, 1, repeats)
+    return {"num_samples": num_samples, "num_points": num_points, "pyrovae_s": medians["pyrovae"],
+            "plain_pytorch_s": medians["plain"], "ratio": medians["pyrovae"] / medians["plain"]}
+
+
+def peak_memory_mb(num_samples: int, num_points: int, data_dir: str | None) -> float:
+    """Max RSS growth of a fresh process computing log p(x) (MB)."""
+    command = [sys.executable, __file__, "--memory-probe", str(num_samples), str(num_points)]
+    if data_dir:
+        command += ["--data-dir", data_dir]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(num_samples: int, num_points: int, data_dir: str | None) -> None:
+    data = mnist_or_random(data_dir, 1000)
+    x = data.test[:num_points]
+    vae, _ = make_models()
+    log_marginal_likelihood(vae, x[:10], 2)  # import and allocate everything once
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    log_marginal_likelihood(vae, x, num_samples)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
+
+
+def full_epoch(data: DataSplits, batch_size: int = 100) -> dict[str, float]:
+    """One pass over the training set, batches drawn as pyrovae's loader does, both sides."""
+    vae, plain = make_models()
+    started = time.perf_counter()
+    fit(vae, data, epochs=1, batch_size=batch_size, test_every=10**9, progress=False)
+    pyrovae_seconds = time.perf_counter() - started
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    for x in data.train_batches(batch_size, generator=generator):
+        optimizer.zero_grad(set_to_none=True)
+        loss = plain.loss(x)
+        loss.item()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # fit ends with a test ELBO; so does the reference
+        plain.log_weights(data.test, 1).mean().item()
+    plain_seconds = time.perf_counter() - started
+    return {"num_points": int(data.train.shape[0]), "batch_size": batch_size,
+            "pyrovae_s": pyrovae_seconds, "plain_pytorch_s": plain_seconds,
+            "ratio": pyrovae_seconds / plain_seconds}
+
+
+def print_table(title: str, rows: list[dict[str, float]], columns: Sequence[str]) -> None:
+    print(title)
+    print("  " + "  ".join(f"{column:>16}" for column in columns))
+    for row in rows:
+        print("  " + "  ".join(f"{row[column]:>16.4g}" for column in columns))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--steps", type=int, default=50, help="steps per repetition")
+    parser.add_argument("--steps", type=int, default=50, help="training steps per repetition")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions (median reported)")
+    parser.add_argument("--num-samples", type=int, nargs="+", default=[1000, 5000],
+                        help="K for the importance-sampling benchmark")
+    parser.add_argument("--num-points", type=int, default=1000, help="test points for IS")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory of log p(x) for each K")
+    parser.add_argument("--epoch", action="store_true", help="also time one full epoch")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also time log p(x) against K and N (linear growth expected)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--data-dir", default=None,
                         help="folder with MNIST/raw (default: random binary images)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-probe", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [benchmark_training_step(batch, args.steps, args.repeats, args.data_dir)
-            for batch in args.batch_sizes]
-    print(f"SVI training step, 784-200-200-50 tanh MLP, Bernoulli, {args.threads} threads")
-    print(f"{'batch':>6} {'pyrovae ms':>11} {'PyTorch ms':>11} {'ratio':>6}")
-    for row in rows:
-        print(f"{row['batch_size']:>6} {row['pyrovae_ms']:>11.2f} {row['plain_pytorch_ms']:>11.2f} "
-              f"{row['ratio']:>6.2f}")
+    if args.memory_probe:
+        memory_probe(*args.memory_probe, args.data_dir)
+        return 0
+    data = mnist_or_random(args.data_dir, 60000 if args.epoch else max(args.batch_sizes))
+    record: dict[str, object] = {"threads": args.threads, "steps": args.steps,
+                                 "repeats": args.repeats, **provenance("cpu")}
+    record["training_step"] = [training_step(b, args.steps, args.repeats, data)
+                               for b in args.batch_sizes]
+    print_table(f"SVI training step, 784-200-200-50 tanh MLP, Bernoulli, {args.threads} threads "
+                "(ms)", record["training_step"],
+                ("batch_size", "pyro_svi_ms", "pyrovae_ms", "plain_pytorch_ms", "ratio"))
+    record["importance_sampling"] = [
+        importance_sampling(k, args.num_points, max(1, args.repeats // 2), data)
+        for k in args.num_samples]
+    if args.memory:
+        for row in record["importance_sampling"]:
+            row["peak_memory_mb"] = peak_memory_mb(row["num_samples"], row["num_points"],
+                                                   args.data_dir)
+    print_table(f"log p(x) by importance sampling on {args.num_points} test points (s)",
+                record["importance_sampling"],
+                ("num_samples", "pyrovae_s", "plain_pytorch_s", "ratio")
+                + (("peak_memory_mb",) if args.memory else ()))
+    if args.epoch:
+        record["epoch"] = full_epoch(data)
+        print_table("one epoch of MNIST, data loading included (s)", [record["epoch"]],
+                    ("num_points", "pyrovae_s", "plain_pytorch_s", "ratio"))
+    if args.scaling:
+        vae, _ = make_models()
+        rows = []
+        for k, n in ((250, 200), (500, 200), (1000, 200), (500, 100), (500, 400)):
+            x = data.test[:n]
+            rows.append({"num_samples": k, "num_points": n, "seconds": seconds_per_call(
+                lambda x=x, k=k: log_marginal_likelihood(vae, x, k), 1)})
+        for row in rows:
+            row["us_per_sample_and_point"] = 1e6 * row["seconds"] / (row["num_samples"]
+                                                                     * row["num_points"])
+        record["scaling"] = rows
+        print_table("log p(x) time against K and N (linear: constant time per sample and point)",
+                    rows, ("num_samples", "num_points", "seconds", "us_per_sample_and_point"))
     if args.output:
-        record = {"training_step": rows, "threads": args.threads, "steps": args.steps,
-                  "repeats": args.repeats, **provenance("cpu")}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

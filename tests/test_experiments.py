@@ -54,10 +54,37 @@ def run_experiment(name: str, out_dir: Path, *args: str) -> dict:
 def test_benchmark_speed(tmp_path):
     output = tmp_path / "speed.json"
     result = run_script("benchmark_speed.py", "--batch-sizes", "20", "--steps", "3", "--repeats", "1",
+                        "--num-samples", "10", "--num-points", "20", "--memory", "--scaling",
                         "--output", str(output))
     assert "ratio" in result.stdout
-    row = json.loads(output.read_text())["training_step"][0]
+    record = json.loads(output.read_text())
+    row = record["training_step"][0]
     assert row["batch_size"] == 20 and row["pyrovae_ms"] > 0 and row["plain_pytorch_ms"] > 0
+    assert record["importance_sampling"][0]["peak_memory_mb"] >= 0
+    assert len(record["scaling"]) == 5 and record["commit"]
+
+
+def test_benchmark_reference_computes_what_pyrovae_computes():
+    """The plain-PyTorch reference is the same estimator: same draws, same numbers."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        from benchmark_speed import make_models
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    from pyrovae import log_marginal_likelihood
+    from pyrovae.fused import fused_elbo_loss
+
+    vae, plain = make_models()
+    x = torch.bernoulli(torch.full((30, 784), 0.2))
+    torch.manual_seed(1)
+    expected = fused_elbo_loss(vae, x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(plain.loss(x), expected, rtol=1e-5, atol=1e-3)
+    torch.manual_seed(2)
+    expected = log_marginal_likelihood(vae, x, 50, batch_size=10, chunk_size=20)
+    torch.manual_seed(2)
+    torch.testing.assert_close(plain.log_marginal_likelihood(x, 50, 10, 20), expected,
+                               rtol=1e-5, atol=1e-3)
 
 
 @requires_mnist
