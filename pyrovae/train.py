@@ -389,7 +389,7 @@ class TrainingLoop:
         test_elbo = math.nan
         if epoch % self.test_every == 0 or epoch == self.epochs:
             self.vae.eval()
-            test_elbo = elbo(self.vae, self.data.test).mean().item()
+            test_elbo = elbo(self.vae, self.data.test, batch_size=1000).mean().item()
             self.vae.train()
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds)
         self.history.append(record)
