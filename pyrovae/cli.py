@@ -122,7 +122,8 @@ def train_command(args: argparse.Namespace) -> int:
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
                         download=config.download)
-    data = data.subset(config.train_size, config.test_size).to(device)
+    data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
+    data = data.to(device)
     seed_everything(config.seed)
     vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
     check_training_data(vae, data, config.batch_size)

@@ -44,6 +44,9 @@ class TrainConfig:
         "use only the first N training images", type=int))
     test_size: int | None = field(default=None, metadata=_flag(
         "use only the first N test images", type=int))
+    valid_size: int = field(default=0, metadata=_flag(
+        "hold out the last N training images for validation; the best checkpoint is chosen on "
+        "them (on the test set when 0)", type=int))
     net: str = field(default="mlp", metadata=_flag(
         "encoder/decoder architecture", choices=tuple(NETWORKS)))
     hidden_dims: tuple[int, ...] = field(default=(200, 200), metadata=_flag(
@@ -147,7 +150,7 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
-        for name in ("checkpoint_every", "keep_last"):
+        for name in ("checkpoint_every", "keep_last", "valid_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_norm is not None and not self.clip_norm > 0:

@@ -57,6 +57,8 @@ class DataSplits:
     :param image_shape: ``(channels, height, width)`` of one image, for pictures and conv
         nets; ``None`` for non-image data.
     :param dynamic_binarization: resample ``train`` batches as Bernoulli(intensity).
+    :param valid: ``(N_valid, data_dim)`` held-out training points for model selection, or
+        ``None`` (see :meth:`with_validation`).
 
     Example::
 
@@ -69,6 +71,7 @@ class DataSplits:
     test: torch.Tensor
     image_shape: tuple[int, ...] | None = None
     dynamic_binarization: bool = False
+    valid: torch.Tensor | None = None
 
     @property
     def data_dim(self) -> int:
@@ -98,8 +101,26 @@ class DataSplits:
         return replace(self, train=self.train[:train_size], test=self.test[:test_size])
 
     def to(self, device: torch.device | str) -> DataSplits:
-        """Move both splits to ``device`` (the whole dataset lives there during training)."""
-        return replace(self, train=self.train.to(device), test=self.test.to(device))
+        """Move the splits to ``device`` (the whole dataset lives there during training)."""
+        valid = self.valid.to(device) if self.valid is not None else None
+        return replace(self, train=self.train.to(device), test=self.test.to(device), valid=valid)
+
+    def with_validation(self, size: int) -> DataSplits:
+        """Hold out the last ``size`` training points as the validation set (0: none).
+
+        For MNIST the last 10,000 training images are the usual validation split.  Under
+        dynamic binarization the validation set is binarized once with a fixed seed, like
+        the test set.
+        """
+        if size == 0:
+            return replace(self, valid=None)
+        if not 0 < size < self.train.shape[0]:
+            raise ConfigError(f"validation size must be between 1 and the training set size - 1 "
+                              f"({self.train.shape[0] - 1}), got {size}")
+        valid = self.train[-size:]
+        if self.dynamic_binarization:
+            valid = torch.bernoulli(valid, generator=torch.Generator().manual_seed(BINARIZATION_SEED + 1))
+        return replace(self, train=self.train[:-size], valid=valid)
 
     def train_batches(self, batch_size: int, *, shuffle: bool = True,
                       generator: torch.Generator | None = None,

@@ -41,7 +41,7 @@ from pyrovae.validation import check_data
 logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.csv"
-METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds")
+METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds", "valid_elbo")
 
 
 class TrainingDivergedError(PyrovaeError):
@@ -65,13 +65,14 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class EpochRecord:
-    """One line of ``metrics.csv``; ELBOs per data point in nats (``test_elbo`` may be NaN)."""
+    """One line of ``metrics.csv``; ELBOs per data point in nats (NaN where not computed)."""
 
     epoch: int
     step: int
     train_elbo: float
     test_elbo: float
     epoch_seconds: float
+    valid_elbo: float = math.nan
 
 
 def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = None) -> None:
@@ -84,6 +85,8 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
     else:
         vae.check_data(data.train, name="training data")
     vae.check_data(data.test, name="test data")
+    if data.valid is not None:
+        vae.check_data(data.valid, name="validation data")
     if batch_size is not None and batch_size > data.train.shape[0]:
         raise InvalidDataError(
             f"batch size {batch_size} is larger than the training set ({data.train.shape[0]} points)"
@@ -138,8 +141,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     :param kl_warmup_epochs: epochs of linear KL warm-up; ``None`` takes
         ``config.kl_warmup_epochs``, or 0 (none) without a config.
     :param seed: seeds the shuffling order and all random number generators.
-    :param test_every: compute the test ELBO (1 sample per point) every this many epochs
-        and after the last; the best test ELBO so far is kept as ``checkpoint_best.pt``.
+    :param test_every: compute the test and validation ELBO (1 sample per point) every this
+        many epochs and after the last; the checkpoint with the best validation ELBO (the
+        test ELBO where ``data.valid`` is ``None``) is kept as ``checkpoint_best.pt``.
     :param run_dir: where ``metrics.csv`` and the checkpoints go (nothing is written if
         ``None``).
     :param config: stored in the checkpoint so the model can be rebuilt from it.
@@ -255,7 +259,7 @@ class TrainingLoop:
         self.epoch, self.batch, self.step = 1, 0, 0
         self.total_loss, self.seen = 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
-        self.best_test_elbo = -math.inf
+        self.best_elbo = -math.inf
         self.history: list[EpochRecord] = []
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,7 +312,7 @@ class TrainingLoop:
             "epoch": self.epoch, "batch": self.batch, "step": self.step,
             "total_loss": self.total_loss, "seen": self.seen, "lr": self.lr,
             "epoch_generator_state": self.epoch_generator_state,
-            "best_test_elbo": self.best_test_elbo, "rollbacks": self.rollbacks,
+            "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
             "history": [asdict(record) for record in self.history],
         }
 
@@ -344,7 +348,7 @@ class TrainingLoop:
         self.total_loss, self.seen = position["total_loss"], position["seen"]
         self.lr, self.rollbacks = position["lr"], position["rollbacks"]
         self.epoch_generator_state = position["epoch_generator_state"]
-        self.best_test_elbo = position["best_test_elbo"]
+        self.best_elbo = position["best_elbo"]
         self.history = [EpochRecord(**record) for record in position["history"]]
         restore_rng_state(checkpoint["rng"])
 
@@ -386,18 +390,23 @@ class TrainingLoop:
 
     def _finish_epoch(self, seconds: float) -> None:
         epoch = self.epoch
-        test_elbo = math.nan
+        test_elbo = valid_elbo = math.nan
         if epoch % self.test_every == 0 or epoch == self.epochs:
             self.vae.eval()
             test_elbo = elbo(self.vae, self.data.test, batch_size=1000).mean().item()
+            if self.data.valid is not None:
+                valid_elbo = elbo(self.vae, self.data.valid, batch_size=1000).mean().item()
             self.vae.train()
-        record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds)
+        record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
+                             valid_elbo)
         self.history.append(record)
-        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f nats (%.1fs)", epoch,
-                    record.train_elbo, record.test_elbo, seconds)
-        improved = test_elbo > self.best_test_elbo
+        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f, validation ELBO %.3f nats (%.1fs)",
+                    epoch, record.train_elbo, record.test_elbo, record.valid_elbo, seconds)
+        # the best checkpoint is chosen on the validation set where there is one
+        held_out = valid_elbo if self.data.valid is not None else test_elbo
+        improved = held_out > self.best_elbo
         if improved:
-            self.best_test_elbo = test_elbo
+            self.best_elbo = held_out
         # the next epoch starts from the generator state this one left
         self.epoch, self.batch, self.total_loss, self.seen = epoch + 1, 0, 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
@@ -453,4 +462,5 @@ def read_metrics(path: str | Path) -> list[EpochRecord]:
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [EpochRecord(int(row["epoch"]), int(row["step"]), float(row["train_elbo"]),
-                        float(row["test_elbo"]), float(row["epoch_seconds"])) for row in rows]
+                        float(row["test_elbo"]), float(row["epoch_seconds"]),
+                        float(row.get("valid_elbo") or math.nan)) for row in rows]

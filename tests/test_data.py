@@ -88,3 +88,12 @@ def test_bad_user_data_is_refused():
     data = DataSplits.from_tensors(torch.zeros(3, 2))
     with pytest.raises(ConfigError, match="batch size 10 is larger than the training set"):
         next(data.train_batches(10))
+
+
+def test_validation_split_takes_the_last_training_points():
+    train = torch.arange(20.0).reshape(10, 2) / 20
+    data = DataSplits.from_tensors(train).with_validation(3)
+    assert torch.equal(data.valid, train[7:]) and torch.equal(data.train, train[:7])
+    assert data.with_validation(0).valid is None
+    with pytest.raises(ConfigError, match="validation size must be between 1 and"):
+        DataSplits.from_tensors(train).with_validation(10)

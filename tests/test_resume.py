@@ -103,7 +103,18 @@ def test_keeps_the_last_n_and_the_best(tmp_path):
     records = read_metrics(tmp_path / "metrics.csv")
     best_record = max(records, key=lambda r: r.test_elbo)
     assert best["epoch"] == best_record.epoch
-    assert best["progress"]["best_test_elbo"] == pytest.approx(best_record.test_elbo)
+    assert best["progress"]["best_elbo"] == pytest.approx(best_record.test_elbo)
+
+
+def test_the_best_checkpoint_is_chosen_on_the_validation_set(tmp_path):
+    data = tiny_data().with_validation(40)
+    assert data.train.shape[0] == 80 and data.valid.shape[0] == 40
+    assert set(data.valid.unique().tolist()) <= {0.0, 1.0}  # binarized once, like the test set
+    fit(tiny_vae(), data, epochs=4, batch_size=16, progress=False, run_dir=tmp_path)
+    records = read_metrics(tmp_path / "metrics.csv")
+    assert all(math.isfinite(r.valid_elbo) for r in records)
+    best_record = max(records, key=lambda r: r.valid_elbo)
+    assert read_checkpoint(tmp_path / "checkpoint_best.pt")["epoch"] == best_record.epoch
 
 
 TRAIN = ["--train-size", "3000", "--test-size", "50", "--epochs", "3", "--hidden-dims", "64",
