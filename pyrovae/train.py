@@ -400,8 +400,9 @@ class TrainingLoop:
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
                              valid_elbo)
         self.history.append(record)
-        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f, validation ELBO %.3f nats (%.1fs)",
-                    epoch, record.train_elbo, record.test_elbo, record.valid_elbo, seconds)
+        validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
+        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
+                    record.train_elbo, record.test_elbo, validation, seconds)
         # the best checkpoint is chosen on the validation set where there is one
         held_out = valid_elbo if self.data.valid is not None else test_elbo
         improved = held_out > self.best_elbo
