@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -70,9 +70,18 @@ def test_truncated_and_corrupted_files_give_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         read_checkpoint(truncated)
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(1000))
-    with pytest.raises(CheckpointError):
-        read_checkpoint(garbage)
+    for seed in range(20):  # random bytes, and random damage inside a real checkpoint
+        garbage.write_bytes(random.Random(seed).randbytes(1000))
+        with pytest.raises(CheckpointError):
+            read_checkpoint(garbage)
+        damaged = bytearray(data)
+        for index in random.Random(seed).sample(range(len(damaged)), 50):
+            damaged[index] ^= 0xFF
+        garbage.write_bytes(bytes(damaged))
+        try:
+            read_checkpoint(garbage)
+        except CheckpointError:
+            pass  # what must not happen is any other exception
     not_ours = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, not_ours)
     with pytest.raises(CheckpointError, match="not a pyrovae checkpoint"):
