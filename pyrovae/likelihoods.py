@@ -28,6 +28,14 @@ from torch.nn import functional as F
 from pyrovae.errors import InvalidDataError
 
 
+def _refuse_outside(x: torch.Tensor, outside: torch.Tensor, requirement: str, advice: str) -> None:
+    """Raise :class:`InvalidDataError` naming how many values of ``x`` are ``outside``, with one."""
+    if bool(outside.any()):
+        example = x[outside][0].item()
+        raise InvalidDataError(f"{requirement}, but {int(outside.sum())} values are not, "
+                               f"e.g. {example:g}; {advice}")
+
+
 class Likelihood(PyroModule):
     """Base class of observation models."""
 
@@ -80,14 +88,10 @@ class BernoulliLikelihood(Likelihood):
         return torch.sigmoid(params)
 
     def check_support(self, x: torch.Tensor) -> None:
-        outside = (x != 0) & (x != 1)
-        if bool(outside.any()):
-            example = x[outside][0].item()
-            raise InvalidDataError(
-                f"the Bernoulli likelihood needs binary data (0 or 1), but {int(outside.sum())} "
-                f"values are not, e.g. {example:g}; binarize the data (--binarize dynamic|static) "
-                f"or choose a likelihood for grey levels (--likelihood gaussian)"
-            )
+        _refuse_outside(x, (x != 0) & (x != 1),
+                        "the Bernoulli likelihood needs binary data (0 or 1)",
+                        "binarize the data (--binarize dynamic|static) or choose a likelihood "
+                        "for grey levels (--likelihood gaussian)")
 
 
 class GaussianLikelihood(Likelihood):
@@ -187,14 +191,10 @@ class ContinuousBernoulliLikelihood(Likelihood):
         return dist.ContinuousBernoulli(logits=params).mean
 
     def check_support(self, x: torch.Tensor) -> None:
-        outside = (x < 0) | (x > 1)
-        if bool(outside.any()):
-            example = x[outside][0].item()
-            raise InvalidDataError(
-                f"the continuous Bernoulli likelihood needs data in [0, 1], but "
-                f"{int(outside.sum())} values are not, e.g. {example:g}; rescale the data or "
-                f"choose a likelihood on the real line (--likelihood gaussian)"
-            )
+        _refuse_outside(x, (x < 0) | (x > 1),
+                        "the continuous Bernoulli likelihood needs data in [0, 1]",
+                        "rescale the data or choose a likelihood on the real line "
+                        "(--likelihood gaussian)")
 
 
 #: likelihoods selectable by name from the CLI and config
