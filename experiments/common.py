@@ -98,6 +98,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_dir: str, epoch
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     add("--test-every", type=int, default=1,
         help="test ELBO in metrics.csv every N epochs (default: %(default)s)")
+    add("--max-minutes", type=float, default=None,
+        help="wall-clock budget per setting: stop training at the end of the first epoch "
+             "after which another would overrun it, then evaluate (default: none)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True,
         help="show a progress bar")
 
@@ -110,7 +113,7 @@ def base_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
         "latent_dim": args.latent_dim, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "device": args.device, "seed": args.seed, "test_every": args.test_every,
         "eval_samples": args.eval_samples, "progress": args.progress,
-        "overwrite": args.overwrite,
+        "overwrite": args.overwrite, "max_minutes": args.max_minutes,
     }
     values.update(settings)
     return TrainConfig(**values)

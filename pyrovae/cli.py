@@ -88,7 +88,8 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
 
 #: flags that may change when a run is resumed; the others would make it another run
 RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
-                              "eval_samples", "checkpoint_every", "keep_last"})
+                              "eval_samples", "checkpoint_every", "keep_last",
+                              "max_minutes"})
 
 
 def _resumed_config(run_dir: Path, train_argv: Sequence[str]) -> TrainConfig:
@@ -134,7 +135,7 @@ def train_command(args: argparse.Namespace) -> int:
     history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
     results: dict[str, Any] = {
         "train_seconds": time.perf_counter() - started,
-        "epochs": config.epochs,
+        "epochs": len(history),
         "final_train_elbo": history[-1].train_elbo,
         "seed": config.seed,
         "config": config.to_dict(),

@@ -97,6 +97,9 @@ class TrainConfig:
         "compute the test ELBO every N epochs", type=int))
     eval_samples: int = field(default=1000, metadata=_flag(
         "importance samples K for the final test log p(x); 0 skips it", type=int))
+    max_minutes: float | None = field(default=None, metadata=_flag(
+        "wall-clock budget: stop at the end of the first epoch after which another would "
+        "overrun it (resume carries on); default: no budget", type=float))
     progress: bool = field(default=True, metadata=_flag("show a progress bar"))
     checkpoint_every: int = field(default=0, metadata=_flag(
         "also checkpoint every N steps within an epoch (0: only at epoch ends)", type=int))
@@ -153,6 +156,8 @@ class TrainConfig:
         for name in ("checkpoint_every", "keep_last", "valid_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"clip_norm must be positive, got {self.clip_norm}")
 

@@ -113,7 +113,8 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         validate: bool = False, beta: float | None = None,
         kl_warmup_epochs: int | None = None, resume: bool = False,
         checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
-        on_divergence: str = "stop", fused: bool = True) -> list[EpochRecord]:
+        on_divergence: str = "stop", fused: bool = True,
+        max_minutes: float | None = None) -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
 
     Each step minimises the objective's loss, ``objective.differentiable_loss(vae.model,
@@ -161,6 +162,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :param fused: evaluate ``trace_elbo``/``meanfield_elbo`` without tracing (same value).
+    :param max_minutes: a wall-clock budget for this call: stop at the end of the first
+        epoch after which another epoch of the same length would overrun it (the checkpoint
+        then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
         update, so the parameters stay finite); the checkpoint of the last good step is kept.
     :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
@@ -181,7 +185,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
                          config=config, progress=progress, beta=beta,
                          kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
                          keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
-                         fused=fused)
+                         fused=fused, max_minutes=max_minutes)
     with pyro.validation_enabled(validate), _StopSignals() as stop:
         loop.start(resume)
         history = loop.run(stop)
@@ -200,7 +204,7 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                kl_warmup_epochs=config.kl_warmup_epochs, resume=resume,
                checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
                clip_norm=config.clip_norm, on_divergence=config.on_divergence,
-               fused=config.fused)
+               fused=config.fused, max_minutes=config.max_minutes)
 
 
 class _StopSignals:
@@ -238,14 +242,17 @@ class TrainingLoop:
                  objective: str, num_particles: int, seed: int, test_every: int,
                  run_dir: Path | None, config: TrainConfig | None, progress: bool,
                  beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
-                 clip_norm: float | None, on_divergence: str, fused: bool) -> None:
+                 clip_norm: float | None, on_divergence: str, fused: bool,
+                 max_minutes: float | None = None) -> None:
         self.vae, self.data, self.config = vae, data, config
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.seed, self.test_every, self.run_dir = seed, test_every, run_dir
         self.progress, self.beta, self.kl_warmup_epochs = progress, beta, kl_warmup_epochs
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.on_divergence, self.rollbacks = on_divergence, 0
-        self.clip_norm = clip_norm
+        self.clip_norm, self.max_minutes = clip_norm, max_minutes
+        #: True when the run stopped before ``epochs`` because of ``max_minutes``
+        self.out_of_time = False
         self.parameters = list(vae.parameters())
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
         self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
@@ -356,16 +363,31 @@ class TrainingLoop:
     def run(self, stop: _StopSignals) -> list[EpochRecord]:
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
         self.vae.train()
+        started = time.perf_counter()
         with tqdm(total=self.epochs * steps_per_epoch, initial=self.step, disable=not self.progress,
                   unit="step", dynamic_ncols=True) as bar:
             while self.epoch <= self.epochs:
+                epoch_started = time.perf_counter()
                 try:
                     self._run_epoch(bar, stop)
                 except TrainingDivergedError:
                     if self.on_divergence != "rollback" or self.rollbacks >= MAX_ROLLBACKS:
                         raise
                     self._roll_back()
+                    continue
+                if self.epoch <= self.epochs and self._out_of_time(started, epoch_started):
+                    self.out_of_time = True
+                    logger.info("time budget of %g minutes: stopping after epoch %d of %d",
+                                self.max_minutes, self.epoch - 1, self.epochs)
+                    break
         return self.history
+
+    def _out_of_time(self, started: float, epoch_started: float) -> bool:
+        """Would one more epoch as long as the last one overrun ``max_minutes``?"""
+        if self.max_minutes is None:
+            return False
+        now = time.perf_counter()
+        return (now - started) + (now - epoch_started) > 60 * self.max_minutes
 
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch

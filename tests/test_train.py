@@ -81,3 +81,42 @@ def test_divergence_stops_with_the_step_named():
     data = DataSplits.from_tensors(torch.rand(20, 10))
     with pytest.raises(TrainingDivergedError, match="epoch 1, step 1"):
         fit(vae, data, epochs=1, batch_size=5, progress=False)
+
+
+def test_a_time_budget_stops_at_an_epoch_end_and_resume_carries_on(tmp_path, monkeypatch):
+    """Each epoch takes one minute on a fake clock: with 2.5 minutes, the run stops after
+    epoch 2 (a third would end at minute 3); resuming without a budget reaches epoch 4, bit
+    for bit like a run that never stopped."""
+    import pyrovae.train as train_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
+    original = train_module.TrainingLoop._run_epoch
+
+    def one_minute_epoch(self, bar, stop):
+        original(self, bar, stop)
+        clock["now"] += 60.0
+
+    monkeypatch.setattr(train_module.TrainingLoop, "_run_epoch", one_minute_epoch)
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((64, 10), 0.4)))
+    runs = {}
+    for name in ("budget", "reference"):
+        torch.manual_seed(4)
+        runs[name] = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+    history = fit(runs["budget"], data, epochs=4, batch_size=16, seed=4, progress=False,
+                  run_dir=tmp_path, max_minutes=2.5)
+    assert [record.epoch for record in history] == [1, 2]
+    history = fit(runs["budget"], data, epochs=4, batch_size=16, seed=4, progress=False,
+                  run_dir=tmp_path, resume=True)
+    assert [record.epoch for record in history] == [1, 2, 3, 4]
+    fit(runs["reference"], data, epochs=4, batch_size=16, seed=4, progress=False)
+    for (name, value), (_, other) in zip(runs["budget"].state_dict().items(),
+                                         runs["reference"].state_dict().items(), strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_a_non_positive_time_budget_is_refused():
+    from pyrovae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_minutes must be positive"):
+        TrainConfig(max_minutes=0)
