@@ -11,11 +11,15 @@ and plain PyTorch.
 
 Importance sampling compares :func:`pyrovae.log_marginal_likelihood` (Pyro traces) with a
 hand-written vectorized estimator using the same batch and chunk sizes; peak memory is
-measured in a fresh subprocess per setting (max RSS above the process's baseline).
+measured in a fresh subprocess per setting (max RSS above the process's baseline); on a
+GPU (``--device cuda``) it is the peak of CUDA memory allocated, on ``--memory-points``
+images.  GPU timings synchronise the device before reading the clock.
 
 Usage::
 
     python experiments/benchmark_speed.py --data-dir ../shared/data --output experiments/results/speed.json
+    python experiments/benchmark_speed.py --device cuda --data-dir ../shared/data --epoch --scaling \
+        --memory --output experiments/results/speed_cuda.json
 """
 
 from __future__ import annotations
@@ -58,12 +62,12 @@ class PlainVAE(torch.nn.Module):
     def log_weights(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """``(K, N)`` log p(x, z_k) - log q(z_k | x)."""
         z_loc, z_scale = self.posterior(x)
-        z = z_loc + z_scale * torch.randn(num_samples, *z_loc.shape)
+        z = z_loc + z_scale * torch.randn(num_samples, *z_loc.shape, device=z_loc.device)
         logits = self.decoder(z)
         log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(
             logits, x.expand_as(logits), reduction="none").sum(-1)
-        return (log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1)
-                - Normal(z_loc, z_scale).log_prob(z).sum(-1))
+        log_prior = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return log_lik + log_prior - Normal(z_loc, z_scale).log_prob(z).sum(-1)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Minus the single-sample ELBO summed over the batch, as Trace_ELBO computes it."""
@@ -75,12 +79,16 @@ class PlainVAE(torch.nn.Module):
         results = []
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size]
-            running = torch.full((len(batch),), -math.inf)
+            running = torch.full((len(batch),), -math.inf, device=batch.device)
             for first in range(0, num_samples, chunk_size):
                 log_w = self.log_weights(batch, min(chunk_size, num_samples - first))
                 running = torch.logaddexp(running, torch.logsumexp(log_w, 0))
             results.append(running - math.log(num_samples))
-        return torch.cat(results)
+        return torch.cat(results).cpu()  # as pyrovae returns it
+
+
+#: where the benchmark runs (``--device``)
+DEVICE = torch.device("cpu")
 
 
 def make_models(seed: int = 0):
@@ -91,13 +99,20 @@ def make_models(seed: int = 0):
     copy.load_state_dict(vae.state_dict())
     plain = PlainVAE(copy.encoder, copy.decoder, copy.guide_family.loc_head,
                      copy.guide_family.scale_head)
-    return vae, plain
+    return vae.to(DEVICE), plain.to(DEVICE)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def seconds_per_call(call: Callable[[], object], calls: int) -> float:
+    synchronize()
     started = time.perf_counter()
     for _ in range(calls):
         call()
+    synchronize()
     return (time.perf_counter() - started) / calls
 
 
@@ -115,9 +130,9 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], per_repeat: int,
 
 def mnist_or_random(data_dir: str | None, n: int) -> DataSplits:
     if data_dir is not None:
-        return load_mnist(data_dir, binarize="static").subset(n, min(n, 10000))
-    x = torch.bernoulli(torch.full((n, 784), 0.13))
-    return DataSplits.from_tensors(x, x[:10000])
+        return load_mnist(data_dir, binarize="static").subset(n, 10000).to(DEVICE)
+    x = torch.bernoulli(torch.full((max(n, 10000), 784), 0.13))
+    return DataSplits.from_tensors(x[:n], x[:10000]).to(DEVICE)
 
 
 def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -> dict[str, float]:
@@ -165,7 +180,10 @@ def importance_sampling(num_samples: int, num_points: int, repeats: int, data: D
 
 
 def peak_memory_mb(num_samples: int, num_points: int) -> dict[str, float]:
-    """Peak resident memory of a fresh process computing log p(x) for ``num_points`` images."""
+    """Peak resident memory of a fresh process computing log p(x) for ``num_points`` images
+    (on a GPU: peak CUDA memory allocated, in this process)."""
+    if DEVICE.type == "cuda":
+        return peak_cuda_memory_mb(num_samples, num_points)
     command = [sys.executable, __file__, "--memory-probe", str(num_samples), str(num_points)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -186,6 +204,21 @@ def memory_probe(num_samples: int, num_points: int) -> None:
     log_marginal_likelihood(vae, x, num_samples)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": peak, "peak_growth_mb": peak - before}))
+
+
+def peak_cuda_memory_mb(num_samples: int, num_points: int) -> dict[str, float]:
+    x = torch.bernoulli(torch.full((num_points, 784), 0.13, device=DEVICE))
+    vae, _ = make_models()
+    log_marginal_likelihood(vae, x[:10], 2)
+    synchronize()
+    before = torch.cuda.memory_allocated(DEVICE) / 2**20
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    started = time.perf_counter()
+    log_marginal_likelihood(vae, x, num_samples)
+    seconds = time.perf_counter() - started  # the result comes back to the CPU: synchronised
+    peak = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+    return {"memory_points": num_points, "peak_cuda_mb": peak, "peak_growth_mb": peak - before,
+            "memory_run_s": seconds}
 
 
 def full_epoch(data: DataSplits, batch_size: int = 100) -> dict[str, float]:
@@ -232,18 +265,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scaling", action="store_true",
                         help="also time log p(x) against K and N (linear growth expected)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--memory-points", type=int, default=None,
+                        help="images for the memory measurement (default: --num-points; "
+                             "the full test set is 10000)")
     parser.add_argument("--data-dir", default=None,
                         help="folder with MNIST/raw (default: random binary images)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--memory-probe", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return 0
     data = mnist_or_random(args.data_dir, 60000 if args.epoch else max(args.batch_sizes))
     record: dict[str, object] = {"threads": args.threads, "steps": args.steps,
-                                 "repeats": args.repeats, **provenance("cpu")}
+                                 "repeats": args.repeats, **provenance(DEVICE)}
     record["training_step"] = [training_step(b, args.steps, args.repeats, data)
                                for b in args.batch_sizes]
     print_table(f"SVI training step, 784-200-200-50 tanh MLP, Bernoulli, {args.threads} threads "
@@ -254,11 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in args.num_samples]
     if args.memory:
         for row in record["importance_sampling"]:
-            row.update(peak_memory_mb(row["num_samples"], row["num_points"]))
+            row.update(peak_memory_mb(row["num_samples"], args.memory_points or row["num_points"]))
     print_table(f"log p(x) by importance sampling on {args.num_points} test points (s)",
                 record["importance_sampling"],
                 ("num_samples", "pyrovae_s", "plain_pytorch_s", "ratio")
-                + (("peak_rss_mb", "peak_growth_mb") if args.memory else ()))
+                + ((("peak_cuda_mb" if DEVICE.type == "cuda" else "peak_rss_mb"), "peak_growth_mb")
+                   if args.memory else ()))
     if args.epoch:
         record["epoch"] = full_epoch(data)
         print_table("one epoch of MNIST, data loading included (s)", [record["epoch"]],

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
 from pyrovae import TrainConfig, build_vae, load_dataset  # noqa: E402
-from pyrovae.checkpoint import CHECKPOINT_NAME  # noqa: E402
+from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae  # noqa: E402
 from pyrovae.cli import RESUME_OVERRIDES, evaluate_vae, save_sample_grid  # noqa: E402
 from pyrovae.data import DATA_DIR_ENV, DataSplits  # noqa: E402
 from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
@@ -98,6 +98,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_dir: str, epoch
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     add("--test-every", type=int, default=1,
         help="test ELBO in metrics.csv every N epochs (default: %(default)s)")
+    add("--evaluate-only", action="store_true",
+        help="train nothing: evaluate the runs in --out-dir as their checkpoints stand and "
+             "write the results and figures of all the settings named")
     add("--max-minutes", type=float, default=None,
         help="wall-clock budget per setting: stop training at the end of the first epoch "
              "after which another would overrun it, then evaluate (default: none)")
@@ -155,11 +158,23 @@ def _check_resumable(config: TrainConfig, run_dir: Path) -> None:
 
 
 def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
-          resume: bool) -> Run:
-    """Train ``config`` in ``out_dir/name``; with ``resume``, continue its checkpoint if any."""
+          resume: bool, evaluate_only: bool = False) -> Run:
+    """Train ``config`` in ``out_dir/name``; with ``resume``, continue its checkpoint if any.
+
+    With ``evaluate_only``, train nothing: load the run's checkpoint as it stands (for
+    settings trained by separate processes, gathered into one results file).
+    """
     run_dir = out_dir / name
     config.out_dir = str(run_dir)
     existing = (run_dir / CHECKPOINT_NAME).is_file()
+    if evaluate_only:
+        if not existing:
+            raise ConfigError(f"--evaluate-only: {run_dir} holds no checkpoint; train it first")
+        _check_resumable(config, run_dir)
+        vae, saved, _ = load_vae(run_dir, data.train.device)
+        history = read_metrics(run_dir / METRICS_NAME)
+        print(f"[{name}] evaluating as trained ({len(history)} epochs)", file=sys.stderr)
+        return Run(name, saved, vae, history, run_dir)
     if existing and not resume and not config.overwrite:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
                           f"--overwrite to replace it")
@@ -179,12 +194,15 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
     return Run(name, config, vae, history, run_dir)
 
 
-def evaluation_chunk_size(config: TrainConfig, chunk_size: int, batch_size: int = 100) -> int:
+def evaluation_chunk_size(config: TrainConfig, chunk_size: int, batch_size: int = 100,
+                          device: torch.device | None = None) -> int:
     """Importance samples per trace, lowered for mixture priors, which broadcast every z
-    against all their components (``chunk * batch * components * latent_dim`` floats)."""
+    against all their components (``chunk * batch * components * latent_dim`` floats; five
+    times :data:`MIXTURE_ELEMENTS` on a GPU)."""
     if config.prior in ("mog", "vamp"):
         per_sample = batch_size * config.num_components * config.latent_dim
-        chunk_size = min(chunk_size, max(1, MIXTURE_ELEMENTS // per_sample))
+        budget = MIXTURE_ELEMENTS * (5 if device is not None and device.type == "cuda" else 1)
+        chunk_size = min(chunk_size, max(1, budget // per_sample))
     return chunk_size
 
 
@@ -203,7 +221,8 @@ def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 
             return cached
     seed_everything(seed)
     results = evaluate_vae(run.vae, data.test, num_samples=num_samples,
-                           chunk_size=evaluation_chunk_size(run.config, chunk_size))
+                           chunk_size=evaluation_chunk_size(run.config, chunk_size,
+                                                            device=data.test.device))
     results.update(key)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"[{run.name}] test ELBO {results['test_elbo']:.2f}, log p(x) (K={num_samples}) "

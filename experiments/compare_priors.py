@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     runs, summaries, final, figures = [], [], {}, []
     for prior in args.priors:
         config = common.base_config(args, prior=prior, **shared)
-        trained = common.train(prior, config, data, out_dir, resume=args.resume)
+        trained = common.train(prior, config, data, out_dir, resume=args.resume,
+                               evaluate_only=args.evaluate_only)
         evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
                                      chunk_size=args.eval_chunk_size, seed=args.seed)
         runs.append(trained)

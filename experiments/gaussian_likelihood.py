@@ -34,6 +34,7 @@ import common
 from matplotlib import pyplot as plt
 
 from pyrovae import mean_and_standard_error
+from pyrovae.errors import ConfigError
 from pyrovae.train import seed_everything
 
 NOT_COMPARABLE = ("log p(x) here is a density of continuous grey levels in [0, 1] (nats per "
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     common.add_common_arguments(parser, out_dir="runs/gaussian_likelihood", epochs=50,
                                 eval_samples=1000)
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.03],
+    parser.add_argument("--sigmas", type=float, nargs="*", default=[1.0, 0.3, 0.1, 0.03],
                         help="fixed sigma values (default: %(default)s)")
     parser.add_argument("--learned-sigma-init", type=float, default=1.0,
                         help="initial sigma of the learned setting (default: %(default)s)")
@@ -63,6 +64,8 @@ def settings(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     named = {f"sigma_{sigma:g}": {"sigma": sigma, "learn_sigma": False} for sigma in args.sigmas}
     if args.learned:
         named["learned"] = {"sigma": args.learned_sigma_init, "learn_sigma": True}
+    if not named:
+        raise ConfigError("nothing to train: give --sigmas or leave out --no-learned")
     return named
 
 
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     reconstructions, samples = {}, {}
     for name, setting in settings(args).items():
         config = common.base_config(args, **shared, **setting)
-        trained = common.train(name, config, data, out_dir, resume=args.resume)
+        trained = common.train(name, config, data, out_dir, resume=args.resume,
+                               evaluate_only=args.evaluate_only)
         evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
                                      chunk_size=args.eval_chunk_size, seed=args.seed)
         seed_everything(args.seed)

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     device = common.device_of(args)
     config = common.base_config(args, dataset="mnist", binarize="dynamic")
     data = common.load_data(config, device)
-    trained = common.train("latent2d", config, data, out_dir, resume=args.resume)
+    trained = common.train("latent2d", config, data, out_dir, resume=args.resume,
+                               evaluate_only=args.evaluate_only)
     evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
                                  chunk_size=args.eval_chunk_size, seed=args.seed)
     figures = common.save_run_figures(trained, data, out_dir, seed=args.seed)

@@ -109,6 +109,28 @@ def test_mnist_vae_resumes(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["epochs"] == 2
 
 
+@requires_mnist
+def test_settings_trained_apart_are_gathered_by_evaluate_only(tmp_path):
+    """Two processes train one objective each into one folder (as on a GPU, side by side);
+    --evaluate-only then writes one results.json holding both, trained no further."""
+    args = ("--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path), *TINY)
+    run_script("mnist_vae.py", *args, "--objectives", "trace_elbo")
+    run_script("mnist_vae.py", *args, "--objectives", "iwae5", "--max-minutes", "5")
+    single = {name: json.loads((tmp_path / name / "evaluation.json").read_text())
+              for name in ("trace_elbo", "iwae5")}
+    longer = [*TINY[:5], "3", *TINY[6:]]  # --epochs 3 must not train on
+    run_script("mnist_vae.py", "--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path),
+               *longer, "--objectives", "trace_elbo", "iwae5", "--evaluate-only")
+    runs = {run["name"]: run for run in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(runs) == {"trace_elbo", "iwae5"}
+    for name, evaluation in single.items():
+        assert runs[name]["epochs"] == 1
+        assert runs[name]["test_log_marginal_likelihood"] == evaluation["log_marginal_likelihood"]
+    missing = run_script("mnist_vae.py", *args, "--objectives", "iwae50", "--evaluate-only",
+                         check=False)
+    assert missing.returncode == 2 and "holds no checkpoint" in missing.stderr
+
+
 @functools.cache
 def load_common():
     """experiments/common.py as a module (experiments/ is not a package)."""
