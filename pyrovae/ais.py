@@ -42,6 +42,7 @@ import torch
 from pyro import poutine
 
 from pyrovae.diagnostics import effective_sample_size, log_mean_exp_standard_error
+from pyrovae.evaluation import data_batches, gather_points
 from pyrovae.models import VAE
 from pyrovae.sites import LATENT_SITE, PARTICLE_PLATE
 
@@ -236,7 +237,8 @@ def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: 
                                 num_chains: int = 16, num_leapfrog_steps: int = 5,
                                 step_size: float = 0.05, adapt_step_size: bool = True,
                                 target_accept: float = 0.65, initial: Initial = "guide",
-                                schedule: Schedule = "sigmoid", batch_size: int = 100) -> AISResult:
+                                schedule: Schedule = "sigmoid", batch_size: int = 100,
+                                seed: int | None = None, distributed: bool = False) -> AISResult:
     """Estimate log p(x) per data point by annealed importance sampling with HMC.
 
     Cost: ``num_temperatures * num_leapfrog_steps`` gradient evaluations of log p(x, z) on
@@ -253,6 +255,12 @@ def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: 
     :param initial: start from the ``"guide"`` q(z|x) or the ``"prior"`` p(z).
     :param schedule: spacing of the betas, see :func:`temperature_schedule`.
     :param batch_size: data points per vectorized trace.
+    :param seed: draw each data batch's chains from a stream seeded by ``(seed, batch
+        index)``, so a point's estimate does not depend on the number of processes; see
+        :func:`~pyrovae.evaluation.log_marginal_likelihood`.  ``None``: the global RNG.
+    :param distributed: every process of the running ``torch.distributed`` group calls this
+        with the same arguments; each anneals its contiguous run of batches and every
+        process gets all results in order.
     :returns: an :class:`AISResult`; estimates ``(N,)`` in nats.
 
     Example::
@@ -275,27 +283,37 @@ def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: 
     # validation checks every distribution's arguments at every leapfrog step: slow, and a
     # divergent trajectory (rejected below) would raise instead of being rejected
     with pyro.validation_enabled(False):
-        for batch in x.split(batch_size):
-            batch = batch.to(vae.device)
-            densities = _Densities(vae, batch, num_chains, initial)
-            steps = torch.full((batch.shape[0],), float(step_size), device=batch.device,
-                               dtype=batch.dtype)
-            log_weights, rate, state, steps = _anneal(densities, betas, num_leapfrog_steps, steps,
-                                                      adapt_step_size, target_accept)
+        for batch, draws in data_batches(x, batch_size, vae.device, seed=seed,
+                                         distributed=distributed):
+            with draws:
+                densities = _Densities(vae, batch, num_chains, initial)
+                steps = torch.full((batch.shape[0],), float(step_size), device=batch.device,
+                                   dtype=batch.dtype)
+                log_weights, rate, state, steps = _anneal(densities, betas, num_leapfrog_steps,
+                                                          steps, adapt_step_size, target_accept)
             parts["log_weights"].append(log_weights.double().cpu())
             parts["rate"].append(rate.double().cpu())
             parts["step"].append(steps.double().cpu())
             parts["samples"].append(state.z.cpu())
             logger.debug("AIS batch of %d points: acceptance %.2f", batch.shape[0],
                          float(parts["rate"][-1].mean()))
-    log_weights = torch.cat(parts["log_weights"], dim=1)
+    empty = {"log_weights": torch.empty(num_chains, 0, dtype=torch.float64),
+             "rate": torch.empty(0, dtype=torch.float64), "step": torch.empty(0, dtype=torch.float64),
+             "samples": torch.empty(num_chains, 0, vae.latent_dim, dtype=x.dtype)}
+    # each part's data dimension: where the processes' results are put together
+    data_dims = {"log_weights": 1, "rate": 0, "step": 0, "samples": 1}
+    whole = {name: gather_points(torch.cat([empty[name], *values], dim=data_dims[name]),
+                                 x.shape[0], batch_size, distributed=distributed,
+                                 dim=data_dims[name])
+             for name, values in parts.items()}
+    log_weights = whole["log_weights"]
     return AISResult(
         log_marginal_likelihood=torch.logsumexp(log_weights, 0) - math.log(num_chains),
         standard_error=log_mean_exp_standard_error(log_weights),
         log_weights=log_weights,
-        acceptance_rate=torch.cat(parts["rate"]),
-        step_size=torch.cat(parts["step"]),
-        samples=torch.cat(parts["samples"], dim=1),
+        acceptance_rate=whole["rate"],
+        step_size=whole["step"],
+        samples=whole["samples"],
         num_temperatures=num_temperatures,
         num_chains=num_chains,
         num_leapfrog_steps=num_leapfrog_steps,

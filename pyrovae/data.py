@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pyrovae.distributed import check_batch_size, shard_of
 from pyrovae.errors import ConfigError, DatasetNotFoundError
 from pyrovae.validation import check_data
 
@@ -124,21 +125,38 @@ class DataSplits:
 
     def train_batches(self, batch_size: int, *, shuffle: bool = True,
                       generator: torch.Generator | None = None,
-                      start: int = 0) -> Iterator[torch.Tensor]:
+                      start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
         """One epoch of training minibatches ``(batch_size, data_dim)``; the last may be smaller.
+
+        With ``world_size > 1`` this yields process ``rank``'s contiguous slice of each
+        global batch of ``batch_size`` rows (:func:`~pyrovae.distributed.shard_of`: with
+        ``q, r = divmod(rows, world_size)`` the first ``r`` ranks get ``q + 1`` rows, the
+        others ``q``).  Every process computes the same order from the same ``generator``
+        state, and under dynamic binarization draws the Bernoulli uniforms for the whole
+        global batch and keeps its slice, so the slices put together are exactly the
+        batches of one process.
 
         :param generator: CPU generator for the shuffling order.
         :param start: skip the first ``start`` batches of the epoch without drawing anything
             for them (to resume an epoch part-way).
+        :param rank: this process's index, ``0 <= rank < world_size``.
+        :param world_size: the number of processes sharing each batch.
         """
         n = self.train.shape[0]
         if batch_size > n:
             raise ConfigError(f"batch size {batch_size} is larger than the training set ({n} points)")
+        check_batch_size(batch_size, world_size, num_points=n)
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.train.device)
         for first in range(start * batch_size, n, batch_size):
-            batch = self.train[order[first : first + batch_size]]
-            yield torch.bernoulli(batch) if self.dynamic_binarization else batch
+            indices = order[first : first + batch_size]
+            rows = shard_of(indices.shape[0], rank, world_size).rows
+            if self.dynamic_binarization:
+                yield torch.bernoulli(self.train[indices])[rows]
+            else:
+                yield self.train[indices[rows]]
 
 
 def as_tensor(data: torch.Tensor | np.ndarray | Dataset) -> torch.Tensor:

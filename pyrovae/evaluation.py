@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
+from pyrovae.distributed import batch_plan, gather_rows, seeded, shared_seed
 from pyrovae.models import VAE
 from pyrovae.sites import PARTICLE_PLATE
 
@@ -96,11 +98,6 @@ def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch
         return log_weights(vae.model, vae.guide, x, num_samples)
 
 
-def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size]
-
-
 def _sample_chunks(num_samples: int, chunk_size: int) -> Iterator[int]:
     for start in range(0, num_samples, chunk_size):
         yield min(chunk_size, num_samples - start)
@@ -114,7 +111,8 @@ def _check_counts(num_samples: int, batch_size: int, chunk_size: int) -> None:
 
 
 def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, *,
-                            batch_size: int = 100, chunk_size: int = 500) -> torch.Tensor:
+                            batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
+                            distributed: bool = False) -> torch.Tensor:
     """The K-sample importance-sampling estimate of log p(x) for each data point.
 
     log p_K(x_n) = log (1/K) sum_k p(x_n, z_k) / q(z_k | x_n),  z_k ~ q(z | x_n).
@@ -128,6 +126,14 @@ def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, 
     :param num_samples: K.
     :param batch_size: data points per trace.
     :param chunk_size: importance samples per trace.
+    :param seed: draw each data batch's samples from a stream seeded by ``(seed, batch
+        index)`` (:func:`~pyrovae.distributed.seeded`), leaving the global RNG as it was, so
+        a point's estimate depends only on ``seed``, ``batch_size`` and its batch, not on
+        what ran before or on the number of processes; ``None``: draw from the global RNG.
+    :param distributed: every process of the running ``torch.distributed`` group calls this
+        with the same arguments; the batches are split into contiguous runs, one per
+        process, and the results gathered in order on every process.  Without ``seed``, a
+        seed is drawn from the global RNG (which the processes share in training).
     :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU; a lower bound in
         expectation (the IWAE bound), tight as K grows.
 
@@ -141,42 +147,78 @@ def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, 
         return chunk if running is None else torch.logaddexp(running, chunk)
 
     return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
-                               lambda running: running - math.log(num_samples))
+                               lambda running: running - math.log(num_samples), seed=seed,
+                               distributed=distributed)
 
 
 def _reduce_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, batch_size: int,
                         chunk_size: int,
                         combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
-                        finish: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                        finish: Callable[[torch.Tensor], torch.Tensor], *,
+                        seed: int | None = None, distributed: bool = False) -> torch.Tensor:
     """Fold the ``(chunk, batch)`` log weights of each data batch with ``combine``, then
     ``finish``; returns ``(N,)`` on the CPU.  Memory: one ``chunk_size x batch_size`` trace."""
     _check_counts(num_samples, batch_size, chunk_size)
     vae.check_data(x)
-    results = []
+    results = [torch.empty(0)]
     # the data were checked above; distribution argument checks would only cost time here
     with pyro.validation_enabled(False):
-        for batch in _batches(x, batch_size):
-            batch = batch.to(vae.device)
-            state = None
-            for chunk in _sample_chunks(num_samples, chunk_size):
-                state = combine(state, importance_log_weights(vae, batch, chunk))
+        for batch, draws in data_batches(x, batch_size, vae.device, seed=seed,
+                                         distributed=distributed):
+            with draws:
+                state = None
+                for chunk in _sample_chunks(num_samples, chunk_size):
+                    state = combine(state, importance_log_weights(vae, batch, chunk))
             results.append(finish(state).cpu())
-    return torch.cat(results)
+    return gather_points(torch.cat(results), x.shape[0], batch_size, distributed=distributed)
+
+
+def data_batches(x: torch.Tensor, batch_size: int, device: torch.device, *,
+                 seed: int | None = None, distributed: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, contextlib.AbstractContextManager[None]]]:
+    """The data batches this process evaluates: ``(batch on device, draws)``.
+
+    ``draws`` is a context manager to draw the batch's random numbers in: seeded by
+    ``(seed, index)`` with a ``seed``, else the global RNG.  With ``distributed``, this
+    process's contiguous run of batches (:func:`~pyrovae.distributed.batch_plan`), and a
+    seed drawn from the global RNG where none is given, so that processes do not repeat
+    each other's draws.
+    """
+    if distributed and seed is None:
+        seed = shared_seed()
+    indices = (batch_plan(x.shape[0], batch_size)[0] if distributed
+               else range(-(-x.shape[0] // batch_size)))
+    for index in indices:
+        batch = x[index * batch_size : (index + 1) * batch_size].to(device)
+        draws = seeded(seed, index, device=device) if seed is not None else contextlib.nullcontext()
+        yield batch, draws
+
+
+def gather_points(local: torch.Tensor, num_points: int, batch_size: int, *,
+                  distributed: bool = False, dim: int = 0) -> torch.Tensor:
+    """Put the per-point results of every process's batches together in order (``dim`` is
+    the data dimension); a no-op unless ``distributed``."""
+    if not distributed:
+        return local
+    return gather_rows(local, batch_plan(num_points, batch_size)[1], dim=dim)
 
 
 def elbo(vae: VAE, x: torch.Tensor, num_samples: int = 1, *, batch_size: int = 100,
-         chunk_size: int = 500) -> torch.Tensor:
+         chunk_size: int = 500, seed: int | None = None, distributed: bool = False) -> torch.Tensor:
     """Monte Carlo ELBO per data point: the mean over K samples of log w_k.
 
     :param x: data ``(N, D)``.
     :param num_samples: samples per data point (more samples, less variance; same mean).
+    :param seed: per-batch seeding, see :func:`log_marginal_likelihood`.
+    :param distributed: shard the batches over processes, see :func:`log_marginal_likelihood`.
     :returns: ``(N,)`` ELBO estimates in nats, on the CPU.
     """
     def combine(total: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
         return log_w.sum(0) if total is None else total + log_w.sum(0)
 
     return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
-                               lambda total: total / num_samples)
+                               lambda total: total / num_samples, seed=seed,
+                               distributed=distributed)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import kl_divergence
 
+from pyrovae.distributed import Shard, sharded_rsample
 from pyrovae.models import VAE
 
 #: the objectives :func:`fused_elbo_loss` reproduces, with whether the KL is analytic
@@ -40,7 +41,7 @@ def supports_fused(vae: VAE, objective: str, x: torch.Tensor) -> bool:
 
 
 def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: float = 1.0,
-                    analytic_kl: bool = False) -> torch.Tensor:
+                    analytic_kl: bool = False, shard: Shard | None = None) -> torch.Tensor:
     """Minus the ELBO summed over the minibatch, as Pyro's ``Trace_ELBO`` computes it.
 
     :param vae: the model; its parameters receive gradients.
@@ -49,11 +50,16 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
     :param beta: weight of the KL term (Pyro: ``poutine.scale`` on site ``"z"``).
     :param analytic_kl: use KL(q || p) in closed form where torch registers one
         (``TraceMeanField_ELBO``); Monte Carlo otherwise.
+    :param shard: in multi-process training, where ``x`` lies in the global batch: the
+        noise is then drawn for the whole global batch and this process keeps its rows
+        (:func:`~pyrovae.distributed.sharded_rsample`), so the draws, and the summed
+        gradients, are those of one process on the global batch.  ``None``: ``q.rsample``.
     :returns: a scalar tensor, nats.
     """
     q = vae.posterior(x)
     p = vae.prior(vae.posterior)
-    z = q.rsample((num_particles,)) if num_particles > 1 else q.rsample()
+    sample_shape = torch.Size((num_particles,) if num_particles > 1 else ())
+    z = q.rsample(sample_shape) if shard is None else sharded_rsample(q, shard, sample_shape)
     log_likelihood = vae.likelihood(vae.decoder(z)).log_prob(x)
     kl = None
     if analytic_kl:

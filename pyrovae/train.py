@@ -4,6 +4,10 @@
 ELBO in a progress bar, the test ELBO every few epochs, writes ``metrics.csv`` and a
 checkpoint every epoch, and resumes exactly from a checkpoint.  ELBO values are per data
 point, in nats.
+
+Launched by ``torchrun`` (a process group is initialized), the same loop trains one model
+data-parallel: each process takes its slice of every global batch and the gradients are
+summed over processes after each backward pass (see :mod:`pyrovae.distributed`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae import distributed
 from pyrovae.checkpoint import (
     CHECKPOINT_NAME,
     keep_history,
@@ -31,6 +36,7 @@ from pyrovae.checkpoint import (
 )
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
+from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo
 from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
@@ -168,8 +174,18 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
         update, so the parameters stay finite); the checkpoint of the last good step is kept.
     :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
+
+    Multi-process: when a ``torch.distributed`` process group of several processes is
+    running (``torchrun``), every process calls ``fit`` with the same arguments; ``batch_size``
+    is the global batch, split into contiguous per-process slices, and the gradients are
+    summed over processes.  With ``trace_elbo``/``meanfield_elbo`` (fused) the parameters
+    equal those of one process up to float rounding; other objectives agree in distribution.
+    Rank 0 alone writes files; a stop signal on any process stops all of them at the same
+    step.  Rank 0's initial parameters are given to all processes.
     """
     check_training_data(vae, data, batch_size)
+    distributed.check_batch_size(batch_size, distributed.get_world_size(),
+                                 num_points=data.train.shape[0])
     if on_divergence not in DIVERGENCE_POLICIES:
         raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
                            f"got {on_divergence!r}")
@@ -186,7 +202,10 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
                          kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
                          keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
                          fused=fused, max_minutes=max_minutes)
-    with pyro.validation_enabled(validate), _StopSignals() as stop:
+    # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
+    # is not the user insisting; the agent kills workers that do not stop in time
+    escalate = not distributed.is_distributed()
+    with pyro.validation_enabled(validate), _StopSignals(escalate=escalate) as stop:
         loop.start(resume)
         history = loop.run(stop)
     vae.eval()
@@ -210,8 +229,9 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
 class _StopSignals:
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
         self.signal_number: int | None = None
+        self.escalate = escalate
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -221,7 +241,7 @@ class _StopSignals:
         return self
 
     def _handle(self, number: int, frame: object) -> None:
-        if self.signal_number is not None:  # a second signal: stop at once
+        if self.signal_number is not None and self.escalate:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.signal_number = number
 
@@ -235,7 +255,8 @@ class TrainingLoop:
     and the position a checkpoint must hold to resume the run exactly.
 
     :meth:`train_step` is one gradient step on a minibatch (what ``benchmark_speed.py``
-    times); the keyword arguments are those of :func:`fit`.
+    times); the keyword arguments are those of :func:`fit`.  In a multi-process run it
+    takes this process's slice of the global batch and sums gradients over processes.
     """
 
     def __init__(self, vae: VAE, data: DataSplits, *, epochs: int, batch_size: int, lr: float,
@@ -268,26 +289,74 @@ class TrainingLoop:
         self.epoch_generator_state = self.generator.get_state()
         self.best_elbo = -math.inf
         self.history: list[EpochRecord] = []
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.is_main = self.rank == 0
+        #: the stop signal all processes agreed on at the last step (multi-process runs)
+        self.agreed_stop: int | None = None
+        self._stop: _StopSignals | None = None
 
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Minus the (KL-weighted) objective summed over the minibatch, differentiable."""
+    def _loss(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+        """Minus the (KL-weighted) objective summed over the minibatch, differentiable.
+
+        :param shard: where ``x`` lies in the global batch (multi-process runs only).
+        """
         if self.fused:
             return fused_elbo_loss(self.vae, x, num_particles=self.num_particles,
                                    beta=self.kl_scale.beta,
-                                   analytic_kl=FUSED_OBJECTIVES[self.objective])
-        return self.elbo.differentiable_loss(self.model, self.guide, x)
+                                   analytic_kl=FUSED_OBJECTIVES[self.objective], shard=shard)
+        if shard is None:
+            return self.elbo.differentiable_loss(self.model, self.guide, x)
+        # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
+        with distributed.rank_seeded(self.vae.device):
+            return self.elbo.differentiable_loss(self.model, self.guide, x)
 
-    def train_step(self, x: torch.Tensor, epoch: int = 1) -> float:
-        """One gradient step; raises before updating if the loss or gradient is not finite."""
+    def train_step(self, x: torch.Tensor, epoch: int = 1, *, global_rows: int | None = None) -> float:
+        """One gradient step; raises before updating if the loss or gradient is not finite.
+
+        :param x: the minibatch, or in a multi-process run this process's slice of it.
+        :param global_rows: the size of the global batch ``x`` is a slice of; needed in a
+            multi-process run (ignored in one process).
+        :returns: the loss summed over the whole (global) batch, nats.
+        """
+        if self.world_size > 1:
+            if global_rows is None:
+                raise ValueError("a multi-process train_step needs global_rows, the size of the "
+                                 "global batch x is a slice of")
+            return self._distributed_step(x, epoch, distributed.shard_of(global_rows))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(x)
         value = loss.item()
+        self._check_loss(value, epoch)
+        loss.backward()
+        self._clip_and_update(epoch)
+        return value
+
+    def _distributed_step(self, x: torch.Tensor, epoch: int, shard: Shard) -> float:
+        if x.shape[0] != shard.num_rows:
+            raise ValueError(f"rank {self.rank} holds {x.shape[0]} rows of a global batch of "
+                             f"{shard.global_rows}; expected {shard.num_rows}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x, shard)
+        if loss.requires_grad:
+            loss.backward()
+        local_stop = self._stop.signal_number if self._stop is not None else None
+        value, stop_votes = distributed.all_reduce_gradients(
+            self.parameters, [loss.item(), float(local_stop is not None)])
+        if stop_votes > 0:
+            self.agreed_stop = local_stop if local_stop is not None else signal.SIGTERM
+        # every rank sees the same global loss, so all raise together and none waits
+        self._check_loss(value, epoch)
+        self._clip_and_update(epoch)
+        return value
+
+    def _check_loss(self, value: float, epoch: int) -> None:
         if not math.isfinite(value):
             raise TrainingDivergedError(
                 f"loss is {value} at epoch {epoch}, step {self.step + 1}; the last good "
                 f"checkpoint is kept; try a lower learning rate (--lr) or --clip-norm"
             )
-        loss.backward()
+
+    def _clip_and_update(self, epoch: int) -> None:
         if self.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
             if not bool(torch.isfinite(norm)):
@@ -296,21 +365,22 @@ class TrainingLoop:
                     f"the last good checkpoint is kept; try a lower learning rate (--lr)"
                 )
         self.optimizer.step()
-        return value
 
     # --- starting and resuming -------------------------------------------------------
     def start(self, resume: bool) -> None:
         if resume:
             assert self.run_dir is not None
             self._load(self.run_dir / CHECKPOINT_NAME)
-            _write_metrics(self.run_dir / METRICS_NAME, self.history)
-            logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
+            if self.is_main:
+                _write_metrics(self.run_dir / METRICS_NAME, self.history)
+                logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
             return
         seed_everything(self.seed)
         self.vae.prior.init_from_data(self.data.train)
+        distributed.broadcast_parameters(self.vae)
         self.generator.manual_seed(self.seed)
         self.epoch_generator_state = self.generator.get_state()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_metrics(self.run_dir / METRICS_NAME, [])
 
@@ -324,6 +394,7 @@ class TrainingLoop:
         }
 
     def _save(self) -> None:
+        """Write the checkpoint (rank 0; every rank checks the parameters, which all share)."""
         assert self.run_dir is not None
         for parameter in self.vae.parameters():
             if not bool(torch.isfinite(parameter).all()):
@@ -331,12 +402,15 @@ class TrainingLoop:
                     f"parameters became NaN/inf by step {self.step} (epoch {self.epoch}); "
                     f"not overwriting the last good checkpoint; try a lower --lr or --clip-norm"
                 )
+        if not self.is_main:
+            return
         completed_epochs = self.epoch - 1
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
                         self.config, self.data.image_shape, progress=self._position())
 
     def _load(self, path: Path) -> None:
-        checkpoint = read_checkpoint(path)
+        # rank 0 reads and sends it to the others: no shared file system needed to resume
+        checkpoint = distributed.rank0_call(lambda: read_checkpoint(path))
         position = checkpoint.get("progress")
         if position is None:
             raise CheckpointError(f"{path} has no training position; it cannot be resumed")
@@ -358,14 +432,18 @@ class TrainingLoop:
         self.best_elbo = position["best_elbo"]
         self.history = [EpochRecord(**record) for record in position["history"]]
         restore_rng_state(checkpoint["rng"])
+        # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
+        distributed.share_rng_state(self.vae.device)
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, stop: _StopSignals) -> list[EpochRecord]:
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
         self.vae.train()
+        self._stop = stop
         started = time.perf_counter()
-        with tqdm(total=self.epochs * steps_per_epoch, initial=self.step, disable=not self.progress,
-                  unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=self.epochs * steps_per_epoch, initial=self.step,
+                  disable=not (self.progress and self.is_main), unit="step",
+                  dynamic_ncols=True) as bar:
             while self.epoch <= self.epochs:
                 epoch_started = time.perf_counter()
                 try:
@@ -387,24 +465,32 @@ class TrainingLoop:
         if self.max_minutes is None:
             return False
         now = time.perf_counter()
-        return (now - started) + (now - epoch_started) > 60 * self.max_minutes
+        # clocks differ between processes: rank 0 decides for all
+        decision, = distributed.broadcast_from_main(
+            [(now - started) + (now - epoch_started) > 60 * self.max_minutes])
+        return decision
 
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch
         self.kl_scale.beta = kl_weight(epoch, beta=self.beta, warmup_epochs=self.kl_warmup_epochs)
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
+        n = self.data.train.shape[0]
         for x in self.data.train_batches(self.batch_size, generator=self.generator,
-                                         start=self.batch):
-            loss = self.train_step(x, epoch)
+                                         start=self.batch, rank=self.rank,
+                                         world_size=self.world_size):
+            global_rows = min(self.batch_size, n - self.batch * self.batch_size)
+            loss = self.train_step(x, epoch, global_rows=global_rows)
             self.step += 1
             self.batch += 1
             self.total_loss += loss
-            self.seen += x.shape[0]
+            self.seen += global_rows
             bar.update()
             bar.set_postfix(epoch=epoch, elbo=f"{-self.total_loss / self.seen:.2f}", refresh=False)
-            if stop.signal_number is not None:
-                self._interrupt(stop.signal_number)
+            # several processes stop on the signal they agreed on in the step, all together
+            signal_number = stop.signal_number if self.world_size == 1 else self.agreed_stop
+            if signal_number is not None:
+                self._interrupt(signal_number)
             if self.run_dir is not None and self.checkpoint_every and \
                     self.step % self.checkpoint_every == 0:
                 self._save()
@@ -414,16 +500,22 @@ class TrainingLoop:
         epoch = self.epoch
         test_elbo = valid_elbo = math.nan
         if epoch % self.test_every == 0 or epoch == self.epochs:
-            self.vae.eval()
-            test_elbo = elbo(self.vae, self.data.test, batch_size=1000).mean().item()
-            if self.data.valid is not None:
-                valid_elbo = elbo(self.vae, self.data.valid, batch_size=1000).mean().item()
-            self.vae.train()
+            # rank 0 evaluates (as one process would, drawing from the shared stream), the
+            # others wait for its numbers and its RNG state so that all keep drawing alike
+            if self.is_main:
+                self.vae.eval()
+                test_elbo = elbo(self.vae, self.data.test, batch_size=1000).mean().item()
+                if self.data.valid is not None:
+                    valid_elbo = elbo(self.vae, self.data.valid, batch_size=1000).mean().item()
+                self.vae.train()
+            test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
+            distributed.share_rng_state(self.vae.device)
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
                              valid_elbo)
         self.history.append(record)
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
-        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
+        log = logger.info if self.is_main else logger.debug
+        log("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
                     record.train_elbo, record.test_elbo, validation, seconds)
         # the best checkpoint is chosen on the validation set where there is one
         held_out = valid_elbo if self.data.valid is not None else test_elbo
@@ -435,11 +527,12 @@ class TrainingLoop:
         self.epoch_generator_state = self.generator.get_state()
         if self.run_dir is not None:
             self._save()
-            _append_metrics(self.run_dir / METRICS_NAME, record)
-            if self.keep_last:
-                keep_history(self.run_dir, epoch, self.keep_last)
-            if improved:
-                mark_best(self.run_dir)
+            if self.is_main:
+                _append_metrics(self.run_dir / METRICS_NAME, record)
+                if self.keep_last:
+                    keep_history(self.run_dir, epoch, self.keep_last)
+                if improved:
+                    mark_best(self.run_dir)
 
     def _interrupt(self, signal_number: int) -> None:
         name = signal.Signals(signal_number).name
@@ -447,6 +540,8 @@ class TrainingLoop:
             raise TrainingInterrupted(f"{name} at epoch {self.epoch}, step {self.step}; "
                                       f"no run directory, nothing saved", signal_number)
         self._save()
+        # the launcher stops every process once one exits: none leaves before rank 0 has saved
+        distributed.barrier()
         raise TrainingInterrupted(
             f"{name} at epoch {self.epoch}, step {self.step}: checkpoint written; continue with "
             f"pyrovae train --resume {self.run_dir}", signal_number)
