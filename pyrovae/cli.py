@@ -1,6 +1,10 @@
 """The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
 
 Errors caused by input (bad flags, data, files) print one line and exit with status 2.
+
+``pyrovae train`` started by ``torchrun`` trains one model data-parallel (see
+:mod:`pyrovae.distributed`); ``pyrovae train --nproc N`` starts those ``N`` processes on
+this machine through torch's own launcher, ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from pyrovae import distributed
 from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import load_dataset
@@ -45,12 +51,18 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
 
 
 def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size: int = 100,
-                 chunk_size: int = 500) -> dict[str, Any]:
-    """Test ELBO and importance-sampled log p(x), each as mean and standard error in nats."""
+                 chunk_size: int = 500, distributed: bool = False) -> dict[str, Any]:
+    """Test ELBO and importance-sampled log p(x), each as mean and standard error in nats.
+
+    :param distributed: every process of the ``torch.distributed`` group calls this; the
+        test points are split over them and every process gets the same numbers.
+    """
     started = time.perf_counter()
-    test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size))
+    test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size,
+                                             distributed=distributed))
     log_px = mean_and_standard_error(log_marginal_likelihood(
-        vae, x_test, num_samples, batch_size=batch_size, chunk_size=chunk_size))
+        vae, x_test, num_samples, batch_size=batch_size, chunk_size=chunk_size,
+        distributed=distributed))
     return {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,
@@ -119,8 +131,26 @@ def train_command(args: argparse.Namespace) -> int:
         config = _resumed_config(run_dir, args.train_argv)
     else:
         config = TrainConfig.from_args(args)
-        run_dir = _prepare_run_dir(config)
-    device = resolve_device(config.device)
+    if args.nproc is not None and args.nproc > 1 and not distributed.launched_by_torchrun():
+        distributed.check_batch_size(config.batch_size, args.nproc)
+        return launch(args.nproc, args.argv)
+    # under torchrun: join the process group (gloo on CPU, nccl with one GPU per process)
+    device = distributed.init_from_environment(config.device)
+    try:
+        code = _train(config, resume, run_dir if resume else None, device)
+    except BaseException:
+        distributed.shut_down(wait=False)  # the launcher stops the other processes
+        raise
+    distributed.shut_down()
+    return code
+
+
+def _train(config: TrainConfig, resume: bool, run_dir: Path | None, device: torch.device) -> int:
+    parallel = distributed.is_distributed()
+    main_process = distributed.is_main_process()
+    if run_dir is None:
+        # rank 0 checks and creates the folder; every rank learns its verdict
+        run_dir = distributed.rank0_call(lambda: _prepare_run_dir(config))
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
                         download=config.download)
     data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
@@ -128,9 +158,11 @@ def train_command(args: argparse.Namespace) -> int:
     seed_everything(config.seed)
     vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
     check_training_data(vae, data, config.batch_size)
-    config.save(run_dir / CONFIG_NAME)
-    logger.info("training on %d images (%s), testing on %d; run directory %s",
-                data.train.shape[0], device, data.test.shape[0], run_dir)
+    if main_process:
+        config.save(run_dir / CONFIG_NAME)
+    processes = f", {distributed.get_world_size()} processes" if parallel else ""
+    logger.info("training on %d images (%s%s), testing on %d; run directory %s",
+                data.train.shape[0], device, processes, data.test.shape[0], run_dir)
     started = time.perf_counter()
     history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
     results: dict[str, Any] = {
@@ -140,11 +172,17 @@ def train_command(args: argparse.Namespace) -> int:
         "seed": config.seed,
         "config": config.to_dict(),
     }
-    if data.image_shape is not None:
+    if data.image_shape is not None and main_process:
         save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
     if config.eval_samples > 0:
         seed_everything(config.seed)
-        results.update(evaluate_vae(vae, data.test, num_samples=config.eval_samples))
+        results.update(evaluate_vae(vae, data.test, num_samples=config.eval_samples,
+                                    distributed=parallel))
+    if parallel:
+        results["num_processes"] = distributed.get_world_size()
+    if not main_process:
+        return 0
+    if config.eval_samples > 0:
         print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f}"
               f" nats; log p(x) (K={config.eval_samples}) "
               f"{results['log_marginal_likelihood']:.2f} ± "
@@ -153,6 +191,50 @@ def train_command(args: argparse.Namespace) -> int:
     _write_json(run_dir / RESULTS_NAME, results)
     print(f"run saved in {run_dir}")
     return 0
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``pyrovae`` with ``argv`` minus ``--nproc`` in ``nproc`` processes on this machine,
+    through ``torch.distributed.run`` (torchrun's ``--standalone`` rendezvous on a free port).
+
+    Each process gets ``OMP_NUM_THREADS`` = cores / ``nproc`` unless it is set already.
+    :returns: 0, the first failed process's exit status, or 128 + signal on SIGINT/SIGTERM.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    launcher = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "--module", "pyrovae",
+         *_without_nproc(argv)])
+    logger.info("starting %d training processes (torch.distributed.run, %s threads each)",
+                nproc, os.environ["OMP_NUM_THREADS"])
+    try:
+        run(launcher)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        print(f"pyrovae: training process {rank} of {nproc} exited with status "
+              f"{failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as error:
+        print(f"pyrovae: {error.sigval.name}: training processes stopped", file=sys.stderr)
+        return 128 + int(error.sigval)
+    return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--nproc N`` / ``--nproc=N`` removed."""
+    kept: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    return kept
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -228,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its last checkpoint, with its saved "
                             "config (--epochs may extend it)")
+    train.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                       help="train data-parallel in N processes on this machine (started by "
+                            "torch.distributed.run; --batch-size is the global batch)")
     train.set_defaults(handler=train_command)
 
     evaluate = commands.add_parser(
@@ -268,16 +353,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # the flags after "train", to tell which ones were given when resuming
-    args.train_argv = argv[argv.index("train") + 1:] if "train" in argv else []
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    args.train_argv = _without_nproc(argv[argv.index("train") + 1:]) if "train" in argv else []
+    args.argv = argv
+    # under torchrun only rank 0 logs progress; the others report warnings and errors
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    prefix = f"pyrovae (rank {rank})" if rank else "pyrovae"
     try:
         return args.handler(args)
     except TrainingInterrupted as error:
-        print(f"pyrovae: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"{prefix}: {error}", file=sys.stderr)
         return 128 + error.signal_number
     except PyrovaeError as error:
-        print(f"pyrovae: error: {error}", file=sys.stderr)
+        print(f"{prefix}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyrovae: interrupted", file=sys.stderr)

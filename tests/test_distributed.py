@@ -1,0 +1,256 @@
+"""Data-parallel training and sharded evaluation on torch.distributed (gloo, 2 CPU processes).
+
+One pair of processes (``torch.multiprocessing.spawn``) runs every multi-process case once
+and rank 0 saves the results; the tests compare them with the same computations in this
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyrovae import TrainConfig, build_vae, fit
+from pyrovae.ais import ais_log_marginal_likelihood
+from pyrovae.checkpoint import read_checkpoint
+from pyrovae.data import DataSplits
+from pyrovae.distributed import (
+    Shard,
+    batch_plan,
+    check_batch_size,
+    reparameterize,
+    shard_of,
+    sharded_rsample,
+)
+from pyrovae.errors import ConfigError, PyrovaeError
+from pyrovae.evaluation import elbo, log_marginal_likelihood
+from pyrovae.train import read_metrics
+from tests.conftest import SHARED_DATA, requires_mnist
+
+WORLD_SIZE = 2
+#: (guide, objective, num_particles): the fused path for three guide families, and Pyro's
+#: traced IWAE objective
+TRAINING_CASES = {
+    "diagonal": ("diagonal", "trace_elbo", 1),
+    "lowrank_meanfield": ("lowrank", "meanfield_elbo", 1),
+    "iaf_two_particles": ("iaf", "trace_elbo", 2),
+    "iwae": ("diagonal", "iwae", 3),
+}
+#: 70 points in global batches of 15: shards of 8 and 7 rows, and a last batch of 10
+TRAIN_POINTS, BATCH_SIZE, EPOCHS = 70, 15, 2
+#: uneven evaluation: 23 points in batches of 5 are 5 batches, 3 on rank 0 and 2 on rank 1
+EVAL_POINTS, EVAL_BATCH = 23, 5
+
+
+def tiny_data() -> DataSplits:
+    generator = torch.Generator().manual_seed(0)
+    grey = torch.rand(TRAIN_POINTS, 10, generator=generator)
+    return DataSplits.from_tensors(grey, grey[:EVAL_POINTS], binarize="dynamic")
+
+
+def tiny_vae(guide: str = "diagonal", seed: int = 1):
+    torch.manual_seed(seed)
+    return build_vae(TrainConfig(hidden_dims=(8,), latent_dim=3, guide=guide), data_dim=10)
+
+
+def train(case: str):
+    guide, objective, num_particles = TRAINING_CASES[case]
+    vae = tiny_vae(guide)
+    history = fit(vae, tiny_data(), epochs=EPOCHS, batch_size=BATCH_SIZE, seed=5, progress=False,
+                  objective=objective, num_particles=num_particles)
+    return vae.state_dict(), [record.train_elbo for record in history]
+
+
+def evaluate(vae) -> dict[str, torch.Tensor]:
+    x = tiny_data().test
+    ais = ais_log_marginal_likelihood(vae, x, num_temperatures=4, num_chains=3, batch_size=EVAL_BATCH,
+                                      seed=11, distributed=dist.is_initialized())
+    return {
+        "log_px": log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, chunk_size=3,
+                                          seed=7, distributed=dist.is_initialized()),
+        "elbo": elbo(vae, x, batch_size=EVAL_BATCH, seed=7, distributed=dist.is_initialized()),
+        "ais": ais.log_marginal_likelihood,
+        "ais_samples": ais.samples,
+        "ais_step_size": ais.step_size,
+    }
+
+
+def _worker(rank: int, rendezvous: str, output: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        results = {case: train(case) for case in TRAINING_CASES}
+        results["evaluation"] = evaluate(tiny_vae())
+        if rank == 0:
+            torch.save(results, output)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("distributed")
+    output = folder / "results.pt"
+    mp.spawn(_worker, args=(str(folder / "rendezvous"), str(output)), nprocs=WORLD_SIZE)
+    return torch.load(output, weights_only=False)
+
+
+@pytest.mark.parametrize("case", ["diagonal", "lowrank_meanfield", "iaf_two_particles"])
+def test_two_processes_train_the_parameters_of_one(two_processes, case):
+    """Fused objectives: same global batch, seed and draws, so the same parameters."""
+    expected_state, expected_elbos = train(case)
+    state, elbos = two_processes[case]
+    initial = tiny_vae(TRAINING_CASES[case][0]).state_dict()
+    for name, value in expected_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    moved = max(float((value - initial[name]).abs().max()) for name, value in expected_state.items())
+    assert moved > 1e-3  # the steps did change the parameters
+    assert elbos == pytest.approx(expected_elbos, rel=1e-6)  # the logged ELBO is the global one
+
+
+def test_traced_objectives_train_in_distribution_only(two_processes):
+    """IWAE goes through Pyro's traces: each process draws its own noise, so the run differs
+    from one process but the bound is of the same size, and the parameters moved."""
+    expected_state, expected_elbos = train("iwae")
+    state, elbos = two_processes["iwae"]
+    assert all(math.isfinite(value) for value in elbos)
+    assert elbos[-1] == pytest.approx(expected_elbos[-1], abs=2.0)
+    differences = [float((state[name] - value).abs().max()) for name, value in expected_state.items()]
+    assert max(differences) > 0
+
+
+def test_evaluation_gathers_the_values_of_one_process(two_processes):
+    expected = evaluate(tiny_vae())
+    for name, values in two_processes["evaluation"].items():
+        assert values.shape == expected[name].shape, name
+        torch.testing.assert_close(values, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert expected["log_px"].shape == (EVAL_POINTS,)
+
+
+def test_evaluation_with_a_seed_does_not_depend_on_the_global_rng():
+    vae, x = tiny_vae(), tiny_data().test
+    first = log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, seed=3)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    second = log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, seed=3)
+    assert torch.equal(first, second)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream was left alone
+    other = log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, seed=4)
+    assert not torch.equal(other, first)
+    # each batch has its own stream: batch 0 of x[5:] is batch 1 of x, drawn differently
+    tail = log_marginal_likelihood(vae, x[EVAL_BATCH:], num_samples=8, batch_size=EVAL_BATCH, seed=3)
+    assert not torch.equal(tail, first[EVAL_BATCH:])
+
+
+# --- pieces, in one process -------------------------------------------------------------------
+
+def test_shards_are_contiguous_and_cover_the_batch():
+    assert [shard_of(15, rank, 2).rows for rank in range(2)] == [slice(0, 8), slice(8, 15)]
+    assert [shard_of(10, rank, 4).num_rows for rank in range(4)] == [3, 3, 2, 2]
+    for rows, world in [(7, 3), (100, 2), (5, 5)]:
+        covered = [i for r in range(world) for i in range(rows)[shard_of(rows, r, world).rows]]
+        assert covered == list(range(rows))
+
+
+def test_batch_plan_in_one_process_is_every_batch():
+    indices, counts = batch_plan(23, 5)
+    assert list(indices) == [0, 1, 2, 3, 4] and counts == [23]
+
+
+def test_sharded_batches_put_together_are_the_batches_of_one_process():
+    data = tiny_data()
+    parts = []
+    for rank in range(WORLD_SIZE):
+        torch.manual_seed(0)  # the binarization draws
+        parts.append(list(data.train_batches(BATCH_SIZE, generator=torch.Generator().manual_seed(3),
+                                             rank=rank, world_size=WORLD_SIZE)))
+    torch.manual_seed(0)
+    whole = list(data.train_batches(BATCH_SIZE, generator=torch.Generator().manual_seed(3)))
+    assert [x.shape[0] for x in parts[0]] == [8, 8, 8, 8, 5]
+    for batch, first, second in zip(whole, *parts, strict=True):
+        assert torch.equal(torch.cat([first, second]), batch)
+
+
+@pytest.mark.parametrize("guide", ["diagonal", "fullcov", "lowrank", "iaf"])
+@pytest.mark.parametrize("sample_shape", [(), (3,)])
+def test_sharded_rsample_draws_the_rows_of_the_global_draw(guide, sample_shape):
+    vae = tiny_vae(guide)
+    x = torch.bernoulli(torch.full((7, 10), 0.4))
+    torch.manual_seed(5)
+    expected = vae.posterior(x).rsample(sample_shape)
+    torch.manual_seed(5)
+    assert torch.equal(sharded_rsample(vae.posterior(x), Shard(7, 0, 7), sample_shape), expected)
+    parts = []
+    for rank in range(WORLD_SIZE):
+        shard = shard_of(7, rank, WORLD_SIZE)
+        torch.manual_seed(5)
+        parts.append(sharded_rsample(vae.posterior(x[shard.rows]), shard, sample_shape))
+    torch.testing.assert_close(torch.cat(parts, dim=len(sample_shape)), expected)
+
+
+def test_reparameterize_refuses_other_families():
+    gamma = torch.distributions.Gamma(torch.ones(3), torch.ones(3))
+    with pytest.raises(PyrovaeError, match="cannot draw shared noise for a Gamma guide"):
+        reparameterize(gamma, [torch.zeros(3)])
+
+
+def test_batches_smaller_than_the_number_of_processes_are_refused():
+    with pytest.raises(ConfigError, match="batch size 1 is smaller than the 2 processes"):
+        check_batch_size(1, 2)
+    with pytest.raises(ConfigError, match="last batch of each epoch has 1 rows"):
+        check_batch_size(10, 2, num_points=21)
+    check_batch_size(10, 2, num_points=22)
+    with pytest.raises(ConfigError, match="smaller than the 2 processes"):
+        next(tiny_data().train_batches(1, rank=0, world_size=2))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+TINY_RUN = ("--data-dir", str(SHARED_DATA), "--train-size", "200", "--test-size", "100",
+            "--eval-samples", "10", "--hidden-dims", "16", "--latent-dim", "3", "--no-progress",
+            "--batch-size", "50", "--seed", "3")
+
+
+def pyrovae(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+@requires_mnist
+def test_nproc_trains_writes_once_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    first = pyrovae("train", "--nproc", "2", *TINY_RUN, "--epochs", "1", "--out-dir", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("run saved in") == 1  # rank 0 alone reports
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "checkpoint.pt", "checkpoint_best.pt", "config.json", "metrics.csv", "results.json",
+        "samples.png"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["num_test_points"] == 100
+    assert results["test_elbo"] <= results["log_marginal_likelihood"] + 5 < 0
+    resumed = pyrovae("train", "--nproc", "2", "--resume", str(run_dir), "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_metrics(run_dir / "metrics.csv")
+    assert [r.epoch for r in records] == [1, 2] and [r.step for r in records] == [4, 8]
+    assert records[1].train_elbo > records[0].train_elbo
+    assert read_checkpoint(run_dir)["epoch"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--nproc", "0"), "--nproc: expected a positive integer, got 0"),
+    (("--nproc", "2", "--batch-size", "1"), "batch size 1 is smaller than the 2 processes"),
+])
+def test_bad_launch_flags_fail_in_one_line(tmp_path, flags, message):
+    result = pyrovae("train", *flags, "--out-dir", str(tmp_path / "run"), "--no-download")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
