@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -254,3 +256,29 @@ def test_bad_launch_flags_fail_in_one_line(tmp_path, flags, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@requires_mnist
+def test_sigterm_stops_every_process_with_a_checkpoint(tmp_path):
+    """The launcher forwards SIGTERM; the processes agree to stop at the same step, rank 0
+    writes the checkpoint, and the run resumes from it."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pyrovae", "train", "--nproc", "2", *TINY_RUN,
+               "--epochs", "100000", "--eval-samples", "0", "--out-dir", str(run_dir)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.count("SIGTERM at epoch") == 1, stderr  # rank 0 alone reports it
+    stopped = read_checkpoint(run_dir)["progress"]
+    assert stopped["epoch"] < 100000
+    resumed = pyrovae("train", "--nproc", "2", "--resume", str(run_dir),
+                      "--epochs", str(stopped["epoch"]))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_metrics(run_dir / "metrics.csv")[-1].epoch == stopped["epoch"]
