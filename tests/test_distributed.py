@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,20 @@ def test_sigterm_stops_every_process_with_a_checkpoint(tmp_path):
                       "--epochs", str(stopped["epoch"]))
     assert resumed.returncode == 0, resumed.stderr
     assert read_metrics(run_dir / "metrics.csv")[-1].epoch == stopped["epoch"]
+
+
+@requires_mnist
+def test_benchmark_distributed_runs_tinily(tmp_path):
+    output = tmp_path / "distributed.json"
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_distributed.py"
+    result = subprocess.run([sys.executable, str(script), "--data-dir", str(SHARED_DATA), "--steps", "2",
+                             "--repeats", "1", "--warmup", "1", "--batch-sizes", "20",
+                             "--train-size", "100", "--output", str(output)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(output.read_text())
+    assert [(row["nproc"], row["batch_size"]) for row in record["rows"]] == [(1, 20), (2, 20)]
+    assert all(row["images_per_second"] > 0 for row in record["rows"])
+    assert record["rows"][0]["speedup"] == 1.0
+    for key in ("commit", "torch", "pyro", "cpu", "cores"):
+        assert key in record, key
