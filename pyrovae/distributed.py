@@ -108,10 +108,14 @@ def init_from_environment(device_name: str = "auto", *, timeout_minutes: float =
     return device
 
 
-def shut_down() -> None:
-    """Leave the process group (after a barrier, so no rank exits while another still talks)."""
+def shut_down(wait: bool = True) -> None:
+    """Leave the process group.
+
+    :param wait: first wait for every rank at a barrier (a normal end); ``False`` after an
+        error, when another rank may be inside a different collective and never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
+        if wait:
             dist.barrier()
         dist.destroy_process_group()
 
