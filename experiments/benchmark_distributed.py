@@ -84,7 +84,7 @@ def _worker(rank: int, nproc: int, settings: dict, output: str) -> None:
             started = time.perf_counter()
             for _ in range(settings["steps"]):
                 x, global_rows = next(stream)
-            loop.train_step(x, global_rows=global_rows)
+                loop.train_step(x, global_rows=global_rows)
             _synchronize(device)
             seconds.append((time.perf_counter() - started) / settings["steps"])
         step = statistics.median(seconds)
