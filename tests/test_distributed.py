@@ -168,16 +168,19 @@ def test_batch_plan_in_one_process_is_every_batch():
     assert list(indices) == [0, 1, 2, 3, 4] and counts == [23]
 
 
-def test_sharded_batches_put_together_are_the_batches_of_one_process():
-    data = tiny_data()
+@pytest.mark.parametrize("num_points, dim, batch_size", [(TRAIN_POINTS, 10, BATCH_SIZE), (300, 784, 256)])
+def test_sharded_batches_put_together_are_the_batches_of_one_process(num_points, dim, batch_size):
+    """Dynamic binarization: the slices of every process are bitwise the one-process batches."""
+    grey = torch.rand(num_points, dim, generator=torch.Generator().manual_seed(0))
+    data = DataSplits.from_tensors(grey, grey[:10], binarize="dynamic")
     parts = []
     for rank in range(WORLD_SIZE):
         torch.manual_seed(0)  # the binarization draws
-        parts.append(list(data.train_batches(BATCH_SIZE, generator=torch.Generator().manual_seed(3),
+        parts.append(list(data.train_batches(batch_size, generator=torch.Generator().manual_seed(3),
                                              rank=rank, world_size=WORLD_SIZE)))
     torch.manual_seed(0)
-    whole = list(data.train_batches(BATCH_SIZE, generator=torch.Generator().manual_seed(3)))
-    assert [x.shape[0] for x in parts[0]] == [8, 8, 8, 8, 5]
+    whole = list(data.train_batches(batch_size, generator=torch.Generator().manual_seed(3)))
+    assert [x.shape[0] for x in parts[0]] == [-(-len(x) // 2) for x in whole]
     for batch, first, second in zip(whole, *parts, strict=True):
         assert torch.equal(torch.cat([first, second]), batch)
 
