@@ -26,6 +26,7 @@ from pyrovae.guides import GUIDES
 from pyrovae.priors import PRIORS
 from tests.conftest import SHARED_DATA, requires_mnist
 from tests.linear_gaussian import exact_log_marginal, linear_gaussian_vae, sample_data
+from tests.test_ais import monte_carlo_error
 from tests.test_evaluation import mismatched_vae
 
 CUDA = torch.device(os.environ.get("PYROVAE_TEST_DEVICE", "cuda"))
@@ -79,13 +80,15 @@ def test_chunked_importance_sampling_converges_on_cuda():
     assert float((elbo(vae, x.to(CUDA)) - exact).mean()) < -0.1  # the guide is off
 
 
-def test_ais_from_the_prior_approaches_the_exact_value_on_cuda():
+def test_ais_from_the_prior_is_within_its_reported_error_on_cuda():
     vae = mismatched_vae()
-    x = sample_data(vae, 10)
+    x = sample_data(vae, 20)
     exact = exact_log_marginal(vae, x)
     result = ais_log_marginal_likelihood(vae.to(CUDA), x.to(CUDA), num_temperatures=200,
-                                         num_chains=16, initial="prior")
-    assert abs(float((result.log_marginal_likelihood - exact).mean())) < 0.05
+                                         num_chains=64, initial="prior")
+    difference = float((result.log_marginal_likelihood - exact).mean())
+    assert abs(difference) < 3 * monte_carlo_error(result) + 0.02
+    assert 0.3 < float(result.acceptance_rate.mean()) < 1.0
 
 
 def test_training_on_cuda_raises_the_elbo_and_resumes_bit_for_bit(tmp_path):
