@@ -6,8 +6,10 @@ and run :meth:`pyrovae.train.TrainingLoop.train_step` on their slices of global 
 batches (784-200-200-50 tanh MLP, Bernoulli likelihood, diagonal Gaussian guide, fused
 Trace_ELBO, dynamic binarization, Adam), exactly as ``pyrovae train --nproc`` does.  One
 process runs without a process group.  Timing is on rank 0 between barriers, over
-``--steps`` steps per repetition; the median over ``--repeats`` repetitions is reported
-as images per second (global batch rows per second).
+``--steps`` steps per repetition; settings alternate over ``--rounds`` rounds (fresh
+processes each) against drift in the machine's load, and the median over all
+``rounds x repeats`` repetitions is reported as images per second (global batch rows per
+second).
 
 On CPU every process gets ``cores // nproc`` torch threads (``--threads-per-process``
 overrides), so settings use the same cores.  On CUDA one process per GPU: with one GPU
@@ -87,11 +89,7 @@ def _worker(rank: int, nproc: int, settings: dict, output: str) -> None:
                 loop.train_step(x, global_rows=global_rows)
             _synchronize(device)
             seconds.append((time.perf_counter() - started) / settings["steps"])
-        step = statistics.median(seconds)
-        rows.append({"nproc": nproc, "batch_size": batch_size, "seconds_per_step": step,
-                     "images_per_second": batch_size / step,
-                     "threads_per_process": settings["threads"] if device.type == "cpu" else None,
-                     "steps": settings["steps"], "repeats": settings["repeats"]})
+        rows.append({"nproc": nproc, "batch_size": batch_size, "seconds": seconds})
     if rank == 0:
         Path(output).write_text(json.dumps(rows))
     if dist.is_initialized():
@@ -124,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000],
                         help="global batch sizes (default: 100 1000)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per repetition")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over all settings, alternating them (median over all)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--train-size", type=int, default=10000, help="MNIST training images used")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -146,17 +146,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if too_many:
             parser.error(f"--device cuda runs one process per GPU and this machine has {gpus}; "
                          f"drop --nprocs {' '.join(map(str, too_many))}")
+    seconds: dict[tuple[int, int], list[float]] = {}
+    threads = {nproc: args.threads_per_process or max(1, cores // nproc) for nproc in args.nprocs}
+    for _ in range(args.rounds):
+        for nproc in args.nprocs:
+            settings = {"device": args.device, "data_dir": str(data_dir),
+                        "train_size": args.train_size, "batch_sizes": args.batch_sizes,
+                        "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+                        "threads": threads[nproc]}
+            for row in measure(nproc, settings):
+                seconds.setdefault((row["nproc"], row["batch_size"]), []).extend(row["seconds"])
     rows = []
-    for nproc in args.nprocs:
-        threads = args.threads_per_process or max(1, cores // nproc)
-        settings = {"device": args.device, "data_dir": str(data_dir), "train_size": args.train_size,
-                    "batch_sizes": args.batch_sizes, "steps": args.steps, "repeats": args.repeats,
-                    "warmup": args.warmup, "threads": threads}
-        for row in measure(nproc, settings):
-            rows.append(row)
-            print(f"{row['nproc']} process(es), batch {row['batch_size']:5d}: "
-                  f"{row['images_per_second']:9.0f} images/s "
-                  f"({1000 * row['seconds_per_step']:.2f} ms/step)", flush=True)
+    for (nproc, batch_size), values in seconds.items():
+        step = statistics.median(values)
+        rows.append({"nproc": nproc, "batch_size": batch_size, "seconds_per_step": step,
+                     "images_per_second": batch_size / step,
+                     "threads_per_process": threads[nproc] if device.type == "cpu" else None,
+                     "steps": args.steps, "repetitions": len(values)})
+        print(f"{nproc} process(es), batch {batch_size:5d}: {batch_size / step:9.0f} images/s "
+              f"({1000 * step:.2f} ms/step, median of {len(values)})", flush=True)
     base = {row["batch_size"]: row["images_per_second"] for row in rows if row["nproc"] == 1}
     for row in rows:
         if row["batch_size"] in base:

@@ -293,7 +293,7 @@ def test_benchmark_distributed_runs_tinily(tmp_path):
     output = tmp_path / "distributed.json"
     script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_distributed.py"
     result = subprocess.run([sys.executable, str(script), "--data-dir", str(SHARED_DATA), "--steps", "2",
-                             "--repeats", "1", "--warmup", "1", "--batch-sizes", "20",
+                             "--repeats", "1", "--rounds", "1", "--warmup", "1", "--batch-sizes", "20",
                              "--train-size", "100", "--output", str(output)],
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
