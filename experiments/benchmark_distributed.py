@@ -123,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="global batch sizes (default: 100 1000)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per repetition")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over all settings, alternating them (median over all)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over all settings, alternating them (median over all; "
+                             "default: 3 when comparing several process counts, else 1)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--train-size", type=int, default=10000, help="MNIST training images used")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -134,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder holding MNIST/raw (default: $PYROVAE_DATA, then ../shared/data)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if len(args.nprocs) > 1 else 1
 
     data_dir, chosen = resolve_data_dir(args.data_dir)
     if not chosen:
