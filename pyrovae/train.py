@@ -549,7 +549,7 @@ class TrainingLoop:
     def _roll_back(self) -> None:
         assert self.run_dir is not None
         path = self.run_dir / CHECKPOINT_NAME
-        if not path.exists():
+        if not distributed.rank0_call(path.exists):  # rank 0 holds the checkpoints
             raise TrainingDivergedError("the loss diverged before the first checkpoint; "
                                         "nothing to roll back to; try a lower --lr")
         rollbacks = self.rollbacks + 1
