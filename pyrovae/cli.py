@@ -133,6 +133,10 @@ def train_command(args: argparse.Namespace) -> int:
         config = TrainConfig.from_args(args)
     if args.nproc is not None and args.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.check_batch_size(config.batch_size, args.nproc)
+        gpus = torch.cuda.device_count()
+        if resolve_device(config.device).type == "cuda" and args.nproc > gpus:
+            raise ConfigError(f"--nproc {args.nproc} on CUDA needs one GPU per process and this "
+                              f"machine has {gpus}; use --nproc {gpus} or --device cpu")
         return launch(args.nproc, args.argv)
     # under torchrun: join the process group (gloo on CPU, nccl with one GPU per process)
     device = distributed.init_from_environment(config.device)
