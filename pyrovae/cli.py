@@ -4,7 +4,8 @@ Errors caused by input (bad flags, data, files) print one line and exit with sta
 
 ``pyrovae train`` started by ``torchrun`` trains one model data-parallel (see
 :mod:`pyrovae.distributed`); ``pyrovae train --nproc N`` starts those ``N`` processes on
-this machine through torch's own launcher, ``torch.distributed.run``.
+this machine through torch's own launcher, ``torch.distributed.run``.  ``pyrovae evaluate``
+started by ``torchrun`` splits the test points over the processes.
 """
 
 from __future__ import annotations
@@ -242,7 +243,21 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    # under torchrun the test points are split over the processes (rank 0 writes)
+    device = distributed.init_from_environment(args.device)
+    try:
+        code = _evaluate(args, device)
+    except BaseException:
+        distributed.shut_down(wait=False)
+        raise
+    distributed.shut_down()
+    return code
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
+    parallel = distributed.is_distributed()
+    if parallel and args.report:
+        raise ConfigError("evaluate --report runs in one process; start it without torchrun")
     vae, config, _ = load_vae(args.checkpoint, device)
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
     data = load_dataset(config.dataset, data_dir, binarize=config.binarize,
@@ -252,8 +267,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.report:
         return report_command(args, vae, x_test, Path(args.output or _run_dir_of(args.checkpoint)))
     results = evaluate_vae(vae, x_test, num_samples=args.num_samples, batch_size=args.batch_size,
-                           chunk_size=args.chunk_size)
+                           chunk_size=args.chunk_size, distributed=parallel)
     results.update({"checkpoint": str(args.checkpoint), "seed": args.seed})
+    if parallel:
+        results["num_processes"] = distributed.get_world_size()
+    if not distributed.is_main_process():
+        return 0
     results.update(provenance(device))
     output = Path(args.output) if args.output else _run_dir_of(args.checkpoint) / EVALUATION_NAME
     _write_json(output, results)

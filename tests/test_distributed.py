@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
-from pyrovae.checkpoint import read_checkpoint
+from pyrovae.checkpoint import read_checkpoint, save_checkpoint
 from pyrovae.data import DataSplits
 from pyrovae.distributed import (
     Shard,
@@ -248,6 +248,22 @@ def test_nproc_trains_writes_once_and_resumes(tmp_path):
     assert [r.epoch for r in records] == [1, 2] and [r.step for r in records] == [4, 8]
     assert records[1].train_elbo > records[0].train_elbo
     assert read_checkpoint(run_dir)["epoch"] == 2
+
+
+@requires_mnist
+def test_evaluate_under_torchrun_splits_the_test_points(tmp_path):
+    config = TrainConfig(data_dir=str(SHARED_DATA), hidden_dims=(16,), latent_dim=3)
+    save_checkpoint(tmp_path / "checkpoint.pt", build_vae(config, data_dim=784), None, 0, config,
+                    (1, 28, 28))
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "pyrovae", "evaluate", str(tmp_path), "--num-samples", "10", "--test-size", "30",
+         "--batch-size", "8"], capture_output=True, text=True, timeout=180)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.count("written to") == 1  # rank 0 alone reports and writes
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["num_processes"] == 2 and evaluation["num_test_points"] == 30
+    assert evaluation["test_elbo"] <= evaluation["log_marginal_likelihood"] + 5 < 0
 
 
 @pytest.mark.parametrize("flags, message", [
