@@ -56,8 +56,8 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
         gradients, are those of one process on the global batch.  ``None``: ``q.rsample``.
     :returns: a scalar tensor, nats.
     """
-    q = vae.posterior(x)
-    p = vae.prior(vae.posterior)
+    q = vae.untraced_posterior(x)
+    p = vae.prior(vae.untraced_posterior)
     sample_shape = torch.Size((num_particles,) if num_particles > 1 else ())
     z = q.rsample(sample_shape) if shard is None else sharded_rsample(q, shard, sample_shape)
     log_likelihood = vae.likelihood(vae.decoder(z)).log_prob(x)
