@@ -57,10 +57,11 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
     :returns: a scalar tensor, nats.
     """
     q = vae.untraced_posterior(x)
-    p = vae.prior(vae.untraced_posterior)
+    # ``forward``, not ``__call__``: outside Pyro's module context (see VAE.untraced_posterior)
+    p = vae.prior.forward(vae.untraced_posterior)
     sample_shape = torch.Size((num_particles,) if num_particles > 1 else ())
     z = q.rsample(sample_shape) if shard is None else sharded_rsample(q, shard, sample_shape)
-    log_likelihood = vae.likelihood(vae.decoder(z)).log_prob(x)
+    log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
     kl = None
     if analytic_kl:
         try:
