@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if too_many:
             parser.error(f"--device cuda runs one process per GPU and this machine has {gpus}; "
                          f"drop --nprocs {' '.join(map(str, too_many))}")
+    load_before = os.getloadavg()[0]
     seconds: dict[tuple[int, int], list[float]] = {}
     threads = {nproc: args.threads_per_process or max(1, cores // nproc) for nproc in args.nprocs}
     for _ in range(args.rounds):
@@ -172,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         if row["batch_size"] in base:
             row["speedup"] = row["images_per_second"] / base[row["batch_size"]]
+    # other work on the machine distorts CPU timings: the 1-minute load average says how much
     record = {"rows": rows, "cores": cores, "cpu": cpu_model(), "seed": 0,
+              "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
               "model": "784-200-200-50 tanh MLP, Bernoulli, diagonal guide, fused Trace_ELBO",
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               **provenance(device if device.type == "cuda" else "cpu")}
