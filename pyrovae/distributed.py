@@ -232,7 +232,8 @@ def _communication_device() -> torch.device:
 def all_reduce_gradients(parameters: Sequence[torch.Tensor], extras: Sequence[float]) -> list[float]:
     """Sum the gradients of ``parameters`` and the numbers ``extras`` over all ranks, in place.
 
-    One flattened buffer, one all-reduce: ``[grad_1, ..., grad_P, has_grad_1..P, extras]``.
+    The gradients travel in one flattened buffer, ``[grad_1, ..., grad_P, has_grad_1..P]``,
+    in one all-reduce (not one call per parameter); the extras in a second, small one.
     A parameter whose gradient is ``None`` on a rank contributes zeros; it keeps ``None``
     only if it is ``None`` on every rank (as one process would leave it, so Adam skips it).
 
