@@ -34,6 +34,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.distributed import batch_plan, gather_rows, seeded, shared_seed
+from pyrovae.fused import fused_log_weights
 from pyrovae.models import VAE
 from pyrovae.sites import PARTICLE_PLATE
 
@@ -88,14 +89,17 @@ def log_weights(model: Callable[..., object], guide: Callable[..., object], x: t
 
 
 def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws from the guide, in one trace.
+    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws from the guide.
+
+    Evaluated by :func:`~pyrovae.fused.fused_log_weights`: the values (and draws) of
+    :func:`log_weights` on ``vae.model`` and ``vae.guide``, without tracing.
 
     :param x: data ``(N, D)`` on the VAE's device.
     :param num_samples: K, the number of importance samples.
     :returns: ``(K, N)`` log weights in nats.
     """
     with torch.no_grad():
-        return log_weights(vae.model, vae.guide, x, num_samples)
+        return fused_log_weights(vae, x, num_samples)
 
 
 def _sample_chunks(num_samples: int, chunk_size: int) -> Iterator[int]:

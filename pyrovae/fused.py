@@ -75,3 +75,23 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
     if num_particles > 1:
         elbo = elbo.mean(0)
     return -elbo.sum()
+
+
+def fused_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """log p(x, z_k) - log q(z_k | x) for ``num_samples`` draws per data point, computed from
+    the VAE's parts without tracing.
+
+    The same draws and values as the traced :func:`pyrovae.evaluation.log_weights` (the guide
+    in a particle plate, the model replayed) with the same RNG state (tested for every prior
+    and guide), without the per-trace bookkeeping that shows on a GPU.
+
+    :param x: data ``(N, D)`` on the VAE's device.
+    :param num_samples: K.
+    :returns: ``(K, N)`` log weights in nats (differentiable; wrap in ``torch.no_grad()`` to
+        evaluate).
+    """
+    q = vae.untraced_posterior(x)
+    p = vae.prior.forward(vae.untraced_posterior)
+    z = q.rsample(torch.Size((num_samples,)))  # (K, N, latent_dim)
+    log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
+    return log_likelihood + p.log_prob(z) - q.log_prob(z)

@@ -8,8 +8,10 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.data import DataSplits
+from pyrovae.evaluation import importance_log_weights, log_weights
 from pyrovae.fused import fused_elbo_loss, supports_fused
 from pyrovae.guides import GUIDES
+from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.objectives import LatentScale
 from pyrovae.priors import PRIORS
 
@@ -49,6 +51,35 @@ def test_same_value_and_gradient_as_pyro(prior, guide, objective, num_particles)
             assert got is None or not bool(got.any())
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+@pytest.mark.parametrize("prior", list(PRIORS))
+def test_importance_weights_are_those_of_the_traced_model_and_guide(prior, guide):
+    vae, x = small_vae(prior, guide), data()
+    vae.prior.init_from_data(x)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        traced = log_weights(vae.model, vae.guide, x, 6)
+    torch.manual_seed(4)
+    fused = importance_log_weights(vae, x, 6)
+    assert fused.shape == traced.shape == (6, 7)
+    torch.testing.assert_close(fused, traced, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
+def test_importance_weights_match_for_every_likelihood(likelihood):
+    torch.manual_seed(0)
+    config = TrainConfig(hidden_dims=(8,), latent_dim=3, likelihood=likelihood, learn_sigma=True)
+    vae = build_vae(config, data_dim=12)
+    x = torch.rand(5, 12, generator=torch.Generator().manual_seed(2))
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(x)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        traced = log_weights(vae.model, vae.guide, x, 3)
+    torch.manual_seed(4)
+    torch.testing.assert_close(importance_log_weights(vae, x, 3), traced, rtol=1e-5, atol=1e-4)
 
 
 def test_beta_matches_pyro_with_a_scaled_latent_site():
