@@ -231,6 +231,16 @@ def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 
     return results
 
 
+def train_and_evaluate(name: str, config: TrainConfig, data: DataSplits,
+                       args: argparse.Namespace) -> tuple[Run, dict[str, Any]]:
+    """:func:`train` then :func:`evaluate` one setting, as the common flags say (``--out-dir``,
+    ``--resume``, ``--evaluate-only``, ``--eval-samples``, ``--eval-chunk-size``, ``--seed``)."""
+    run = train(name, config, data, Path(args.out_dir), resume=args.resume,
+                evaluate_only=args.evaluate_only)
+    return run, evaluate(run, data, num_samples=args.eval_samples,
+                         chunk_size=args.eval_chunk_size, seed=args.seed)
+
+
 def run_summary(run: Run, evaluation: Mapping[str, Any], *, setting: str,
                 published: float | None = None, source: str | None = None,
                 **extra: Any) -> dict[str, Any]:

@@ -71,10 +71,7 @@ def run(args: argparse.Namespace) -> int:
     runs, summaries, figures = [], [], []
     for guide in args.guides:
         config = common.base_config(args, guide=guide, **shared)
-        trained = common.train(guide, config, data, out_dir, resume=args.resume,
-                               evaluate_only=args.evaluate_only)
-        evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
-                                     chunk_size=args.eval_chunk_size, seed=args.seed)
+        trained, evaluation = common.train_and_evaluate(guide, config, data, args)
         runs.append(trained)
         gap = evaluation["log_marginal_likelihood"] - evaluation["test_elbo"]
         summaries.append(common.run_summary(trained, evaluation,

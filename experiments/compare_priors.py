@@ -59,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     runs, summaries, final, figures = [], [], {}, []
     for prior in args.priors:
         config = common.base_config(args, prior=prior, **shared)
-        trained = common.train(prior, config, data, out_dir, resume=args.resume,
-                               evaluate_only=args.evaluate_only)
-        evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
-                                     chunk_size=args.eval_chunk_size, seed=args.seed)
+        trained, evaluation = common.train_and_evaluate(prior, config, data, args)
         runs.append(trained)
         final[prior] = evaluation["log_marginal_likelihood"]
         summaries.append(common.run_summary(

@@ -106,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
     reconstructions, samples = {}, {}
     for name, setting in settings(args).items():
         config = common.base_config(args, **shared, **setting)
-        trained = common.train(name, config, data, out_dir, resume=args.resume,
-                               evaluate_only=args.evaluate_only)
-        evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
-                                     chunk_size=args.eval_chunk_size, seed=args.seed)
+        trained, evaluation = common.train_and_evaluate(name, config, data, args)
         seed_everything(args.seed)
         terms = common.elbo_terms(trained.vae, data.test, num_samples=args.term_samples)
         reconstruction = mean_and_standard_error(terms["reconstruction"])

@@ -107,10 +107,7 @@ def run(args: argparse.Namespace) -> int:
     device = common.device_of(args)
     config = common.base_config(args, dataset="mnist", binarize="dynamic")
     data = common.load_data(config, device)
-    trained = common.train("latent2d", config, data, out_dir, resume=args.resume,
-                               evaluate_only=args.evaluate_only)
-    evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
-                                 chunk_size=args.eval_chunk_size, seed=args.seed)
+    trained, evaluation = common.train_and_evaluate("latent2d", config, data, args)
     figures = common.save_run_figures(trained, data, out_dir, seed=args.seed)
     labels = mnist_test_labels(args.data_dir, data.test.shape[0])
     plot_latent_means(trained.vae.encode(data.test).mean.cpu(), labels, out_dir / "latent_means.png")

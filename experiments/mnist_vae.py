@@ -63,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
     runs, summaries, final, figures = [], [], {}, []
     for name, setting in settings.items():
         config = common.base_config(args, dataset="mnist", binarize="dynamic", **setting)
-        trained = common.train(name, config, data, out_dir, resume=args.resume,
-                               evaluate_only=args.evaluate_only)
-        evaluation = common.evaluate(trained, data, num_samples=args.eval_samples,
-                                     chunk_size=args.eval_chunk_size, seed=args.seed)
+        trained, evaluation = common.train_and_evaluate(name, config, data, args)
         runs.append(trained)
         final[name] = evaluation["log_marginal_likelihood"]
         summaries.append(common.run_summary(
