@@ -19,7 +19,7 @@ so the fused path is a faster evaluation of Pyro's objective, not another object
 from __future__ import annotations
 
 import torch
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
 from pyrovae.distributed import Shard, sharded_rsample
 from pyrovae.models import VAE
@@ -40,6 +40,13 @@ def supports_fused(vae: VAE, objective: str, x: torch.Tensor) -> bool:
         return bool(vae.posterior(x[:1]).has_rsample)
 
 
+def _posterior_and_prior(vae: VAE, x: torch.Tensor) -> tuple[Distribution, Distribution]:
+    """q(z|x) (batch ``(N,)``) and p(z), built through ``forward``, not ``__call__``: outside
+    Pyro's module context (see :meth:`~pyrovae.models.VAE.untraced_posterior`).  The
+    likelihood is called the same way below."""
+    return vae.untraced_posterior(x), vae.prior.forward(vae.untraced_posterior)
+
+
 def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: float = 1.0,
                     analytic_kl: bool = False, shard: Shard | None = None) -> torch.Tensor:
     """Minus the ELBO summed over the minibatch, as Pyro's ``Trace_ELBO`` computes it.
@@ -56,9 +63,7 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
         gradients, are those of one process on the global batch.  ``None``: ``q.rsample``.
     :returns: a scalar tensor, nats.
     """
-    q = vae.untraced_posterior(x)
-    # ``forward``, not ``__call__``: outside Pyro's module context (see VAE.untraced_posterior)
-    p = vae.prior.forward(vae.untraced_posterior)
+    q, p = _posterior_and_prior(vae, x)
     sample_shape = torch.Size((num_particles,) if num_particles > 1 else ())
     z = q.rsample(sample_shape) if shard is None else sharded_rsample(q, shard, sample_shape)
     log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
@@ -90,8 +95,7 @@ def fused_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tens
     :returns: ``(K, N)`` log weights in nats (differentiable; wrap in ``torch.no_grad()`` to
         evaluate).
     """
-    q = vae.untraced_posterior(x)
-    p = vae.prior.forward(vae.untraced_posterior)
+    q, p = _posterior_and_prior(vae, x)
     z = q.rsample(torch.Size((num_samples,)))  # (K, N, latent_dim)
     log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
     return log_likelihood + p.log_prob(z) - q.log_prob(z)

@@ -272,8 +272,6 @@ class TrainingLoop:
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.on_divergence, self.rollbacks = on_divergence, 0
         self.clip_norm, self.max_minutes = clip_norm, max_minutes
-        #: True when the run stopped before ``epochs`` because of ``max_minutes``
-        self.out_of_time = False
         self.parameters = list(vae.parameters())
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
         self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
@@ -454,7 +452,6 @@ class TrainingLoop:
                     self._roll_back()
                     continue
                 if self.epoch <= self.epochs and self._out_of_time(started, epoch_started):
-                    self.out_of_time = True
                     logger.info("time budget of %g minutes: stopping after epoch %d of %d",
                                 self.max_minutes, self.epoch - 1, self.epochs)
                     break
