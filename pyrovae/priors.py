@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -95,23 +96,93 @@ class DiagonalNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
-class _BroadcastingMixture(dist.MixtureSameFamily):
-    """``MixtureSameFamily`` that expands the value to the component batch shape explicitly.
+def _diagonal_normal_components(components: dist.Distribution
+                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(loc, scale)``, each ``(K, latent_dim)``, of diagonal-Normal mixture components.
 
-    The stock ``log_prob`` scores a value of shape ``(..., 1, latent_dim)`` against
-    components of batch shape ``(..., K)`` and relies on broadcasting inside the component's
-    ``log_prob``. Conditional flows (the IAF guide as a VampPrior component) cannot broadcast
-    a size-1 dimension against their ``(K, context_dim)`` context, so it is expanded here.
+    The components qualify when they are ``Normal(loc, scale).to_event(1)`` with batch shape
+    ``(K,)``, or that broadcast over leading batch dimensions (the data plate's ``expand``
+    gives batch ``(N, K)`` with stride-0 parameters); ``None`` for every other family (full
+    or low-rank covariance, flows) and for genuinely batched components.
+    """
+    if not (isinstance(components, torch.distributions.Independent)
+            and components.reinterpreted_batch_ndims == 1
+            and type(components.base_dist) in (torch.distributions.Normal, dist.Normal)):
+        return None
+    loc, scale = components.base_dist.loc, components.base_dist.scale
+    for _ in range(len(components.batch_shape) - 1):
+        if not all(t.shape[0] == 1 or t.stride(0) == 0 for t in (loc, scale)):
+            return None
+        loc, scale = loc[0], scale[0]
+    return loc, scale
+
+
+def _diagonal_normal_log_densities(value: torch.Tensor, loc: torch.Tensor,
+                                   scale: torch.Tensor) -> torch.Tensor:
+    """log N(z; m_k, diag s_k^2) for every component k, as one matrix product.
+
+    sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . (1/s_k^2) - 2 z . (m_k/s_k^2) + sum_d m_kd^2/s_kd^2,
+
+    so all K densities are ``[z^2, z, 1] @ [-1/(2 s^2), m/s^2, c]^T`` with a per-component
+    constant c: one GEMM, and O(K) memory per z, where the elementwise path builds
+    ``(..., K, latent_dim)`` intermediates.
+
+    The expansion subtracts large terms (z^2/s^2 ~ 1e4 per coordinate at s = 0.02) for the
+    nearby components that dominate the mixture.  Done in float32 it was off by up to
+    1.7e-3 nats (K = 500, latent_dim = 40, m ~ N(0, I), s ~ U[0.02, 2], z half from
+    N(0, I), half near the components) and 1.4e-2 nats with z and m offset by 3; centring
+    z and m on the mean loc still left 3.4e-3 (the spread of the locs, not their offset,
+    sets the error).  So the product and the constants are formed in float64 and the result
+    is cast back, which on a CPU costs no measurable time (the product is small next to the
+    ``(..., K)`` output).  On those float32 values the max error against the float64
+    elementwise density is then 1.2e-5 nats (offset: 2.2e-5), that of the float32
+    elementwise path 1.4e-5 (offset: 2.6e-5); the gradients agree with the elementwise
+    path's as closely.
+
+    :param value: z, ``(..., latent_dim)``.
+    :param loc: m, ``(K, latent_dim)``.
+    :param scale: s, ``(K, latent_dim)``, positive.
+    :returns: ``(..., K)`` log densities in nats, differentiable in z, m and s.
+    """
+    dtype = torch.promote_types(value.dtype, loc.dtype)
+    z, m, s = value.double(), loc.double(), scale.double()
+    precision = s.reciprocal().square()
+    constant = (-0.5 * (m.square() * precision).sum(-1) - s.log().sum(-1)
+                - 0.5 * m.shape[-1] * math.log(2 * math.pi))
+    features = torch.cat([z.square(), z, torch.ones_like(z[..., :1])], dim=-1)
+    coefficients = torch.cat([-0.5 * precision, m * precision, constant[:, None]], dim=-1)
+    return (features @ coefficients.T).to(dtype)
+
+
+class _BroadcastingMixture(dist.MixtureSameFamily):
+    """``MixtureSameFamily`` with a ``log_prob`` for components that cannot broadcast, and a
+    fast one for diagonal-Normal components.
+
+    Diagonal-Normal components (the mixture-of-Gaussians prior, the VampPrior with the
+    diagonal guide) are scored by :func:`_diagonal_normal_log_densities`, a matrix product.
+    Every other family is scored elementwise: the stock ``log_prob`` scores a value of shape
+    ``(..., 1, latent_dim)`` against components of batch shape ``(..., K)`` and relies on
+    broadcasting inside the component's ``log_prob``; conditional flows (the IAF guide as a
+    VampPrior component) cannot broadcast a size-1 dimension against their
+    ``(K, context_dim)`` context, so the value is expanded here.  Both give the stock shape,
+    ``broadcast(value batch shape, batch_shape)``.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        value = self._pad(value)
-        event_shape = self.event_shape
-        batch_shape = torch.broadcast_shapes(value.shape[: value.dim() - len(event_shape)],
-                                             self.component_distribution.batch_shape)
-        log_prob = self.component_distribution.log_prob(value.expand(batch_shape + event_shape))
+        diagonal = _diagonal_normal_components(self.component_distribution)
+        if diagonal is not None:
+            # (..., K) from value (..., latent_dim); broadcasts against the log weights'
+            # batch below to the same shape as the elementwise path
+            log_prob = _diagonal_normal_log_densities(value, *diagonal)
+        else:
+            value = self._pad(value)
+            event_shape = self.event_shape
+            batch_shape = torch.broadcast_shapes(value.shape[: value.dim() - len(event_shape)],
+                                                 self.component_distribution.batch_shape)
+            log_prob = self.component_distribution.log_prob(
+                value.expand(batch_shape + event_shape))
         log_weights = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
         return torch.logsumexp(log_prob + log_weights, dim=-1)
 
@@ -147,7 +218,7 @@ class MixtureOfGaussiansPrior(Prior):
 
     def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
         components = dist.Normal(self.locs, self.scales).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return _BroadcastingMixture(dist.Categorical(logits=self.logits), components)
 
 
 class VampPrior(Prior):
@@ -155,8 +226,10 @@ class VampPrior(Prior):
 
     The u_k are K learnable pseudo-inputs in data space, pushed through the VAE's own
     encoder and guide (the ``posterior`` the VAE passes in), so the prior follows whatever
-    guide family the VAE uses. Scoring a batch costs K guide densities per z: memory grows
-    as ``num_samples * batch_size * K * latent_dim``. With the IAF guide each of those
+    guide family the VAE uses. Scoring a batch costs K guide densities per z. With the
+    diagonal guide they are one matrix product (memory ``num_samples * batch_size * K``);
+    with the other guides they are evaluated elementwise, and memory grows as
+    ``num_samples * batch_size * K * latent_dim``. With the IAF guide each of those
     densities inverts the flows, ``latent_dim`` sequential passes per flow step: on CPU a
     SVI step of the 784-200-200-50 VAE (batch 100, K = 10, 2 flows, 2 threads) took about
     0.4 s against 0.015 s with the diagonal guide.
