@@ -40,6 +40,7 @@ from pyrovae.models import VAE  # noqa: E402
 from pyrovae.provenance import provenance  # noqa: E402
 from pyrovae.sites import LATENT_SITE, OBSERVED_SITE  # noqa: E402
 from pyrovae.train import (  # noqa: E402
+    LR_SCHEDULES,
     METRICS_NAME,
     EpochRecord,
     TrainingInterrupted,
@@ -96,6 +97,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_dir: str, epoch
     add("--latent-dim", type=int, default=latent_dim, help="dimension of z (default: %(default)s)")
     add("--batch-size", type=int, default=100, help="minibatch size (default: %(default)s)")
     add("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    add("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+        help="constant, or iwae: Burda et al. 2016's decay from --lr to --lr/10 over 3280 "
+             "epochs (default: %(default)s)")
     add("--test-every", type=int, default=1,
         help="test ELBO in metrics.csv every N epochs (default: %(default)s)")
     add("--evaluate-only", action="store_true",
@@ -114,7 +118,8 @@ def base_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
         "data_dir": args.data_dir, "download": False, "train_size": args.train_size,
         "test_size": args.test_size, "hidden_dims": tuple(args.hidden_dims),
         "latent_dim": args.latent_dim, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "device": args.device, "seed": args.seed, "test_every": args.test_every,
+        "lr": args.lr, "lr_schedule": args.lr_schedule, "device": args.device, "seed": args.seed,
+        "test_every": args.test_every,
         "eval_samples": args.eval_samples, "progress": args.progress,
         "overwrite": args.overwrite, "max_minutes": args.max_minutes,
     }

@@ -86,6 +86,10 @@ class TrainConfig:
     epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
     batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
+    lr_schedule: str = field(default="constant", metadata=_flag(
+        "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
+        "i = 0..7 (3280 epochs, later ones at lr/10); they also used Adam eps=1e-4, we keep "
+        "torch's 1e-8", choices=("constant", "iwae")))
     device: str = field(default="auto", metadata=_flag(
         "cpu, cuda, cuda:N, or auto (cuda when available)", type=str))
     seed: int = field(default=0, metadata=_flag("random seed (torch, numpy, python, pyro)", type=int))

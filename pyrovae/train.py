@@ -102,6 +102,40 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
 DIVERGENCE_POLICIES = ("stop", "rollback")
 #: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
 MAX_ROLLBACKS = 5
+#: learning-rate schedules by name (:func:`scheduled_lr`)
+LR_SCHEDULES = ("constant", "iwae")
+#: the last stage of the ``"iwae"`` schedule; stages 0..7 last 3^0 + ... + 3^7 = 3280 epochs
+IWAE_LAST_STAGE = 7
+
+
+def scheduled_lr(epoch: int, *, lr: float, schedule: str = "constant") -> float:
+    """The learning rate during ``epoch`` under ``schedule``.
+
+    ``"constant"`` keeps ``lr``.  ``"iwae"`` is the schedule of Burda et al. [1], section 5:
+    stage ``i = 0, ..., 7`` lasts ``3**i`` epochs at ``lr * 10**(-i / 7)``, so the rate falls
+    from ``lr`` to ``lr / 10`` over 3280 epochs (epoch 1 is stage 0, epochs 2-4 stage 1, 5-13
+    stage 2, ..., 1094-3280 stage 7); later epochs stay in stage 7.
+
+    :param epoch: the epoch about to run, counted from 1.
+    :param lr: the rate of stage 0 (the paper's 0.001), per Adam step.
+    :param schedule: a name in :data:`LR_SCHEDULES`.
+    :returns: the learning rate, in the units of ``lr``.
+
+    References:
+
+    1. Y. Burda, R. Grosse, R. Salakhutdinov. *Importance Weighted Autoencoders*. ICLR 2016.
+    """
+    if epoch < 1:
+        raise ValueError(f"epochs count from 1, got {epoch}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        return lr
+    stage, last_epoch = 0, 1
+    while epoch > last_epoch and stage < IWAE_LAST_STAGE:
+        stage += 1
+        last_epoch += 3**stage
+    return lr * 10 ** (-stage / 7)
 
 
 class TrainingInterrupted(PyrovaeError):
@@ -120,7 +154,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         kl_warmup_epochs: int | None = None, resume: bool = False,
         checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
         on_divergence: str = "stop", fused: bool = True,
-        max_minutes: float | None = None) -> list[EpochRecord]:
+        max_minutes: float | None = None, lr_schedule: str = "constant") -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
 
     Each step minimises the objective's loss, ``objective.differentiable_loss(vae.model,
@@ -165,6 +199,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         ``None``; a non-finite gradient norm then stops the run like a NaN loss.
     :param on_divergence: ``"stop"`` raises on a NaN/inf loss; ``"rollback"`` reloads the
         last checkpoint, halves the learning rate and carries on (up to 5 times).
+    :param lr_schedule: the learning rate of each epoch, :func:`scheduled_lr` of ``lr``
+        (halved once per rollback), set at the start of every epoch: ``"constant"`` or
+        ``"iwae"`` (Burda et al. 2016).
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :param fused: evaluate ``trace_elbo``/``meanfield_elbo`` without tracing (same value).
@@ -189,6 +226,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     if on_divergence not in DIVERGENCE_POLICIES:
         raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
                            f"got {on_divergence!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PyrovaeError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                           f"got {lr_schedule!r}")
     if (resume or on_divergence == "rollback") and run_dir is None:
         raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
     if beta is None:
@@ -201,7 +241,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
                          config=config, progress=progress, beta=beta,
                          kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
                          keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
-                         fused=fused, max_minutes=max_minutes)
+                         fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -223,7 +263,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                kl_warmup_epochs=config.kl_warmup_epochs, resume=resume,
                checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
                clip_norm=config.clip_norm, on_divergence=config.on_divergence,
-               fused=config.fused, max_minutes=config.max_minutes)
+               fused=config.fused, max_minutes=config.max_minutes,
+               lr_schedule=config.lr_schedule)
 
 
 class _StopSignals:
@@ -264,9 +305,11 @@ class TrainingLoop:
                  run_dir: Path | None, config: TrainConfig | None, progress: bool,
                  beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
                  clip_norm: float | None, on_divergence: str, fused: bool,
-                 max_minutes: float | None = None) -> None:
+                 max_minutes: float | None = None, lr_schedule: str = "constant") -> None:
         self.vae, self.data, self.config = vae, data, config
-        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.epochs, self.batch_size = epochs, batch_size
+        # ``lr`` is the schedule's base rate, halved by every rollback
+        self.lr, self.lr_schedule = lr, lr_schedule
         self.seed, self.test_every, self.run_dir = seed, test_every, run_dir
         self.progress, self.beta, self.kl_warmup_epochs = progress, beta, kl_warmup_epochs
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
@@ -470,6 +513,7 @@ class TrainingLoop:
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch
         self.kl_scale.beta = kl_weight(epoch, beta=self.beta, warmup_epochs=self.kl_warmup_epochs)
+        self._apply_lr()
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
         n = self.data.train.shape[0]
@@ -553,10 +597,17 @@ class TrainingLoop:
         lr = self.lr / 2
         self._load(path)
         self.rollbacks, self.lr = rollbacks, lr
+        scheduled = self._apply_lr()
+        logger.warning("loss diverged; rolled back to epoch %d, step %d with lr %.3g "
+                       "(rollback %d of %d)", self.epoch, self.step, scheduled, rollbacks,
+                       MAX_ROLLBACKS)
+
+    def _apply_lr(self) -> float:
+        """Set the optimizer to the scheduled rate of the epoch under way; return it."""
+        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logger.warning("loss diverged; rolled back to epoch %d, step %d with lr %.3g "
-                       "(rollback %d of %d)", self.epoch, self.step, lr, rollbacks, MAX_ROLLBACKS)
+        return lr
 
 
 def _write_metrics(path: Path, records: list[EpochRecord]) -> None:

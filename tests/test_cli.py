@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pyrovae.cli import main
+from pyrovae import TrainConfig
+from pyrovae.cli import build_parser, main
 from tests.conftest import SHARED_DATA, requires_mnist
 
 TINY = ["--train-size", "300", "--test-size", "40", "--epochs", "2", "--hidden-dims", "32",
@@ -144,6 +145,24 @@ def test_unparseable_flags_are_one_line(capsys, flags, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_lr_schedule_takes_iwae_and_names_the_choices_otherwise(capsys):
+    args = build_parser().parse_args(["train", "--lr-schedule", "iwae"])
+    assert TrainConfig.from_args(args).lr_schedule == "iwae"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr-schedule", "cosine"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --lr-schedule: invalid choice: 'cosine'" in err
+    assert "constant" in err and "iwae" in err
+
+
+def test_the_lr_schedule_cannot_change_on_resume(capsys, tmp_path):
+    TrainConfig(out_dir=str(tmp_path)).save(tmp_path / "config.json")
+    (tmp_path / "checkpoint.pt").touch()  # refused before it is read
+    line = one_line_error(capsys, ["train", "--resume", str(tmp_path), "--lr-schedule", "iwae"])
+    assert "--lr-schedule cannot change when resuming" in line
 
 
 @requires_mnist

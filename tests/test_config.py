@@ -43,6 +43,7 @@ def test_json_round_trip(tmp_path):
     ({"lr": 0.0}, "lr must be positive"),
     ({"hidden_dims": (10, 0)}, "hidden_dims must be positive"),
     ({"eval_samples": -5}, "eval_samples must be >= 0"),
+    ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'; known: constant, iwae"),
 ])
 def test_bad_values_name_the_problem(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -99,14 +99,16 @@ def test_mnist_vae(tmp_path):
 
 @requires_mnist
 def test_mnist_vae_resumes(tmp_path):
-    args = ("--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path), "--objectives", "trace_elbo")
+    args = ("--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path), "--objectives", "trace_elbo",
+            "--lr-schedule", "iwae")
     run_script("mnist_vae.py", *args, *TINY)
     longer = [*TINY[:5], "2", *TINY[6:]]
     assert longer[4:6] == ["--epochs", "2"]
     run_script("mnist_vae.py", *args, *longer, "--resume")
     with (tmp_path / "trace_elbo" / "metrics.csv").open() as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
-    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["epochs"] == 2
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["epochs"] == 2 and run["config"]["lr_schedule"] == "iwae"
 
 
 @requires_mnist

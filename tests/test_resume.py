@@ -16,7 +16,7 @@ import torch
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.checkpoint import read_checkpoint
 from pyrovae.data import DataSplits
-from pyrovae.train import TrainingDivergedError, read_metrics
+from pyrovae.train import TrainingDivergedError, TrainingLoop, read_metrics
 from tests.conftest import SHARED_DATA, requires_mnist
 
 
@@ -49,6 +49,45 @@ def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path):
     assert [r.epoch for r in history] == [1, 2, 3]
     expected = [r.train_elbo for r in read_metrics(tmp_path / "a" / "metrics.csv")]
     assert [r.train_elbo for r in read_metrics(tmp_path / "b" / "metrics.csv")] == expected
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: the process dies between steps, leaving only its last checkpoint."""
+
+
+@pytest.mark.parametrize("killed_at_step", [None, 13])
+def test_resume_with_the_iwae_schedule_is_bit_identical(tmp_path, killed_at_step):
+    """Five epochs of 8 steps cross the schedule's stages 0, 1 and 2.  Stopped after epoch 1,
+    or killed at step 13 (epoch 2) with the last checkpoint at step 12, then resumed."""
+    data = tiny_data()
+    options = dict(batch_size=16, seed=5, progress=False, checkpoint_every=4, lr_schedule="iwae")
+    reference = tiny_vae()
+    fit(reference, data, epochs=5, run_dir=tmp_path / "a", **options)
+    constant = tiny_vae()
+    fit(constant, data, epochs=5, **{**options, "lr_schedule": "constant"})
+    assert not torch.equal(constant.state_dict()["decoder.body.0.weight"],
+                           reference.state_dict()["decoder.body.0.weight"])
+    stopped = tiny_vae()
+    if killed_at_step is None:
+        fit(stopped, data, epochs=1, run_dir=tmp_path / "b", **options)
+    else:
+        steps = {"done": 0}
+        original_step = TrainingLoop.train_step
+
+        def train_step(self, *args, **kwargs):
+            if steps["done"] == killed_at_step - 1:
+                raise Killed
+            steps["done"] += 1
+            return original_step(self, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+            patch.setattr(TrainingLoop, "train_step", train_step)
+            fit(stopped, data, epochs=5, run_dir=tmp_path / "b", **options)
+        position = read_checkpoint(tmp_path / "b")["progress"]
+        assert (position["epoch"], position["batch"], position["step"]) == (2, 4, 12)
+    resumed = tiny_vae(seed=99)
+    fit(resumed, data, epochs=5, run_dir=tmp_path / "b", resume=True, **options)
+    assert_same_parameters(reference.state_dict(), resumed.state_dict())
 
 
 def poison_one_update(patch: pytest.MonkeyPatch) -> None:
@@ -92,6 +131,22 @@ def test_rollback_lowers_the_learning_rate_and_finishes(tmp_path):
     assert position["rollbacks"] == 1 and position["lr"] == pytest.approx(5e-4)
     assert [r.epoch for r in history] == [1, 2, 3]
     assert all(math.isfinite(r.train_elbo) for r in history)
+
+
+def test_rollback_halves_the_scheduled_rate(tmp_path):
+    """Diverging in epoch 3 (stage 1 of the iwae schedule) rolls back to the end of epoch 2
+    and runs on at half the schedule; the halving survives into later epochs and resume."""
+    data = tiny_data(dynamic=False)
+    vae = tiny_vae()
+    options = dict(batch_size=16, progress=False, run_dir=tmp_path, lr=1e-3, lr_schedule="iwae")
+    fit(vae, data, epochs=2, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        poison_one_update(patch)
+        fit(vae, data, epochs=4, resume=True, on_divergence="rollback", **options)
+    fit(vae, data, epochs=5, resume=True, on_divergence="rollback", **options)
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint["progress"]["rollbacks"] == 1 and checkpoint["progress"]["lr"] == 5e-4
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 5e-4 * 10 ** (-2 / 7)  # epoch 5
 
 
 def test_keeps_the_last_n_and_the_best(tmp_path):
