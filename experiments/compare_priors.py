@@ -8,7 +8,10 @@ every prior, 40 latent dimensions, on the fixed Larochelle & Murray binarization
 Published (Tomczak & Welling 2018, one stochastic layer, 40 latents, static MNIST):
 VampPrior 85.57 nats, standard normal prior about 88.5 (negative test log-likelihood).
 Their networks were gated MLPs of 300 units with 100 epochs of KL warm-up and 500
-pseudo-inputs; here the MLP is the IWAE paper's, and warm-up is ``--kl-warmup-epochs``.
+pseudo-inputs; here the MLP is the IWAE paper's, and warm-up is ``--kl-warmup-epochs``
+(10 by default, for every prior).  The learned priors need it: without warm-up a VampPrior
+run can settle on the factorised-Bernoulli plateau (ELBO -206.5 nats) in its first epoch,
+every code at one point, because the prior follows the codes as they contract.
 
 Writes into ``--out-dir``: one run directory per prior, ``results.json``,
 ``elbo_curves.png``, ``samples_<prior>.png``, ``reconstructions_<prior>.png``.
@@ -43,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mixture components (mog) and pseudo-inputs (vamp) (default: %(default)s)")
     parser.add_argument("--prior-flows", type=int, default=4,
                         help="autoregressive steps of the flow prior (default: %(default)s)")
-    parser.add_argument("--kl-warmup-epochs", type=int, default=0,
-                        help="linear KL warm-up over this many epochs (default: %(default)s)")
+    parser.add_argument("--kl-warmup-epochs", type=int, default=10,
+                        help="linear KL warm-up over this many epochs, the same for every prior "
+                             "(default: %(default)s)")
     return parser
 
 

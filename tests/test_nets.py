@@ -11,8 +11,8 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyrovae import TrainConfig, build_vae, log_marginal_likelihood
 from pyrovae.errors import ConfigError
-from pyrovae.nets import NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, conv_networks
-from tests.conftest import SHARED_DATA, requires_mnist
+from pyrovae.nets import GLOROT_GAINS, NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, conv_networks, mlp
+from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
 
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -98,3 +98,33 @@ def test_a_conv_vae_learns_on_real_mnist():
         svi.step(data.train)
     last = svi.evaluate_loss(data.train) / 32
     assert last < first - 150, (first, last)  # about 490 -> 240 nats per image
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_mlp_weights_start_glorot_uniform_with_the_activation_gain(activation):
+    network = mlp((784, 200, 50), activation)
+    for layer in (network[0], network[2]):
+        fan_out, fan_in = layer.weight.shape
+        bound = GLOROT_GAINS[activation] * math.sqrt(6 / (fan_in + fan_out))
+        # 10,000+ uniform draws: the largest comes within 1% of the bound
+        assert 0.99 * bound < layer.weight.abs().max().item() <= bound
+        assert torch.all(layer.bias == 0)
+
+
+@requires_binarized_mnist
+def test_a_vampprior_vae_leaves_the_factorised_bernoulli_plateau():
+    # With PyTorch's default Linear initialisation (or gain 1 on the last layer) this seed
+    # collapsed every code to one point: ELBO -206.5 nats, no active latent dimension.
+    from pyrovae.data import load_binarized_mnist
+    from pyrovae.train import fit
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2)
+    data = load_binarized_mnist(SHARED_DATA).subset(train_size=10_000, test_size=500)
+    config = TrainConfig(dataset="binarized_mnist", prior="vamp", num_components=50, latent_dim=40)
+    vae = build_vae(config, data_dim=784)
+    records = fit(vae, data, epochs=9, kl_warmup_epochs=8, seed=2, test_every=9, progress=False)
+    codes = vae.encode(data.test).mean  # (500, 40)
+    active = int((codes.var(0) > 0.01).sum())
+    assert records[-1].train_elbo > -190, records[-1]
+    assert active >= 20, active

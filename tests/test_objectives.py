@@ -54,7 +54,7 @@ def test_iwae_with_one_particle_equals_the_elbo_in_expectation():
 
 def test_iwae_bound_lies_above_the_elbo_rises_with_k_and_stays_below_log_px():
     vae = mismatched_vae(inflate=2.5)
-    x = sample_data(vae, 200)
+    x = sample_data(vae, 2000)
     with torch.no_grad():
         bounds = {k: ImportanceWeightedELBO(num_particles=k).bound(vae.model, vae.guide, x)
                   for k in (1, 10, 100)}
