@@ -70,7 +70,7 @@ def default_data_dir() -> str:
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, out_dir: str, epochs: int,
                          eval_samples: int = 5000, latent_dim: int = 50,
-                         hidden_dims: Sequence[int] = (200, 200)) -> None:
+                         hidden_dims: Sequence[int] = (200, 200), log_px_every: int = 0) -> None:
     """The flags every experiment has, with the script's own defaults."""
     add = parser.add_argument
     add("--data-dir", default=default_data_dir(),
@@ -102,6 +102,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_dir: str, epoch
              "epochs (default: %(default)s)")
     add("--test-every", type=int, default=1,
         help="test ELBO in metrics.csv every N epochs (default: %(default)s)")
+    add("--log-px-every", type=int, default=log_px_every,
+        help="test log p(x) in metrics.csv and the ELBO figure every N epochs, on the first "
+             "--log-px-size test images with --log-px-samples samples (0: only the final "
+             "one; default: %(default)s)")
+    add("--log-px-samples", type=int, default=1000,
+        help="importance samples K of the --log-px-every estimates (default: %(default)s)")
+    add("--log-px-size", type=int, default=1000,
+        help="test images of the --log-px-every estimates (default: %(default)s)")
     add("--evaluate-only", action="store_true",
         help="train nothing: evaluate the runs in --out-dir as their checkpoints stand and "
              "write the results and figures of all the settings named")
@@ -119,7 +127,8 @@ def base_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
         "test_size": args.test_size, "hidden_dims": tuple(args.hidden_dims),
         "latent_dim": args.latent_dim, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "device": args.device, "seed": args.seed,
-        "test_every": args.test_every,
+        "test_every": args.test_every, "log_px_every": args.log_px_every,
+        "log_px_samples": args.log_px_samples, "log_px_size": args.log_px_size,
         "eval_samples": args.eval_samples, "progress": args.progress,
         "overwrite": args.overwrite, "max_minutes": args.max_minutes,
     }
@@ -391,7 +400,8 @@ def plot_image_rows(rows: Mapping[str, torch.Tensor], path: Path, image_shape: S
 def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
                      published: Mapping[str, float] | None = None,
                      final: Mapping[str, float] | None = None) -> None:
-    """Train and test ELBO per epoch (from each run's ``metrics.csv``), one colour per run.
+    """Train and test ELBO per epoch (from each run's ``metrics.csv``), one colour per run,
+    and the test log p(x) at the epochs that estimated it (``--log-px-every``).
 
     :param published: per run name, a published log p(x), drawn as a dashed line.
     :param final: per run name, our final test log p(x), drawn as a point at the last epoch.
@@ -404,7 +414,8 @@ def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
         records = read_metrics(run.run_dir / METRICS_NAME)
         epochs = [r.epoch for r in records]
         later = records[1:] if len(records) > 2 else records
-        shown += [v for r in later for v in (r.train_elbo, r.test_elbo) if math.isfinite(v)]
+        shown += [v for r in later for v in (r.train_elbo, r.test_elbo, r.test_log_px)
+                  if math.isfinite(v)]
         shown += [value for table in (published, final) if table and table.get(run.name) is not None
                   for value in [table[run.name]]]
         axis.plot(epochs, [r.train_elbo for r in records], color=color, alpha=0.45, lw=1,
@@ -412,6 +423,11 @@ def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
         tested = [(r.epoch, r.test_elbo) for r in records if math.isfinite(r.test_elbo)]
         axis.plot(*zip(*tested, strict=True), color=color, marker="." if len(tested) < 30 else None,
                   lw=1.6, label=f"{run.name}: test ELBO")
+        curve = [(r.epoch, r.test_log_px) for r in records if math.isfinite(r.test_log_px)]
+        if curve:
+            axis.plot(*zip(*curve, strict=True), color=color, marker="o", ms=3.5, lw=1.2, ls=":",
+                      label=f"{run.name}: test log p(x), K={run.config.log_px_samples}, "
+                            f"first {run.config.log_px_size} images")
         if final and run.name in final:
             axis.plot([epochs[-1]], [final[run.name]], color=color, marker="*", ms=11, ls="",
                       label=f"{run.name}: test log p(x), final")

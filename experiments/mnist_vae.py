@@ -49,7 +49,7 @@ def objective_settings(name: str) -> dict[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist_vae.py", description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, out_dir="runs/mnist_vae", epochs=100)
+    common.add_common_arguments(parser, out_dir="runs/mnist_vae", epochs=100, log_px_every=10)
     parser.add_argument("--objectives", nargs="+", default=["trace_elbo", "iwae5", "iwae50"],
                         help="training objectives: trace_elbo, meanfield_elbo, iwaeK "
                              "(default: %(default)s)")

@@ -102,7 +102,7 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
 #: flags that may change when a run is resumed; the others would make it another run
 RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
                               "eval_samples", "checkpoint_every", "keep_last",
-                              "max_minutes"})
+                              "max_minutes", "log_px_every", "log_px_samples", "log_px_size"})
 
 
 def _resumed_config(run_dir: Path, train_argv: Sequence[str]) -> TrainConfig:

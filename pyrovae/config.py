@@ -99,6 +99,14 @@ class TrainConfig:
         "replace an existing run in out_dir (otherwise refuse, so nothing saved is lost)"))
     test_every: int = field(default=1, metadata=_flag(
         "compute the test ELBO every N epochs", type=int))
+    log_px_every: int = field(default=0, metadata=_flag(
+        "also estimate the test log p(x) every N epochs (and after the last) into "
+        "metrics.csv, with --log-px-samples importance samples on the first --log-px-size "
+        "test images (0: never)", type=int))
+    log_px_samples: int = field(default=1000, metadata=_flag(
+        "importance samples K of the --log-px-every estimates", type=int))
+    log_px_size: int = field(default=1000, metadata=_flag(
+        "test images of the --log-px-every estimates", type=int))
     eval_samples: int = field(default=1000, metadata=_flag(
         "importance samples K for the final test log p(x); 0 skips it", type=int))
     max_minutes: float | None = field(default=None, metadata=_flag(
@@ -131,11 +139,11 @@ class TrainConfig:
                     f"unknown {f.name} {value!r}; known: {', '.join(map(str, choices))}"
                 )
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
-                    "num_components", "rank")
+                    "num_components", "rank", "log_px_samples", "log_px_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("prior_flows", "num_flows", "kl_warmup_epochs"):
+        for name in ("prior_flows", "num_flows", "kl_warmup_epochs", "log_px_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.beta > 0:

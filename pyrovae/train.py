@@ -38,7 +38,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, InvalidDataError, PyrovaeError
-from pyrovae.evaluation import elbo
+from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
@@ -47,7 +47,8 @@ from pyrovae.validation import check_data
 logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.csv"
-METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds", "valid_elbo")
+METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds", "valid_elbo",
+                  "test_log_px")
 
 
 class TrainingDivergedError(PyrovaeError):
@@ -71,7 +72,9 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class EpochRecord:
-    """One line of ``metrics.csv``; ELBOs per data point in nats (NaN where not computed)."""
+    """One line of ``metrics.csv``; ELBOs and log p(x) per data point in nats (NaN where not
+    computed).  ``test_log_px`` is the importance-sampled estimate on the first
+    ``log_px_size`` test points (:func:`fit`'s ``log_px_every``)."""
 
     epoch: int
     step: int
@@ -79,6 +82,7 @@ class EpochRecord:
     test_elbo: float
     epoch_seconds: float
     valid_elbo: float = math.nan
+    test_log_px: float = math.nan
 
 
 def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = None) -> None:
@@ -154,7 +158,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         kl_warmup_epochs: int | None = None, resume: bool = False,
         checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
         on_divergence: str = "stop", fused: bool = True,
-        max_minutes: float | None = None, lr_schedule: str = "constant") -> list[EpochRecord]:
+        max_minutes: float | None = None, lr_schedule: str = "constant",
+        log_px_every: int = 0, log_px_samples: int = 1000,
+        log_px_size: int = 1000) -> list[EpochRecord]:
     """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
 
     Each step minimises the objective's loss, ``objective.differentiable_loss(vae.model,
@@ -241,7 +247,9 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
                          config=config, progress=progress, beta=beta,
                          kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
                          keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
-                         fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule)
+                         fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule,
+                         log_px_every=log_px_every, log_px_samples=log_px_samples,
+                         log_px_size=log_px_size)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -264,7 +272,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
                clip_norm=config.clip_norm, on_divergence=config.on_divergence,
                fused=config.fused, max_minutes=config.max_minutes,
-               lr_schedule=config.lr_schedule)
+               lr_schedule=config.lr_schedule, log_px_every=config.log_px_every,
+               log_px_samples=config.log_px_samples, log_px_size=config.log_px_size)
 
 
 class _StopSignals:
@@ -305,7 +314,9 @@ class TrainingLoop:
                  run_dir: Path | None, config: TrainConfig | None, progress: bool,
                  beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
                  clip_norm: float | None, on_divergence: str, fused: bool,
-                 max_minutes: float | None = None, lr_schedule: str = "constant") -> None:
+                 max_minutes: float | None = None, lr_schedule: str = "constant",
+                 log_px_every: int = 0, log_px_samples: int = 1000,
+                 log_px_size: int = 1000) -> None:
         self.vae, self.data, self.config = vae, data, config
         self.epochs, self.batch_size = epochs, batch_size
         # ``lr`` is the schedule's base rate, halved by every rollback
@@ -315,6 +326,8 @@ class TrainingLoop:
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.on_divergence, self.rollbacks = on_divergence, 0
         self.clip_norm, self.max_minutes = clip_norm, max_minutes
+        self.log_px_every, self.log_px_samples = log_px_every, log_px_samples
+        self.log_px_size = log_px_size
         self.parameters = list(vae.parameters())
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
         self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
@@ -551,10 +564,13 @@ class TrainingLoop:
                 self.vae.train()
             test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
             distributed.share_rng_state(self.vae.device)
+        test_log_px = self._test_log_px(epoch)
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
-                             valid_elbo)
+                             valid_elbo, test_log_px)
         self.history.append(record)
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
+        if not math.isnan(test_log_px):
+            validation += f", test log p(x) {test_log_px:.3f} (K={self.log_px_samples})"
         log = logger.info if self.is_main else logger.debug
         log("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
                     record.train_elbo, record.test_elbo, validation, seconds)
@@ -574,6 +590,19 @@ class TrainingLoop:
                     keep_history(self.run_dir, epoch, self.keep_last)
                 if improved:
                     mark_best(self.run_dir)
+
+    def _test_log_px(self, epoch: int) -> float:
+        """The mean importance-sampled log p(x) of the first ``log_px_size`` test points at
+        this epoch's end, or NaN when this epoch has none; seeded, so the training's
+        random stream is untouched (every process computes its share)."""
+        if not self.log_px_every or (epoch % self.log_px_every and epoch != self.epochs):
+            return math.nan
+        self.vae.eval()
+        log_px = log_marginal_likelihood(
+            self.vae, self.data.test[: self.log_px_size], num_samples=self.log_px_samples,
+            seed=self.seed, distributed=distributed.is_distributed())
+        self.vae.train()
+        return log_px.mean().item()
 
     def _interrupt(self, signal_number: int) -> None:
         name = signal.Signals(signal_number).name
@@ -627,6 +656,8 @@ def read_metrics(path: str | Path) -> list[EpochRecord]:
     """Read ``metrics.csv`` back into records."""
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
+    # files written before a column existed read it as NaN
     return [EpochRecord(int(row["epoch"]), int(row["step"]), float(row["train_elbo"]),
                         float(row["test_elbo"]), float(row["epoch_seconds"]),
-                        float(row.get("valid_elbo") or math.nan)) for row in rows]
+                        float(row.get("valid_elbo") or math.nan),
+                        float(row.get("test_log_px") or math.nan)) for row in rows]

@@ -44,6 +44,9 @@ def test_json_round_trip(tmp_path):
     ({"hidden_dims": (10, 0)}, "hidden_dims must be positive"),
     ({"eval_samples": -5}, "eval_samples must be >= 0"),
     ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'; known: constant, iwae"),
+    ({"log_px_every": -1}, "log_px_every must be >= 0"),
+    ({"log_px_samples": 0}, "log_px_samples must be positive"),
+    ({"log_px_size": 0}, "log_px_size must be positive"),
 ])
 def test_bad_values_name_the_problem(values, message):
     with pytest.raises(ConfigError, match=message):

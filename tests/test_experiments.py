@@ -22,7 +22,8 @@ from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 #: a few hundred images, one epoch, K = 10, small networks
 TINY = ("--train-size", "200", "--test-size", "100", "--epochs", "1", "--eval-samples", "10",
-        "--hidden-dims", "16", "--latent-dim", "3", "--no-progress", "--seed", "0")
+        "--hidden-dims", "16", "--latent-dim", "3", "--no-progress", "--seed", "0",
+        "--log-px-samples", "10")
 
 
 def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -106,7 +107,10 @@ def test_mnist_vae_resumes(tmp_path):
     assert longer[4:6] == ["--epochs", "2"]
     run_script("mnist_vae.py", *args, *longer, "--resume")
     with (tmp_path / "trace_elbo" / "metrics.csv").open() as handle:
-        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    # each invocation's last epoch estimates the log p(x) curve (K=10 on the test images)
+    assert all(-1000 < float(row["test_log_px"]) < 0 for row in rows)
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["epochs"] == 2 and run["config"]["lr_schedule"] == "iwae"
 

@@ -150,3 +150,37 @@ def test_training_sets_the_scheduled_rate_every_epoch(tmp_path, schedule):
         rate = scheduled_lr(epoch, lr=2e-3, schedule=schedule)
         assert [group["lr"] for group in optimizer["param_groups"]] == [rate], epoch
     assert rate == (2e-3 if schedule == "constant" else 2e-3 * 10 ** (-2 / 7))
+
+
+@requires_mnist
+def test_the_log_px_curve_is_the_seeded_estimate_and_leaves_training_alone(small_mnist, tmp_path):
+    data = small_mnist.subset(500, 60)
+    config = TrainConfig(hidden_dims=(32,), latent_dim=4)
+    runs = {}
+    for every in (0, 2):
+        torch.manual_seed(5)  # the same initial weights
+        vae = build_vae(config, data_dim=784)
+        history = fit(vae, data, epochs=3, batch_size=50, seed=7, run_dir=tmp_path / str(every),
+                      config=config, progress=False, log_px_every=every, log_px_samples=30,
+                      log_px_size=40)
+        runs[every] = vae, history
+    (plain, plain_history), (curved, history) = runs[0], runs[2]
+    # the estimates draw from their own seeded stream: the parameters are bit-identical
+    for a, b in zip(plain.parameters(), curved.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(math.isnan(record.test_log_px) for record in plain_history)
+    # epochs 2 and 3 (the last) have one; it is the estimate on the first 40 test points
+    assert [math.isnan(record.test_log_px) for record in history] == [True, False, False]
+    expected = log_marginal_likelihood(curved, data.test[:40], num_samples=30, seed=7).mean()
+    assert history[-1].test_log_px == pytest.approx(expected.item(), abs=1e-5)
+    # a lower bound of log p(x) above the 1-sample ELBO, on average over the 40 points
+    assert history[-1].test_log_px > elbo(curved, data.test[:40], num_samples=1).mean().item()
+    written = read_metrics(tmp_path / "2" / "metrics.csv")
+    assert [r.test_log_px for r in written][1:] == pytest.approx([r.test_log_px for r in history][1:])
+
+
+def test_metrics_written_before_the_log_px_column_read_it_as_nan(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train_elbo,test_elbo,epoch_seconds,valid_elbo\n1,10,-200,-201,1.5,\n")
+    (record,) = read_metrics(path)
+    assert record.test_elbo == -201 and math.isnan(record.test_log_px)
