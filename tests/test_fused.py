@@ -110,3 +110,31 @@ def test_training_with_and_without_fusion_follows_the_same_path():
     assert fused_elbos == pytest.approx(pyro_elbos, rel=1e-5)
     for name, value in fused_state.items():
         torch.testing.assert_close(value, pyro_state[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("analytic_kl", [False, True])
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_the_standard_vae_shortcut_is_the_general_path(monkeypatch, analytic_kl, num_particles):
+    import pyrovae.fused as fused
+
+    vae, x = small_vae(), data()
+    assert fused._is_the_standard_vae(vae)  # the default VAE takes the shortcut
+    assert not fused._is_the_standard_vae(small_vae(prior="mog"))
+    results = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(fused, "_is_the_standard_vae", lambda vae: False)
+        torch.manual_seed(5)
+        loss = fused_elbo_loss(vae, x, num_particles=num_particles, beta=0.7,
+                               analytic_kl=analytic_kl)
+        grads = torch.autograd.grad(loss, list(vae.parameters()), allow_unused=True)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            weights = fused_log_weights(vae, x, 4)
+        results.append((loss, grads, weights))
+    (loss, grads, weights), (general_loss, general_grads, general_weights) = results
+    torch.testing.assert_close(loss, general_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(weights, general_weights, rtol=1e-6, atol=1e-5)
+    for got, want in zip(grads, general_grads, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
