@@ -210,11 +210,14 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
 
 def evaluation_chunk_size(config: TrainConfig, chunk_size: int, batch_size: int = 100,
                           device: torch.device | None = None) -> int:
-    """Importance samples per trace, lowered for mixture priors, which broadcast every z
-    against all their components (``chunk * batch * components * latent_dim`` floats; five
-    times :data:`MIXTURE_ELEMENTS` on a GPU)."""
+    """Importance samples per trace, lowered for mixture priors, which score every z against
+    all their components: ``chunk * batch * components`` float64 pairs for diagonal-Normal
+    components (the mixture of Gaussians; the VampPrior with the diagonal guide), ``chunk *
+    batch * components * latent_dim`` floats for the others (at most
+    :data:`MIXTURE_ELEMENTS`, five times that on a GPU)."""
     if config.prior in ("mog", "vamp"):
-        per_sample = batch_size * config.num_components * config.latent_dim
+        diagonal = config.prior == "mog" or config.guide == "diagonal"
+        per_sample = batch_size * config.num_components * (2 if diagonal else config.latent_dim)
         budget = MIXTURE_ELEMENTS * (5 if device is not None and device.type == "cuda" else 1)
         chunk_size = min(chunk_size, max(1, budget // per_sample))
     return chunk_size

@@ -237,3 +237,21 @@ def test_make_results_table(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "-86.76 (Burda et al. 2016)" in text and "35 s" in text
     assert text.startswith("before\n") and text.endswith("after\n")
+
+
+def test_mixture_priors_lower_the_evaluation_chunk_only_where_memory_needs_it():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    from pyrovae import TrainConfig
+
+    def chunk(**settings):
+        config = TrainConfig(latent_dim=40, num_components=500, **settings)
+        return common.evaluation_chunk_size(config, 500, batch_size=100)
+
+    # diagonal components cost batch x components per sample (a matrix product)
+    assert chunk(prior="vamp") == chunk(prior="mog") == chunk(prior="normal") == 500
+    # other guides broadcast z against every component: 2 million floats per sample
+    assert chunk(prior="vamp", guide="iaf") == common.MIXTURE_ELEMENTS // (100 * 500 * 40) == 25
