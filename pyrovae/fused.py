@@ -74,7 +74,17 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
     sample_shape = torch.Size((num_particles,) if num_particles > 1 else ())
     if shard is None and _is_the_standard_vae(vae):
         elbo = _standard_vae_elbo(vae, x, sample_shape, beta, analytic_kl)
-        return -(elbo.mean(0) if num_particles > 1 else elbo).sum()
+    else:
+        elbo = _general_elbo(vae, x, sample_shape, beta, analytic_kl, shard)
+    if num_particles > 1:
+        elbo = elbo.mean(0)
+    return -elbo.sum()
+
+
+def _general_elbo(vae: VAE, x: torch.Tensor, sample_shape: torch.Size, beta: float,
+                  analytic_kl: bool, shard: Shard | None = None) -> torch.Tensor:
+    """The per-particle ELBO, ``sample_shape + (N,)``, from the VAE's distributions: any
+    prior, guide and likelihood (the arguments are :func:`fused_elbo_loss`'s)."""
     q, p = _posterior_and_prior(vae, x)
     z = q.rsample(sample_shape) if shard is None else sharded_rsample(q, shard, sample_shape)
     log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
@@ -87,10 +97,7 @@ def fused_elbo_loss(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, beta: 
             kl = None
     if kl is None:
         kl = q.log_prob(z) - p.log_prob(z)
-    elbo = log_likelihood - beta * kl
-    if num_particles > 1:
-        elbo = elbo.mean(0)
-    return -elbo.sum()
+    return log_likelihood - beta * kl
 
 
 def _is_the_standard_vae(vae: VAE) -> bool:
@@ -138,9 +145,6 @@ def fused_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tens
     :returns: ``(K, N)`` log weights in nats (differentiable; wrap in ``torch.no_grad()`` to
         evaluate).
     """
-    if _is_the_standard_vae(vae):
-        return _standard_vae_elbo(vae, x, torch.Size((num_samples,)), 1.0, analytic_kl=False)
-    q, p = _posterior_and_prior(vae, x)
-    z = q.rsample(torch.Size((num_samples,)))  # (K, N, latent_dim)
-    log_likelihood = vae.likelihood.forward(vae.decoder(z)).log_prob(x)
-    return log_likelihood + p.log_prob(z) - q.log_prob(z)
+    # the log weights are the per-particle ELBO with beta = 1 and a Monte Carlo KL
+    compute = _standard_vae_elbo if _is_the_standard_vae(vae) else _general_elbo
+    return compute(vae, x, torch.Size((num_samples,)), 1.0, False)
