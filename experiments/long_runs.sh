@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The long runs of every experiment, side by side on one GPU, then gathered per script.
+# The long runs of every experiment, JOBS settings at a time, then gathered per script.
 #
 # Each setting (one objective, prior, guide, sigma) trains in its own process with a
 # wall-clock budget (--max-minutes: it stops at the end of the first epoch after which
 # another would overrun the budget), then evaluates log p(x) with K = 5000 (1000 for the
 # continuous Gaussian likelihood).  A second pass runs each script once over all its settings
 # with --evaluate-only, which trains nothing and writes one results.json and the figures.
-# With N settings in parallel each gets a share of the GPU; the results record the epochs
-# each one reached.
+# On a GPU every setting runs at once and each gets a share of it; on a CPU run as many at a
+# time as there are cores, one thread each.  The results record the epochs each one reached.
 #
-# Usage: experiments/long_runs_gpu.sh DATA_DIR OUT_DIR MINUTES [PYTHON]
+# Usage: experiments/long_runs.sh DATA_DIR OUT_DIR MINUTES [PYTHON]
 #   DATA_DIR  folder with MNIST/raw and binarized_mnist.npz
 #   OUT_DIR   one folder per script is made inside it
 #   MINUTES   training budget per setting
-# Environment: DEVICE (default cuda); EXTRA_ARGS (more flags for every run, e.g. a tiny
+# Environment: DEVICE (default cuda); JOBS (settings trained at once; default all of them);
+# ONLY (the scripts to run, e.g. "compare_guides latent_space"; default all five); EXTRA_ARGS (more flags for every run, e.g. a tiny
 # "--train-size 200 --test-size 100 --eval-samples 10" to try the script on a CPU);
 # EVAL_SECONDS (default 150: time a setting has after its budget to evaluate before it is
 # stopped); GATHER_SECONDS (default 300: limit of each gathering run).
@@ -32,9 +33,18 @@ COMMON=(--data-dir "$DATA_DIR" --device "${DEVICE:-cuda}" --epochs 3000 --no-pro
 LIMIT=$(python3 -c "print(int($MINUTES * 60 + ${EVAL_SECONDS:-150}))")
 MIXTURE_MINUTES=$(python3 -c "print(max(0.5, $MINUTES - 0.5))")  # their evaluation costs more
 
-start() {  # start LOG SCRIPT ARGS...: one setting in the background
+ONLY=${ONLY:-mnist_vae compare_priors compare_guides gaussian_likelihood latent_space}
+JOBS=${JOBS:-1000}
+
+wanted() {  # wanted SCRIPT: is SCRIPT in ONLY
+    [[ " $ONLY " == *" $1 "* ]]
+}
+
+start() {  # start LOG SCRIPT ARGS...: one setting in the background, once fewer than JOBS run
     local log=$1
     shift
+    wanted "${1%.py}" || return 0
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     timeout -s TERM "$LIMIT" "$PYTHON" "experiments/$@" "${COMMON[@]}" \
         >"$OUT_DIR/logs/$log.log" 2>&1 &
 }
@@ -72,6 +82,7 @@ trained() {  # trained DIR NAMES...: the names that have DIR/NAME/checkpoint.pt
     for name in "$@"; do [ -f "$dir/$name/checkpoint.pt" ] && printf '%s ' "$name"; done
 }
 LIMIT=${GATHER_SECONDS:-300}
+JOBS=1000
 O=$OUT_DIR
 # shellcheck disable=SC2046  # $(trained ...) gives one word per setting
 start gather_mnist_vae mnist_vae.py --out-dir "$O/mnist_vae" --evaluate-only \
