@@ -38,9 +38,9 @@ from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
 from pyrovae.evaluation import particle_traces  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.provenance import provenance  # noqa: E402
+from pyrovae.schedules import LR_SCHEDULES  # noqa: E402
 from pyrovae.sites import LATENT_SITE, OBSERVED_SITE  # noqa: E402
 from pyrovae.train import (  # noqa: E402
-    LR_SCHEDULES,
     METRICS_NAME,
     EpochRecord,
     TrainingInterrupted,

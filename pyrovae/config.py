@@ -18,6 +18,7 @@ from pyrovae.models import VAE
 from pyrovae.nets import ACTIVATIONS, NETWORKS
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.priors import PRIORS
+from pyrovae.schedules import LR_SCHEDULES
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata=_flag(
         "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
         "i = 0..7 (3280 epochs, later ones at lr/10); they also used Adam eps=1e-4, we keep "
-        "torch's 1e-8", choices=("constant", "iwae")))
+        "torch's 1e-8", choices=LR_SCHEDULES))
     device: str = field(default="auto", metadata=_flag(
         "cpu, cuda, cuda:N, or auto (cuda when available)", type=str))
     seed: int = field(default=0, metadata=_flag("random seed (torch, numpy, python, pyro)", type=int))

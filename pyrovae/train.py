@@ -42,6 +42,7 @@ from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
+from pyrovae.schedules import scheduled_lr
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -106,42 +107,6 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
 DIVERGENCE_POLICIES = ("stop", "rollback")
 #: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
 MAX_ROLLBACKS = 5
-#: learning-rate schedules by name (:func:`scheduled_lr`)
-LR_SCHEDULES = ("constant", "iwae")
-#: the last stage of the ``"iwae"`` schedule; stages 0..7 last 3^0 + ... + 3^7 = 3280 epochs
-IWAE_LAST_STAGE = 7
-
-
-def scheduled_lr(epoch: int, *, lr: float, schedule: str = "constant") -> float:
-    """The learning rate during ``epoch`` under ``schedule``.
-
-    ``"constant"`` keeps ``lr``.  ``"iwae"`` is the schedule of Burda et al. [1], section 5:
-    stage ``i = 0, ..., 7`` lasts ``3**i`` epochs at ``lr * 10**(-i / 7)``, so the rate falls
-    from ``lr`` to ``lr / 10`` over 3280 epochs (epoch 1 is stage 0, epochs 2-4 stage 1, 5-13
-    stage 2, ..., 1094-3280 stage 7); later epochs stay in stage 7.
-
-    :param epoch: the epoch about to run, counted from 1.
-    :param lr: the rate of stage 0 (the paper's 0.001), per Adam step.
-    :param schedule: a name in :data:`LR_SCHEDULES`.
-    :returns: the learning rate, in the units of ``lr``.
-
-    References:
-
-    1. Y. Burda, R. Grosse, R. Salakhutdinov. *Importance Weighted Autoencoders*. ICLR 2016.
-    """
-    if epoch < 1:
-        raise ValueError(f"epochs count from 1, got {epoch}")
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
-    if schedule == "constant":
-        return lr
-    stage, last_epoch = 0, 1
-    while epoch > last_epoch and stage < IWAE_LAST_STAGE:
-        stage += 1
-        last_epoch += 3**stage
-    return lr * 10 ** (-stage / 7)
-
-
 class TrainingInterrupted(PyrovaeError):
     """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
 
@@ -232,9 +197,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     if on_divergence not in DIVERGENCE_POLICIES:
         raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
                            f"got {on_divergence!r}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise PyrovaeError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                           f"got {lr_schedule!r}")
+    scheduled_lr(1, lr=lr, schedule=lr_schedule)  # an unknown name stops here, before training
     if (resume or on_divergence == "rollback") and run_dir is None:
         raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
     if beta is None:

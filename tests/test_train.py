@@ -10,8 +10,9 @@ import torch
 from pyrovae import TrainConfig, build_vae, elbo, fit, log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint
 from pyrovae.data import DataSplits, load_mnist
-from pyrovae.errors import InvalidDataError
-from pyrovae.train import TrainingDivergedError, read_metrics, scheduled_lr
+from pyrovae.errors import ConfigError, InvalidDataError
+from pyrovae.schedules import scheduled_lr
+from pyrovae.train import TrainingDivergedError, read_metrics
 from tests.conftest import requires_mnist
 
 
@@ -122,20 +123,15 @@ def test_a_non_positive_time_budget_is_refused():
         TrainConfig(max_minutes=0)
 
 
-@pytest.mark.parametrize("epoch, stage", [
-    (1, 0), (2, 1), (4, 1), (5, 2), (13, 2), (14, 3), (40, 3), (41, 4), (121, 4), (122, 5),
-    (364, 5), (365, 6), (1093, 6), (1094, 7), (3280, 7), (5000, 7),
-])
-def test_the_iwae_schedule_spends_3_to_the_i_epochs_in_stage_i(epoch, stage):
-    assert scheduled_lr(epoch, lr=1e-3, schedule="iwae") == pytest.approx(1e-3 * 10 ** (-stage / 7))
-    assert scheduled_lr(epoch, lr=1e-3) == 1e-3  # constant
-
-
-def test_the_schedule_refuses_epoch_zero_and_unknown_names():
-    with pytest.raises(ValueError, match="from 1"):
-        scheduled_lr(0, lr=1e-3, schedule="iwae")
-    with pytest.raises(ValueError, match="known: constant, iwae"):
-        scheduled_lr(1, lr=1e-3, schedule="cosine")
+def test_fit_refuses_an_unknown_schedule_before_training(tmp_path):
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((32, 10), 0.4)))
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+    before = [p.detach().clone() for p in vae.parameters()]
+    with pytest.raises(ConfigError, match="unknown lr_schedule 'cosine'"):
+        fit(vae, data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path,
+            lr_schedule="cosine")
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "iwae"])
