@@ -16,23 +16,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# Each hidden-layer activation by name, with the gain of the Glorot initialisation for the
+# layers of a network that uses it: PyTorch's ``calculate_gain`` values, with the ReLU one for
+# the other rectifier-like activations.
+_ACTIVATIONS_AND_GAINS: dict[str, tuple[type[nn.Module], float]] = {
+    "tanh": (nn.Tanh, nn.init.calculate_gain("tanh")),
+    "relu": (nn.ReLU, nn.init.calculate_gain("relu")),
+    "elu": (nn.ELU, nn.init.calculate_gain("relu")),
+    "softplus": (nn.Softplus, nn.init.calculate_gain("relu")),
+    "gelu": (nn.GELU, nn.init.calculate_gain("relu")),
+}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "softplus": nn.Softplus,
-    "gelu": nn.GELU,
-}
-
-# Gains of the Glorot initialisation for the layers of a network with each activation: PyTorch's
-# ``calculate_gain`` values, with the ReLU one for the other rectifier-like activations.
-GLOROT_GAINS: dict[str, float] = {
-    "tanh": nn.init.calculate_gain("tanh"),
-    "relu": nn.init.calculate_gain("relu"),
-    "elu": nn.init.calculate_gain("relu"),
-    "softplus": nn.init.calculate_gain("relu"),
-    "gelu": nn.init.calculate_gain("relu"),
-}
+    name: module for name, (module, _) in _ACTIVATIONS_AND_GAINS.items()}
+GLOROT_GAINS: dict[str, float] = {name: gain for name, (_, gain) in _ACTIVATIONS_AND_GAINS.items()}
 
 
 def _activation(name: str) -> type[nn.Module]:
