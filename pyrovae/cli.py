@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from pyrovae import distributed
+from pyrovae.argtypes import positive_int
 from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import load_dataset
@@ -299,16 +300,6 @@ def _run_dir_of(checkpoint: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Report a bad flag in one line (argparse prints the whole usage by default)."""
 
@@ -333,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its last checkpoint, with its saved "
                             "config (--epochs may extend it)")
-    train.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+    train.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                        help="train data-parallel in N processes on this machine (started by "
                             "torch.distributed.run; --batch-size is the global batch)")
     train.set_defaults(handler=train_command)
@@ -343,13 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate the test ELBO and log p(x) with K importance samples per test point "
                     "(the IWAE bound); prints them and writes JSON.")
     evaluate.add_argument("checkpoint", help="checkpoint.pt or the run directory holding it")
-    evaluate.add_argument("--num-samples", "-k", type=_positive_int, default=5000,
+    evaluate.add_argument("--num-samples", "-k", type=positive_int, default=5000,
                           help="importance samples K per data point (default: 5000)")
-    evaluate.add_argument("--test-size", type=_positive_int, default=None,
+    evaluate.add_argument("--test-size", type=positive_int, default=None,
                           help="evaluate only the first N test points (default: all)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=100,
+    evaluate.add_argument("--batch-size", type=positive_int, default=100,
                           help="test points per vectorized trace (default: 100)")
-    evaluate.add_argument("--chunk-size", type=_positive_int, default=500,
+    evaluate.add_argument("--chunk-size", type=positive_int, default=500,
                           help="importance samples per vectorized trace (default: 500)")
     evaluate.add_argument("--data-dir", default=None, help="override the run's data folder")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
@@ -362,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")
     sample.add_argument("checkpoint", help="checkpoint.pt or the run directory holding it")
-    sample.add_argument("--num-samples", "-n", type=_positive_int, default=64,
+    sample.add_argument("--num-samples", "-n", type=positive_int, default=64,
                         help="number of images (default: 64)")
     sample.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

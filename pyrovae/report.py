@@ -39,6 +39,7 @@ import pyro
 import torch
 
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
+from pyrovae.argtypes import non_negative_int, positive_int
 from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
 from pyrovae.models import VAE
 from pyrovae.provenance import provenance
@@ -408,23 +409,6 @@ def _ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-    return value
-
-
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--report`` flags of ``pyrovae evaluate``."""
     group = parser.add_argument_group(
@@ -435,12 +419,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                        help="write the bound-curve report instead of evaluation.json")
     group.add_argument("--ks", type=_ks, default=DEFAULT_KS,
                        help="comma-separated Ks of the IWAE bound (default: 1,5,50,500,5000)")
-    group.add_argument("--ais-temperatures", type=_non_negative_int,
+    group.add_argument("--ais-temperatures", type=non_negative_int,
                        default=DEFAULT_AIS["num_temperatures"],
                        help="AIS temperatures T; 0 skips AIS (default: %(default)s)")
-    group.add_argument("--ais-chains", type=_positive_int, default=DEFAULT_AIS["num_chains"],
+    group.add_argument("--ais-chains", type=positive_int, default=DEFAULT_AIS["num_chains"],
                        help="AIS chains per test point (default: %(default)s)")
-    group.add_argument("--ais-leapfrog-steps", type=_positive_int,
+    group.add_argument("--ais-leapfrog-steps", type=positive_int,
                        default=DEFAULT_AIS["num_leapfrog_steps"],
                        help="leapfrog steps per HMC transition (default: %(default)s)")
     group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],

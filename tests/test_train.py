@@ -130,7 +130,7 @@ def test_fit_refuses_an_unknown_schedule_before_training(tmp_path):
     with pytest.raises(ConfigError, match="unknown lr_schedule 'cosine'"):
         fit(vae, data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path,
             lr_schedule="cosine")
-    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters(), strict=True))
     assert not (tmp_path / "checkpoints").exists()
 
 
