@@ -145,6 +145,19 @@ def test_guides_broadcast_over_a_particle_plate(name):
     torch.testing.assert_close(estimate, torch.logsumexp(log_w, 0) - math.log(6))
 
 
+def test_the_full_covariance_guide_starts_as_the_diagonal_guide():
+    """Its off-diagonal head starts at zero (see the class docstring); training moves it
+    (test_svi_closes_the_elbo_gap_with_the_full_covariance_guide_only)."""
+    guide = FullCovarianceNormalGuide(200, 50)
+    h = torch.tanh(torch.randn(64, 200))
+    z_loc, scale_tril = guide.z_loc_scale_tril(h)
+    z_scale = scale_tril.diagonal(dim1=-2, dim2=-1)
+    assert torch.equal(scale_tril, torch.diag_embed(z_scale))
+    z = z_loc + z_scale * torch.randn(64, 50)
+    torch.testing.assert_close(guide(h).log_prob(z),
+                               torch.distributions.Normal(z_loc, z_scale).log_prob(z).sum(-1))
+
+
 def exact_full_covariance_guide(vae: VAE) -> FullCovarianceNormalGuide:
     """A full-covariance guide whose heads give the exact posterior of the linear-Gaussian VAE."""
     exact = vae.guide_family
