@@ -71,7 +71,8 @@ def test_full_covariance_density_is_the_gaussian_formula():
     diagonal = torch.nn.functional.softplus(guide.diagonal_head(h)) + MIN_SCALE
     torch.testing.assert_close(scale_tril.diagonal(dim1=-2, dim2=-1), diagonal)
     rows, cols = torch.tril_indices(3, 3, offset=-1)
-    torch.testing.assert_close(scale_tril[:, rows, cols], guide.off_diagonal_head(h))
+    torch.testing.assert_close(scale_tril[:, rows, cols],
+                               guide.OFF_DIAGONAL_SCALE * guide.off_diagonal_head(h))
     z = torch.randn(5, 3, dtype=torch.float64)
     covariance = scale_tril @ scale_tril.transpose(-1, -2)
     residual = (z - z_loc).unsqueeze(-1)
@@ -171,7 +172,7 @@ def exact_full_covariance_guide(vae: VAE) -> FullCovarianceNormalGuide:
             head.weight.zero_()
         # softplus^{-1}(s) = log(expm1(s))
         guide.diagonal_head.bias.copy_(torch.log(torch.expm1(exact.scale_tril.diagonal() - MIN_SCALE)))
-        guide.off_diagonal_head.bias.copy_(exact.scale_tril[rows, cols])
+        guide.off_diagonal_head.bias.copy_(exact.scale_tril[rows, cols] / guide.OFF_DIAGONAL_SCALE)
     return guide
 
 
