@@ -14,7 +14,8 @@
 #   OUT_DIR   one folder per script is made inside it
 #   MINUTES   training budget per setting
 # Environment: DEVICE (default cuda); JOBS (settings trained at once; default all of them);
-# ONLY (the scripts to run, e.g. "compare_guides latent_space"; default all five); EXTRA_ARGS (more flags for every run, e.g. a tiny
+# ONLY (the scripts to run, e.g. "compare_guides latent_space"; default all five);
+# EXTRA_ARGS (more flags for every run, e.g. a tiny
 # "--train-size 200 --test-size 100 --eval-samples 10" to try the script on a CPU);
 # EVAL_SECONDS (default 150: time a setting has after its budget to evaluate before it is
 # stopped); GATHER_SECONDS (default 300: limit of each gathering run).
