@@ -36,6 +36,8 @@ def _duration(seconds: float) -> str:
 def rows(results: dict[str, Any]) -> Iterable[list[str]]:
     """Table rows for one ``results.json``."""
     hardware = results.get("hardware") or results.get("device") or "?"
+    # files written before describe_device learnt the singular say "(1 threads)"
+    hardware = hardware.replace("(1 threads)", "(1 thread)")
     for run in results["runs"]:
         published = run.get("published_log_marginal_likelihood")
         source = run.get("published_source")

@@ -38,10 +38,12 @@ def cpu_model() -> str:
 
 
 def describe_device(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's model with the number of torch threads."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def provenance(device: torch.device | str = "cpu") -> dict[str, Any]:

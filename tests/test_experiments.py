@@ -229,13 +229,15 @@ def test_make_results_table(tmp_path):
            "eval_samples": 5000, "num_test_points": 10000, "test_elbo": -94.5,
            "published_log_marginal_likelihood": -86.76, "published_source": "Burda et al. 2016"}
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"experiment": "mnist_vae", "hardware": "a CPU", "runs": [run]}))
+    path.write_text(json.dumps({"experiment": "mnist_vae", "hardware": "a CPU (1 threads)",
+                                "runs": [run]}))
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- results table: begin -->\nold\n<!-- results table: end -->\nafter\n")
     result = run_script("make_results_table.py", str(path), "--readme", str(readme))
     assert "-90.12 ± 0.25 (K=5000, N=10000)" in result.stdout
     text = readme.read_text()
     assert "old" not in text and "-86.76 (Burda et al. 2016)" in text and "35 s" in text
+    assert "| a CPU (1 thread) |" in text
     assert text.startswith("before\n") and text.endswith("after\n")
 
 
