@@ -102,11 +102,16 @@ class FullCovarianceNormalGuide(GuideFamily):
         q = family(torch.randn(100, 200))  # MultivariateNormal, batch (100,), event (50,)
     """
 
-    #: the strictly lower entries of L are this times the off-diagonal head's outputs
+    #: default of ``off_diagonal_scale``: the strictly lower entries of L are this times the
+    #: off-diagonal head's outputs (``experiments/probe_guide_init.py`` measures others)
     OFF_DIAGONAL_SCALE = 0.1
 
-    def __init__(self, feature_dim: int, latent_dim: int) -> None:
+    def __init__(self, feature_dim: int, latent_dim: int, *,
+                 off_diagonal_scale: float = OFF_DIAGONAL_SCALE) -> None:
         super().__init__(feature_dim, latent_dim)
+        if not off_diagonal_scale > 0:
+            raise ValueError(f"off_diagonal_scale must be positive, got {off_diagonal_scale}")
+        self.off_diagonal_scale = off_diagonal_scale
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.diagonal_head = nn.Linear(feature_dim, latent_dim)
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
@@ -122,7 +127,7 @@ class FullCovarianceNormalGuide(GuideFamily):
         diagonal = F.softplus(self.diagonal_head(h)) + MIN_SCALE
         strictly_lower = h.new_zeros(h.shape[:-1] + (self.latent_dim, self.latent_dim))
         strictly_lower[..., self.tril_rows, self.tril_cols] = (
-            self.OFF_DIAGONAL_SCALE * self.off_diagonal_head(h))
+            self.off_diagonal_scale * self.off_diagonal_head(h))
         return self.loc_head(h), strictly_lower + torch.diag_embed(diagonal)
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
@@ -149,11 +154,18 @@ class LowRankNormalGuide(GuideFamily):
        Inference in Deep Generative Models. ICML.
     """
 
-    def __init__(self, feature_dim: int, latent_dim: int, rank: int = 2) -> None:
+    #: default of ``factor_scale``: W is this times the factor head's outputs
+    FACTOR_SCALE = 1.0
+
+    def __init__(self, feature_dim: int, latent_dim: int, rank: int = 2, *,
+                 factor_scale: float = FACTOR_SCALE) -> None:
         super().__init__(feature_dim, latent_dim)
         if rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
+        if not factor_scale > 0:
+            raise ValueError(f"factor_scale must be positive, got {factor_scale}")
         self.rank = rank
+        self.factor_scale = factor_scale
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.scale_head = nn.Linear(feature_dim, latent_dim)
         self.factor_head = nn.Linear(feature_dim, latent_dim * rank)
@@ -164,7 +176,8 @@ class LowRankNormalGuide(GuideFamily):
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         z_loc = self.loc_head(h)
-        cov_factor = self.factor_head(h).unflatten(-1, (self.latent_dim, self.rank))
+        cov_factor = (self.factor_scale * self.factor_head(h)).unflatten(
+            -1, (self.latent_dim, self.rank))
         cov_diag = (F.softplus(self.scale_head(h)) + MIN_SCALE) ** 2
         return dist.LowRankMultivariateNormal(z_loc, cov_factor, cov_diag)
 

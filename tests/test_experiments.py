@@ -257,3 +257,39 @@ def test_mixture_priors_lower_the_evaluation_chunk_only_where_memory_needs_it():
     assert chunk(prior="vamp") == chunk(prior="mog") == chunk(prior="normal") == 500
     # other guides broadcast z against every component: 2 million floats per sample
     assert chunk(prior="vamp", guide="iaf") == common.MIXTURE_ELEMENTS // (100 * 500 * 40) == 25
+
+
+def test_probe_guide_init_trains_every_scale_from_the_same_networks(tmp_path):
+    output = tmp_path / "probe.json"
+    run_script("probe_guide_init.py", "--data-dir", str(SHARED_DATA), "--train-size", "200",
+               "--test-size", "100", "--epochs", "2", "--hidden-dims", "16", "--latent-dim", "3",
+               "--fullcov-scales", "1", "0.1", "--lowrank-scales", "0.1", "--output", str(output))
+    probe = json.loads(output.read_text())
+    assert [s["name"] for s in probe["settings"]] == [
+        "diagonal", "fullcov, scale 1", "fullcov, scale 0.1", "lowrank 2, scale 0.1"]
+    for setting in probe["settings"]:
+        assert len(setting["test_elbo"]) == 2 and all(-600 < e < 0 for e in setting["test_elbo"])
+    assert probe["commit"] and probe["epochs"] == 2 and probe["train_size"] == 200
+
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        from probe_guide_init import vae_with_guide
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    from pyrovae import TrainConfig
+    from pyrovae.train import seed_everything
+
+    config = TrainConfig(hidden_dims=(16,), latent_dim=3)
+    built = {}
+    for guide, scale in (("diagonal", None), ("fullcov", 0.3), ("lowrank", 0.3)):
+        seed_everything(0)
+        built[guide] = vae_with_guide(config, 784, guide, scale, rank=2)
+    assert built["fullcov"].guide_family.off_diagonal_scale == 0.3
+    assert built["lowrank"].guide_family.factor_scale == 0.3
+    for name in ("encoder", "decoder"):
+        reference = getattr(built["diagonal"], name).state_dict()
+        for guide in ("fullcov", "lowrank"):
+            other = getattr(built[guide], name).state_dict()
+            assert all(torch.equal(reference[key], other[key]) for key in reference), (guide, name)
+    torch.testing.assert_close(built["fullcov"].guide_family.loc_head.weight,
+                               built["diagonal"].guide_family.loc_head.weight)

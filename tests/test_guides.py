@@ -72,7 +72,7 @@ def test_full_covariance_density_is_the_gaussian_formula():
     torch.testing.assert_close(scale_tril.diagonal(dim1=-2, dim2=-1), diagonal)
     rows, cols = torch.tril_indices(3, 3, offset=-1)
     torch.testing.assert_close(scale_tril[:, rows, cols],
-                               guide.OFF_DIAGONAL_SCALE * guide.off_diagonal_head(h))
+                               guide.off_diagonal_scale * guide.off_diagonal_head(h))
     z = torch.randn(5, 3, dtype=torch.float64)
     covariance = scale_tril @ scale_tril.transpose(-1, -2)
     residual = (z - z_loc).unsqueeze(-1)
@@ -82,11 +82,11 @@ def test_full_covariance_density_is_the_gaussian_formula():
 
 
 def test_low_rank_density_is_that_of_its_covariance():
-    guide = LowRankNormalGuide(FEATURE_DIM, 3, rank=2).double()
+    guide = LowRankNormalGuide(FEATURE_DIM, 3, rank=2, factor_scale=0.3).double()
     perturb(guide)
     h = torch.randn(5, FEATURE_DIM, dtype=torch.float64)
     q = guide(h)
-    factor = guide.factor_head(h).reshape(5, 3, 2)
+    factor = 0.3 * guide.factor_head(h).reshape(5, 3, 2)
     scale = torch.nn.functional.softplus(guide.scale_head(h)) + MIN_SCALE
     covariance = factor @ factor.transpose(-1, -2) + torch.diag_embed(scale**2)
     reference = dist.MultivariateNormal(guide.loc_head(h), covariance_matrix=covariance)
@@ -172,7 +172,7 @@ def exact_full_covariance_guide(vae: VAE) -> FullCovarianceNormalGuide:
             head.weight.zero_()
         # softplus^{-1}(s) = log(expm1(s))
         guide.diagonal_head.bias.copy_(torch.log(torch.expm1(exact.scale_tril.diagonal() - MIN_SCALE)))
-        guide.off_diagonal_head.bias.copy_(exact.scale_tril[rows, cols] / guide.OFF_DIAGONAL_SCALE)
+        guide.off_diagonal_head.bias.copy_(exact.scale_tril[rows, cols] / guide.off_diagonal_scale)
     return guide
 
 
@@ -226,6 +226,10 @@ def test_svi_closes_the_elbo_gap_with_the_full_covariance_guide_only():
     diagonal_gap, _ = elbo_gap_after_training(DiagonalNormalGuide(5, 2))
     assert mean_field_gap > 0.4  # the posterior correlation is strong
     assert abs(full_gap) < 0.02, full_gap
+    # rank 1 plus a diagonal covers every 2 x 2 covariance; its small initial factor is not
+    # the saddle that a zero factor would be (W W^T has zero gradient at W = 0)
+    low_rank_gap, _ = elbo_gap_after_training(LowRankNormalGuide(5, 2, rank=1))
+    assert abs(low_rank_gap) < 0.02, low_rank_gap
     # the diagonal guide cannot do better than the mean-field optimum
     assert diagonal_gap > 0.95 * mean_field_gap, (diagonal_gap, mean_field_gap)
 
@@ -233,6 +237,10 @@ def test_svi_closes_the_elbo_gap_with_the_full_covariance_guide_only():
 def test_bad_ranks_and_flow_counts_are_refused():
     with pytest.raises(ValueError, match="rank must be positive"):
         LowRankNormalGuide(FEATURE_DIM, 3, rank=0)
+    with pytest.raises(ValueError, match="factor_scale must be positive"):
+        LowRankNormalGuide(FEATURE_DIM, 3, factor_scale=0.0)
+    with pytest.raises(ValueError, match="off_diagonal_scale must be positive"):
+        FullCovarianceNormalGuide(FEATURE_DIM, 3, off_diagonal_scale=-0.1)
     with pytest.raises(ValueError, match="num_flows must be >= 0"):
         IAFGuide(FEATURE_DIM, 3, num_flows=-1)
     with pytest.raises(ValueError, match="latent_dim >= 2"):
