@@ -263,10 +263,12 @@ def test_probe_guide_init_trains_every_scale_from_the_same_networks(tmp_path):
     output = tmp_path / "probe.json"
     run_script("probe_guide_init.py", "--data-dir", str(SHARED_DATA), "--train-size", "200",
                "--test-size", "100", "--epochs", "2", "--hidden-dims", "16", "--latent-dim", "3",
-               "--fullcov-scales", "1", "0.1", "--lowrank-scales", "0.1", "--output", str(output))
+               "--fullcov-scales", "1", "0.1", "--lowrank-scales", "0.1", "--seeds", "0", "1",
+               "--output", str(output))
     probe = json.loads(output.read_text())
-    assert [s["name"] for s in probe["settings"]] == [
-        "diagonal", "fullcov, scale 1", "fullcov, scale 0.1", "lowrank 2, scale 0.1"]
+    names = ["diagonal", "fullcov, scale 1", "fullcov, scale 0.1", "lowrank 2, scale 0.1"]
+    assert [(s["name"], s["seed"]) for s in probe["settings"]] == [
+        (name, seed) for seed in (0, 1) for name in names]
     for setting in probe["settings"]:
         assert len(setting["test_elbo"]) == 2 and all(-600 < e < 0 for e in setting["test_elbo"])
     assert probe["commit"] and probe["epochs"] == 2 and probe["train_size"] == 200
