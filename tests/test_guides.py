@@ -94,6 +94,27 @@ def test_low_rank_density_is_that_of_its_covariance():
     torch.testing.assert_close(q.log_prob(z), reference.log_prob(z))
 
 
+@pytest.mark.parametrize(("family", "scale_name", "saved_before_it_was_stored"), [
+    (LowRankNormalGuide, "factor_scale", 1.0),
+    (FullCovarianceNormalGuide, "off_diagonal_scale", 0.1),
+])
+def test_checkpoints_keep_the_scale_their_weights_were_trained_with(family, scale_name,
+                                                                    saved_before_it_was_stored):
+    h = torch.randn(5, FEATURE_DIM)
+    z = torch.randn(5, 3)
+    trained = family(FEATURE_DIM, 3, **{scale_name: 0.37})
+    perturb(trained)
+    restored = family(FEATURE_DIM, 3)
+    restored.load_state_dict(trained.state_dict())
+    assert getattr(restored, scale_name).item() == pytest.approx(0.37)
+    torch.testing.assert_close(restored(h).log_prob(z), trained(h).log_prob(z))
+    # a state dict from before the scale was a buffer gets the scale that code used
+    legacy = trained.state_dict()
+    del legacy[scale_name]
+    restored.load_state_dict(legacy)
+    assert getattr(restored, scale_name).item() == pytest.approx(saved_before_it_was_stored)
+
+
 def test_the_iaf_guide_without_flows_is_the_diagonal_guide():
     diagonal = DiagonalNormalGuide(FEATURE_DIM, 3)
     iaf = IAFGuide(FEATURE_DIM, 3, num_flows=0)
