@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
-from pyrovae.checkpoint import read_checkpoint, save_checkpoint
-from pyrovae.data import DataSplits
+from pyrovae.checkpoint import load_vae, read_checkpoint, save_checkpoint
+from pyrovae.data import DataSplits, load_dataset
 from pyrovae.distributed import (
     Shard,
     batch_plan,
@@ -248,6 +248,21 @@ def test_nproc_trains_writes_once_and_resumes(tmp_path):
     assert [r.epoch for r in records] == [1, 2] and [r.step for r in records] == [4, 8]
     assert records[1].train_elbo > records[0].train_elbo
     assert read_checkpoint(run_dir)["epoch"] == 2
+
+
+@requires_mnist
+def test_log_px_during_training_under_two_processes_is_that_of_one(tmp_path):
+    run_dir = tmp_path / "run"
+    trained = pyrovae("train", "--nproc", "2", *TINY_RUN, "--epochs", "1", "--log-px-every", "1",
+                      "--log-px-samples", "12", "--log-px-size", "60", "--out-dir", str(run_dir))
+    assert trained.returncode == 0, trained.stderr
+    (record,) = read_metrics(run_dir / "metrics.csv")
+    # the last epoch's estimate uses the final parameters, which the checkpoint holds
+    vae, config, _ = load_vae(run_dir)
+    data = load_dataset("mnist", SHARED_DATA).subset(config.train_size, config.test_size)
+    one_process = log_marginal_likelihood(vae, data.test[:60], num_samples=12, seed=config.seed)
+    assert record.test_log_px == pytest.approx(one_process.mean().item(), abs=1e-4)
+    assert record.test_elbo < record.test_log_px < 0
 
 
 @requires_mnist
