@@ -6,9 +6,8 @@ with PyTorch's default initialisation (a zero W is a saddle: W W^T has no gradie
 Adam moves each weight by up to ``lr`` per step whatever its gradient, so the scale sets
 how far noise can push the correlations.  This script trains the 784-200-200-50 tanh VAE
 on dynamically binarized MNIST with the diagonal guide and with each scale, every setting
-from the same encoder and decoder initialisation, and prints the test ELBO per epoch: the
-numbers behind ``FullCovarianceNormalGuide.OFF_DIAGONAL_SCALE`` and
-``LowRankNormalGuide.FACTOR_SCALE``.
+from the same encoder and decoder initialisation: the numbers behind
+``FullCovarianceNormalGuide.OFF_DIAGONAL_SCALE`` and ``LowRankNormalGuide.FACTOR_SCALE``.
 
 Writes ``--output`` (JSON: provenance and each setting's test ELBO curve per seed, nats per
 image) and prints the last epoch's test ELBO of each setting, averaged over ``--seeds``.
@@ -31,7 +30,7 @@ from pathlib import Path
 import common
 
 from pyrovae import TrainConfig, build_vae
-from pyrovae.argtypes import positive_int
+from pyrovae.argtypes import positive_float, positive_int
 from pyrovae.errors import PyrovaeError
 from pyrovae.guides import DiagonalNormalGuide, FullCovarianceNormalGuide, LowRankNormalGuide
 from pyrovae.models import VAE
@@ -53,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hidden-dims", type=positive_int, nargs="+", default=[200, 200],
         help="encoder widths; the decoder mirrors them (default: %(default)s)")
     add("--latent-dim", type=positive_int, default=50, help="dimension of z (default: %(default)s)")
-    add("--fullcov-scales", type=float, nargs="*", default=[1.0, 0.3, 0.1, 0.03, 0.01],
+    add("--fullcov-scales", type=positive_float, nargs="*", default=[1.0, 0.3, 0.1, 0.03, 0.01],
         help="off_diagonal_scale values of the full-covariance guide (default: %(default)s)")
-    add("--lowrank-scales", type=float, nargs="*", default=[1.0, 0.3, 0.1, 0.03],
+    add("--lowrank-scales", type=positive_float, nargs="*", default=[1.0, 0.3, 0.1, 0.03],
         help="factor_scale values of the low-rank guide (default: %(default)s)")
     add("--rank", type=positive_int, default=2, help="low-rank guide's rank (default: %(default)s)")
     add("--seeds", type=int, nargs="+", default=[0],

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pyro.distributions as dist
@@ -49,6 +50,18 @@ class GuideFamily(PyroModule):
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         """:param h: features ``(..., feature_dim)``. :returns: q(z|x), event ``(latent_dim,)``."""
         raise NotImplementedError
+
+
+def _fill_legacy_scale(state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                       name: str, legacy_value: float) -> bool:
+    """Give a state dict saved before the buffer ``name`` existed (module version 1, or no
+    version recorded) the value that code used; return whether it did.  A version-2 state
+    dict without the buffer is left as it is, for ``load_state_dict`` to report."""
+    version = local_metadata.get("version")
+    if prefix + name in state_dict or (version is not None and version >= 2):
+        return False
+    state_dict[prefix + name] = torch.tensor(legacy_value)
+    return True
 
 
 class DiagonalNormalGuide(GuideFamily):
@@ -83,8 +96,9 @@ class FullCovarianceNormalGuide(GuideFamily):
     Cholesky factor); the ``latent_dim * (latent_dim - 1) / 2`` strictly lower entries are
     a free affine function of h. The upper triangle is zero.
 
-    The strictly lower entries are ``OFF_DIAGONAL_SCALE`` (0.1) times the off-diagonal head,
-    which starts at zero, so training starts from the diagonal guide.  Both guard against
+    The strictly lower entries are ``off_diagonal_scale`` (default 0.1) times the
+    off-diagonal head, which starts at zero, so training starts from the diagonal guide.
+    Both guard against
     Adam: it moves every weight by up to ``lr`` per step whatever the size of its gradient, and
     the gradients of the 1225 off-diagonal outputs (50 latents) are mostly Monte Carlo noise,
     so their weights random-walk and row i of L, with i entries, grows like sqrt(i).  With
@@ -109,6 +123,8 @@ class FullCovarianceNormalGuide(GuideFamily):
     #: default of ``off_diagonal_scale``: the strictly lower entries of L are this times the
     #: off-diagonal head's outputs (``experiments/probe_guide_init.py`` measures others)
     OFF_DIAGONAL_SCALE = 0.1
+    #: state-dict version: 2 stores ``off_diagonal_scale`` (see :func:`_fill_legacy_scale`)
+    _version = 2
 
     def __init__(self, feature_dim: int, latent_dim: int, *,
                  off_diagonal_scale: float = OFF_DIAGONAL_SCALE) -> None:
@@ -127,11 +143,14 @@ class FullCovarianceNormalGuide(GuideFamily):
         nn.init.zeros_(self.off_diagonal_head.bias)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              *args: Any) -> None:
-        # checkpoints written before the scale was stored used 0.1 (those before the
-        # zero start, with an effective scale of 1, cannot be told apart and load as 0.1)
-        state_dict.setdefault(prefix + "off_diagonal_scale", torch.tensor(0.1))
-        super()._load_from_state_dict(state_dict, prefix, *args)
+                              local_metadata: dict[str, Any], *args: Any) -> None:
+        if _fill_legacy_scale(state_dict, prefix, local_metadata, "off_diagonal_scale", 0.1):
+            warnings.warn(
+                "a full-covariance guide's state was saved before pyrovae stored its "
+                "off_diagonal_scale: loaded with 0.1, the scale of commits 037796a..b471fee; "
+                "a checkpoint written before 037796a used 1 (set the buffer "
+                "off_diagonal_scale to 1 and save it again)", stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def z_loc_scale_tril(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:returns: ``(z_loc, scale_tril)``, shapes ``(..., latent_dim)`` and
@@ -178,6 +197,8 @@ class LowRankNormalGuide(GuideFamily):
 
     #: default of ``factor_scale``: W is this times the factor head's outputs
     FACTOR_SCALE = 0.1
+    #: state-dict version: 2 stores ``factor_scale`` (see :func:`_fill_legacy_scale`)
+    _version = 2
 
     def __init__(self, feature_dim: int, latent_dim: int, rank: int = 2, *,
                  factor_scale: float = FACTOR_SCALE) -> None:
@@ -198,10 +219,10 @@ class LowRankNormalGuide(GuideFamily):
         return cls(feature_dim, config.latent_dim, config.rank)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              *args: Any) -> None:
-        # checkpoints written before the scale was stored used the head's outputs as W
-        state_dict.setdefault(prefix + "factor_scale", torch.tensor(1.0))
-        super()._load_from_state_dict(state_dict, prefix, *args)
+                              local_metadata: dict[str, Any], *args: Any) -> None:
+        # before the scale was stored, W was the head's outputs
+        _fill_legacy_scale(state_dict, prefix, local_metadata, "factor_scale", 1.0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         z_loc = self.loc_head(h)

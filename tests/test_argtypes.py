@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from pyrovae.argtypes import non_negative_int, positive_int
+from pyrovae.argtypes import non_negative_int, positive_float, positive_int
 
 
 def test_positive_int_takes_one_and_up():
@@ -21,3 +21,12 @@ def test_non_negative_int_takes_zero_and_up():
     assert non_negative_int("7") == 7
     with pytest.raises(argparse.ArgumentTypeError, match="non-negative integer, got -1"):
         non_negative_int("-1")
+
+
+def test_positive_float_takes_finite_numbers_above_zero():
+    assert positive_float("0.1") == 0.1
+    assert positive_float("3") == 3.0
+    for bad, message in (("0", "positive number, got 0.0"), ("-0.5", "got -0.5"),
+                         ("nan", "got nan"), ("inf", "got inf"), ("big", "got 'big'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            positive_float(bad)

@@ -108,11 +108,22 @@ def test_checkpoints_keep_the_scale_their_weights_were_trained_with(family, scal
     restored.load_state_dict(trained.state_dict())
     assert getattr(restored, scale_name).item() == pytest.approx(0.37)
     torch.testing.assert_close(restored(h).log_prob(z), trained(h).log_prob(z))
-    # a state dict from before the scale was a buffer gets the scale that code used
+    # a state dict from before the scale was a buffer (module version 1) gets the scale that
+    # code used; the full-covariance guide's had two, so it says which it assumed
     legacy = trained.state_dict()
     del legacy[scale_name]
-    restored.load_state_dict(legacy)
+    legacy._metadata[""]["version"] = 1
+    if family is FullCovarianceNormalGuide:
+        with pytest.warns(UserWarning, match="before 037796a used 1"):
+            restored.load_state_dict(legacy)
+    else:
+        restored.load_state_dict(legacy)
     assert getattr(restored, scale_name).item() == pytest.approx(saved_before_it_was_stored)
+    # a current state dict that lacks the scale is an error, not a silent default
+    incomplete = trained.state_dict()
+    del incomplete[scale_name]
+    with pytest.raises(RuntimeError, match=f"Missing key.*{scale_name}"):
+        restored.load_state_dict(incomplete)
 
 
 def test_the_iaf_guide_without_flows_is_the_diagonal_guide():
