@@ -98,10 +98,10 @@ class FullCovarianceNormalGuide(GuideFamily):
 
     The strictly lower entries are ``off_diagonal_scale`` (default 0.1) times the
     off-diagonal head, which starts at zero, so training starts from the diagonal guide.
-    Both guard against
-    Adam: it moves every weight by up to ``lr`` per step whatever the size of its gradient, and
-    the gradients of the 1225 off-diagonal outputs (50 latents) are mostly Monte Carlo noise,
-    so their weights random-walk and row i of L, with i entries, grows like sqrt(i).  With
+    Both guard against Adam: it moves every weight by up to ``lr`` per step whatever the size
+    of its gradient, and the gradients of the 1225 off-diagonal outputs (50 latents) are
+    mostly Monte Carlo noise, so their weights random-walk and row i of L, with i entries,
+    grows like sqrt(i).  With
     PyTorch's default initialisation (entries starting at ~0.5) the test ELBO of the
     784-200-200-50 VAE was 5 nats behind the diagonal guide's at epoch 125.
     ``experiments/probe_guide_init.py --seeds 0 1 2`` (10,000 MNIST images, 15 epochs, test
