@@ -73,8 +73,7 @@ def settings(args: argparse.Namespace) -> list[tuple[str, str, float | None]]:
             + [(f"lowrank {args.rank}, scale {s:g}", "lowrank", s) for s in args.lowrank_scales])
 
 
-def vae_with_guide(config: TrainConfig, data_dim: int, guide: str, scale: float | None,
-                   rank: int) -> VAE:
+def vae_with_guide(config: TrainConfig, data_dim: int, guide: str, scale: float | None) -> VAE:
     """The config's VAE with a fresh guide family built after the networks, so every setting
     with the same seed starts from the same encoder and decoder (and loc/scale heads)."""
     vae = build_vae(config, data_dim=data_dim)
@@ -82,7 +81,8 @@ def vae_with_guide(config: TrainConfig, data_dim: int, guide: str, scale: float 
     if guide == "fullcov":
         family = FullCovarianceNormalGuide(feature_dim, config.latent_dim, off_diagonal_scale=scale)
     elif guide == "lowrank":
-        family = LowRankNormalGuide(feature_dim, config.latent_dim, rank, factor_scale=scale)
+        family = LowRankNormalGuide(feature_dim, config.latent_dim, config.rank,
+                                    factor_scale=scale)
     else:
         family = DiagonalNormalGuide(feature_dim, config.latent_dim)
     vae.guide_family = family
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         for name, guide, scale in settings(args):
             seed_everything(seed)
-            vae = vae_with_guide(config, data.data_dim, guide, scale, args.rank).to(device)
+            vae = vae_with_guide(config, data.data_dim, guide, scale).to(device)
             started = time.perf_counter()
             history = fit(vae, data, epochs=args.epochs, batch_size=config.batch_size,
                           lr=config.lr, seed=seed, progress=args.progress)

@@ -286,7 +286,7 @@ def test_probe_guide_init_trains_every_scale_from_the_same_networks(tmp_path):
     built = {}
     for guide, scale in (("diagonal", None), ("fullcov", 0.3), ("lowrank", 0.3)):
         seed_everything(0)
-        built[guide] = vae_with_guide(config, 784, guide, scale, rank=2)
+        built[guide] = vae_with_guide(config, 784, guide, scale)
     assert built["fullcov"].guide_family.off_diagonal_scale == 0.3
     assert built["lowrank"].guide_family.factor_scale == 0.3
     for name in ("encoder", "decoder"):
