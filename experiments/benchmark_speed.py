@@ -285,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "repeats": args.repeats, **provenance(DEVICE)}
     record["training_step"] = [training_step(b, args.steps, args.repeats, data)
                                for b in args.batch_sizes]
-    print_table(f"SVI training step, 784-200-200-50 tanh MLP, Bernoulli, {args.threads} threads "
-                "(ms)", record["training_step"],
+    threads = f"{args.threads} thread{'' if args.threads == 1 else 's'}"
+    print_table(f"SVI training step, 784-200-200-50 tanh MLP, Bernoulli, {threads} (ms)",
+                record["training_step"],
                 ("batch_size", "pyro_svi_ms", "pyrovae_ms", "plain_pytorch_ms", "ratio"))
     record["importance_sampling"] = [
         importance_sampling(k, args.num_points, max(1, args.repeats // 2), data)
