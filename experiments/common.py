@@ -37,6 +37,7 @@ from pyrovae.data import DATA_DIR_ENV, DataSplits  # noqa: E402
 from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
 from pyrovae.evaluation import particle_traces  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
+from pyrovae.priors import diagonal_normal_components  # noqa: E402
 from pyrovae.provenance import provenance  # noqa: E402
 from pyrovae.schedules import LR_SCHEDULES  # noqa: E402
 from pyrovae.sites import LATENT_SITE, OBSERVED_SITE  # noqa: E402
@@ -208,19 +209,24 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
     return Run(name, config, vae, history, run_dir)
 
 
-def evaluation_chunk_size(config: TrainConfig, chunk_size: int, batch_size: int = 100,
+def evaluation_chunk_size(vae: VAE, chunk_size: int, batch_size: int = 100,
                           device: torch.device | None = None) -> int:
     """Importance samples per trace, lowered for mixture priors, which score every z against
-    all their components: ``chunk * batch * components`` float64 pairs for diagonal-Normal
-    components (the mixture of Gaussians; the VampPrior with the diagonal guide), ``chunk *
-    batch * components * latent_dim`` floats for the others (at most
-    :data:`MIXTURE_ELEMENTS`, five times that on a GPU)."""
-    if config.prior in ("mog", "vamp"):
-        diagonal = config.prior == "mog" or config.guide == "diagonal"
-        per_sample = batch_size * config.num_components * (2 if diagonal else config.latent_dim)
-        budget = MIXTURE_ELEMENTS * (5 if device is not None and device.type == "cuda" else 1)
-        chunk_size = min(chunk_size, max(1, budget // per_sample))
-    return chunk_size
+    all their components: ``chunk * batch * components`` float64 pairs where the components
+    are diagonal Normals (one matrix product, see
+    :func:`pyrovae.priors.diagonal_normal_components`), ``chunk * batch * components *
+    latent_dim`` floats for the others (at most :data:`MIXTURE_ELEMENTS`, five times that on
+    a GPU). Decided from the prior ``vae`` builds, so a new mixture prior needs no entry here."""
+    with torch.no_grad():
+        prior = vae.prior(vae.posterior)
+    if not isinstance(prior, torch.distributions.MixtureSameFamily):
+        return chunk_size
+    components = prior.component_distribution
+    num_components = prior.mixture_distribution.logits.shape[-1]
+    diagonal = diagonal_normal_components(components) is not None
+    per_sample = batch_size * num_components * (2 if diagonal else prior.event_shape[-1])
+    budget = MIXTURE_ELEMENTS * (5 if device is not None and device.type == "cuda" else 1)
+    return min(chunk_size, max(1, budget // per_sample))
 
 
 def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 500,
@@ -238,7 +244,7 @@ def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 
             return cached
     seed_everything(seed)
     results = evaluate_vae(run.vae, data.test, num_samples=num_samples,
-                           chunk_size=evaluation_chunk_size(run.config, chunk_size,
+                           chunk_size=evaluation_chunk_size(run.vae, chunk_size,
                                                             device=data.test.device))
     results.update(key)
     path.write_text(json.dumps(results, indent=2) + "\n")

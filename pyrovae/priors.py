@@ -96,7 +96,7 @@ class DiagonalNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
-def _diagonal_normal_components(components: dist.Distribution
+def diagonal_normal_components(components: dist.Distribution
                                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(loc, scale)``, each ``(K, latent_dim)``, of diagonal-Normal mixture components.
 
@@ -171,7 +171,7 @@ class _BroadcastingMixture(dist.MixtureSameFamily):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        diagonal = _diagonal_normal_components(self.component_distribution)
+        diagonal = diagonal_normal_components(self.component_distribution)
         if diagonal is not None:
             # (..., K) from value (..., latent_dim); broadcasts against the log weights'
             # batch below to the same shape as the elementwise path

@@ -247,16 +247,18 @@ def test_mixture_priors_lower_the_evaluation_chunk_only_where_memory_needs_it():
         import common
     finally:
         sys.path.remove(str(EXPERIMENTS))
-    from pyrovae import TrainConfig
+    from pyrovae import TrainConfig, build_vae
 
     def chunk(**settings):
         config = TrainConfig(latent_dim=40, num_components=500, **settings)
-        return common.evaluation_chunk_size(config, 500, batch_size=100)
+        return common.evaluation_chunk_size(build_vae(config, data_dim=784), 500, batch_size=100)
 
     # diagonal components cost batch x components per sample (a matrix product)
     assert chunk(prior="vamp") == chunk(prior="mog") == chunk(prior="normal") == 500
     # other guides broadcast z against every component: 2 million floats per sample
     assert chunk(prior="vamp", guide="iaf") == common.MIXTURE_ELEMENTS // (100 * 500 * 40) == 25
+    assert chunk(prior="vamp", guide="fullcov") == 25
+    assert chunk(prior="flow") == 500  # not a mixture
 
 
 @requires_mnist
