@@ -97,7 +97,7 @@ class DiagonalNormalPrior(Prior):
 
 
 def diagonal_normal_components(components: dist.Distribution
-                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(loc, scale)``, each ``(K, latent_dim)``, of diagonal-Normal mixture components.
 
     The components qualify when they are ``Normal(loc, scale).to_event(1)`` with batch shape

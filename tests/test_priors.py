@@ -279,7 +279,7 @@ def score_without_the_matrix_product(monkeypatch, p, z):
 
 
 @pytest.mark.parametrize("guide", list(GUIDES))
-def test_onlydiagonal_normal_components_take_the_matrix_product(guide, monkeypatch):
+def test_only_diagonal_normal_components_take_the_matrix_product(guide, monkeypatch):
     vae = small_vae("vamp", guide)
     perturb(vae)
     p = vae.prior(vae.posterior)
