@@ -57,6 +57,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS_NAME = "results.json"
 CONFIG_NAME = "config.json"
 EVALUATION_NAME = "evaluation.json"
+#: one JSON line per call that trained a run: the epoch it started at, commit, machine
+SESSIONS_NAME = "training_sessions.jsonl"
 #: largest number of floats one importance-sampling trace may broadcast a mixture prior to
 MIXTURE_ELEMENTS = 50_000_000
 
@@ -199,6 +201,10 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / EVALUATION_NAME).unlink(missing_ok=True)
+        (run_dir / SESSIONS_NAME).unlink(missing_ok=True)
+    metrics = run_dir / METRICS_NAME
+    _record_session(run_dir, len(read_metrics(metrics)) + 1 if resume and metrics.is_file() else 1,
+                    data.train.device)
     seed_everything(config.seed)
     vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(data.train.device)
     config.save(run_dir / CONFIG_NAME)
@@ -207,6 +213,30 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
     history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
     vae.eval()
     return Run(name, config, vae, history, run_dir)
+
+
+def _record_session(run_dir: Path, first_epoch: int, device: torch.device) -> None:
+    """Append to ``run_dir``'s :data:`SESSIONS_NAME` that this call trains it from
+    ``first_epoch`` on (a resumed epoch cut short counts as this call's), with the commit and
+    machine, so that a run resumed across machines says which epochs ran where."""
+    record = {"first_epoch": first_epoch,
+              **{key: value for key, value in provenance(device).items()
+                 if key in ("commit", "date", "device", "hardware")}}
+    with (run_dir / SESSIONS_NAME).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def training_sessions(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The calls that trained ``run_dir``, each with ``first_epoch`` and ``last_epoch``
+    (the next call's start, or ``epochs``); calls that trained nothing are left out, and a
+    run trained before the record existed gives ``[]``."""
+    path = run_dir / SESSIONS_NAME
+    if not path.is_file():
+        return []
+    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for session, following in zip(sessions, [*sessions[1:], None], strict=True):
+        session["last_epoch"] = following["first_epoch"] - 1 if following else epochs
+    return [session for session in sessions if session["last_epoch"] >= session["first_epoch"]]
 
 
 def evaluation_chunk_size(vae: VAE, chunk_size: int, batch_size: int = 100,
@@ -285,6 +315,7 @@ def run_summary(run: Run, evaluation: Mapping[str, Any], *, setting: str,
         "published_log_marginal_likelihood": published,
         "published_source": source,
         "final_train_objective": run.history[-1].train_elbo,
+        "training_sessions": training_sessions(run.run_dir, len(run.history)),
         "config": run.config.to_dict(),
         **extra,
     }

@@ -33,11 +33,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _singular(hardware: str) -> str:
+    # files written before describe_device learnt the singular say "(1 threads)"
+    return hardware.replace("(1 threads)", "(1 thread)")
+
+
+def run_hardware(run: dict[str, Any], writer: str) -> str:
+    """Where ``run`` trained: each machine with its epochs where its recorded training
+    sessions span more than one, else ``writer`` (the machine that wrote the file)."""
+    spans: list[list[Any]] = []  # [hardware, first epoch, last epoch], consecutive merged
+    for session in run.get("training_sessions") or []:
+        if spans and spans[-1][0] == session["hardware"]:
+            spans[-1][2] = session["last_epoch"]
+        else:
+            spans.append([session["hardware"], session["first_epoch"], session["last_epoch"]])
+    if len({hardware for hardware, _, _ in spans}) < 2:
+        return writer
+    return " + ".join(f"{_singular(hardware)} (epochs {first}–{last})"
+                      for hardware, first, last in spans)
+
+
 def rows(results: dict[str, Any]) -> Iterable[list[str]]:
     """Table rows for one ``results.json``."""
-    hardware = results.get("hardware") or results.get("device") or "?"
-    # files written before describe_device learnt the singular say "(1 threads)"
-    hardware = hardware.replace("(1 threads)", "(1 thread)")
+    writer = _singular(results.get("hardware") or results.get("device") or "?")
     for run in results["runs"]:
         published = run.get("published_log_marginal_likelihood")
         source = run.get("published_source")
@@ -51,7 +69,7 @@ def rows(results: dict[str, Any]) -> Iterable[list[str]]:
             f"N={run['num_test_points']})",
             f"{run['test_elbo']:.2f}",
             f"{published:g} ({source})" if published is not None else "—",
-            hardware,
+            run_hardware(run, writer),
             _duration(wall),
         ]
 

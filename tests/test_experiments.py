@@ -113,6 +113,7 @@ def test_mnist_vae_resumes(tmp_path):
     assert all(-1000 < float(row["test_log_px"]) < 0 for row in rows)
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["epochs"] == 2 and run["config"]["lr_schedule"] == "iwae"
+    assert [(s["first_epoch"], s["last_epoch"]) for s in run["training_sessions"]] == [(1, 1), (2, 2)]
 
 
 @requires_mnist
@@ -162,6 +163,33 @@ def test_train_refuses_to_overwrite_or_resume_other_settings(tmp_path):
     longer = common.train("run", replace(config, epochs=2), data, tmp_path, resume=True)
     assert [record.epoch for record in longer.history] == [1, 2]
     assert common.evaluate(longer, data, num_samples=5)["epochs_trained"] == 2
+    # each call that trained says from which epoch; one that trained nothing drops out
+    common.train("run", replace(config, epochs=2), data, tmp_path, resume=True)
+    sessions = common.training_sessions(tmp_path / "run", 2)
+    assert [(s["first_epoch"], s["last_epoch"]) for s in sessions] == [(1, 1), (2, 2)]
+    assert all(s["commit"] and s["hardware"] and s["device"] == "cpu" for s in sessions)
+    # a fresh run with --overwrite starts the record again
+    common.train("run", replace(config, overwrite=True), data, tmp_path, resume=False)
+    assert len(common.training_sessions(tmp_path / "run", 1)) == 1
+
+
+def test_results_table_names_each_machine_of_a_run_resumed_across_machines():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        from make_results_table import run_hardware
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    gpu, cpu = "NVIDIA H100 80GB HBM3", "Intel(R) Xeon(R) Processor (1 threads)"
+    sessions = [{"hardware": gpu, "first_epoch": 1, "last_epoch": 30},
+                {"hardware": cpu, "first_epoch": 31, "last_epoch": 57},
+                {"hardware": cpu, "first_epoch": 58, "last_epoch": 60},
+                {"hardware": gpu, "first_epoch": 61, "last_epoch": 100}]
+    assert run_hardware({"training_sessions": sessions}, "writer") == (
+        "NVIDIA H100 80GB HBM3 (epochs 1–30) + Intel(R) Xeon(R) Processor (1 thread) "
+        "(epochs 31–60) + NVIDIA H100 80GB HBM3 (epochs 61–100)")
+    # one machine, or no record (older files): the machine that wrote the file
+    assert run_hardware({"training_sessions": sessions[1:3]}, "writer") == "writer"
+    assert run_hardware({}, "writer") == "writer"
 
 
 def test_elbo_terms_add_up_to_the_elbo():
