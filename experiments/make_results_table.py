@@ -49,6 +49,8 @@ def run_hardware(run: dict[str, Any], writer: str) -> str:
             spans.append([session["hardware"], session["first_epoch"], session["last_epoch"]])
     if len({hardware for hardware, _, _ in spans}) < 2:
         return writer
+    if spans[0][1] > 1:  # the run began before the record existed
+        spans.insert(0, ["unrecorded", 1, spans[0][1] - 1])
     return " + ".join(f"{_singular(hardware)} (epochs {first}–{last})"
                       for hardware, first, last in spans)
 

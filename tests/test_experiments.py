@@ -190,6 +190,10 @@ def test_results_table_names_each_machine_of_a_run_resumed_across_machines():
     # one machine, or no record (older files): the machine that wrote the file
     assert run_hardware({"training_sessions": sessions[1:3]}, "writer") == "writer"
     assert run_hardware({}, "writer") == "writer"
+    # a run begun before the record existed says so for its first epochs
+    assert run_hardware({"training_sessions": sessions[2:]}, "writer") == (
+        "unrecorded (epochs 1–57) + Intel(R) Xeon(R) Processor (1 thread) (epochs 58–60) + "
+        "NVIDIA H100 80GB HBM3 (epochs 61–100)")
 
 
 def test_elbo_terms_add_up_to_the_elbo():
