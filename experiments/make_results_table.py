@@ -40,7 +40,8 @@ def _singular(hardware: str) -> str:
 
 def run_hardware(run: dict[str, Any], writer: str) -> str:
     """Where ``run`` trained: each machine with its epochs where its recorded training
-    sessions span more than one, else ``writer`` (the machine that wrote the file)."""
+    sessions span more than one (epochs before the record began: "unrecorded"), else
+    ``writer`` (the machine that wrote the file)."""
     spans: list[list[Any]] = []  # [hardware, first epoch, last epoch], consecutive merged
     for session in run.get("training_sessions") or []:
         if spans and spans[-1][0] == session["hardware"]:
