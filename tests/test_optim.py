@@ -1,0 +1,97 @@
+"""Adam's settings and the output-bias start of :mod:`pyrovae.optim`, and the presets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyrovae.cli import main
+from pyrovae.config import PRESETS, TrainConfig
+from pyrovae.errors import ConfigError
+from pyrovae.nets import MLPDecoder
+from pyrovae.optim import AdamSettings, init_output_bias, logit_of_mean, make_adam
+from tests.conftest import SHARED_DATA, requires_mnist
+
+
+def _adam_by_hand(gradients, *, lr, beta1, beta2, eps, v0):
+    """The parameter after Adam steps with the bias-corrected moments, the first moment
+    started at 0 and the second at ``v0`` (torch's placement of eps)."""
+    theta, m, v = 0.0, 0.0, v0
+    for t, g in enumerate(gradients, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        theta -= lr * (m / (1 - beta1**t)) / (math.sqrt(v / (1 - beta2**t)) + eps)
+    return theta
+
+
+@pytest.mark.parametrize("v0", [0.0, 1.0])
+def test_make_adam_follows_the_update_with_the_second_moment_started_at_v0(v0):
+    parameter = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    settings = AdamSettings(betas=(0.99, 0.999), eps=1e-4, second_moment_init=v0)
+    optimizer = make_adam([parameter], lr=1e-3, settings=settings)
+    gradients = [0.5, -0.2, 0.3, 0.1, 0.7]
+    for gradient in gradients:
+        parameter.grad = torch.tensor(gradient, dtype=torch.float64)
+        optimizer.step()
+    expected = _adam_by_hand(gradients, lr=1e-3, beta1=0.99, beta2=0.999, eps=1e-4, v0=v0)
+    assert parameter.item() == pytest.approx(expected, rel=1e-9)
+    # v0 = 1 makes the first steps about sqrt(1 / (1 - beta2)) ~ 32 times smaller
+    if v0:
+        plain = _adam_by_hand(gradients, lr=1e-3, beta1=0.99, beta2=0.999, eps=1e-4, v0=0.0)
+        assert abs(parameter.item()) < abs(plain) / 10
+
+
+def test_the_started_second_moment_survives_a_state_dict_round_trip():
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = make_adam([parameter], lr=1e-3, settings=AdamSettings(second_moment_init=1.0))
+    again = make_adam([parameter], lr=1e-3)
+    again.load_state_dict(optimizer.state_dict())
+    assert torch.equal(again.state[parameter]["exp_avg_sq"], torch.ones(3))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"betas": (1.0, 0.999)}, "beta1"), ({"eps": 0.0}, "eps"),
+    ({"second_moment_init": -1.0}, "second_moment_init"),
+])
+def test_bad_adam_settings_are_named(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        AdamSettings(**settings)
+
+
+def test_the_output_bias_starts_at_the_logit_of_the_mean_pixel():
+    x = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.3]])
+    bias = logit_of_mean(x)
+    assert torch.allclose(bias, torch.tensor([math.log(1e-3 / (1 - 1e-3)),
+                                              math.log((1 - 1e-3) / 1e-3), math.log(0.4 / 0.6)]))
+    decoder = MLPDecoder(2, 3, (4,))
+    init_output_bias(decoder, bias)
+    # z-independent part of the output: the decoder at a zero hidden layer gives the bias
+    assert torch.allclose(decoder.body[-1].bias, bias)
+    with pytest.raises(ConfigError, match="no output bias of shape"):
+        init_output_bias(decoder, torch.zeros(5))
+
+
+def test_a_preset_sets_its_fields_and_flags_beside_it_override(tmp_path):
+    config = TrainConfig.from_preset("burda2016", epochs=7)
+    assert (config.batch_size, config.adam_beta1, config.adam_eps, config.epochs) == (20, 0.99, 1e-4, 7)
+    assert config.preset == "burda2016"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        TrainConfig.from_preset("nobody2099")
+    assert set(PRESETS["burda2016"]) <= {f for f in TrainConfig().to_dict()}
+
+
+@requires_mnist
+def test_the_cli_preset_records_the_resolved_values(tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "burda2016", "--data-dir", str(SHARED_DATA),
+                 "--train-size", "440", "--test-size", "50", "--epochs", "1", "--batch-size",
+                 "40", "--eval-samples", "0", "--no-progress", "--out-dir", str(out)])
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["preset"] == "burda2016"
+    assert (saved["batch_size"], saved["adam_eps"], saved["lr_schedule"]) == (40, 1e-4, "burda2016")
+    assert saved["valid_size"] == 400 and saved["output_bias_init"] == "data_mean"
