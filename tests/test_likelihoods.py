@@ -15,8 +15,11 @@ from pyrovae.errors import InvalidDataError
 from pyrovae.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
+    ContinuousBernoulli,
     ContinuousBernoulliLikelihood,
     PixelGaussianLikelihood,
+    continuous_bernoulli_log_normalizer,
+    continuous_bernoulli_mean,
 )
 
 LOGITS = torch.tensor([-6.0, -2.0, -0.3, 0.0, 1e-4, 0.7, 3.0, 8.0], dtype=torch.float64)
@@ -38,6 +41,109 @@ def test_the_continuous_bernoulli_is_a_density_on_the_unit_interval():
     means = torch.trapezoid(density * x, x, dim=-1)
     torch.testing.assert_close(likelihood.mean(LOGITS), means, atol=1e-6, rtol=0)
     assert (likelihood.mean(LOGITS[[1, 6]]) - torch.sigmoid(LOGITS[[1, 6]])).abs().min() > 0.05
+
+
+#: |logit| at which the density must integrate to 1: zero, the series near 0, its bound,
+#: and the tails, where torch's clamped normaliser integrates to 0.80 (20) and 0.32 (50) in float32
+EXTREME_LOGITS = (0.0, 1e-6, 0.01, 0.5, 5.0, 16.0, 20.0, 50.0, 100.0)
+
+
+def quadrature_nodes(dtype: torch.dtype) -> torch.Tensor:
+    """Nodes on [0, 1], dense near both ends where confident densities live, representable in
+    ``dtype`` (so the density is scored exactly where the quadrature weighs it): float64."""
+    ends = torch.logspace(-9, 0, 20001, dtype=torch.float64)
+    grid = torch.cat([torch.linspace(0.0, 1.0, 20001, dtype=torch.float64), ends, 1 - ends])
+    return torch.unique(grid.to(dtype)).double()
+
+
+def naive_log_density(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log(eta / tanh(eta / 2)) + eta x - log(1 + e^eta), the textbook form; float64, eta != 0."""
+    return torch.log(logits / torch.tanh(logits / 2)) + x * logits - torch.log1p(logits.exp())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude", EXTREME_LOGITS)
+def test_the_continuous_bernoulli_integrates_to_one_at_every_logit(dtype, magnitude):
+    x = quadrature_nodes(dtype)
+    logits = torch.tensor([magnitude, -magnitude], dtype=dtype)
+    cb = ContinuousBernoulli(logits=logits[:, None])
+    density = cb.log_prob(x.to(dtype)).double().exp()  # (2, nodes)
+    integrals = torch.trapezoid(density, x, dim=-1)
+    torch.testing.assert_close(integrals, torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    means = torch.trapezoid(density * x, x, dim=-1)
+    torch.testing.assert_close(cb.mean.double().squeeze(-1), means, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ContinuousBernoulliLikelihood().mean(logits).double(), means,
+                               atol=1e-6, rtol=0)
+
+
+def test_the_log_normalizer_matches_torch_where_torch_does_not_clamp():
+    # torch's float64 normaliser, computed from lam = sigmoid(eta), is accurate outside its
+    # Taylor window (|eta| < 0.004) and well below its clamp: an independent reference
+    logits = torch.cat([-torch.logspace(-1, 1, 40, dtype=torch.float64),
+                        torch.logspace(-1, 1, 40, dtype=torch.float64)])
+    reference = torch.distributions.ContinuousBernoulli(logits=logits)._cont_bern_log_norm()
+    torch.testing.assert_close(continuous_bernoulli_log_normalizer(logits), reference,
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(continuous_bernoulli_mean(logits),
+                               torch.distributions.ContinuousBernoulli(logits=logits).mean,
+                               atol=1e-13, rtol=0)
+
+
+def test_the_log_normalizer_series_near_zero():
+    logits = torch.tensor([0.0, 1e-6, 1e-3, 0.05], dtype=torch.float64)
+    series = math.log(2) + logits**2 / 12 - 7 * logits**4 / 1440 + 31 * logits**6 / 90720
+    # the first omitted term, 127 eta^8 / 4838400, is 1e-15 at 0.05
+    torch.testing.assert_close(continuous_bernoulli_log_normalizer(logits), series,
+                               atol=1e-14, rtol=0)
+    # float32 holds log 2 to its last bit at zero, and stays monotone in |eta| across the bound
+    torch.testing.assert_close(continuous_bernoulli_log_normalizer(torch.zeros(1)),
+                               torch.tensor([math.log(2)]), atol=0, rtol=0)
+    across = torch.linspace(0.49, 0.51, 201)
+    assert bool((continuous_bernoulli_log_normalizer(across).diff() >= 0).all())
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("magnitude", [0.0, 1e-6, 0.01, 0.49, 0.51, 5.0, 16.0, 20.0, 50.0, 100.0])
+def test_the_continuous_bernoulli_gradient_matches_finite_differences(dtype, atol, magnitude):
+    x = torch.tensor([0.0, 0.3, 0.97, 1.0], dtype=torch.float64)
+    for logit in (magnitude, -magnitude):
+        step = 1e-4
+        at = torch.tensor(logit, dtype=torch.float64)
+        expected = (naive_log_density(at + step, x) - naive_log_density(at - step, x)) / (2 * step)
+        logits = torch.full((4,), logit, dtype=dtype, requires_grad=True)
+        ContinuousBernoulli(logits=logits).log_prob(x.to(dtype)).sum().backward()
+        torch.testing.assert_close(logits.grad.double(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("logit", [-50.0, -3.0, 0.0, 0.2, 3.0, 50.0])
+def test_continuous_bernoulli_samples_have_its_moments(logit):
+    x = quadrature_nodes(torch.float64)
+    cb = ContinuousBernoulli(logits=torch.tensor(logit, dtype=torch.float64))
+    density = cb.log_prob(x).exp()
+    mean = torch.trapezoid(density * x, x)
+    second = torch.trapezoid(density * x**2, x)
+    samples = cb.rsample((40000,))
+    assert samples.shape == (40000,) and bool(((samples >= 0) & (samples <= 1)).all())
+    std = (second - mean**2).sqrt()
+    # 5 standard errors of the sample moments
+    assert abs(float(samples.mean() - mean)) < 5 * float(std) / 200
+    assert abs(float(samples.square().mean() - second)) < 5 * float(std) / 200 * 2
+    assert cb.sample((3, 2)).shape == (3, 2)
+
+
+def test_continuous_bernoulli_samples_are_differentiable_in_the_logits():
+    logits = torch.tensor([-30.0, -0.1, 0.0, 2.0, 30.0], requires_grad=True)
+    draws = ContinuousBernoulli(logits=logits).rsample((100,))
+    draws.sum().backward()
+    assert bool(logits.grad.isfinite().all()) and float(logits.grad[3]) > 0
+
+
+def test_the_continuous_bernoulli_expands_over_a_plate():
+    cb = ContinuousBernoulli(logits=torch.tensor([0.5, -2.0])).expand((3, 2))
+    assert cb.batch_shape == (3, 2)
+    torch.testing.assert_close(cb.log_prob(torch.full((3, 2), 0.25))[2],
+                               ContinuousBernoulli(logits=torch.tensor([0.5, -2.0])).log_prob(
+                                   torch.full((2,), 0.25)))
 
 
 def test_the_continuous_bernoulli_at_logit_zero_is_uniform():
