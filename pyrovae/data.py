@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pyrovae.distributed import check_batch_size, shard_of
-from pyrovae.errors import ConfigError, DatasetNotFoundError
+from pyrovae.errors import ConfigError, DatasetNotFoundError, InvalidDataError
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ MNIST_RAW_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 MNIST_IMAGE_SHAPE = (1, 28, 28)
+#: torchvision's EMNIST splits; each is the dataset ``emnist_<split>``
+EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
+#: Omniglot: drawings per character (of 20) in the training split
+OMNIGLOT_TRAIN_DRAWINGS = 15
+#: seed of the fixed shuffles: splitting a file into train and test, ordering Omniglot
+SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,11 @@ def _binarize(data: DataSplits, binarize: str) -> DataSplits:
     return replace(data, test=test, dynamic_binarization=True)
 
 
+def _shuffled(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` in one fixed random order (seed :data:`SPLIT_SEED`)."""
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))]
+
+
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     """The data folder and whether it was chosen by the user (``--data-dir`` or ``$PYROVAE_DATA``)."""
     if data_dir is not None:
@@ -284,10 +296,242 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
     return DataSplits(train, test, MNIST_IMAGE_SHAPE)
 
 
+def _one_line(error: BaseException) -> str:
+    """``error``'s message on one line (torchvision's download errors span several)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _fetch_or_raise(title: str, *, root: Path, chosen: bool, where: Path, missing: list[str],
+                    how: str, download: bool, fetch: Callable[[], object]) -> None:
+    """Download a missing dataset with torchvision's ``fetch()``, or raise a one-line
+    :class:`DatasetNotFoundError` that names where it looked and how to get the data."""
+    if chosen and not root.is_dir():
+        raise DatasetNotFoundError(
+            f"data directory {root} does not exist; pass --data-dir (or set ${DATA_DIR_ENV}) to "
+            f"a folder that holds {where.relative_to(root)}/{missing[0]}"
+        )
+    if not download:
+        raise DatasetNotFoundError(
+            f"{title} not found: looked for {', '.join(missing)} in {where}; {how}, or allow the "
+            f"download (without --no-download) where there is a network"
+        )
+    logger.info("%s not in %s; downloading", title, where)
+    try:
+        fetch()
+    except Exception as error:  # network errors come in many types
+        raise DatasetNotFoundError(
+            f"{title} not found in {where} and the download failed ({_one_line(error)}); {how}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """A dataset that torchvision reads from MNIST-format IDX files.
+
+    :param title: the name in messages.
+    :param torchvision_class: the class in ``torchvision.datasets``; its files live in
+        ``<data_dir>/<torchvision_class>/raw``.
+    :param source: where the files can be downloaded by hand.
+    :param split: EMNIST's split (``letters``, ``digits``, ...); ``None`` for the others.
+    """
+
+    title: str
+    torchvision_class: str
+    source: str
+    split: str | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The four uncompressed IDX files torchvision reads."""
+        prefix = "" if self.split is None else f"emnist-{self.split}-"
+        train, test = ("train", "test") if self.split is not None else ("train", "t10k")
+        return (f"{prefix}{train}-images-idx3-ubyte", f"{prefix}{train}-labels-idx1-ubyte",
+                f"{prefix}{test}-images-idx3-ubyte", f"{prefix}{test}-labels-idx1-ubyte")
+
+
+IDX_DATASETS = {
+    "fashion_mnist": IdxDataset(
+        "Fashion-MNIST", "FashionMNIST", "https://github.com/zalandoresearch/fashion-mnist"),
+    "kmnist": IdxDataset("KMNIST", "KMNIST", "https://github.com/rois-codh/kmnist"),
+    **{f"emnist_{split}": IdxDataset(
+        f"EMNIST ({split})", "EMNIST",
+        "https://www.nist.gov/itl/products-and-services/emnist-dataset (gzip.zip)", split)
+       for split in EMNIST_SPLITS},
+}
+
+
+def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
+                     binarize: str = "dynamic", download: bool = True) -> DataSplits:
+    """A 28x28 grey-level dataset of :data:`IDX_DATASETS` through its torchvision class.
+
+    Reads ``<data_dir>/<Class>/raw/*-ubyte`` (``FashionMNIST``, ``KMNIST``, ``EMNIST``);
+    ``.gz`` files there, as published, are decompressed first.  Where the files are missing
+    and ``download`` is true, torchvision downloads them.  Intensities are scaled to [0, 1].
+    EMNIST's files store every image transposed; it is transposed back so that samples
+    read upright.
+
+    :param name: a key of :data:`IDX_DATASETS`, e.g. ``"fashion_mnist"``, ``"emnist_letters"``.
+    :returns: 60,000 / 10,000 images for Fashion-MNIST and KMNIST; EMNIST's split sizes
+        (letters: 124,800 / 20,800), each ``(N, 784)`` with image shape ``(1, 28, 28)``.
+    :raises DatasetNotFoundError: the files are absent and could not be downloaded.
+    """
+    from torchvision import datasets
+
+    spec = IDX_DATASETS[name]
+    cls = getattr(datasets, spec.torchvision_class)
+    options = {} if spec.split is None else {"split": spec.split}
+    root, chosen = resolve_data_dir(data_dir)
+    raw = root / spec.torchvision_class / "raw"
+    for file in spec.files:
+        if not (raw / file).exists() and (raw / f"{file}.gz").is_file():
+            # the published .gz files, put there by hand: decompress them as torchvision's
+            # own download does
+            from torchvision.datasets.utils import extract_archive
+
+            extract_archive(str(raw / f"{file}.gz"), str(raw))
+    missing = [file for file in spec.files if not (raw / file).is_file()]
+    if missing:
+        _fetch_or_raise(
+            spec.title, root=root, chosen=chosen, where=raw, missing=missing, download=download,
+            how=f"put the files (or their .gz) from {spec.source} there and pass --data-dir",
+            fetch=lambda: cls(str(root), train=True, download=True, **options))
+    splits = []
+    for train in (True, False):
+        images = cls(str(root), train=train, download=False, **options).data
+        if spec.split is not None:
+            images = images.transpose(1, 2)
+        splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
+    return _binarize(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE), binarize)
+
+
+def _omniglot_class() -> type:
+    """torchvision's ``Omniglot`` that also accepts the extracted folders without their zip."""
+    from torchvision.datasets import Omniglot
+
+    class ExtractedOmniglot(Omniglot):
+        # torchvision checks the md5 of images_background.zip before reading the folders
+        # next to it; the unzipped folders alone (as Lake et al.'s repository has them) are
+        # the same data
+        def _check_integrity(self) -> bool:
+            return os.path.isdir(os.path.join(self.root, self._get_target_folder())) or \
+                super()._check_integrity()
+
+    return ExtractedOmniglot
+
+
+def load_omniglot(data_dir: str | os.PathLike[str] | None = None, *, binarize: str = "dynamic",
+                  download: bool = True, train_drawings: int = OMNIGLOT_TRAIN_DRAWINGS,
+                  ) -> DataSplits:
+    """Omniglot at 28x28, split by drawer: 24,345 train and 8,115 test images.
+
+    Reads ``<data_dir>/omniglot-py/images_background`` and ``images_evaluation`` (the
+    alphabet/character/PNG folders of torchvision's ``Omniglot``, 105x105; downloaded there
+    when missing and ``download`` is true) and pools both: 1,623 characters of 50 alphabets,
+    20 drawings each.  Every character's first ``train_drawings`` drawings (by file name,
+    i.e. by drawer) are training images and the rest test images, so both splits hold every
+    character, as in the 28x28 Omniglot of Lake et al. (2015) that Burda et al. (2016) used
+    (24,345 train / 8,070 test; its image assignment is not recoverable from the 105x105
+    files, so this split has the same training size and 45 more test images).  Each image is
+    shrunk to 28x28 by averaging 3.75x3.75-pixel boxes and inverted, so a pixel is the
+    fraction of ink in its box: strokes 1, background 0, grey at the edges.
+
+    :param train_drawings: drawings per character in the training split (of 20).
+    :returns: ``(N, 784)`` splits with image shape ``(1, 28, 28)``.
+
+    References:
+
+    1. B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, *Human-level concept learning through
+       probabilistic program induction*, Science 350, 2015.
+    2. Y. Burda, R. Grosse, R. Salakhutdinov, *Importance Weighted Autoencoders*, ICLR 2016.
+    """
+    from PIL import Image
+
+    cls = _omniglot_class()
+    root, chosen = resolve_data_dir(data_dir)
+    home = root / "omniglot-py"
+    folders = ("images_background", "images_evaluation")
+    for background, folder in zip((True, False), folders, strict=True):
+        if not (home / folder).is_dir():
+            _fetch_or_raise(
+                "Omniglot", root=root, chosen=chosen, where=home, missing=[folder],
+                download=download,
+                how="unzip images_background.zip and images_evaluation.zip from "
+                    "https://github.com/brendenlake/omniglot (python/) there and pass --data-dir",
+                fetch=lambda background=background: cls(str(root), background=background,
+                                                        download=True))
+
+    def shrink(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.resize((28, 28), Image.Resampling.BOX), dtype=np.uint8)
+
+    train, test = [], []
+    for background in (True, False):
+        dataset = cls(str(root), background=background, download=False, transform=shrink)
+        # torchvision lists each character's PNGs (named <character>_<drawer>.png) in
+        # _flat_character_images as (file name, character index); sort them by drawer
+        drawings: dict[int, list[str]] = {}
+        for name, character in dataset._flat_character_images:
+            drawings.setdefault(character, []).append(name)
+        training = {(name, character) for character, names in drawings.items()
+                    for name in sorted(names)[:train_drawings]}
+        for index, key in enumerate(dataset._flat_character_images):
+            (train if tuple(key) in training else test).append(dataset[index][0])
+    if not train or not test:
+        raise InvalidDataError(f"Omniglot in {home} gave {len(train)} training and {len(test)} "
+                               f"test images; each character needs more than {train_drawings} "
+                               f"drawings")
+    splits = [1.0 - torch.from_numpy(np.stack(images)).reshape(len(images), -1).float() / 255.0
+              for images in (train, test)]
+    # the folders list images character by character; one fixed shuffle makes the first N
+    # images (--train-size, --test-size) a sample of every alphabet
+    splits = [_shuffled(x) for x in splits]
+    return _binarize(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE), binarize)
+
+
+def load_cifar10(data_dir: str | os.PathLike[str] | None = None, *, binarize: str = "none",
+                 download: bool = True) -> DataSplits:
+    """CIFAR-10: 50,000 train and 10,000 test colour images, 32x32, intensities in [0, 1].
+
+    Reads the pickled batches in ``<data_dir>/cifar-10-batches-py`` with torchvision's
+    ``CIFAR10`` (which checks their md5 sums); where they are missing and ``download`` is
+    true, torchvision downloads and unpacks ``cifar-10-python.tar.gz`` into ``data_dir``.
+    Grey levels suit ``--binarize none`` with a Gaussian or continuous Bernoulli likelihood.
+
+    :returns: ``(N, 3072)`` splits, channel-major (all red, then green, then blue pixels),
+        with image shape ``(3, 32, 32)``.
+    """
+    from torchvision.datasets import CIFAR10
+
+    root, chosen = resolve_data_dir(data_dir)
+    where = root / CIFAR10.base_folder
+    files = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    missing = [name for name in files if not (where / name).is_file()]
+    if missing:
+        _fetch_or_raise(
+            "CIFAR-10", root=root, chosen=chosen, where=where, missing=missing, download=download,
+            how=f"unpack {CIFAR10.url} into {root} and pass --data-dir",
+            fetch=lambda: CIFAR10(str(root), train=True, download=True))
+    splits = []
+    for train in (True, False):
+        try:
+            images = CIFAR10(str(root), train=train, download=False).data  # (N, 32, 32, 3) uint8
+        except RuntimeError as error:  # a batch fails its md5 sum
+            raise DatasetNotFoundError(
+                f"CIFAR-10 in {where} is incomplete or corrupted ({_one_line(error)}); unpack "
+                f"{CIFAR10.url} there again"
+            ) from None
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
+    return _binarize(DataSplits(splits[0], splits[1], (3, 32, 32)), binarize)
+
+
 #: datasets selectable by name from the CLI and config
 DATASETS = {
     "mnist": load_mnist,
     "binarized_mnist": load_binarized_mnist,
+    **{name: partial(load_idx_dataset, name) for name in IDX_DATASETS},
+    "omniglot": load_omniglot,
+    "cifar10": load_cifar10,
 }
 
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from pyrovae.data import DATA_DIR_ENV, DataSplits, load_binarized_mnist, load_dataset, load_mnist
+from pyrovae.data import (
+    DATA_DIR_ENV,
+    IDX_DATASETS,
+    OMNIGLOT_TRAIN_DRAWINGS,
+    DataSplits,
+    load_binarized_mnist,
+    load_dataset,
+    load_mnist,
+)
 from pyrovae.errors import ConfigError, DatasetNotFoundError, InvalidDataError
 from tests.conftest import requires_binarized_mnist, requires_mnist
 
@@ -113,3 +123,173 @@ def test_validation_split_takes_the_last_training_points():
     assert data.with_validation(0).valid is None
     with pytest.raises(ConfigError, match="validation size must be between 1 and"):
         DataSplits.from_tensors(train).with_validation(10)
+
+
+# --- torchvision's datasets, read from small files written in their real on-disk formats ---
+
+
+def write_idx(path, array: np.ndarray, *, compress: bool = False) -> None:
+    """An IDX file as LeCun's and torchvision's readers expect: big-endian magic
+    (0, 0, type 0x08 = ubyte, dims), each size as a big-endian int32, then the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    content = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(f"{path}.gz", "wb") as file:
+            file.write(content)
+    else:
+        path.write_bytes(content)
+
+
+def write_idx_dataset(raw, names, train, test, *, compress=False):
+    for name, array in zip(names, (train, np.zeros(len(train)), test, np.zeros(len(test))),
+                           strict=True):
+        write_idx(raw / name, array, compress=compress)
+
+
+def random_images(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def test_fashion_mnist_reads_the_idx_files_through_torchvision(tmp_path):
+    train, test = random_images(6, 0), random_images(4, 1)
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", IDX_DATASETS["fashion_mnist"].files,
+                      train, test)
+    data = load_dataset("fashion_mnist", tmp_path, binarize="none", download=False)
+    assert data.image_shape == (1, 28, 28) and data.train.shape == (6, 784)
+    torch.testing.assert_close(data.train, torch.from_numpy(train).reshape(6, 784).float() / 255)
+    torch.testing.assert_close(data.test, torch.from_numpy(test).reshape(4, 784).float() / 255)
+
+
+def test_kmnist_decompresses_the_published_gz_files(tmp_path):
+    raw = tmp_path / "KMNIST" / "raw"
+    train, test = random_images(5, 2), random_images(3, 3)
+    write_idx_dataset(raw, IDX_DATASETS["kmnist"].files, train, test, compress=True)
+    data = load_dataset("kmnist", tmp_path, binarize="static", download=False)
+    assert (raw / "train-images-idx3-ubyte").is_file()  # decompressed beside the .gz
+    assert data.train.shape == (5, 784) and set(data.train.unique().tolist()) <= {0.0, 1.0}
+    assert data.test.shape == (3, 784)
+
+
+def test_emnist_letters_are_transposed_upright(tmp_path):
+    spec = IDX_DATASETS["emnist_letters"]
+    assert spec.files[0] == "emnist-letters-train-images-idx3-ubyte"
+    train, test = random_images(4, 4), random_images(2, 5)
+    write_idx_dataset(tmp_path / "EMNIST" / "raw", spec.files, train, test)
+    data = load_dataset("emnist_letters", tmp_path, binarize="none", download=False)
+    upright = torch.from_numpy(train).transpose(1, 2).reshape(4, 784).float() / 255
+    torch.testing.assert_close(data.train, upright)
+    assert not torch.equal(data.train, torch.from_numpy(train).reshape(4, 784).float() / 255)
+
+
+def test_missing_torchvision_files_say_where_and_how(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    with pytest.raises(DatasetNotFoundError, match=(
+            f"KMNIST not found: looked for train-images-idx3-ubyte.* in {tmp_path / 'KMNIST' / 'raw'};"
+            ".*github.com/rois-codh/kmnist.*--no-download")):
+        load_dataset("kmnist", tmp_path, download=False)
+    with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        load_dataset("cifar10", tmp_path / "nowhere")
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\n"
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+
+    monkeypatch.setattr(datasets.FashionMNIST, "download", offline)
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_dataset("fashion_mnist", tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "the download failed (Error downloading" in message
+    assert "zalandoresearch/fashion-mnist" in message
+
+
+def write_omniglot(root, alphabets_per_set=1, characters=2):
+    """The folders of torchvision's Omniglot: omniglot-py/images_{background,evaluation}/
+    <alphabet>/<character>/<id>_<drawer>.png, 105x105 1-bit, black strokes on white.  Here
+    drawers 16..20 draw an all-black square, the others nothing."""
+    from PIL import Image
+
+    count = 0
+    for folder in ("images_background", "images_evaluation"):
+        for a in range(alphabets_per_set):
+            for c in range(characters):
+                count += 1
+                path = root / "omniglot-py" / folder / f"Alphabet_{folder[7]}{a}" / f"character{c + 1:02d}"
+                path.mkdir(parents=True)
+                for drawer in range(1, 21):
+                    ink = drawer > OMNIGLOT_TRAIN_DRAWINGS
+                    Image.new("1", (105, 105), 0 if ink else 1).save(path / f"{count:04d}_{drawer:02d}.png")
+    return count
+
+
+def test_omniglot_is_28x28_with_each_characters_first_15_drawers_for_training(tmp_path):
+    characters = write_omniglot(tmp_path)
+    data = load_dataset("omniglot", tmp_path, binarize="none", download=False)
+    assert data.image_shape == (1, 28, 28)
+    assert data.train.shape == (15 * characters, 784) and data.test.shape == (5 * characters, 784)
+    assert float(data.train.max()) == 0.0  # white background: no ink
+    assert float(data.test.min()) == 1.0  # all-black drawings: ink everywhere
+
+
+def test_omniglot_shrinks_by_box_averaging_into_ink_fractions(tmp_path):
+    from PIL import Image
+
+    write_omniglot(tmp_path, characters=1)
+    # one drawing with ink in columns 0..53 of 105: box 14 of 28 (columns 52.5..56.25) is
+    # partly inked
+    picture = Image.new("1", (105, 105), 1)
+    picture.paste(0, (0, 0, 54, 105))
+    first = next((tmp_path / "omniglot-py" / "images_background").glob("*/*/*_01.png"))
+    picture.save(first)
+    train = load_dataset("omniglot", tmp_path, binarize="none", download=False).train
+    inked = train[train.sum(1) > 0].reshape(-1, 28, 28)
+    assert inked.shape[0] == 1
+    assert torch.all(inked[0, :, :14] == 1) and torch.all(inked[0, :, 15:] == 0)
+    assert 0 < float(inked[0, 0, 14]) < 1  # the box across the edge is grey
+
+
+def test_omniglot_missing_folders_name_the_repository(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="omniglot-py.*brendenlake/omniglot"):
+        load_dataset("omniglot", tmp_path, download=False)
+
+
+def write_cifar10(root, sizes=(3, 2, 2, 2, 2), test_size=4):
+    """cifar-10-batches-py/: pickled dicts with 'data' (N, 3072) uint8 rows, channel-major,
+    and 'labels'; batches.meta with 'label_names'.  Returns the rows and the md5 sums."""
+    import hashlib
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name, n in [*((f"data_batch_{i + 1}", n) for i, n in enumerate(sizes)), ("test_batch", test_size)]:
+        rows[name] = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        batch = {"batch_label": name, "data": rows[name], "labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    md5 = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+    return rows, md5
+
+
+def test_cifar10_reads_the_pickled_batches_with_torchvision(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    rows, md5 = write_cifar10(tmp_path)
+    # torchvision checks every batch against the md5 of the real files; these are small ones
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    data = load_dataset("cifar10", tmp_path, binarize="none", download=False)
+    assert data.image_shape == (3, 32, 32) and data.train.shape == (11, 3072)
+    train_rows = np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)])
+    # flattened channel-major, as the file stores each row
+    torch.testing.assert_close(data.train, torch.from_numpy(train_rows).float() / 255)
+    torch.testing.assert_close(data.test, torch.from_numpy(rows["test_batch"]).float() / 255)
+
+
+def test_cifar10_files_that_fail_the_checksum_are_refused(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="incomplete or corrupted.*cifar-10-python.tar.gz"):
+        load_dataset("cifar10", tmp_path, download=False)
