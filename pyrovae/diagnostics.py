@@ -50,8 +50,10 @@ from pyrovae.models import VAE
 KHAT_THRESHOLD = 0.7
 #: fewer samples than this leave fewer than 5 points in the tail: k-hat is NaN
 MIN_SAMPLES_FOR_KHAT = 25
-#: log weights spread over less than this (nats) are treated as constant: k-hat is -inf
-CONSTANT_SPREAD = 1e-6
+#: log weights spread over less than this many units in the last place (ulps, in their own
+#: dtype) of their largest magnitude are constant: k-hat is -inf.  With the exact posterior as
+#: the guide, rounding alone spreads float32 log weights over up to ~30 ulps.
+CONSTANT_SPREAD_ULPS = 512
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
@@ -83,14 +85,33 @@ def _psis_khat(log_weights: np.ndarray) -> np.ndarray:
     return np.asarray(khat, dtype=np.float64)
 
 
+def constant_spread(log_weights: torch.Tensor) -> torch.Tensor:
+    """The spread below which each point's log weights count as equal up to rounding.
+
+    :data:`CONSTANT_SPREAD_ULPS` times the machine epsilon of ``log_weights.dtype`` times
+    max_k |log w_k|, the magnitude being at least 1 nat: a spread that small is rounding (the
+    Pareto fit would model its ties), and weights equal within it give the estimate to that
+    accuracy whatever their tail.
+
+    :param log_weights: ``(K, N)`` log weights, in the dtype they were computed in.
+    :returns: ``(N,)`` thresholds in nats, float64.
+    """
+    if not log_weights.dtype.is_floating_point:
+        raise TypeError(f"log weights must be floating point, got {log_weights.dtype}")
+    epsilon = torch.finfo(log_weights.dtype).eps
+    magnitude = log_weights.detach().double().abs().max(0).values.clamp(min=1.0)
+    return CONSTANT_SPREAD_ULPS * epsilon * magnitude.cpu()
+
+
 def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
     """PSIS k-hat of the importance weights of each data point.
 
-    :param log_weights: ``(K, N)`` log weights (any additive constant per point).
+    :param log_weights: ``(K, N)`` log weights (any additive constant per point), in the
+        dtype they were computed in: it sets how much spread is rounding.
     :returns: ``(N,)`` k-hat: below 0.5 the weights have finite variance; above
         :data:`KHAT_THRESHOLD` the estimate is unreliable.  NaN when K is below
-        :data:`MIN_SAMPLES_FOR_KHAT`; -inf where the weights are constant (spread below
-        :data:`CONSTANT_SPREAD` nats), whose tail is bounded.
+        :data:`MIN_SAMPLES_FOR_KHAT`; -inf where the weights are constant up to rounding
+        (spread below :func:`constant_spread`), whose tail is bounded.
     """
     num_samples, num_points = log_weights.shape
     khat = torch.full((num_points,), math.nan, dtype=torch.float64)
@@ -98,12 +119,31 @@ def pareto_k(log_weights: torch.Tensor) -> torch.Tensor:
         return khat
     values = log_weights.detach().double().cpu()
     spread = values.max(0).values - values.min(0).values
-    constant = spread < CONSTANT_SPREAD
+    constant = spread < constant_spread(log_weights)
     khat[constant] = -math.inf
     varying = (~constant).nonzero().flatten()
     if len(varying):
         khat[varying] = torch.from_numpy(_psis_khat(values[:, varying].T.numpy()))
     return khat
+
+
+def unreliable_fraction(khat: torch.Tensor, threshold: float = KHAT_THRESHOLD) -> float:
+    """The fraction of data points whose importance-sampling estimate is unreliable.
+
+    :param khat: ``(N,)`` per-point k-hat, as from :func:`pareto_k`; NaN entries (too few
+        samples to fit a tail) are left out of both counts, -inf (constant weights) count
+        as reliable.
+    :param threshold: k-hat above which a point is unreliable.
+    :returns: the fraction of the points with a k-hat whose k-hat exceeds ``threshold``,
+        in [0, 1]; NaN when no point has one.
+    """
+    if khat.dim() != 1:
+        raise ValueError(f"expected per-point k-hat of shape (N,), got {tuple(khat.shape)}")
+    known = ~khat.isnan()
+    num_known = int(known.sum())
+    if num_known == 0:
+        return math.nan
+    return int((khat[known] > threshold).sum()) / num_known
 
 
 def log_mean_exp_standard_error(log_weights: torch.Tensor) -> torch.Tensor:
@@ -163,8 +203,15 @@ class ImportanceSummary:
     def num_unreliable(self) -> int:
         return int(self.unreliable.sum())
 
+    @property
+    def unreliable_fraction(self) -> float:
+        """The fraction of points with k-hat above the threshold (:func:`unreliable_fraction`)."""
+        return unreliable_fraction(self.pareto_k, self.khat_threshold)
+
 
 def _summarize_batch(log_weights: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    # k-hat reads the dtype the weights were computed in: it sets what spread is rounding
+    khat = pareto_k(log_weights)
     log_weights = log_weights.double()
     iwae = torch.stack([torch.logsumexp(log_weights[:k], 0) - math.log(k) for k in ks])
     spread = log_weights.std(0) if len(log_weights) > 1 else torch.full(
@@ -177,7 +224,7 @@ def _summarize_batch(log_weights: torch.Tensor, ks: Sequence[int]) -> dict[str, 
         "iwae_standard_error": errors,
         "elbo": log_weights.mean(0),
         "effective_sample_size": effective_sample_size(log_weights),
-        "pareto_k": pareto_k(log_weights),
+        "pareto_k": khat,
         "log_weight_mean": log_weights.mean(0),
         "log_weight_std": spread,
         "log_weight_min": log_weights.min(0).values,

@@ -10,10 +10,12 @@ import torch
 from pyrovae import diagnostics as diagnostics_module
 from pyrovae import log_marginal_likelihood
 from pyrovae.diagnostics import (
+    KHAT_THRESHOLD,
     effective_sample_size,
     importance_summary,
     log_mean_exp_standard_error,
     pareto_k,
+    unreliable_fraction,
 )
 from tests.linear_gaussian import exact_log_marginal, linear_gaussian_vae, sample_data
 from tests.test_evaluation import mismatched_vae
@@ -50,6 +52,58 @@ def test_khat_needs_enough_samples_and_marks_constant_weights():
     assert bool((pareto_k(torch.full((100, 3), -2.5)) == -math.inf).all())
 
 
+@pytest.mark.parametrize("log_weight", [-101.3, -7.3])
+def test_weights_equal_up_to_float32_rounding_are_reliable(log_weight):
+    # log w = log p(x, z) - log q(z|x), each rounded to float32, whose exact difference is
+    # the same for every z: MNIST magnitudes, |log w| ~ 100 and ~ 7, log q(z|x) ~ 30 to 110
+    generator = torch.Generator().manual_seed(0)
+    log_q = 30 + 80 * torch.rand(1000, 64, generator=generator, dtype=torch.float64)
+    log_w = (log_q + log_weight).float() - log_q.float()
+    spread = log_w.max(0).values - log_w.min(0).values
+    assert float(spread.max()) > 5e-6  # a fixed 1e-6 nats would fit a Pareto to these ties
+    khat = pareto_k(log_w)
+    assert not bool((khat == math.inf).any()) and bool((khat < 0.5).all()), khat
+    assert unreliable_fraction(khat) == 0.0
+
+
+def test_the_constant_threshold_follows_the_dtype():
+    # a spread of 1e-3 nats at |log w| = 100 is rounding in float32, a real spread in float64
+    log_w = -100 + 1e-3 * torch.rand(500, 4, dtype=torch.float64)
+    assert bool((pareto_k(log_w.float()) == -math.inf).all())
+    assert bool(pareto_k(log_w).isfinite().all())
+
+
+def test_heavy_tailed_float32_weights_at_mnist_magnitudes_are_flagged():
+    # s = 0.2: k = 0.96; rounding to float32 at |log w| ~ 100 must not hide the tail
+    khat = pareto_k(gaussian_log_weights(0.2).float() - 100)
+    assert float(khat.min()) > 0.7, khat
+    assert unreliable_fraction(khat) == 1.0
+    torch.testing.assert_close(khat, pareto_k(gaussian_log_weights(0.2)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("data_dim", [5, 150])
+def test_exact_posterior_in_float32_is_reliable(data_dim):
+    # |log w| ~ 7 at 5 dimensions and ~ 116 at 150
+    vae = linear_gaussian_vae(data_dim=data_dim, dtype=torch.float32)
+    x = sample_data(vae, 40)
+    summary = importance_summary(vae, x, ks=(1000,), batch_size=20)
+    assert float((summary.log_weight_max - summary.log_weight_min).max()) > 1e-6
+    assert not bool((summary.pareto_k == math.inf).any())
+    assert bool((summary.pareto_k < 0.5).all())
+    assert summary.num_unreliable == 0 and summary.unreliable_fraction == 0.0
+
+
+def test_unreliable_fraction_counts_points_above_the_threshold():
+    khat = torch.tensor([0.1, 0.8, -math.inf, math.inf, math.nan, KHAT_THRESHOLD, 0.71],
+                        dtype=torch.float64)
+    # NaN is left out: 3 of the 6 others are above 0.7 (0.7 itself is not)
+    assert unreliable_fraction(khat) == 0.5
+    assert unreliable_fraction(khat, threshold=1.0) == pytest.approx(1 / 6)
+    assert math.isnan(unreliable_fraction(torch.full((3,), math.nan)))
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        unreliable_fraction(torch.zeros(2, 3))
+
+
 def test_effective_sample_size_from_equal_to_one_dominant_weight():
     equal = torch.zeros(50, 2)
     dominant = torch.tensor([[0.0, 0.0]] + [[-100.0, -100.0]] * 49)
@@ -83,6 +137,7 @@ def test_guide_much_narrower_than_the_posterior_is_flagged():
     assert float(summary.pareto_k.median()) > 0.7
     assert summary.num_unreliable >= 5
     assert bool(summary.unreliable.equal(summary.pareto_k > 0.7))
+    assert summary.unreliable_fraction == summary.num_unreliable / 10
     assert float(summary.effective_sample_size.median()) < 0.1 * 5000
 
 
