@@ -158,7 +158,7 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path | None, device: torc
         # rank 0 checks and creates the folder; every rank learns its verdict
         run_dir = distributed.rank0_call(lambda: _prepare_run_dir(config))
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
-                        download=config.download)
+                        download=config.download, test_fraction=config.test_fraction)
     data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
     data = data.to(device)
     seed_everything(config.seed)
@@ -262,7 +262,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     vae, config, _ = load_vae(args.checkpoint, device)
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
     data = load_dataset(config.dataset, data_dir, binarize=config.binarize,
-                        download=config.download)
+                        download=config.download, test_fraction=config.test_fraction)
     x_test = data.test[: args.test_size or config.test_size].to(device)
     seed_everything(args.seed)
     if args.report:

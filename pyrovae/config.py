@@ -10,7 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pyrovae.data import BINARIZATIONS, DATASETS
+from pyrovae.data import BINARIZATIONS, DATASETS, check_dataset_name
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.likelihoods import LIKELIHOODS
@@ -33,14 +33,19 @@ class TrainConfig:
     """
 
     dataset: str = field(default="mnist", metadata=_flag(
-        "dataset name", choices=tuple(DATASETS)))
+        f"a dataset ({', '.join(DATASETS)}), or your own files: npz:PATH (arrays train [, test, "
+        f"valid]), npy:PATH (one array), folder:PATH (an image folder)", type=str))
     data_dir: str | None = field(default=None, metadata=_flag(
-        "folder holding MNIST/raw or binarized_mnist.npz (default: $PYROVAE_DATA, then "
-        "~/.cache/pyrovae/data, downloading MNIST there)", type=str))
-    download: bool = field(default=True, metadata=_flag("download MNIST when it is not on disk"))
+        "folder holding the named datasets (MNIST/raw, binarized_mnist.npz, ...; default: "
+        "$PYROVAE_DATA, then ~/.cache/pyrovae/data, downloading there)", type=str))
+    download: bool = field(default=True, metadata=_flag(
+        "download a named dataset when it is not on disk"))
     binarize: str = field(default="dynamic", metadata=_flag(
         "dynamic: resample x ~ Bernoulli(intensity) each time an image is used; static: one "
         "fixed draw; none: grey levels", choices=BINARIZATIONS))
+    test_fraction: float = field(default=0.1, metadata=_flag(
+        "npz/npy/folder data without a test split: the share of points held out as the test "
+        "set (a fixed random choice)", type=float))
     train_size: int | None = field(default=None, metadata=_flag(
         "use only the first N training images", type=int))
     test_size: int | None = field(default=None, metadata=_flag(
@@ -139,6 +144,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"unknown {f.name} {value!r}; known: {', '.join(map(str, choices))}"
                 )
+        check_dataset_name(self.dataset)
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
                     "num_components", "rank", "log_px_samples", "log_px_size")
         for name in positive:

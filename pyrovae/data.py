@@ -9,10 +9,12 @@ Every dataset is a :class:`DataSplits`: ``train`` and ``test`` tensors of shape
 - ``static``: both splits are binarized once with a fixed seed;
 - ``none``: grey levels.
 
-Data sources: ``mnist`` (torchvision; downloads where there is a network, reads the raw
-IDX files offline) and ``binarized_mnist`` (the fixed Larochelle & Murray split, from
-``binarized_mnist.npz``), plus any user tensor or ``Dataset`` via
-:meth:`DataSplits.from_tensors`.
+Data sources (:func:`load_dataset`): by name, ``mnist``, ``fashion_mnist``, ``kmnist``,
+``emnist_<split>``, ``omniglot`` and ``cifar10`` through their torchvision classes
+(downloading where there is a network, reading the files offline) and ``binarized_mnist``
+(the fixed Larochelle & Murray split, from ``binarized_mnist.npz``); the user's files as
+``npz:PATH``, ``npy:PATH`` and ``folder:PATH`` (an image folder); and any user tensor or
+``Dataset`` via :meth:`DataSplits.from_tensors`.
 """
 
 from __future__ import annotations
@@ -535,9 +537,215 @@ DATASETS = {
 }
 
 
+# --- the user's own files: --dataset npz:PATH, npy:PATH, folder:PATH ---
+
+
+def _split_off_test(x: torch.Tensor, test_fraction: float, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` in one fixed random order (seed :data:`SPLIT_SEED`): the first
+    ``round(test_fraction * N)`` (at least 1) are the test set, the rest the training set."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(x) < 2:
+        raise InvalidDataError(f"{source} has {len(x)} data point(s); a train/test split needs 2")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    num_test = min(len(x) - 1, max(1, round(test_fraction * len(x))))
+    return x[order[num_test:]], x[order[:num_test]]
+
+
+def images_from_array(x: np.ndarray, name: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """Flatten an array of data points into a float32 tensor in the stated value range.
+
+    - shape ``(N, D)``: vectors (no image shape); ``(N, H, W)``: grey images;
+      ``(N, H, W, C)`` with 1 to 4 channels, last: images of shape ``(C, H, W)``.
+    - dtype ``uint8``: grey levels 0..255, divided by 255; ``bool``: 0/1; float: kept as
+      they are (in [0, 1] for Bernoulli-type likelihoods and for binarization). Other
+      integer types have no stated range and are refused.
+
+    :param name: how the array is called in error messages.
+    :returns: ``(N, D)`` float32 and the image shape ``(C, H, W)`` or ``None``.
+    :raises InvalidDataError: a dtype, shape or value that cannot be data.
+    """
+    if x.dtype == np.uint8:
+        tensor = torch.from_numpy(x).float() / 255.0
+    elif x.dtype == np.bool_:
+        tensor = torch.from_numpy(x).float()
+    elif np.issubdtype(x.dtype, np.floating):
+        tensor = torch.from_numpy(x.astype(np.float32, copy=False))
+    else:
+        raise InvalidDataError(
+            f"{name} has dtype {x.dtype}; give uint8 (0..255), bool, or floats (in [0, 1] for "
+            f"Bernoulli-type likelihoods)")
+    if x.ndim == 2:
+        image_shape = None
+    elif x.ndim == 3:
+        image_shape = (1, *x.shape[1:])
+    elif x.ndim == 4 and 1 <= x.shape[3] <= 4:
+        tensor = tensor.permute(0, 3, 1, 2)
+        image_shape = (x.shape[3], *x.shape[1:3])
+    else:
+        hint = "; channels go last: x.transpose(0, 2, 3, 1)" if x.ndim == 4 else ""
+        raise InvalidDataError(
+            f"{name} has shape {x.shape}; expected (N, D), (N, H, W) or (N, H, W, C) with 1-4 "
+            f"channels{hint}")
+    if x.shape[0] == 0:
+        raise InvalidDataError(f"{name} is empty: shape {x.shape}")
+    return _flatten(tensor.contiguous(), name), image_shape
+
+
+def _splits_from_arrays(arrays: dict[str, np.ndarray], source: str, *, binarize: str,
+                        test_fraction: float) -> DataSplits:
+    """:class:`DataSplits` from arrays ``train`` and optional ``test`` and ``valid``; a lone
+    ``train`` (an npy file, a folder) is called ``source`` in messages and split."""
+    tensors, shapes = {}, {}
+    for key in ("train", "valid", "test"):
+        if key not in arrays:
+            continue
+        if arrays[key].shape[1:] != arrays["train"].shape[1:]:
+            raise InvalidDataError(
+                f"{source}: {key} has data points of shape {arrays[key].shape[1:]} but train "
+                f"{arrays['train'].shape[1:]}")
+        name = source if len(arrays) == 1 else f"{source}: {key}"
+        tensors[key], shapes[key] = images_from_array(arrays[key], name)
+    if "test" not in tensors:
+        tensors["train"], tensors["test"] = _split_off_test(tensors["train"], test_fraction, source)
+    train = tensors["train"]
+    if "valid" in tensors:
+        # the last training points, so that --valid-size len(valid) holds exactly them out
+        logger.info("%s: valid (%d points) appended after train; --valid-size %d holds it out",
+                    source, len(tensors["valid"]), len(tensors["valid"]))
+        train = torch.cat([train, tensors["valid"]])
+    return _binarize(DataSplits(train, tensors["test"], shapes["train"]), binarize)
+
+
+def _existing_file(path: str, kind: str, what: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DatasetNotFoundError(f"{file} not found (--dataset {kind}:{path}); give the path of {what}")
+    return file
+
+
+def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
+             test_fraction: float = 0.1) -> DataSplits:
+    """Arrays from an ``.npz`` file: ``train``, and optionally ``test`` and ``valid``.
+
+    Each array holds data points as :func:`images_from_array` takes them (``(N, D)``,
+    ``(N, H, W)`` or ``(N, H, W, C)``; uint8 0..255, bool or floats in the range the
+    likelihood needs).  Without ``test``, a fixed random ``test_fraction`` of ``train`` is
+    the test set.  ``valid`` is appended after ``train``, so that ``--valid-size
+    len(valid)`` holds it out for model selection.  Other arrays (labels) are ignored.
+    The file is read with ``allow_pickle=False``.
+    """
+    file = _existing_file(str(path), "npz", "an .npz file with arrays train [, test, valid]")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files if key in ("train", "test", "valid")}
+            found = archive.files
+    except (ValueError, OSError) as error:
+        raise InvalidDataError(
+            f"{file} is not a readable .npz of plain arrays ({_one_line(error)})") from None
+    if "train" not in arrays:
+        raise InvalidDataError(f"{file} has no array named train (found: {', '.join(found) or 'none'}); "
+                               f"save it with numpy.savez(path, train=..., test=...)")
+    return _splits_from_arrays(arrays, str(file), binarize=binarize, test_fraction=test_fraction)
+
+
+def load_npy(path: str | os.PathLike[str], *, binarize: str = "none",
+             test_fraction: float = 0.1) -> DataSplits:
+    """One array from an ``.npy`` file, split into train and test.
+
+    The array is as :func:`images_from_array` takes it; a fixed random ``test_fraction`` of
+    its rows (seed :data:`SPLIT_SEED`, at least one row) is the test set.
+    """
+    file = _existing_file(str(path), "npy", "an .npy file with one array (N, ...)")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise InvalidDataError(f"{file} is not a readable .npy array ({_one_line(error)})") from None
+    return _splits_from_arrays({"train": array}, str(file), binarize=binarize, test_fraction=test_fraction)
+
+
+def _image_folder_array(folder: Path) -> np.ndarray:
+    """Every image of a ``torchvision.datasets.ImageFolder`` (class subfolders) as one uint8
+    array ``(N, H, W)`` if all are grey, else ``(N, H, W, 3)``."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(str(folder))  # lists <class>/<image> files; we read them below
+    except (FileNotFoundError, OSError) as error:
+        raise DatasetNotFoundError(
+            f"no images in {folder} ({_one_line(error)}); an image folder holds one subfolder "
+            f"per class (any name) with the image files") from None
+    images = []
+    for path, _ in dataset.samples:
+        with Image.open(path) as image:
+            image.load()
+            images.append(image.copy())
+    grey = all(image.mode in ("1", "L", "LA") for image in images)
+    arrays = [np.asarray(image.convert("L" if grey else "RGB")) for image in images]
+    for (path, _), array in zip(dataset.samples, arrays, strict=True):
+        if array.shape != arrays[0].shape:
+            raise InvalidDataError(
+                f"images in {folder} differ in size: {dataset.samples[0][0]} is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]} but {path} is "
+                f"{array.shape[1]}x{array.shape[0]}; resize them to one size first")
+    return np.stack(arrays)
+
+
+def load_image_folder(path: str | os.PathLike[str], *, binarize: str = "none",
+                      test_fraction: float = 0.1) -> DataSplits:
+    """Images in a folder, read with ``torchvision.datasets.ImageFolder``.
+
+    ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*.png`` are the two splits where
+    both ``train`` and ``test`` exist; otherwise ``PATH/<class>/*.png`` is split by a fixed
+    random ``test_fraction``.  Any format PIL reads; all images of one size; grey images
+    (modes 1, L) give one channel, any colour image makes all RGB; 8-bit levels are scaled
+    to [0, 1].  Class folders only group files: labels are not used.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"{folder} is not a folder (--dataset folder:{path}); give a folder with one "
+            f"subfolder per class, or train/ and test/ folders of them")
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        train, test = _image_folder_array(folder / "train"), _image_folder_array(folder / "test")
+        if train.ndim != test.ndim:  # one split grey, the other colour
+            train, test = (np.repeat(x[..., None], 3, -1) if x.ndim == 3 else x for x in (train, test))
+        arrays = {"train": train, "test": test}
+    else:
+        arrays = {"train": _image_folder_array(folder)}
+    return _splits_from_arrays(arrays, str(folder), binarize=binarize, test_fraction=test_fraction)
+
+
+#: ``--dataset KIND:PATH``: the user's own files
+FILE_DATASETS = {
+    "npz": load_npz,
+    "npy": load_npy,
+    "folder": load_image_folder,
+}
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is in :data:`DATASETS` or ``KIND:PATH``."""
+    kind, colon, path = name.partition(":")
+    if name in DATASETS or (colon and kind in FILE_DATASETS and path):
+        return
+    raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}, or "
+                      f"{', '.join(f'{kind}:PATH' for kind in FILE_DATASETS)}")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-                 binarize: str = "dynamic", download: bool = True) -> DataSplits:
-    """Load a dataset from :data:`DATASETS` by name."""
+                 binarize: str = "dynamic", download: bool = True,
+                 test_fraction: float = 0.1) -> DataSplits:
+    """Load a dataset by name: a key of :data:`DATASETS` (read from ``data_dir``), or
+    ``KIND:PATH`` with ``KIND`` in :data:`FILE_DATASETS` (``npz``, ``npy``, ``folder``;
+    ``PATH`` relative to the working directory).
+
+    :param test_fraction: for files without a test split, the share of points held out as
+        the test set (a fixed random choice).
+    """
+    check_dataset_name(name)
+    kind, colon, path = name.partition(":")
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        return FILE_DATASETS[kind](path, binarize=binarize, test_fraction=test_fraction)
     return DATASETS[name](data_dir, binarize=binarize, download=download)

@@ -90,7 +90,7 @@ def test_missing_data_dir_names_where_it_looked(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known datasets: mnist, binarized_mnist"):
+    with pytest.raises(ConfigError, match="known datasets: mnist, binarized_mnist, fashion_mnist"):
         load_dataset("cifar")
 
 
@@ -293,3 +293,114 @@ def test_cifar10_files_that_fail_the_checksum_are_refused(tmp_path):
     write_cifar10(tmp_path)
     with pytest.raises(DatasetNotFoundError, match="incomplete or corrupted.*cifar-10-python.tar.gz"):
         load_dataset("cifar10", tmp_path, download=False)
+
+
+# --- the user's own files ---
+
+
+def test_npz_with_train_test_and_valid(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 6, 5), dtype=np.uint8)
+    path = tmp_path / "mine.npz"
+    np.savez(path, train=images[:8], valid=images[8:10], test=images[10:], train_labels=np.arange(8))
+    data = load_dataset(f"npz:{path}", binarize="none")
+    assert data.image_shape == (1, 6, 5) and data.test.shape == (2, 30)
+    # valid comes last in train, so --valid-size 2 holds out exactly it
+    assert data.train.shape == (10, 30)
+    held_out = data.with_validation(2)
+    torch.testing.assert_close(held_out.valid, torch.from_numpy(images[8:10]).reshape(2, 30).float() / 255)
+
+
+def test_npy_is_split_by_the_test_fraction_with_a_fixed_shuffle(tmp_path):
+    path = tmp_path / "points.npy"
+    points = np.linspace(0, 1, 40, dtype=np.float32).reshape(20, 2)
+    np.save(path, points)
+    first = load_dataset(f"npy:{path}", binarize="none", test_fraction=0.25)
+    second = load_dataset(f"npy:{path}", binarize="none", test_fraction=0.25)
+    assert first.image_shape is None and first.train.shape == (15, 2) and first.test.shape == (5, 2)
+    assert torch.equal(first.test, second.test)  # the same split every time
+    rows = sorted(map(tuple, torch.cat([first.train, first.test]).tolist()))
+    assert rows == sorted(map(tuple, points.tolist()))  # a partition of the rows
+    assert first.test.tolist() != points[-5:].tolist()  # not simply the last rows
+
+
+def test_channels_last_colour_arrays_become_channel_major_images(tmp_path):
+    images = np.random.default_rng(1).random((4, 8, 8, 3), dtype=np.float32)
+    np.savez(tmp_path / "colour.npz", train=images, test=images[:2])
+    data = load_dataset(f"npz:{tmp_path / 'colour.npz'}", binarize="none")
+    assert data.image_shape == (3, 8, 8)
+    torch.testing.assert_close(data.train[1], torch.from_numpy(images[1]).permute(2, 0, 1).reshape(-1))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"train": np.arange(8).reshape(2, 4)}, "dtype int64; give uint8 \\(0..255\\), bool, or floats"),
+    ({"train": np.full((3, 4), np.nan, dtype=np.float32)}, "bad.npz contains 12 non-finite values \\(NaN\\)"),
+    ({"train": np.zeros((3, 4, 4), np.uint8), "test": np.zeros((3, 5, 5), np.uint8)},
+     "test has data points of shape \\(5, 5\\) but train \\(4, 4\\)"),
+    ({"train": np.zeros((3, 1, 6, 6), np.uint8)}, "channels go last: x.transpose\\(0, 2, 3, 1\\)"),
+    ({"test": np.zeros((3, 4), np.uint8)}, "no array named train \\(found: test\\)"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(InvalidDataError, match=message) as caught:
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}", binarize="none")
+    assert "\n" not in str(caught.value)
+
+
+def test_floats_outside_zero_one_cannot_be_binarized(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((4, 3), 5.0))
+    with pytest.raises(ConfigError, match="must lie in \\[0, 1\\] to be binarized"):
+        load_dataset(f"npy:{tmp_path / 'big.npy'}", binarize="dynamic")
+
+
+def test_missing_files_and_unknown_kinds(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'no.npz'} not found.*arrays train"):
+        load_dataset(f"npz:{tmp_path / 'no.npz'}")
+    with pytest.raises(DatasetNotFoundError, match="is not a folder"):
+        load_dataset(f"folder:{tmp_path / 'none'}")
+    with pytest.raises(ConfigError, match="known datasets: mnist, .*, or npz:PATH, npy:PATH, folder:PATH"):
+        load_dataset("csv:x.csv")
+
+
+def write_pngs(folder, images, mode):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image, mode=None).convert(mode).save(folder / f"{i:03d}.png")
+
+
+def test_an_image_folder_with_train_and_test_subfolders(tmp_path):
+    rng = np.random.default_rng(2)
+    grey = rng.integers(0, 256, size=(5, 7, 6), dtype=np.uint8)
+    write_pngs(tmp_path / "train" / "cats", grey[:3], "L")
+    write_pngs(tmp_path / "train" / "dogs", grey[3:4], "L")
+    write_pngs(tmp_path / "test" / "any", grey[4:], "L")
+    data = load_dataset(f"folder:{tmp_path}", binarize="none")
+    assert data.image_shape == (1, 7, 6) and data.train.shape == (4, 42) and data.test.shape == (1, 42)
+    torch.testing.assert_close(data.train, torch.from_numpy(grey[:4]).reshape(4, 42).float() / 255)
+
+
+def test_an_image_folder_of_colour_images_is_split_by_the_fraction(tmp_path):
+    colour = np.random.default_rng(3).integers(0, 256, size=(10, 4, 4, 3), dtype=np.uint8)
+    write_pngs(tmp_path / "only", colour, "RGB")
+    data = load_dataset(f"folder:{tmp_path}", binarize="static", test_fraction=0.2)
+    assert data.image_shape == (3, 4, 4) and data.train.shape == (8, 48) and data.test.shape == (2, 48)
+
+
+def test_images_of_different_sizes_are_refused(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("L", (4, 4)).save(tmp_path / "a" / "small.png")
+    Image.new("L", (5, 4)).save(tmp_path / "a" / "wide.png")
+    with pytest.raises(InvalidDataError, match="differ in size: .*small.png is 4x4 but .*wide.png is 5x4"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_scikit_learns_digits_as_an_npy_file(tmp_path):
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn not installed (extra: examples)")
+    images = datasets.load_digits().images / 16  # (1797, 8, 8) float64 grey levels 0..16
+    np.save(tmp_path / "digits.npy", images)
+    data = load_dataset(f"npy:{tmp_path / 'digits.npy'}", binarize="dynamic")
+    assert data.image_shape == (1, 8, 8) and data.test.shape == (180, 64) and data.train.shape == (1617, 64)
+    assert data.dynamic_binarization and float(data.train.max()) == 1.0

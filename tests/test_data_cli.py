@@ -2,12 +2,64 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pytest
+
+from pyrovae import TrainConfig
 from pyrovae.cli import main
+from pyrovae.errors import ConfigError
+
+TINY = ["--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "50",
+        "--eval-samples", "5", "--no-progress"]
+
+
+def one_line_error(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    return error
 
 
 def test_a_missing_torchvision_dataset_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["train", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path),
                  "--no-download", "--out-dir", str(tmp_path / "run"), "--no-progress"])
-    error = capsys.readouterr().err
-    assert code == 2 and error.count("\n") == 1
+    error = one_line_error(capsys)
+    assert code == 2
     assert "looked for train-images-idx3-ubyte" in error and str(tmp_path / "FashionMNIST") in error
+
+
+def test_the_config_takes_file_datasets_and_refuses_unknown_ones():
+    assert TrainConfig(dataset="npz:some/file.npz", test_fraction=0.2).dataset == "npz:some/file.npz"
+    with pytest.raises(ConfigError, match="unknown dataset 'npz:'"):
+        TrainConfig(dataset="npz:")
+    with pytest.raises(ConfigError, match="test_fraction must be in \\(0, 1\\), got 1.5"):
+        TrainConfig(test_fraction=1.5)
+
+
+def test_train_on_scikit_learns_digits_from_an_npy_file(tmp_path, capsys):
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn not installed (extra: examples)")
+    np.save(tmp_path / "digits.npy", datasets.load_digits().images / 16)
+    run = tmp_path / "run"
+    code = main(["train", "--dataset", f"npy:{tmp_path / 'digits.npy'}", "--train-size", "200",
+                 "--test-size", "50", "--out-dir", str(run), *TINY])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_test_points"] == 50 and results["test_elbo"] < 0
+    assert (run / "samples.png").is_file()  # 8x8 images, drawn as a grid
+    assert json.loads((run / "config.json").read_text())["dataset"] == f"npy:{tmp_path / 'digits.npy'}"
+
+
+def test_grey_levels_under_a_bernoulli_likelihood_are_one_line_and_exit_2(tmp_path, capsys):
+    np.savez(tmp_path / "grey.npz", train=np.full((60, 4, 4), 128, np.uint8))
+    code = main(["train", "--dataset", f"npz:{tmp_path / 'grey.npz'}", "--binarize", "none",
+                 "--out-dir", str(tmp_path / "run"), *TINY])
+    error = one_line_error(capsys)
+    assert code == 2 and "Bernoulli likelihood needs binary data" in error and "--binarize" in error
+
+
+def test_nan_in_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    np.save(tmp_path / "nan.npy", np.full((60, 4), np.nan, np.float32))
+    code = main(["train", "--dataset", f"npy:{tmp_path / 'nan.npy'}",
+                 "--out-dir", str(tmp_path / "run"), *TINY])
+    assert code == 2 and "non-finite values (NaN)" in one_line_error(capsys)
