@@ -150,21 +150,27 @@ def _channels_height_width(image_shape: Sequence[int] | None, data_dim: int) -> 
     if len(shape) != 3 or shape[0] * shape[1] * shape[2] != data_dim:
         raise ConfigError(
             f"image shape {tuple(image_shape)} is not (channels, height, width) of {data_dim} values")
-    if shape[1] % 4 or shape[2] % 4:
-        raise ConfigError(f"the convolutional networks need height and width divisible by 4, "
-                          f"got {shape[1]}x{shape[2]}")
+    if shape[0] < 1 or shape[1] < 4 or shape[2] < 4:
+        raise ConfigError(f"the convolutional networks need at least one channel and images of "
+                          f"at least 4x4, got {shape[0]} channel(s) of {shape[1]}x{shape[2]}")
     return shape  # type: ignore[return-value]
+
+
+def _halved(size: int) -> int:
+    """The size after one convolution with kernel 4, stride 2 and padding 1: floor(size / 2)."""
+    return size // 2
 
 
 class ConvEncoder(nn.Module):
     """Convolutional encoder body ``x -> h`` for flattened images.
 
-    Two stride-2 convolutions (kernel 4, 32 and 64 channels; 28x28 -> 14x14 -> 7x7), then
-    fully connected layers of widths ``hidden_dims``. Data stay flattened ``(..., data_dim)``
+    Two stride-2 convolutions (kernel 4, padding 1, 32 and 64 channels), each halving height
+    and width, rounding down (28x28 -> 14x14 -> 7x7, 32x32 -> 8x8, 8x8 -> 2x2, 30x30 -> 7x7),
+    then fully connected layers of widths ``hidden_dims``. Data stay flattened ``(..., data_dim)``
     everywhere else; the reshape to ``(channels, height, width)`` happens here.
 
-    :param image_shape: ``(channels, height, width)`` or ``(height, width)``; height and
-        width divisible by 4.
+    :param image_shape: ``(channels, height, width)`` or ``(height, width)``; any number of
+        channels, height and width at least 4.
     :param hidden_dims: widths of the fully connected layers after the convolutions; the
         last one is ``feature_dim`` (at least one entry).
     :param activation: a key of :data:`ACTIVATIONS`.
@@ -190,7 +196,7 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(in_channels, channels[0], 4, stride=2, padding=1), act(),
             nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), act(),
         )
-        conv_dim = channels[1] * (height // 4) * (width // 4)
+        conv_dim = channels[1] * _halved(_halved(height)) * _halved(_halved(width))
         self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,13 +209,15 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Transposed-convolutional decoder ``z -> parameters of p(x|z)``, flattened.
 
-    Fully connected layers ``latent_dim -> hidden_dims -> 64 x H/4 x W/4``, then two
-    stride-2 transposed convolutions back to ``(channels, height, width)``; no output
+    Fully connected layers ``latent_dim -> hidden_dims -> 64 x h x w`` (the encoder's
+    convolution output size), then two stride-2 transposed convolutions back to exactly
+    ``(channels, height, width)``, an output padding of one where a size was odd; no output
     nonlinearity (the likelihood applies its own link). Accepts any leading dimensions:
     ``(..., latent_dim) -> (..., data_dim)``.
 
     :param latent_dim: size of z.
-    :param image_shape: ``(channels, height, width)`` or ``(height, width)``.
+    :param image_shape: ``(channels, height, width)`` or ``(height, width)``; any number of
+        channels, height and width at least 4.
     :param hidden_dims: widths of the fully connected layers, from z outwards.
     :param activation: a key of :data:`ACTIVATIONS`.
     :param channels: the encoder's convolution channels, traversed in reverse
@@ -229,13 +237,18 @@ class ConvDecoder(nn.Module):
         out_channels, height, width = self.image_shape
         self.latent_dim = latent_dim
         self.data_dim = out_channels * height * width
-        self.grid = (channels[1], height // 4, width // 4)
+        self.grid = (channels[1], _halved(_halved(height)), _halved(_halved(width)))
         self.head = mlp((latent_dim, *hidden_dims, math.prod(self.grid)), activation,
                         final_activation=True)
         act = _activation(activation)
+        # a transposed convolution (kernel 4, stride 2, padding 1) doubles a size; the output
+        # padding adds the 1 that halving an odd size rounded off
+        half = (_halved(height), _halved(width))
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(channels[1], channels[0], 4, stride=2, padding=1), act(),
-            nn.ConvTranspose2d(channels[0], out_channels, 4, stride=2, padding=1),
+            nn.ConvTranspose2d(channels[1], channels[0], 4, stride=2, padding=1,
+                               output_padding=(half[0] % 2, half[1] % 2)), act(),
+            nn.ConvTranspose2d(channels[0], out_channels, 4, stride=2, padding=1,
+                               output_padding=(height % 2, width % 2)),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
