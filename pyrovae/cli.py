@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from pyrovae import distributed
+from pyrovae import __version__, distributed
 from pyrovae.argtypes import positive_int
 from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae
 from pyrovae.config import TrainConfig, build_vae
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Variational autoencoders as Pyro programs: train, estimate log p(x), sample.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
