@@ -35,3 +35,40 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
+
+
+#: the device types pyrovae runs on (``auto``: cuda when available, else cpu)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_name(text: str) -> str:
+    """``text`` if it names a device pyrovae can run on (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), else a ``ValueError`` saying which names are accepted."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {text!r} cannot hold the data and parameters of a run; use "
+                         f"auto, cpu, cuda or cuda:N")
+    return text
+
+
+def device_name(text: str) -> str:
+    """:func:`check_device_name` as an ``argparse`` type."""
+    try:
+        return check_device_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def seed(text: str) -> int:
+    """``text`` as a random seed, an integer from 0 to 2**32 - 1 (numpy's range)."""
+    value = _integer_at_least(text, 0, "non-negative")
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {2**32}, got {value}")
+    return value

@@ -4,17 +4,17 @@ config in one file.
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(weights_only=True)``: no code in a checkpoint is ever executed.
 Writes are atomic (temporary file, fsync, rename), so a crash during a write leaves the
-previous checkpoint intact.
+previous checkpoint intact.  :func:`check_checkpoint` validates everything a loaded
+checkpoint holds before any of it is used, and names the key or tensor that is wrong.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import shutil
-import tempfile
+import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,15 @@ import numpy as np
 import torch
 
 from pyrovae.config import TrainConfig, build_vae
-from pyrovae.errors import CheckpointError
+from pyrovae.errors import CheckpointError, ConfigError
 from pyrovae.models import VAE
+from pyrovae.rundir import copy_atomically, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_CHECKPOINT_NAME = "checkpoint_best.pt"
 HISTORY_DIR = "checkpoints"
+#: what a run's checkpoints consist of
+CHECKPOINT_FILES = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, HISTORY_DIR)
 FORMAT_VERSION = 1
 
 
@@ -62,18 +65,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    :raises ~pyrovae.rundir.RunFileError: the write failed (disk full, read-only folder);
+        ``path`` keeps its previous content and no temporary file is left.
+    """
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def save_checkpoint(path: str | Path, vae: VAE, optimizer: torch.optim.Optimizer | None,
@@ -104,19 +101,48 @@ def keep_history(run_dir: Path, epoch: int, keep_last: int) -> None:
         return
     folder = run_dir / HISTORY_DIR
     folder.mkdir(exist_ok=True)
-    target = folder / f"epoch-{epoch:04d}.pt"
-    partial = target.with_suffix(".pt.tmp")
-    shutil.copyfile(run_dir / CHECKPOINT_NAME, partial)
-    os.replace(partial, target)
-    for old in sorted(folder.glob("epoch-*.pt"))[:-keep_last]:
+    copy_atomically(run_dir / CHECKPOINT_NAME, history_path(run_dir, epoch))
+    for old in history_checkpoints(run_dir)[:-keep_last]:
         old.unlink()
+
+
+def history_path(run_dir: Path, epoch: int) -> Path:
+    """Where :func:`keep_history` keeps the copy of epoch ``epoch``."""
+    return run_dir / HISTORY_DIR / f"epoch-{epoch:04d}.pt"
+
+
+_HISTORY_NAME = re.compile(r"epoch-(\d+)\.pt")
+
+
+def history_checkpoints(run_dir: Path) -> list[Path]:
+    """The history copies in ``run_dir/checkpoints``, oldest epoch first (sorted by number,
+    so epoch 10000 comes after 9999); temporary files of unfinished copies are not counted."""
+    folder = run_dir / HISTORY_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir()
+             if (match := _HISTORY_NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
 
 
 def mark_best(run_dir: Path) -> None:
     """Copy the latest checkpoint to ``checkpoint_best.pt`` (atomically)."""
-    partial = run_dir / (BEST_CHECKPOINT_NAME + ".tmp")
-    shutil.copyfile(run_dir / CHECKPOINT_NAME, partial)
-    os.replace(partial, run_dir / BEST_CHECKPOINT_NAME)
+    copy_atomically(run_dir / CHECKPOINT_NAME, run_dir / BEST_CHECKPOINT_NAME)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: the first bytes of what ``torch.save`` writes: a zip archive, or a legacy pickle
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _unsafe_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler found, without its advice to load unsafely."""
+    lines = [_ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    found = [line for line in lines
+             if ("GLOBAL" in line or "Unsupported" in line or "WeightsUnpickler" in line)
+             and "weights_only" not in line]
+    reason = " ".join(found) or "an object other than tensors and plain values"
+    return reason.rstrip(":. ")
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -130,6 +156,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        with path.open("rb") as handle:
+            start = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    if not start.startswith(_TORCH_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive or "
+                              f"a pickle, and this file is neither")
+    try:
         with warnings.catch_warnings():
             # torch warns about foreign pickle protocols before refusing them below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -137,15 +171,177 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain values, "
-            f"which could run code when unpickled ({str(error).splitlines()[0]})"
+            f"which could run code when unpickled (found: {_unsafe_reason(error)}); "
+            f"re-create the checkpoint with pyrovae train"
         ) from None
     except Exception as error:  # a corrupted file can fail anywhere inside the unpickler
+        reason = _ANSI.sub("", str(error)).strip().splitlines()
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or corrupted ({error})"
+            f"cannot read checkpoint {path}: truncated or corrupted "
+            f"({type(error).__name__}: {reason[0] if reason else ''})"
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a pyrovae checkpoint (format {FORMAT_VERSION})")
     return checkpoint
+
+
+#: the training loop's position in a checkpoint's ``"progress"``, with the types it needs
+PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int, "batch": int, "step": int, "total_loss": (int, float), "seen": int,
+    "lr": (int, float), "epoch_generator_state": torch.Tensor, "best_elbo": (int, float),
+    "rollbacks": int, "history": list,
+}
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(kind.__name__ for kind in kinds)
+
+
+def _check_type(path: Path, key: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    # bool is an int to isinstance, and never what a count or a rate should be
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise CheckpointError(f"checkpoint {path}: {key} should be {_type_name(expected)}, "
+                              f"got {type(value).__name__}")
+
+
+def check_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, *,
+                     resumable: bool = False) -> TrainConfig | None:
+    """Validate what :func:`read_checkpoint` returned, before anything of it is used.
+
+    Checks every key :func:`save_checkpoint` writes and its type, the embedded config (as
+    :meth:`TrainConfig.from_dict` does), the RNG states (restored once and put back), and,
+    with ``resumable``, the training position.  Tensor shapes are checked against a model
+    by :func:`check_state_dict` and :func:`check_optimizer_state`.
+
+    :returns: the embedded config, or ``None`` where the checkpoint has none.
+    :raises CheckpointError: naming the first key that is missing or wrong.
+    """
+    path = Path(path)
+    required: dict[str, type | tuple[type, ...]] = {
+        "epoch": int, "data_dim": int, "model": Mapping, "optimizer": Mapping, "rng": Mapping}
+    for key, expected in required.items():
+        if key not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no {key!r}; it is not complete")
+        _check_type(path, key, checkpoint[key], expected)
+    for name, value in checkpoint["model"].items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: model tensor {name!r} is a "
+                                  f"{type(value).__name__}, not a tensor")
+    image_shape = checkpoint.get("image_shape")
+    if image_shape is not None and (not isinstance(image_shape, Sequence) or not all(
+            isinstance(size, int) and size > 0 for size in image_shape)):
+        raise CheckpointError(f"checkpoint {path}: image_shape should be a list of positive "
+                              f"integers, got {image_shape!r}")
+    config = None
+    if checkpoint.get("config") is not None:
+        if not isinstance(checkpoint["config"], Mapping):
+            raise CheckpointError(f"checkpoint {path}: config should be a dict, got "
+                                  f"{type(checkpoint['config']).__name__}")
+        try:
+            config = TrainConfig.from_dict(dict(checkpoint["config"]))
+        except ConfigError as error:
+            raise CheckpointError(f"checkpoint {path}: its config is invalid: {error}") from None
+    _check_rng_state(checkpoint["rng"], path)
+    if resumable:
+        _check_progress(checkpoint.get("progress"), path)
+    return config
+
+
+def _check_rng_state(state: Mapping[str, Any], path: Path) -> None:
+    saved = capture_rng_state()
+    try:
+        restore_rng_state(state)  # type: ignore[arg-type]
+    except Exception as error:  # a malformed state fails in torch, numpy or random
+        raise CheckpointError(f"checkpoint {path}: the random number generator state is "
+                              f"malformed ({type(error).__name__}: {error})") from None
+    finally:
+        restore_rng_state(saved)
+
+
+def _check_progress(position: Any, path: Path) -> None:
+    if position is None:
+        raise CheckpointError(f"{path} has no training position; it cannot be resumed")
+    if not isinstance(position, Mapping):
+        raise CheckpointError(f"checkpoint {path}: progress should be a dict, got "
+                              f"{type(position).__name__}")
+    for key, expected in PROGRESS_TYPES.items():
+        if key not in position:
+            raise CheckpointError(f"checkpoint {path}: the training position has no {key!r}; "
+                                  f"it cannot be resumed")
+        _check_type(path, f"progress[{key!r}]", position[key], expected)
+    if position["epoch"] < 1 or position["batch"] < 0 or position["step"] < 0:
+        raise CheckpointError(f"checkpoint {path}: the training position is out of range "
+                              f"(epoch {position['epoch']}, batch {position['batch']}, "
+                              f"step {position['step']})")
+    try:
+        torch.Generator().set_state(position["epoch_generator_state"])
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: the shuffling generator state is malformed "
+                              f"({error})") from None
+    if not all(isinstance(record, Mapping) for record in position["history"]):
+        raise CheckpointError(f"checkpoint {path}: the epoch history should be a list of dicts")
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "(" + ", ".join(map(str, tensor.shape)) + ")"
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, Any], path: str | Path,
+                     what: str = "this model") -> None:
+    """Compare the names and shapes of ``state`` with ``module``'s before loading it.
+
+    :raises CheckpointError: naming the first missing, unexpected or mis-shaped tensor
+        (with both shapes).
+    """
+    expected = module.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not match {what}: it lacks {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match {what}: it has {unexpected[0]}, "
+                              f"which the model lacks"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1
+                                 else ""))
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(f"checkpoint {path} does not match {what}: {name} has shape "
+                                  f"{_shape(state[name])} in the checkpoint and "
+                                  f"{_shape(tensor)} in the model")
+
+
+def check_optimizer_state(state: Mapping[str, Any], parameters: Sequence[torch.Tensor],
+                          path: str | Path) -> None:
+    """Check a ``torch.optim`` state dict against the ``parameters`` it will drive: one
+    group holding them all, and every per-parameter tensor (Adam's moments) of the
+    parameter's shape.
+
+    :raises CheckpointError: naming the parameter, the state and both shapes.
+    """
+    groups = state.get("param_groups")
+    per_parameter = state.get("state")
+    if not isinstance(groups, list) or not isinstance(per_parameter, Mapping):
+        raise CheckpointError(f"checkpoint {path}: the optimizer state has no param_groups "
+                              f"and state")
+    indices = [index for group in groups if isinstance(group, Mapping)
+               for index in group.get("params", [])]
+    if len(indices) != len(parameters):
+        raise CheckpointError(f"checkpoint {path}: the optimizer state is for {len(indices)} "
+                              f"parameters and this model has {len(parameters)}")
+    for position, index in enumerate(indices):
+        values = per_parameter.get(index, {})
+        if not isinstance(values, Mapping):
+            raise CheckpointError(f"checkpoint {path}: the optimizer state of parameter "
+                                  f"{index} is malformed")
+        for name, value in values.items():
+            if name == "step" or not isinstance(value, torch.Tensor):
+                continue
+            if value.shape != parameters[position].shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: the optimizer's {name} of parameter {index} has shape "
+                    f"{_shape(value)} and the parameter {_shape(parameters[position])}")
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu",
@@ -153,24 +349,37 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu",
     """Rebuild the VAE of a checkpoint from its config and load its parameters.
 
     :param path: a checkpoint file or a run directory holding ``checkpoint.pt``.
+    :param config: build this config's model instead of the checkpoint's.
     :returns: ``(vae, config, checkpoint)``; the VAE is on ``device`` in eval mode.
+    :raises CheckpointError: the file is unreadable, incomplete, or does not match.
     """
     checkpoint = read_checkpoint(path)
+    embedded = check_checkpoint(checkpoint, path)
     if config is None:
-        if checkpoint.get("config") is None:
+        if embedded is None:
             raise CheckpointError(f"{path} has no config; pass the config used to train it")
-        config = TrainConfig.from_dict(checkpoint["config"])
-    state = checkpoint["model"]
+        config = embedded
     image_shape = checkpoint.get("image_shape")
     vae = build_vae(config, data_dim=checkpoint["data_dim"],
                     image_shape=tuple(image_shape) if image_shape is not None else None)
-    try:
-        vae.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path} does not match the config (latent_dim={config.latent_dim}, "
-            f"prior={config.prior}, guide={config.guide}, net={config.net}): {first}"
-        ) from None
+    check_state_dict(vae, checkpoint["model"], path,
+                     f"the config (latent_dim={config.latent_dim}, prior={config.prior}, "
+                     f"guide={config.guide}, net={config.net})")
+    vae.load_state_dict(checkpoint["model"])
     return vae.to(device).eval(), config, checkpoint
 
+
+def check_resumable(path: str | Path, vae: VAE) -> dict[str, Any]:
+    """Read the checkpoint at ``path`` and check that training ``vae`` can resume from it:
+    :func:`check_checkpoint` with the training position, the parameters' names and shapes,
+    and the optimizer's moments against ``vae.parameters()`` (the loop's Adam holds them in
+    that order).  Nothing is loaded into ``vae``.
+
+    :returns: the checkpoint.
+    :raises CheckpointError: naming the key or tensor that is wrong.
+    """
+    checkpoint = read_checkpoint(path)
+    check_checkpoint(checkpoint, path, resumable=True)
+    check_state_dict(vae, checkpoint["model"], path)
+    check_optimizer_state(checkpoint["optimizer"], list(vae.parameters()), path)
+    return checkpoint

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pyrovae.argtypes import check_device_name
 from pyrovae.data import BINARIZATIONS, DATASETS, check_dataset_name
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
@@ -18,7 +20,16 @@ from pyrovae.models import VAE
 from pyrovae.nets import ACTIVATIONS, NETWORKS
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.priors import PRIORS
+from pyrovae.rundir import write_json
 from pyrovae.schedules import LR_SCHEDULES
+
+#: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
+#: from the first step, a learned prior follows the encoder's early contraction of every
+#: code to one point, and the posterior collapses (experiments/README.md)
+LEARNED_PRIOR_WARMUP_EPOCHS = 10
+#: the largest learning rate accepted: Adam's steps are about lr in size, so beyond this
+#: every run diverges
+MAX_LR = 1.0
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -86,9 +97,10 @@ class TrainConfig:
     beta: float = field(default=1.0, metadata=_flag(
         "weight of the KL term after warm-up (1: the ELBO; other values: a beta-VAE)",
         type=float))
-    kl_warmup_epochs: int = field(default=0, metadata=_flag(
-        "raise the KL weight linearly from beta/N to beta over the first N epochs (0: none)",
-        type=int))
+    kl_warmup_epochs: int | None = field(default=None, metadata=_flag(
+        "raise the KL weight linearly from beta/N to beta over the first N epochs (0: none); "
+        f"default: {LEARNED_PRIOR_WARMUP_EPOCHS} (at most --epochs) for a learned prior, whose "
+        "posterior collapses without it, 0 for the standard normal one", type=int))
     epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
     batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
@@ -133,6 +145,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
+        if self.kl_warmup_epochs is None:  # resolved once, so config.json records the value
+            learned = self.prior != "normal" and isinstance(self.epochs, int)
+            self.kl_warmup_epochs = min(LEARNED_PRIOR_WARMUP_EPOCHS, self.epochs) if learned else 0
         self.validate()
 
     def validate(self) -> None:
@@ -170,6 +185,25 @@ class TrainConfig:
             raise ConfigError(f"hidden_dims must be positive, got {list(self.hidden_dims)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not self.lr <= MAX_LR:
+            raise ConfigError(f"lr must be at most {MAX_LR} (Adam diverges long before), got "
+                              f"{self.lr}; typical values are 1e-4 to 1e-2")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" \
+                    and value >= 2**31:
+                raise ConfigError(f"{f.name} {value} is too large (at most {2**31 - 1})")
+        try:
+            check_device_name(self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be between 0 and 2**32 - 1 = {2**32 - 1}, got "
+                              f"{self.seed}")
         if not self.sigma > 0:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
@@ -190,19 +224,53 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        """Inverse of :meth:`to_dict`.
+
+        :raises ConfigError: ``values`` is not a dict, has unknown keys (all named), or a
+            value of the wrong type (key and expected type named).
+        """
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a JSON object of settings, got "
+                              f"{type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        for f in fields(cls):
+            if f.name in values:
+                _check_field_type(f.name, str(f.type), values[f.name])
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``config.json`` atomically (a kill leaves the old file or the new one).
+
+        :raises ~pyrovae.rundir.RunFileError: it could not be written.
+        """
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a :meth:`save` file.
+
+        :raises ConfigError: unreadable, empty, not JSON, or not a valid config (one line
+            naming the file and the problem).
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read {path}: {error}") from None
+        if not text.strip():
+            raise ConfigError(f"{path} is empty (a write was cut short?); restore it or start "
+                              f"a new run")
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error})") from None
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, *, with_defaults: bool = True) -> None:
@@ -227,6 +295,34 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_field_type(name: str, annotation: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` fits the field's annotation (a JSON value:
+    a tuple may come as a list, a float as an integer)."""
+    kinds = [kind.strip() for kind in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    for kind in kinds:
+        if kind.startswith("tuple[int"):
+            if isinstance(value, list | tuple) and all(
+                    isinstance(item, int) and not isinstance(item, bool) for item in value):
+                return
+        elif kind in _PLAIN_TYPES:
+            if isinstance(value, bool) and kind != "bool":
+                continue
+            if isinstance(value, _PLAIN_TYPES[kind]):
+                return
+        elif kind != "None":
+            return  # a type this check does not know: left to validate()
+    expected = " or ".join("a list of integers" if kind.startswith("tuple") else
+                           {"None": "null"}.get(kind, kind) for kind in kinds)
+    raise ConfigError(f"config key {name!r} should be {expected}, got {value!r} "
+                      f"({type(value).__name__})")
 
 
 def build_vae(config: TrainConfig, *, data_dim: int,

@@ -19,8 +19,12 @@ Data sources (:func:`load_dataset`): by name, ``mnist``, ``fashion_mnist``, ``km
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -94,13 +98,20 @@ class DataSplits:
         """Wrap user data: tensors ``(N, ...)`` or a ``Dataset`` whose items are images or
         ``(image, label)`` pairs.  Images are flattened; ``test`` defaults to ``train``.
         """
-        train_x = _flatten(as_tensor(train), "train data")
-        test_x = train_x if test is None else _flatten(as_tensor(test), "test data")
+        train_x = _own_copy(_flatten(as_tensor(train), "train data"), train)
+        if test is None:
+            logger.warning("no test data given: the test ELBO and log p(x) will be computed on "
+                           "the training data")
+            test_x = train_x
+        else:
+            test_x = _own_copy(_flatten(as_tensor(test), "test data"), test)
         if test_x.shape[1] != train_x.shape[1]:
             raise ConfigError(
                 f"train and test data differ in size per data point: {train_x.shape[1]} "
                 f"vs {test_x.shape[1]}"
             )
+        if image_shape is not None:
+            image_shape = _check_image_shape(image_shape, train_x.shape[1])
         return _binarize(cls(train_x, test_x, image_shape), binarize)
 
     def subset(self, train_size: int | None = None, test_size: int | None = None) -> DataSplits:
@@ -193,9 +204,28 @@ def as_tensor(data: torch.Tensor | np.ndarray | Dataset) -> torch.Tensor:
     return tensor
 
 
+def _own_copy(x: torch.Tensor, original: object) -> torch.Tensor:
+    """``x``, copied if it shares memory with the caller's tensor (whose later in-place
+    changes would otherwise change the data)."""
+    if isinstance(original, torch.Tensor) and x.data_ptr() == original.data_ptr():
+        return x.clone()
+    return x
+
+
+def _check_image_shape(image_shape: tuple[int, ...], data_dim: int) -> tuple[int, ...]:
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(size, int) and size > 0 for size in shape) \
+            or math.prod(shape) != data_dim:
+        raise ConfigError(f"image_shape must be (channels, height, width) with {data_dim} "
+                          f"values in all, e.g. (1, h, w) for grey images; got {shape}")
+    return shape
+
+
 def _flatten(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() < 2:
         raise ConfigError(f"{name} must have a leading data dimension, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ConfigError(f"{name} is empty: shape {tuple(x.shape)}")
     return check_data(x.reshape(x.shape[0], -1).float(), name=name)
 
 
@@ -217,6 +247,12 @@ def _binarize(data: DataSplits, binarize: str) -> DataSplits:
 def _shuffled(x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` in one fixed random order (seed :data:`SPLIT_SEED`)."""
     return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))]
+
+
+def _refuse_file(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise DatasetNotFoundError(f"data directory {root} is a file, not a folder; pass "
+                                   f"--data-dir (or set ${DATA_DIR_ENV}) to a folder")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, bool]:
@@ -242,6 +278,7 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, binarize: str 
     from torchvision.datasets import MNIST
 
     root, chosen = resolve_data_dir(data_dir)
+    _refuse_file(root)
     raw = root / "MNIST" / "raw"
     missing = [name for name in MNIST_RAW_FILES if not (raw / name).exists()]
     if missing:
@@ -256,16 +293,28 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, binarize: str 
                 f"(or set ${DATA_DIR_ENV}) to a folder that holds MNIST/raw, or allow the download"
             )
         logger.info("MNIST not in %s; downloading", raw)
+        created = [folder for folder in (root, root / "MNIST", raw) if not folder.exists()]
         try:
-            MNIST(str(root), train=True, download=True)
+            # torchvision prints each failed mirror; the one-line error below says it all
+            with contextlib.redirect_stdout(io.StringIO()):
+                MNIST(str(root), train=True, download=True)
         except Exception as error:  # network errors come in many types
+            # leave no empty or half-filled folders of a download that did not happen
+            if created:
+                shutil.rmtree(created[0], ignore_errors=True)
             raise DatasetNotFoundError(
-                f"MNIST not found in {raw} and the download failed ({error}); pass --data-dir "
+                f"MNIST not found in {raw} and the download failed "
+                f"({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); pass --data-dir "
                 f"(or set ${DATA_DIR_ENV}) to a folder that holds MNIST/raw/{MNIST_RAW_FILES[0]}"
             ) from None
     splits = []
     for train in (True, False):
-        images = MNIST(str(root), train=train, download=False).data
+        try:
+            images = MNIST(str(root), train=train, download=False).data
+        except Exception as error:  # a damaged IDX file fails in numpy, torch or torchvision
+            raise InvalidDataError(
+                f"cannot read MNIST from {raw}: the files are damaged ({type(error).__name__}: "
+                f"{error}); delete them to download them again") from None
         splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
     return _binarize(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE), binarize)
 
@@ -281,6 +330,7 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
     and otherwise ignored (there is no canonical download of this file).
     """
     root, _ = resolve_data_dir(data_dir)
+    _refuse_file(root)
     path = root / "binarized_mnist.npz"
     if not path.is_file():
         raise DatasetNotFoundError(
@@ -288,9 +338,18 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
             f"${DATA_DIR_ENV}) to a folder that holds binarized_mnist.npz (arrays train, valid, "
             f"test of shape (N, 784))"
         )
-    with np.load(path) as arrays:
-        train = torch.from_numpy(arrays["train"]).float()
-        test = torch.from_numpy(arrays["test"]).float()
+    try:
+        with np.load(path) as arrays:
+            train = torch.from_numpy(arrays["train"]).float()
+            test = torch.from_numpy(arrays["test"]).float()
+    except Exception as error:  # a damaged zip or array fails in zipfile, numpy or torch
+        raise InvalidDataError(
+            f"cannot read {path}: not an .npz of arrays train, valid, test "
+            f"({type(error).__name__}: {error})") from None
+    if train.dim() != 2 or test.dim() != 2 or train.shape[0] == 0 or test.shape[0] == 0 \
+            or train.shape[1] != test.shape[1]:
+        raise InvalidDataError(f"{path}: train and test must be non-empty (N, 784) arrays, got "
+                               f"{tuple(train.shape)} and {tuple(test.shape)}")
     # the file's test split is sorted by digit class (its first 1,000 images are zeros), so a
     # fixed shuffle makes the first N test images (--test-size N) a fair sample of the whole;
     # statistics over the full test set do not change

@@ -13,6 +13,7 @@ summed over processes after each backward pass (see :mod:`pyrovae.distributed`).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import signal
@@ -27,21 +28,24 @@ from tqdm.auto import tqdm
 
 from pyrovae import distributed
 from pyrovae.checkpoint import (
+    CHECKPOINT_FILES,
     CHECKPOINT_NAME,
+    check_resumable,
+    history_path,
     keep_history,
     mark_best,
-    read_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
 from pyrovae.distributed import Shard
-from pyrovae.errors import CheckpointError, InvalidDataError, PyrovaeError
+from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
+from pyrovae.rundir import clear_run, remove_temporaries, write_text
 from pyrovae.schedules import scheduled_lr
 from pyrovae.validation import check_data
 
@@ -107,6 +111,9 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
 DIVERGENCE_POLICIES = ("stop", "rollback")
 #: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
 MAX_ROLLBACKS = 5
+#: a loss per data point above its first value plus this many times its scale (the larger
+#: of that value and the data dimension) counts as diverged, though finite
+DIVERGED_LOSS_FACTOR = 10.0
 class TrainingInterrupted(PyrovaeError):
     """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
 
@@ -240,11 +247,21 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
 
 
 class _StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
 
-    def __init__(self, escalate: bool = True) -> None:
+    A signal the loop did not act on (it came after the last check) is not dropped:
+    leaving the block raises :class:`TrainingInterrupted`, unless an exception is already
+    on its way.  With ``message``, for work with no steps to stop between (a final
+    evaluation), a signal raises :class:`TrainingInterrupted` at once, with the signal's
+    name and ``message``.
+    """
+
+    def __init__(self, escalate: bool = True, message: str | None = None) -> None:
         self.signal_number: int | None = None
         self.escalate = escalate
+        self.message = message
+        #: set by whoever acted on the signal (raised :class:`TrainingInterrupted` for it)
+        self.handled = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -254,13 +271,23 @@ class _StopSignals:
         return self
 
     def _handle(self, number: int, frame: object) -> None:
+        if self.message is not None:
+            self.signal_number, self.handled = number, True
+            raise TrainingInterrupted(f"{signal.Signals(number).name} {self.message}", number)
         if self.signal_number is not None and self.escalate:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.signal_number = number
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)  # type: ignore[arg-type]
+        self._previous = {}
+        if exc_type is None and self.signal_number is not None and not self.handled:
+            self.handled = True
+            raise TrainingInterrupted(
+                f"{signal.Signals(self.signal_number).name} after the last training step; the "
+                f"last checkpoint holds every finished epoch: resume the run to finish it",
+                self.signal_number)
 
 
 class TrainingLoop:
@@ -367,11 +394,27 @@ class TrainingLoop:
         return value
 
     def _check_loss(self, value: float, epoch: int) -> None:
+        """Raise :class:`TrainingDivergedError` on a loss that is not finite, or that grew
+        past :data:`DIVERGED_LOSS_FACTOR` times its scale at this call's first step (a finite
+        divergence: a working model's loss falls from its start)."""
+        where = f"at epoch {epoch}, step {self.step + 1}"
+        kept = ("the last good checkpoint is kept" if self.run_dir is not None
+                and (self.run_dir / CHECKPOINT_NAME).exists() else "no checkpoint was written")
         if not math.isfinite(value):
             raise TrainingDivergedError(
-                f"loss is {value} at epoch {epoch}, step {self.step + 1}; the last good "
-                f"checkpoint is kept; try a lower learning rate (--lr) or --clip-norm"
-            )
+                f"loss is {value} {where}; {kept}; try a lower learning rate (--lr) or "
+                f"--clip-norm")
+        per_point = value / self.batch_size
+        first = getattr(self, "_first_loss", None)
+        if first is None:
+            self._first_loss = per_point
+            return
+        scale = max(abs(first), float(self.data.data_dim), 1.0)
+        if per_point > first + DIVERGED_LOSS_FACTOR * scale:
+            raise TrainingDivergedError(
+                f"loss is {per_point:.4g} nats per data point {where}, up from {first:.4g} at "
+                f"the first step: training diverged; {kept}; try a lower learning rate (--lr) "
+                f"or --clip-norm")
 
     def _clip_and_update(self, epoch: int) -> None:
         if self.clip_norm:
@@ -388,8 +431,17 @@ class TrainingLoop:
         if resume:
             assert self.run_dir is not None
             self._load(self.run_dir / CHECKPOINT_NAME)
+            done = self.epoch - 1
+            if done > self.epochs:
+                raise ConfigError(f"{self.run_dir} has trained {done} epochs, more than the "
+                                  f"{self.epochs} asked for; resume with epochs >= {done}")
             if self.is_main:
+                remove_temporaries(self.run_dir)
                 _write_metrics(self.run_dir / METRICS_NAME, self.history)
+                # a kill between the checkpoint and its history copy left the copy undone
+                if self.keep_last and self.batch == 0 and done > 0 and \
+                        not history_path(self.run_dir, done).exists():
+                    keep_history(self.run_dir, done, self.keep_last)
                 logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
             return
         seed_everything(self.seed)
@@ -399,6 +451,9 @@ class TrainingLoop:
         self.epoch_generator_state = self.generator.get_state()
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # a fresh run owns its folder: an earlier run's checkpoints must not be taken for
+            # this one's (by a rollback, a resume or --keep-last)
+            clear_run(self.run_dir, CHECKPOINT_FILES)
             _write_metrics(self.run_dir / METRICS_NAME, [])
 
     def _position(self) -> dict[str, object]:
@@ -427,16 +482,15 @@ class TrainingLoop:
 
     def _load(self, path: Path) -> None:
         # rank 0 reads and sends it to the others: no shared file system needed to resume
-        checkpoint = distributed.rank0_call(lambda: read_checkpoint(path))
-        position = checkpoint.get("progress")
-        if position is None:
-            raise CheckpointError(f"{path} has no training position; it cannot be resumed")
+        # everything is checked before anything is changed (check_resumable)
+        checkpoint = distributed.rank0_call(lambda: check_resumable(path, self.vae))
+        position = checkpoint["progress"]
         try:
-            self.vae.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"checkpoint {path} does not match this model: {str(error).splitlines()[0]}"
-            ) from None
+            history = [EpochRecord(**record) for record in position["history"]]
+        except TypeError as error:
+            raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
+                                  f"malformed ({error})") from None
+        self.vae.load_state_dict(checkpoint["model"])
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as error:
@@ -447,7 +501,7 @@ class TrainingLoop:
         self.lr, self.rollbacks = position["lr"], position["rollbacks"]
         self.epoch_generator_state = position["epoch_generator_state"]
         self.best_elbo = position["best_elbo"]
-        self.history = [EpochRecord(**record) for record in position["history"]]
+        self.history = history
         restore_rng_state(checkpoint["rng"])
         # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
         distributed.share_rng_state(self.vae.device)
@@ -548,11 +602,16 @@ class TrainingLoop:
         if self.run_dir is not None:
             self._save()
             if self.is_main:
-                _append_metrics(self.run_dir / METRICS_NAME, record)
+                _write_metrics(self.run_dir / METRICS_NAME, self.history)
                 if self.keep_last:
                     keep_history(self.run_dir, epoch, self.keep_last)
                 if improved:
                     mark_best(self.run_dir)
+        # a signal that came during this epoch's evaluation stops the run here, at an epoch
+        # boundary (several processes agree on a signal at each step instead)
+        if self._stop is not None and self.world_size == 1 and \
+                self._stop.signal_number is not None:
+            self._interrupt(self._stop.signal_number)
 
     def _test_log_px(self, epoch: int) -> float:
         """The mean importance-sampled log p(x) of the first ``log_px_size`` test points at
@@ -575,6 +634,13 @@ class TrainingLoop:
         self._save()
         # the launcher stops every process once one exits: none leaves before rank 0 has saved
         distributed.barrier()
+        if self._stop is not None:
+            self._stop.handled = True
+        if self.epoch > self.epochs:
+            raise TrainingInterrupted(
+                f"{name} after the last epoch ({self.epochs}): checkpoint written; pyrovae "
+                f"train --resume {self.run_dir} finishes the run (its final evaluation)",
+                signal_number)
         raise TrainingInterrupted(
             f"{name} at epoch {self.epoch}, step {self.step}: checkpoint written; continue with "
             f"pyrovae train --resume {self.run_dir}", signal_number)
@@ -603,16 +669,14 @@ class TrainingLoop:
 
 
 def _write_metrics(path: Path, records: list[EpochRecord]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(METRIC_COLUMNS)
-        for record in records:
-            writer.writerow([getattr(record, column) for column in METRIC_COLUMNS])
-
-
-def _append_metrics(path: Path, record: EpochRecord) -> None:
-    with path.open("a", newline="") as handle:
-        csv.writer(handle).writerow([getattr(record, column) for column in METRIC_COLUMNS])
+    """Write ``metrics.csv`` with every record, atomically (rewritten whole each epoch, so a
+    kill never leaves half a row)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(METRIC_COLUMNS)
+    for record in records:
+        writer.writerow([getattr(record, column) for column in METRIC_COLUMNS])
+    write_text(path, text.getvalue())
 
 
 def read_metrics(path: str | Path) -> list[EpochRecord]:

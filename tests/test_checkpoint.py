@@ -125,3 +125,88 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
     again = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
     assert torch.equal(expected[0], again[0])
     assert (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def trained_checkpoint(tmp_path):
+    """A checkpoint as the training loop writes it: optimizer moments and a position."""
+    config = TrainConfig(hidden_dims=(8,), latent_dim=2)
+    vae = build_vae(config, data_dim=6)
+    optimizer = torch.optim.Adam(vae.parameters())
+    sum(parameter.sum() for parameter in vae.parameters()).backward()
+    optimizer.step()
+    progress = {"epoch": 2, "batch": 0, "step": 2, "total_loss": 0.0, "seen": 0, "lr": 1e-3,
+                "epoch_generator_state": torch.Generator().get_state(), "best_elbo": -5.0,
+                "rollbacks": 0, "history": []}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, vae, optimizer, 1, config, progress=progress)
+    return vae, path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("model"), "has no 'model'"),
+    (lambda c: c["progress"].pop("lr"), "the training position has no 'lr'"),
+    (lambda c: c["progress"].update(epoch="2"), "progress\\['epoch'\\] should be int, got str"),
+    (lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+     "the random number generator state is malformed"),
+    (lambda c: c["rng"].update(python=(3, (1, 2), None)),
+     "the random number generator state is malformed"),
+    (lambda c: c["config"].update(latent_dim="2"),
+     "its config is invalid: config key 'latent_dim' should be int"),
+    (lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3, 3)),
+     "the optimizer's exp_avg of parameter 0 has shape \\(3, 3\\) and the parameter \\(8, 6\\)"),
+    (lambda c: c["model"].update({"encoder.body.0.weight": torch.zeros(8, 7)}),
+     "encoder.body.0.weight has shape \\(8, 7\\) in the checkpoint and \\(8, 6\\) in the model"),
+])
+def test_a_broken_checkpoint_is_refused_before_anything_is_loaded(tmp_path, change, message):
+    import copy
+
+    from pyrovae.checkpoint import check_resumable
+
+    vae, path = trained_checkpoint(tmp_path)
+    check_resumable(path, vae)  # as written, it passes
+    checkpoint = copy.deepcopy(read_checkpoint(path))
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    before = {name: value.clone() for name, value in vae.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=message):
+        check_resumable(path, vae)
+    assert torch.equal(torch.get_rng_state(), rng)  # the trial restore was undone
+    for name, value in vae.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_an_unsafe_pickle_says_what_it_found_and_not_how_to_load_it_anyway(tmp_path):
+    import os
+
+    class System:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": System()}, path)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert "posix.system" in message and "weights_only" not in message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_a_text_file_is_not_called_a_pickle(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are my notes\n")
+    with pytest.raises(CheckpointError, match="is not a checkpoint: torch.save writes a zip"):
+        read_checkpoint(path)
+
+
+def test_history_copies_sort_by_epoch_number_and_skip_temporaries(tmp_path):
+    from pyrovae.checkpoint import history_checkpoints, keep_history
+
+    _, _, path = saved_run(tmp_path)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in (9998, 9999):
+        (folder / f"epoch-{epoch:04d}.pt").write_bytes(b"old")
+    (folder / "epoch-10001.pt.abc.tmp").write_bytes(b"partial")
+    keep_history(tmp_path, 10000, keep_last=2)
+    assert [p.name for p in history_checkpoints(tmp_path)] == ["epoch-9999.pt", "epoch-10000.pt"]

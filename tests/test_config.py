@@ -64,3 +64,59 @@ def test_build_vae_follows_the_config():
     assert vae.latent_dim == 3 and vae.data_dim == 15
     assert vae.encoder.feature_dim == 10
     assert float(vae.likelihood.sigma) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must be a JSON object of settings, got list"),
+    ('{"latent_dim": "8"}', "config key 'latent_dim' should be int, got '8'"),
+    ('{"hidden_dims": [8, "a"]}', "'hidden_dims' should be a list of integers"),
+    ('{"progress": 1}', "'progress' should be bool"),
+    ('{"train_size": 1.5}', "'train_size' should be int or null"),
+])
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        TrainConfig.load(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    TrainConfig(seed=1).save(path)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # a kill in the middle of the write
+
+    monkeypatch.setattr("os.fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        TrainConfig(seed=2).save(path)
+    monkeypatch.undo()
+    assert TrainConfig.load(path).seed == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"lr": 1e38}, "lr must be at most 1.0"),
+    ({"sigma": float("nan")}, "sigma must be a finite number"),
+    ({"seed": -1}, "seed must be between 0 and 2\\*\\*32 - 1"),
+    ({"seed": 2**32}, "seed must be between"),
+    ({"latent_dim": 2**40}, "latent_dim 1099511627776 is too large"),
+    ({"device": "foo"}, "unknown device 'foo'"),
+    ({"device": "meta"}, "device 'meta' cannot hold the data"),
+])
+def test_values_that_would_fail_deep_inside_torch_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_a_learned_prior_warms_the_kl_up_by_default_and_records_it(tmp_path):
+    assert TrainConfig().kl_warmup_epochs == 0
+    assert TrainConfig(prior="vamp").kl_warmup_epochs == 10
+    assert TrainConfig(prior="flow", epochs=3).kl_warmup_epochs == 3
+    assert TrainConfig(prior="mog", kl_warmup_epochs=0).kl_warmup_epochs == 0
+    TrainConfig(prior="vamp").save(tmp_path / "config.json")
+    assert '"kl_warmup_epochs": 10' in (tmp_path / "config.json").read_text()

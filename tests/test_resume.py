@@ -4,6 +4,7 @@ run; NaN losses stop or roll back; the last N and the best checkpoints are kept.
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import subprocess
@@ -236,3 +237,52 @@ def test_resume_refuses_flags_that_would_make_another_run(tmp_path, uninterrupte
     _, stderr = refused.communicate(timeout=120)
     assert refused.returncode == 2
     assert "--latent-dim cannot change when resuming" in stderr
+
+
+def test_orphan_temporaries_are_removed_on_resume_and_never_counted(tmp_path):
+    data = tiny_data()
+    fit(tiny_vae(), data, epochs=1, batch_size=16, seed=5, progress=False, run_dir=tmp_path,
+        keep_last=2)
+    orphans = [tmp_path / "checkpoint.pt.k1ll3d.tmp", tmp_path / "checkpoints" / "epoch-0002.pt.tmp"]
+    for path in orphans:
+        path.write_bytes(b"partial")
+    fit(tiny_vae(), data, epochs=2, batch_size=16, seed=5, progress=False, run_dir=tmp_path,
+        keep_last=2, resume=True)
+    assert not any(path.exists() for path in orphans)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["epoch-0001.pt", "epoch-0002.pt"]
+
+
+def test_a_finite_divergence_stops_the_run(tmp_path):
+    data = tiny_data(dynamic=False)
+    original = TrainingLoop._loss
+    calls = {"n": 0}
+
+    def exploding(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * 1e6 if calls["n"] > 3 else loss  # finite, but a million times larger
+
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises(TrainingDivergedError, match="training diverged; no checkpoint was "
+                                                       "written"):
+        patch.setattr(TrainingLoop, "_loss", exploding)
+        fit(tiny_vae(), data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path)
+
+
+def test_a_signal_during_the_last_evaluation_is_honoured(tmp_path):
+    from pyrovae.train import TrainingInterrupted
+
+    data = tiny_data()
+    original = TrainingLoop._finish_epoch
+
+    def signalled(self, seconds):
+        if self.epoch == 2:  # the last epoch: the signal comes during its test ELBO
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, seconds)
+
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises(TrainingInterrupted, match="SIGTERM after the last epoch \\(2\\)"):
+        patch.setattr(TrainingLoop, "_finish_epoch", signalled)
+        fit(tiny_vae(), data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path)
+    assert read_checkpoint(tmp_path)["progress"]["epoch"] == 3  # both epochs are saved
