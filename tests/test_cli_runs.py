@@ -1,0 +1,195 @@
+"""The run directory through the CLI: --overwrite starts afresh, the lock, resume edges,
+foreign checkpoints, outputs that are kept, bad inputs in one line, signals in the final
+evaluation (in process, tiny runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from pyrovae import TrainConfig, build_vae
+from pyrovae.activity import active_units
+from pyrovae.checkpoint import read_checkpoint
+from pyrovae.cli import main
+from pyrovae.rundir import RunLock
+from tests.conftest import SHARED_DATA, requires_mnist
+
+TINY = ["--data-dir", str(SHARED_DATA), "--train-size", "100", "--test-size", "20",
+        "--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "50",
+        "--eval-samples", "30", "--no-progress"]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyrovae: error:"), err
+    return err[0]
+
+
+@pytest.fixture
+def run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out-dir", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+@requires_mnist
+def test_overwrite_starts_from_an_empty_run(run, capsys):
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "epoch-0007.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    (run / "checkpoint.pt.x.tmp").write_bytes(b"orphan")
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--out-dir", str(run), "--overwrite", "--seed", "3", "--keep-last",
+                 "1", *TINY]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001.pt"]
+    assert not list(run.glob("*.tmp")) and (run / "notes.txt").read_text() == "mine"
+    for name in ("checkpoint.pt", "checkpoint_best.pt", "checkpoints/epoch-0001.pt"):
+        assert read_checkpoint(run / name)["config"]["seed"] == 3, name
+
+
+@requires_mnist
+def test_a_second_process_is_refused_while_the_run_is_locked(run, capsys):
+    before = (run / "config.json").read_bytes()
+    with RunLock(run):
+        for argv in (["train", "--resume", str(run)],
+                     ["train", "--out-dir", str(run), "--overwrite", *TINY]):
+            assert "is in use by another pyrovae process" in one_line_error(capsys, argv)
+    assert (run / "config.json").read_bytes() == before
+    assert (run / "checkpoint.pt").is_file()
+
+
+@requires_mnist
+def test_resume_with_fewer_epochs_is_refused_and_changes_nothing(run, capsys):
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    before = (run / "config.json").read_bytes()
+    line = one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "1"])
+    assert "has trained 2 epochs; --epochs 1 would drop some" in line
+    assert (run / "config.json").read_bytes() == before
+
+
+@requires_mnist
+def test_a_broken_checkpoint_fails_resume_before_config_json_is_rewritten(run, capsys):
+    checkpoint = read_checkpoint(run)
+    del checkpoint["progress"]["lr"]
+    torch.save(checkpoint, run / "checkpoint.pt")
+    before = (run / "config.json").read_bytes()
+    line = one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "3"])
+    assert "the training position has no 'lr'" in line
+    assert (run / "config.json").read_bytes() == before
+
+
+@requires_mnist
+def test_evaluate_reports_khat_records_the_epoch_and_keeps_the_previous_file(run, capsys):
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["fraction_khat_above_threshold"] <= 1
+    assert isinstance(results["active_units"], int) and "posterior_collapsed" in results
+    capsys.readouterr()
+    for _ in range(2):
+        assert main(["evaluate", str(run), "-k", "30", "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "k-hat > 0.7 for" in out and "previous one is kept as" in out
+    values = json.loads((run / "evaluation.json").read_text())
+    assert values["checkpoint_epoch"] == 1 and values["fraction_khat_above_threshold"] is not None
+    assert json.loads((run / "evaluation-1.json").read_text())["checkpoint_epoch"] == 1
+
+
+@requires_mnist
+def test_evaluate_refuses_a_checkpoint_its_config_json_does_not_describe(run, capsys):
+    config = json.loads((run / "config.json").read_text())
+    config["latent_dim"] = 8
+    (run / "config.json").write_text(json.dumps(config))
+    for command in ("evaluate", "sample"):
+        line = one_line_error(capsys, [command, str(run), "--device", "cpu"])
+        assert "was not trained with" in line and "latent_dim 2 vs 8" in line
+    assert not (run / "evaluation.json").exists()
+
+
+@requires_mnist
+def test_sample_keeps_the_training_grid_and_names_a_missing_folder(run, capsys, tmp_path):
+    before = (run / "samples.png").read_bytes()
+    assert main(["sample", str(run), "-n", "4", "--device", "cpu"]) == 0
+    assert (run / "samples.png").read_bytes() == before and (run / "samples-1.png").is_file()
+    line = one_line_error(capsys, ["sample", str(run), "-o", str(tmp_path / "no" / "s.png")])
+    assert "folder" in line and "does not exist" in line
+
+
+@requires_mnist
+def test_a_signal_in_the_final_evaluation_stops_it_and_resume_finishes(tmp_path, capsys,
+                                                                       monkeypatch):
+    import pyrovae.cli
+
+    run_dir = tmp_path / "run"
+    original = pyrovae.cli.evaluate_vae
+
+    def killed_during(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pyrovae.cli, "evaluate_vae", killed_during)
+    assert main(["train", "--out-dir", str(run_dir), *TINY]) == 128 + signal.SIGTERM
+    assert "during the final evaluation" in capsys.readouterr().err
+    assert not (run_dir / "results.json").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 1
+
+
+@requires_mnist
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--seed", "-1"], "seed must be between 0 and"),
+    (["train", "--device", "foo"], "unknown device 'foo'"),
+    (["train", "--device", "meta"], "device 'meta' cannot hold"),
+    (["train", "--lr", "inf"], "lr must be a finite number"),
+    (["train", "--lr", "1e38"], "lr must be at most"),
+    (["train", "--latent-dim", "99999999999"], "latent_dim 99999999999 is too large"),
+    (["train", "--out-dir", "{file}"], "is a file, not a folder"),
+    (["train", "--out-dir", "{tmp}/" + "x" * 300], "unusable: file name too long"),
+    (["train", "--data-dir", "{file}", "--out-dir", "{tmp}/r"], "is a file, not a folder"),
+])
+def test_bad_train_inputs_are_one_line(capsys, tmp_path, argv, message):
+    (tmp_path / "file").write_text("x")
+    argv = [arg.format(file=tmp_path / "file", tmp=tmp_path) for arg in argv]
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(tmp_path / "r")]
+    assert message in one_line_error(capsys, argv)
+    assert not (tmp_path / "r").exists()  # no empty run folder left behind
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "{file}", "--seed", "-3"], "expected a non-negative integer"),
+    (["sample", "{file}", "--device", "meta"], "device 'meta' cannot hold"),
+])
+def test_bad_evaluate_and_sample_flags_are_one_line(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(file=tmp_path / "x.pt") for arg in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_a_text_file_and_a_broken_config_json_are_one_line(capsys, tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    assert "is not a checkpoint" in one_line_error(capsys, ["evaluate",
+                                                            str(tmp_path / "notes.pt")])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("")
+    (run_dir / "checkpoint.pt").touch()
+    assert "config.json is empty" in one_line_error(capsys, ["train", "--resume", str(run_dir)])
+
+
+def test_active_units_count_what_the_encoder_uses():
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=3), data_dim=5)
+    x = torch.bernoulli(torch.rand(50, 5, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        for parameter in vae.guide_family.parameters():
+            parameter.zero_()
+    assert active_units(vae, x) == 0  # every E[z|x] is the same point: collapsed
+    with torch.no_grad():
+        for parameter in vae.guide_family.parameters():
+            parameter.normal_(0, 3)
+    assert active_units(vae, x) > 0
