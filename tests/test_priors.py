@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.utils.flop_counter
 from pyro.infer import SVI, Trace_ELBO
 
 from pyrovae import DataSplits, TrainConfig, build_vae, fit, priors
+from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.priors import (
     PRIORS,
@@ -298,3 +302,123 @@ def test_genuinely_batched_components_are_scored_elementwise(monkeypatch):
     z = torch.randn(4, 5, 2)
     expected = elementwise_mixture(p).log_prob(z)
     torch.testing.assert_close(score_without_the_matrix_product(monkeypatch, p, z), expected)
+
+
+# VampPriors whose components are not diagonal Normals are scored a chunk of components at
+# a time, each chunk's graph recomputed in the backward pass.
+
+def retained_graph_bytes(function) -> tuple[torch.Tensor, int]:
+    """``function()`` and the bytes of storage its autograd graph keeps for backward."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return result, sum(storages.values())
+
+
+@pytest.mark.parametrize("guide", ["iaf", "fullcov", "lowrank"])
+def test_the_chunked_vampprior_scores_like_all_components_at_once(guide):
+    whole = small_vae("vamp", guide, num_components=7)
+    perturb(whole)
+    chunked = small_vae("vamp", guide, num_components=7)
+    chunked.load_state_dict(whole.state_dict())
+    chunked.prior.chunk_bytes = 1  # one component per chunk
+    z = torch.randn(3, 5, 2, dtype=torch.float64)  # (particles, data points, latent_dim)
+    p_whole, p_chunked = whole.prior(whole.posterior), chunked.prior(chunked.posterior)
+    assert p_chunked.chunk_size((3, 5)) == 1 and p_whole.chunk_size((3, 5)) == 7
+    for expand in (False, True):  # the data plate's broadcast to batch (5,)
+        a = p_whole.expand((5,)) if expand else p_whole
+        b = p_chunked.expand((5,)) if expand else p_chunked
+        assert_same_values_and_gradients(a, b, z, [])
+    # gradients reach the pseudo-inputs, encoder and guide through every chunk
+    grads = [torch.autograd.grad(p.log_prob(z).sum(), [
+        *vae.prior.parameters(), *vae.encoder.parameters(), *vae.guide_family.parameters()])
+        for vae, p in ((whole, p_whole), (chunked, p_chunked))]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(p_chunked.log_prob(z), p_whole.log_prob(z))
+
+
+def test_the_chunked_vampprior_keeps_a_graph_independent_of_the_number_of_components():
+    retained = {}
+    for num_components in (8, 64):
+        vae = small_vae("vamp", "iaf", num_components=num_components, latent_dim=4)
+        perturb(vae)
+        p = vae.prior(vae.posterior)
+        chunk = p.chunk_size((20,))
+        vae.prior.chunk_bytes = int(p.log_prob_cost((20,)).unchunked_bytes / num_components * 4)
+        p = vae.prior(vae.posterior)
+        assert p.chunk_size((20,)) == 4 and chunk == num_components
+        z = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+        log_prob, retained[num_components] = retained_graph_bytes(lambda p=p, z=z: p.log_prob(z))
+        log_prob.sum().backward()
+        assert bool(z.grad.isfinite().all())
+    unchunked = p.log_prob_cost((20,)).unchunked_bytes
+    # 56 more components keep only their 20 x 56 densities (float64), not 56 graphs
+    assert retained[64] - retained[8] < 20 * 56 * 8 * 8, retained
+    assert retained[64] < unchunked / 10, (retained, unchunked)
+
+
+def test_the_vampprior_cost_estimate_matches_what_scoring_all_components_costs():
+    vae = small_vae("vamp", "iaf", num_components=6, latent_dim=4)
+    perturb(vae)
+    p = vae.prior(vae.posterior)
+    z = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    cost = p.log_prob_cost((10,))
+    assert (cost.family, cost.num_components, cost.num_values) == ("2-step flow", 6, 10)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    elementwise = p.component_distribution.log_prob  # the stock path: every pair at once
+    with counter:
+        _, kept = retained_graph_bytes(lambda: elementwise(z[:, None, :].expand(10, 6, 4)))
+    assert cost.flops == pytest.approx(counter.get_total_flops(), rel=0.05)
+    assert cost.unchunked_bytes == pytest.approx(kept, rel=0.3)
+    assert "6 2-step flow mixture components for 10 z" in cost.describe()
+    diagonal = small_vae("vamp", "diagonal", num_components=6, latent_dim=4)
+    assert diagonal.prior.log_prob_cost(diagonal.posterior, (10,)).family == "diagonal-Normal"
+
+
+def test_a_vampprior_that_cannot_fit_in_memory_is_refused_in_one_line():
+    vae = small_vae("vamp", "iaf", num_components=500, latent_dim=4)
+    cost = vae.prior.check_fits(vae.posterior, (100,), available_bytes=10**12)
+    assert cost.peak_bytes < 10**12 and cost.chunk_size <= 500
+    # where only the default chunks do not fit, the chunks shrink to half the memory
+    tight = int(cost.minimum_bytes * 3)
+    assert vae.prior.check_fits(vae.posterior, (100,), available_bytes=tight).peak_bytes <= tight
+    assert vae.prior.chunk_bytes == tight // 2
+    with pytest.raises(ConfigError) as refused:
+        vae.prior.check_fits(vae.posterior, (100_000,), available_bytes=10**8)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "500 pseudo-inputs" in message and "2-step flow" in message and "GB" in message
+    assert "one component at a time" in message
+
+
+def test_each_chunk_of_flow_components_is_freed_before_the_next_is_built():
+    # the IAF's conditioned transforms keep their cached tensors in reference cycles; left
+    # to the garbage collector, every chunk's graph recomputed in the backward pass stayed
+    # alive through the backward pass
+    vae = small_vae("vamp", "iaf", num_components=6, latent_dim=4)
+    vae.prior.chunk_bytes = 1
+    earlier, alive_at_build = [], []
+    posterior = vae.posterior
+
+    def recording_posterior(pseudo_inputs):
+        alive_at_build.append(sum(ref() is not None for ref in earlier))
+        q = posterior(pseudo_inputs)
+        if pseudo_inputs.shape[0] == 1:  # a chunk, not the whole mixture
+            earlier.extend(weakref.ref(t) for t in q.transforms)
+        return q
+
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    p = vae.prior(recording_posterior)
+    assert p.chunk_size((5,)) == 1
+    p.log_prob(z).sum().backward()
+    # the whole mixture, the cost probe, 6 chunks forward and 6 recomputed backward
+    assert len(alive_at_build) == 1 + 1 + 6 + 6, alive_at_build
+    assert max(alive_at_build) <= 2, alive_at_build  # at most the two transforms of one chunk
