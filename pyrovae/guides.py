@@ -98,18 +98,12 @@ class FullCovarianceNormalGuide(GuideFamily):
 
     The strictly lower entries are ``off_diagonal_scale`` (default 0.1) times the
     off-diagonal head, which starts at zero, so training starts from the diagonal guide.
-    Both guard against Adam: it moves every weight by up to ``lr`` per step whatever the size
-    of its gradient, and the gradients of the 1225 off-diagonal outputs (50 latents) are
-    mostly Monte Carlo noise, so their weights random-walk and row i of L, with i entries,
-    grows like sqrt(i).  With
-    PyTorch's default initialisation (entries starting at ~0.5) the test ELBO of the
-    784-200-200-50 VAE was 5 nats behind the diagonal guide's at epoch 125.
-    ``experiments/probe_guide_init.py --seeds 0 1 2`` (10,000 MNIST images, 15 epochs, test
-    ELBO on 2,000, mean of 3 seeds): diagonal guide -136.7; full covariance with the zero
-    start and a scale of 1 -139.6, 0.3 -134.5, 0.1 -131.5, 0.03 -131.5, 0.01 -133.4.
-    The head still learns from zero: the gradient of the ELBO with respect to ``L[i, j]`` is
-    ``L[j, j] E[d^2 f / dz_i dz_j]`` (Stein's lemma), non-zero wherever the likelihood couples
-    latents.
+    Both guard against Adam, which moves every weight by up to ``lr`` per step however small
+    its gradient: the off-diagonal gradients are mostly Monte Carlo noise, so unscaled
+    weights random-walk and row i of L grows like sqrt(i) (``experiments/probe_guide_init.py``
+    compares scales).  The head still learns from zero: the gradient of the ELBO with respect
+    to ``L[i, j]`` is ``L[j, j] E[d^2 f / dz_i dz_j]`` (Stein's lemma), non-zero wherever the
+    likelihood couples latents.
 
     :param off_diagonal_scale: the strictly lower entries of L are this times the head's
         outputs.
@@ -147,9 +141,10 @@ class FullCovarianceNormalGuide(GuideFamily):
         if _fill_legacy_scale(state_dict, prefix, local_metadata, "off_diagonal_scale", 0.1):
             warnings.warn(
                 "a full-covariance guide's state was saved before pyrovae stored its "
-                "off_diagonal_scale: loaded with 0.1, the scale of commits 037796a..b471fee; "
-                "a checkpoint written before 037796a used 1 (set the buffer "
-                "off_diagonal_scale to 1 and save it again)", stacklevel=2)
+                "off_diagonal_scale: loaded with 0.1, the scale of the versions just before "
+                "it was stored; checkpoints from versions before the scale existed used 1 "
+                "(for one of those, set the buffer off_diagonal_scale to 1 and save it "
+                "again)", stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def z_loc_scale_tril(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +172,6 @@ class LowRankNormalGuide(GuideFamily):
     the factor head's weights by up to ``lr`` per step, mostly on Monte Carlo noise.  Unlike
     the Cholesky entries, W cannot start at zero (W W^T has no gradient there), so the head
     keeps PyTorch's default initialisation and the scale shrinks it.
-    ``experiments/probe_guide_init.py --seeds 0 1 2`` (rank 2, 50 latents, 10,000 MNIST
-    images, 15 epochs, test ELBO on 2,000, mean of 3 seeds): diagonal guide -136.7; scale 1
-    -141.6, 0.3 -135.7, 0.1 -134.9, 0.03 -136.7.
 
     :param rank: number of columns of W.
     :param factor_scale: W is this times the factor head's outputs.

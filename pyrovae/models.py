@@ -18,6 +18,7 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
+from pyrovae.errors import ConfigError
 from pyrovae.guides import GuideFamily
 from pyrovae.likelihoods import Likelihood
 from pyrovae.priors import Prior
@@ -72,9 +73,16 @@ class VAE(PyroModule):
         self.data_dim = data_dim if data_dim is not None else getattr(decoder, "data_dim", None)
         self.latent_dim = prior.latent_dim
         if guide.latent_dim != prior.latent_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"the guide's latent_dim ({guide.latent_dim}) differs from the prior's "
                 f"({prior.latent_dim})"
+            )
+        # checked here, or the first step fails inside the guide's first layer
+        feature_dim = getattr(encoder, "feature_dim", None)
+        if feature_dim is not None and feature_dim != guide.feature_dim:
+            raise ConfigError(
+                f"the guide takes features of width {guide.feature_dim} but the encoder "
+                f"gives {feature_dim}: build the guide with feature_dim={feature_dim}"
             )
 
     @pyro_method
@@ -101,8 +109,8 @@ class VAE(PyroModule):
         Calling a ``PyroModule`` (or a ``pyro_method``) opens its Pyro context, in which
         every access to a plain ``nn.Module`` child registers that child's parameters in the
         parameter store (``pyro.module``): about 0.5 ms per training step on a CPU, more on
-        a GPU's host.  Code that needs no Pyro effects, such as
-        :func:`pyrovae.fused.fused_elbo_loss`, calls ``forward`` directly instead.
+        a GPU's host.  Code that needs no Pyro effects (:meth:`encode`, :meth:`sample`)
+        calls ``forward`` directly instead.
         """
         return self.guide_family.forward(self.encoder(x))
 

@@ -16,7 +16,7 @@ from pyrovae import (
     MLPEncoder,
     StandardNormalPrior,
 )
-from pyrovae.errors import InvalidDataError
+from pyrovae.errors import ConfigError, InvalidDataError
 from pyrovae.sites import DATA_PLATE, LATENT_SITE, OBSERVED_SITE
 from tests.linear_gaussian import exact_log_marginal, linear_gaussian_vae, sample_data
 
@@ -104,3 +104,18 @@ def test_mismatched_latent_dims_are_refused():
     with pytest.raises(ValueError, match="latent_dim"):
         VAE(MLPEncoder(4, (3,)), MLPDecoder(2, 4), StandardNormalPrior(2), BernoulliLikelihood(),
             DiagonalNormalGuide(3, 5))
+
+
+def test_a_guide_narrower_or_wider_than_the_encoders_features_is_refused():
+    for width in (7, 9):
+        with pytest.raises(ConfigError, match=f"width {width} but the encoder gives 8: build "
+                                              "the guide with feature_dim=8"):
+            VAE(MLPEncoder(12, (8,)), MLPDecoder(3, 12, (8,)), StandardNormalPrior(3),
+                BernoulliLikelihood(), DiagonalNormalGuide(width, 3))
+
+
+def test_an_encoder_that_does_not_say_its_width_is_accepted():
+    # a plain module has no feature_dim: nothing to check against
+    vae = VAE(torch.nn.Linear(12, 8), MLPDecoder(3, 12, (8,)), StandardNormalPrior(3),
+              BernoulliLikelihood(), DiagonalNormalGuide(8, 3))
+    assert vae.posterior(binary_data()).batch_shape == (6,)
