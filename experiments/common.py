@@ -369,7 +369,7 @@ def elbo_terms(vae: VAE, x: torch.Tensor, *, num_samples: int = 1,
     reconstruction, kl = [], []
     for start in range(0, x.shape[0], batch_size):
         batch = x[start : start + batch_size].to(vae.device)
-        model_trace, guide_trace = particle_traces(vae.model, vae.guide, batch, num_samples)
+        model_trace, guide_trace = particle_traces(vae.model, vae.guide, batch, num_samples=num_samples)
         observed = model_trace.nodes[OBSERVED_SITE]
         latent = model_trace.nodes[LATENT_SITE]
         posterior = guide_trace.nodes[LATENT_SITE]

@@ -41,6 +41,7 @@ from pyrovae.priors import (
     StandardNormalPrior,
     VampPrior,
 )
+from pyrovae.programs import Program, ProgramError, as_program
 from pyrovae.train import fit
 
 __version__ = "0.1.0"
@@ -79,6 +80,9 @@ __all__ = [
     "elbo",
     "fit",
     "importance_log_weights",
+    "Program",
+    "ProgramError",
+    "as_program",
     "kl_weight",
     "load_dataset",
     "log_marginal_likelihood",

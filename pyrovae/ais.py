@@ -13,9 +13,10 @@ exp(log w) is an unbiased estimate of p(x), so log (1/C) sum_c w_c is a stochast
 bound on log p(x) whose gap shrinks as T grows.  With T = 1 it is plain importance
 sampling from r with C samples.
 
-log p(x, z), log r(z) and their gradients in z come from Pyro traces of ``vae.model``
-(conditioned on z) and ``vae.guide`` (or the prior site of the model), inside a particle
-plate of size C at ``dim=-2``: any prior, likelihood and guide work.  The leapfrog
+log p(x, z), log r(z) and their gradients in z come from Pyro traces of the program's model
+(conditioned on z, every continuous latent site; enumerated sites summed out) and guide (or
+the latent sites of the model), inside a particle plate of size C left of the data plate:
+any prior, likelihood, guide and number of latent layers work.  The leapfrog
 integrator is written here and runs on all chains and data points at once; each data
 point has its own step size, adapted after every transition towards a target acceptance
 rate (as in Wu et al. 2017; the adaptation makes each kernel depend on the chains' past,
@@ -34,17 +35,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pyro
 import torch
 from pyro import poutine
+from torch.distributions import constraints
 
 from pyrovae.diagnostics import effective_sample_size, log_mean_exp_standard_error
-from pyrovae.evaluation import data_batches, gather_points
-from pyrovae.models import VAE
-from pyrovae.sites import LATENT_SITE, PARTICLE_PLATE
+from pyrovae.evaluation import _trace_log_prob, data_batches, gather_points
+from pyrovae.programs import Program, ProgramError, as_data, as_program
+from pyrovae.sites import PARTICLE_PLATE
 
 logger = logging.getLogger(__name__)
 
@@ -110,42 +113,84 @@ class _State:
                       torch.where(event, self.grad_initial, other.grad_initial))
 
 
-def _log_density(trace: poutine.Trace) -> torch.Tensor:
-    """Unscaled sum of the log densities of all sample sites of ``trace``, ``(C, B)``."""
-    # site["fn"].log_prob, not trace.log_prob_sum: a site's scale (KL warm-up) has no
-    # place in log p(x, z)
-    return sum(site["fn"].log_prob(site["value"]) for site in trace.nodes.values()
-               if site["type"] == "sample")
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
 
 
 class _Densities:
-    """log p(x, z) and log r(z) of one batch of data, from Pyro traces, with z-gradients."""
+    """log p(x, z) and log r(z) of one batch of data, from traces of the program, with
+    z-gradients.  z is every continuous latent site of the model, each site's event
+    flattened and the sites concatenated: ``(C, B, L)``."""
 
-    def __init__(self, vae: VAE, x: torch.Tensor, num_chains: int, initial: Initial) -> None:
+    def __init__(self, program: Program, args: tuple[torch.Tensor, ...], num_chains: int,
+                 initial: Initial) -> None:
         if initial not in ("guide", "prior"):
             raise ValueError(f"initial must be 'guide' or 'prior', got {initial!r}")
-        self.vae, self.x, self.num_chains = vae, x, num_chains
-        program = vae.guide if initial == "guide" else vae.model
+        self.program, self.args, self.num_chains = program, args, num_chains
+        structure = program.structure(*args)
+        self.nesting = structure.max_plate_nesting
+        self.num_enumerated = len(structure.enumerated_sites)
+        if initial == "prior" and self.num_enumerated:
+            raise ProgramError("AIS from the prior needs p(z) in closed form; the model sums "
+                               f"out {', '.join(structure.enumerated_sites)}: use the guide")
+        self.initial = initial
+        self.sites = [name for name in structure.latent_sites
+                      if name not in structure.enumerated_sites]
+        source = program.guide if initial == "guide" else program.model
         with torch.no_grad(), self._plate():
-            trace = poutine.trace(program).get_trace(x)
-        # the initial distribution does not depend on z: trace it once and keep its site
-        self.initial_fn = trace.nodes[LATENT_SITE]["fn"]
-        self.z0 = trace.nodes[LATENT_SITE]["value"].detach()
-        self._zeros = torch.zeros(num_chains, x.shape[0], device=x.device, dtype=x.dtype)
+            trace = poutine.trace(source).get_trace(*args)
+        self.event_shapes: dict[str, torch.Size] = {}
+        batch = (num_chains, args[0].shape[0])
+        for name in self.sites:
+            site = trace.nodes[name]
+            if not _is_real(site["fn"].support):
+                raise ProgramError(f"AIS moves continuous latents on the real line; site {name!r} "
+                                   f"has support {site['fn'].support}")
+            if tuple(site["fn"].batch_shape) != batch:
+                raise ProgramError(f"AIS needs latent site {name!r} in the data plate only "
+                                   f"(batch shape {batch}), got {tuple(site['fn'].batch_shape)}")
+            self.event_shapes[name] = site["fn"].event_shape
+        self.z0 = torch.cat([trace.nodes[name]["value"].detach().reshape(*batch, -1)
+                             for name in self.sites], dim=-1)
 
     def _plate(self) -> pyro.plate:
-        return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=-2)
+        return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=-(self.nesting + 1))
+
+    def _values(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        sizes = [int(math.prod(shape)) for shape in self.event_shapes.values()]
+        return {name: part.reshape(*z.shape[:-1], *shape) for (name, shape), part in
+                zip(self.event_shapes.items(), z.split(sizes, dim=-1), strict=True)}
+
+    def _log_densities(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self._values(z)
+        model = poutine.condition(self.program.model, data=values)
+        if self.num_enumerated:
+            model = poutine.enum(model, first_available_dim=-(self.nesting + 2))
+        with self._plate():
+            model_trace = poutine.trace(model).get_trace(*self.args)
+            log_joint = _trace_log_prob(model_trace, self.nesting, False, self.num_enumerated)
+            if self.initial == "guide":
+                guide = poutine.condition(self.program.guide, data=values)
+                guide_trace = poutine.trace(guide).get_trace(*self.args)
+                log_initial = _trace_log_prob(guide_trace, self.nesting, False)
+            else:
+                latent = poutine.Trace()
+                for name in self.sites:
+                    latent.add_node(name, **model_trace.nodes[name])
+                log_initial = _trace_log_prob(latent, self.nesting, False)
+        shape = z.shape[:-1]
+        return log_joint.expand(shape), log_initial.expand(shape)
 
     def __call__(self, z: torch.Tensor) -> _State:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            with self._plate():
-                trace = poutine.trace(
-                    poutine.condition(self.vae.model, data={LATENT_SITE: z})).get_trace(self.x)
-            log_joint = _log_density(trace).expand_as(self._zeros)
-            log_initial = self.initial_fn.log_prob(z)
-            grad_joint, = torch.autograd.grad(log_joint.sum(), z)
-            grad_initial, = torch.autograd.grad(log_initial.sum(), z)
+            log_joint, log_initial = self._log_densities(z)
+            grad_joint, = torch.autograd.grad(log_joint.sum(), z, retain_graph=True)
+            grad_initial, = torch.autograd.grad(log_initial.sum(), z, allow_unused=True)
+            if grad_initial is None:
+                grad_initial = torch.zeros_like(z)
         return _State(z.detach(), log_joint.detach(), log_initial.detach(), grad_joint, grad_initial)
 
 
@@ -233,7 +278,8 @@ def _anneal(densities: _Densities, betas: torch.Tensor, num_leapfrog_steps: int,
     return log_weights, rate, state, step_size
 
 
-def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: int = 200,
+def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
+                                num_temperatures: int = 200,
                                 num_chains: int = 16, num_leapfrog_steps: int = 5,
                                 step_size: float = 0.05, adapt_step_size: bool = True,
                                 target_accept: float = 0.65, initial: Initial = "guide",
@@ -244,8 +290,10 @@ def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: 
     Cost: ``num_temperatures * num_leapfrog_steps`` gradient evaluations of log p(x, z) on
     ``num_chains * batch_size`` latent points at a time.
 
-    :param vae: a :class:`~pyrovae.models.VAE`.
-    :param x: data ``(N, D)``.
+    :param vae: the program: a :class:`~pyrovae.models.VAE`, an object with ``model`` and
+        ``guide``, or a ``(model, guide)`` pair; its latent sites must be continuous on the
+        real line (enumerated discrete sites are summed out).
+    :param x: the data, or a tuple of the model's data arguments (points along dim 0).
     :param num_temperatures: T, the number of annealing steps (HMC transitions: T - 1).
     :param num_chains: C, independent chains per data point.
     :param num_leapfrog_steps: leapfrog steps per HMC transition.
@@ -276,34 +324,36 @@ def ais_log_marginal_likelihood(vae: VAE, x: torch.Tensor, *, num_temperatures: 
         raise ValueError(f"step_size must be positive, got {step_size}")
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
-    vae.check_data(x)
+    program = as_program(vae)
+    args = program.check_data(as_data(x))
     betas = temperature_schedule(num_temperatures, schedule)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in
                                             ("log_weights", "rate", "step", "samples")}
     # validation checks every distribution's arguments at every leapfrog step: slow, and a
     # divergent trajectory (rejected below) would raise instead of being rejected
     with pyro.validation_enabled(False):
-        for batch, draws in data_batches(x, batch_size, vae.device, seed=seed,
+        for batch, draws in data_batches(args, batch_size, program.device, seed=seed,
                                          distributed=distributed):
             with draws:
-                densities = _Densities(vae, batch, num_chains, initial)
-                steps = torch.full((batch.shape[0],), float(step_size), device=batch.device,
-                                   dtype=batch.dtype)
+                densities = _Densities(program, batch, num_chains, initial)
+                latent_dim = densities.z0.shape[-1]
+                steps = torch.full((batch[0].shape[0],), float(step_size),
+                                   device=densities.z0.device, dtype=densities.z0.dtype)
                 log_weights, rate, state, steps = _anneal(densities, betas, num_leapfrog_steps,
                                                           steps, adapt_step_size, target_accept)
             parts["log_weights"].append(log_weights.double().cpu())
             parts["rate"].append(rate.double().cpu())
             parts["step"].append(steps.double().cpu())
             parts["samples"].append(state.z.cpu())
-            logger.debug("AIS batch of %d points: acceptance %.2f", batch.shape[0],
+            logger.debug("AIS batch of %d points: acceptance %.2f", batch[0].shape[0],
                          float(parts["rate"][-1].mean()))
     empty = {"log_weights": torch.empty(num_chains, 0, dtype=torch.float64),
              "rate": torch.empty(0, dtype=torch.float64), "step": torch.empty(0, dtype=torch.float64),
-             "samples": torch.empty(num_chains, 0, vae.latent_dim, dtype=x.dtype)}
+             "samples": torch.empty(num_chains, 0, latent_dim, dtype=parts["samples"][0].dtype)}
     # each part's data dimension: where the processes' results are put together
     data_dims = {"log_weights": 1, "rate": 0, "step": 0, "samples": 1}
     whole = {name: gather_points(torch.cat([empty[name], *values], dim=data_dims[name]),
-                                 x.shape[0], batch_size, distributed=distributed,
+                                 args[0].shape[0], batch_size, distributed=distributed,
                                  dim=data_dims[name])
              for name, values in parts.items()}
     log_weights = whole["log_weights"]

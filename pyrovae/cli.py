@@ -217,6 +217,15 @@ RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "downl
                               "max_minutes", "log_px_every", "log_px_samples", "log_px_size"})
 
 
+def _given_flags(train_argv: Sequence[str]) -> dict[str, Any]:
+    """The TrainConfig fields set explicitly in ``train_argv``, with their values."""
+    explicit = argparse.ArgumentParser(add_help=False)
+    TrainConfig.add_arguments(explicit, with_defaults=False)
+    given = vars(explicit.parse_known_args(list(train_argv))[0])
+    given.pop("preset", None)
+    return given
+
+
 def _resumed_config(run_dir: Path, train_argv: Sequence[str]) -> TrainConfig:
     """The run's saved config, with the flags in ``train_argv`` that may change applied."""
     if not (run_dir / CHECKPOINT_NAME).is_file():
@@ -249,6 +258,10 @@ def train_command(args: argparse.Namespace) -> int:
         config = _resumed_config(run_dir, args.train_argv)
     else:
         config = TrainConfig.from_args(args)
+        if config.preset is not None:
+            config = TrainConfig.from_preset(config.preset, **_given_flags(args.train_argv))
+            logger.info("preset %s; flags given beside it: %s", config.preset,
+                        ", ".join(sorted(_given_flags(args.train_argv))) or "none")
     if args.nproc is not None and args.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.check_batch_size(config.batch_size, args.nproc)
         gpus = torch.cuda.device_count()

@@ -19,6 +19,7 @@ from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.models import VAE
 from pyrovae.nets import ACTIVATIONS, NETWORKS
 from pyrovae.objectives import OBJECTIVES
+from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS
 from pyrovae.rundir import write_json
 from pyrovae.schedules import LR_SCHEDULES
@@ -34,6 +35,24 @@ MAX_LR = 1.0
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
     return {"help": help, **argparse_options}
+
+
+#: published training protocols: the TrainConfig fields each one sets
+PRESETS: dict[str, dict[str, Any]] = {
+    # Burda, Grosse, Salakhutdinov (2016), section 5 and the authors' code (yburda/iwae):
+    # 59,600 training images (the last 400 held out), minibatch 20, Adam(0.99, 0.999, 1e-4)
+    # with the second moment started at 1, 3280 epochs in 8 stages, output bias at the logit
+    # of the training mean, test log p(x) with K = 5000
+    "burda2016": {
+        "dataset": "mnist", "binarize": "dynamic", "valid_size": 400, "net": "mlp",
+        "hidden_dims": (200, 200), "activation": "tanh", "latent_dim": 50, "prior": "normal",
+        "guide": "diagonal", "likelihood": "bernoulli", "epochs": 3280, "batch_size": 20,
+        "lr": 1e-3, "lr_schedule": "burda2016", "adam_beta1": 0.99, "adam_beta2": 0.999,
+        "adam_eps": 1e-4, "adam_second_moment_init": 1.0, "output_bias_init": "data_mean",
+        "eval_samples": 5000, "kl_warmup_epochs": 0, "beta": 1.0,
+    },
+}
+PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs"}
 
 
 @dataclass
@@ -106,8 +125,24 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
     lr_schedule: str = field(default="constant", metadata=_flag(
         "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
-        "i = 0..7 (3280 epochs, later ones at lr/10); they also used Adam eps=1e-4, we keep "
-        "torch's 1e-8", choices=LR_SCHEDULES))
+        "i = 0..7 (3280 epochs, later ones at lr/10); burda2016: the same with the factors "
+        "rounded to one decimal, as the authors' code has them", choices=LR_SCHEDULES))
+    adam_beta1: float = field(default=0.9, metadata=_flag(
+        "Adam's decay rate of the first moment", type=float))
+    adam_beta2: float = field(default=0.999, metadata=_flag(
+        "Adam's decay rate of the second moment", type=float))
+    adam_eps: float = field(default=1e-8, metadata=_flag(
+        "Adam's epsilon, added to the square root of the second moment", type=float))
+    adam_second_moment_init: float = field(default=0.0, metadata=_flag(
+        "the value Adam's second moment starts at (Burda et al. 2016: 1)", type=float))
+    output_bias_init: str = field(default="zero", metadata=_flag(
+        "start of the decoder's output bias: zero, or data_mean (the logit of the training "
+        "set's mean pixel for a Bernoulli likelihood, the mean itself for a Gaussian one)",
+        choices=OUTPUT_BIAS_INITS))
+    preset: str | None = field(default=None, metadata=_flag(
+        "a published protocol whose settings become the defaults (flags given beside it "
+        "override them): " + ", ".join(f"{name} ({text})" for name, text in PRESET_HELP.items()),
+        type=str))
     device: str = field(default="auto", metadata=_flag(
         "cpu, cuda, cuda:N, or auto (cuda when available)", type=str))
     seed: int = field(default=0, metadata=_flag("random seed (torch, numpy, python, pyro)", type=int))
@@ -138,7 +173,7 @@ class TrainConfig:
     clip_norm: float | None = field(default=None, metadata=_flag(
         "clip each parameter's gradient to this norm", type=float))
     fused: bool = field(default=True, metadata=_flag(
-        "evaluate trace_elbo/meanfield_elbo without Pyro's tracing (same value, faster)"))
+        "use torch's fused Adam kernel (the same update in one call per step)"))
     on_divergence: str = field(default="stop", metadata=_flag(
         "on a NaN/inf loss: stop, or roll back to the last checkpoint with half the lr",
         choices=("stop", "rollback")))
@@ -149,6 +184,20 @@ class TrainConfig:
             learned = self.prior != "normal" and isinstance(self.epochs, int)
             self.kl_warmup_epochs = min(LEARNED_PRIOR_WARMUP_EPOCHS, self.epochs) if learned else 0
         self.validate()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The config of the published protocol ``name`` (a key of :data:`PRESETS`), with
+        ``overrides`` (field names) replacing its values; ``preset`` records the name."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    @property
+    def adam(self) -> AdamSettings:
+        """Adam's settings other than the learning rate."""
+        return AdamSettings(betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_eps,
+                            second_moment_init=self.adam_second_moment_init)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value and the allowed ones."""
@@ -215,6 +264,9 @@ class TrainConfig:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"clip_norm must be positive, got {self.clip_norm}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        self.adam  # noqa: B018  (validates Adam's settings)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""

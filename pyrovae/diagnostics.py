@@ -39,12 +39,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from pyrovae.evaluation import importance_log_weights
-from pyrovae.models import VAE
+from pyrovae.programs import as_data, as_program
 
 #: k-hat above which an importance-sampling estimate is flagged unreliable (Vehtari et al. 2024)
 KHAT_THRESHOLD = 0.7
@@ -232,7 +233,7 @@ def _summarize_batch(log_weights: torch.Tensor, ks: Sequence[int]) -> dict[str, 
     }
 
 
-def importance_summary(vae: VAE, x: torch.Tensor, ks: Sequence[int] = (5000,), *,
+def importance_summary(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = (5000,), *,
                        batch_size: int = 100, chunk_size: int = 500,
                        khat_threshold: float = KHAT_THRESHOLD) -> ImportanceSummary:
     """IWAE bounds at several K, the ELBO and the weight diagnostics, batch by batch.
@@ -243,8 +244,9 @@ def importance_summary(vae: VAE, x: torch.Tensor, ks: Sequence[int] = (5000,), *
     gives the same estimate at K_max) and summarized before the next batch.  The bound at
     K < K_max uses the first K of the same draws.
 
-    :param vae: a :class:`~pyrovae.models.VAE`.
-    :param x: data ``(N, D)``.
+    :param vae: the program: a :class:`~pyrovae.models.VAE`, an object with ``model`` and
+        ``guide``, or a ``(model, guide)`` pair.
+    :param x: the data, or a tuple of the model's data arguments (points along dim 0).
     :param ks: the numbers of samples K to report, each positive.
     :param batch_size: data points per trace.
     :param chunk_size: importance samples per trace.
@@ -263,12 +265,13 @@ def importance_summary(vae: VAE, x: torch.Tensor, ks: Sequence[int] = (5000,), *
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    vae.check_data(x)
+    program = as_program(vae)
+    args = program.check_data(as_data(x))
     parts: list[dict[str, torch.Tensor]] = []
     chunks = [min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)]
-    for batch in x.split(batch_size):
-        batch = batch.to(vae.device)
-        log_weights = torch.cat([importance_log_weights(vae, batch, chunk).cpu()
+    for batch in zip(*(a.split(batch_size) for a in args), strict=True):
+        batch = tuple(a.to(program.device) for a in batch)
+        log_weights = torch.cat([importance_log_weights(program, *batch, num_samples=chunk).cpu()
                                  for chunk in chunks])
         parts.append(_summarize_batch(log_weights, ks))
     joined = {name: torch.cat([part[name] for part in parts], dim=-1) for name in parts[0]}

@@ -8,16 +8,13 @@ the gradients of all parameters are summed over ranks in one flattened all-reduc
 (:func:`all_reduce_gradients`): the per-rank loss is the sum over its slice, so the sum of
 gradients is the gradient of the global-batch sum, the same ELBO scale per data point as one
 process.  ``DistributedDataParallel`` is not used because the training loop never calls the
-module's ``forward`` (it calls the fused ELBO or a Pyro ELBO's ``differentiable_loss``).
+module's ``forward`` (it calls a Pyro ELBO's ``differentiable_loss`` of the program).
 
-Randomness is shared, not split: every rank keeps the same RNG state and draws what one
-process would draw for the whole global batch (the shuffling order, the Bernoulli
-uniforms of dynamic binarization, the reparameterisation noise of the fused ELBO,
-:func:`sharded_rsample`), keeping only its own rows.  The fused objectives
-(``trace_elbo``, ``meanfield_elbo``) therefore give the parameters of a one-process run up
-to the order of floating-point sums; traced Pyro objectives (``iwae``) draw per rank from a
-seed taken off the shared stream (:func:`rank_seeded`), so they agree with one process in
-distribution only.
+The shuffling order and the Bernoulli draws of dynamic binarization come from the shared
+stream (every rank draws them for the whole global batch and keeps its rows); the draws
+inside the program's traces come from a per-rank seed taken off the shared stream
+(:func:`rank_seeded`), so a run agrees with one process in distribution, as
+``DistributedDataParallel`` does, not bit for bit.
 
 Backend: ``gloo`` on CPU, ``nccl`` on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``).
 """
@@ -34,14 +31,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributions import (
-    Distribution,
-    Independent,
-    LowRankMultivariateNormal,
-    MultivariateNormal,
-    Normal,
-    TransformedDistribution,
-)
 
 from pyrovae.errors import ConfigError, PyrovaeError
 
@@ -375,90 +364,3 @@ def rank_seeded(device: torch.device) -> Iterator[None]:
 
 
 # --- reparameterising with noise drawn for the whole global batch ---------------------------
-
-def standard_normal_shapes(q: Distribution, sample_shape: torch.Size) -> list[torch.Size]:
-    """The shapes of the standard-normal tensors ``q.rsample(sample_shape)`` draws, in order.
-
-    :raises PyrovaeError: ``q`` is not one of the families :func:`reparameterize` knows.
-    """
-    shape = sample_shape + q.batch_shape + q.event_shape
-    base = _base_normal(q)
-    if isinstance(base, LowRankMultivariateNormal):
-        return [shape[:-1] + base.cov_factor.shape[-1:], shape]
-    return [shape]
-
-
-def _base_normal(q: Distribution) -> Distribution:
-    while isinstance(q, Independent | TransformedDistribution):
-        q = q.base_dist
-    if not isinstance(q, Normal | MultivariateNormal | LowRankMultivariateNormal):
-        raise PyrovaeError(
-            f"cannot draw shared noise for a {type(q).__name__} guide: multi-process training "
-            f"reparameterises Normal, MultivariateNormal, LowRankMultivariateNormal, and "
-            f"Independent or TransformedDistribution over them")
-    return q
-
-
-def reparameterize(q: Distribution, noise: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``q.rsample`` with the given standard-normal ``noise`` instead of fresh draws.
-
-    The same arithmetic as torch's ``rsample`` for each family, so with the noise torch
-    would draw the result is bitwise the same:
-
-    - ``Normal``: ``loc + eps * scale``; ``Independent``: its base;
-    - ``MultivariateNormal``: ``loc + L eps`` with the Cholesky factor ``L``;
-    - ``LowRankMultivariateNormal``: ``loc + W eps_W + sqrt(d) * eps_D``;
-    - ``TransformedDistribution``: the base, then every transform in order (each caches
-      its input, so ``log_prob`` of the result needs no inversion).
-
-    :param noise: tensors of :func:`standard_normal_shapes`, ``(*sample_shape, *batch_shape,
-        *event_shape)`` (the low-rank family takes two).
-    :returns: a reparameterised draw, differentiable in ``q``'s parameters.
-    """
-    if isinstance(q, TransformedDistribution):
-        x = reparameterize(q.base_dist, noise)
-        for transform in q.transforms:
-            x = transform(x)
-        return x
-    if isinstance(q, Independent):
-        return reparameterize(q.base_dist, noise)
-    if isinstance(q, LowRankMultivariateNormal):
-        eps_w, eps_d = noise
-        factor = q._unbroadcasted_cov_factor
-        return (q.loc + torch.matmul(factor, eps_w.unsqueeze(-1)).squeeze(-1)
-                + q._unbroadcasted_cov_diag.sqrt() * eps_d)
-    if isinstance(q, MultivariateNormal):
-        eps, = noise
-        return q.loc + torch.matmul(q._unbroadcasted_scale_tril, eps.unsqueeze(-1)).squeeze(-1)
-    if isinstance(q, Normal):
-        eps, = noise
-        return q.loc + eps * q.scale
-    _base_normal(q)  # raises with the list of supported families
-    raise AssertionError("unreachable")
-
-
-def sharded_rsample(q: Distribution, shard: Shard,
-                    sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
-    """A draw from ``q`` (this rank's rows) using noise drawn for the whole global batch.
-
-    ``q`` has batch shape ``(shard.num_rows,)``; the standard normals are drawn with
-    ``shard.global_rows`` in that place, in the order and shapes ``q.rsample`` would draw
-    them in one process, and this rank keeps rows ``shard.rows``.  Every rank thus
-    consumes the same random numbers and the draw for a data point does not depend on the
-    number of processes.
-
-    :returns: ``(*sample_shape, shard.num_rows, *event_shape)``.
-    """
-    if len(q.batch_shape) != 1 or q.batch_shape[0] != shard.num_rows:
-        raise ValueError(f"expected a distribution with batch shape ({shard.num_rows},), "
-                         f"got {tuple(q.batch_shape)}")
-    sample_shape = torch.Size(sample_shape)
-    base = _base_normal(q)
-    data_dim = len(sample_shape)
-    noise = []
-    for shape in standard_normal_shapes(q, sample_shape):
-        global_shape = list(shape)
-        global_shape[data_dim] = shard.global_rows
-        eps = torch.empty(global_shape, dtype=base.loc.dtype, device=base.loc.device).normal_()
-        noise.append(eps.narrow(data_dim, shard.start, shard.num_rows))
-    return reparameterize(q, noise)

@@ -9,8 +9,9 @@ and the K-sample importance-weighted (IWAE) bound is
     log p_K(x) = logsumexp_k(log w_k) - log K  <=  log p(x),
 
 which rises with K towards log p(x); at K = 1 its expectation is the ELBO.  The log
-weights come from a trace of ``vae.guide`` replayed through ``vae.model``, so the
-estimate is right for any prior, likelihood and guide.  Pyro's own
+weights come from a trace of the program's guide replayed through its model, so the
+estimate is that of the program as written: any prior, likelihood, guide, number of latent
+layers, enumerated discrete sites and extra arguments such as labels.  Pyro's own
 ``vectorized_importance_weights`` sums over the data plate and gives one weight per
 batch, not per data point; here the data plate is kept.
 
@@ -25,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -34,72 +36,101 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.distributed import batch_plan, gather_rows, seeded, shared_seed
-from pyrovae.fused import fused_log_weights
-from pyrovae.models import VAE
+from pyrovae.programs import ProgramError, as_data, as_program, is_sample_site
 from pyrovae.sites import PARTICLE_PLATE
 
 
-def _trace_log_prob(trace: poutine.Trace, zeros: torch.Tensor, scaled: bool) -> torch.Tensor:
-    """Sum of the log densities of all sample sites, broadcast to ``zeros.shape``."""
-    total = zeros
-    for site in trace.nodes.values():
-        if site["type"] != "sample":
-            continue
-        # site["fn"].log_prob, not trace.compute_log_prob: the latter multiplies by the
-        # site's scale (KL warm-up, subsampling), which has no place in log p(x).
-        log_prob = site["fn"].log_prob(site["value"])
-        if scaled:
-            log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
-        total = total + log_prob
+def _site_log_prob(site: dict[str, Any], nesting: int, scaled: bool) -> torch.Tensor:
+    """A site's log density with its nested plates (inside the data plate) summed out:
+    ``(enumeration dims..., K, N)``, right-aligned."""
+    # site["fn"].log_prob, not trace.compute_log_prob: the latter multiplies by the
+    # site's scale (KL warm-up, subsampling), which has no place in log p(x).
+    log_prob = site["fn"].log_prob(site["value"])
+    if scaled:
+        log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
+    if not torch.is_tensor(log_prob):
+        log_prob = torch.as_tensor(log_prob)
+    while log_prob.dim() < nesting + 1:
+        log_prob = log_prob.unsqueeze(0)
+    if nesting > 1:  # the plates between the particle plate and the data plate
+        log_prob = log_prob.sum(dim=tuple(range(-nesting, -1)))
+    return log_prob
+
+
+def _trace_log_prob(trace: poutine.Trace, nesting: int, scaled: bool,
+                    num_enumerated: int = 0) -> torch.Tensor:
+    """Sum of the sample sites' log densities ``(K, N)``, enumerated sites summed out."""
+    terms = [_site_log_prob(site, nesting, scaled) for site in trace.nodes.values()
+             if is_sample_site(site)]
+    shape = torch.broadcast_shapes(*(term.shape for term in terms))
+    total = terms[0].expand(shape)
+    for term in terms[1:]:
+        total = total + term
+    # enumeration dims sit left of the particle dim: sum the joint over them
+    leading = total.dim() - 2
+    if leading > 0:
+        if num_enumerated == 0:
+            raise ProgramError(f"site log densities have batch shape {tuple(shape)}: a site "
+                               f"has dimensions left of the data and particle plates")
+        total = torch.logsumexp(total.reshape(-1, *total.shape[-2:]), dim=0)
     return total
 
 
-def particle_traces(model: Callable[..., object], guide: Callable[..., object], x: torch.Tensor,
-                    num_samples: int) -> tuple[poutine.Trace, poutine.Trace]:
+def particle_traces(model: Callable[..., object], guide: Callable[..., object],
+                    *args: torch.Tensor, num_samples: int, max_plate_nesting: int = 1,
+                    enumerate_model: bool = False) -> tuple[poutine.Trace, poutine.Trace]:
     """``(model_trace, guide_trace)`` of ``num_samples`` guide draws per data point.
 
-    The guide runs inside a ``"particles"`` plate at ``dim=-2``, so its site ``"z"`` has
-    batch shape ``(K, N)``; the model replays those draws.
+    The guide runs inside a ``"particles"`` plate left of the program's plates, so a site
+    in the data plate has batch shape ``(K, N)``; the model replays those draws, and with
+    ``enumerate_model`` enumerates its remaining ``"parallel"`` sites further left.
     """
-    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    particle_dim = -(max_plate_nesting + 1)
+    with pyro.plate(PARTICLE_PLATE, num_samples, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        replayed = poutine.replay(model, trace=guide_trace)
+        if enumerate_model:
+            replayed = poutine.enum(replayed, first_available_dim=particle_dim - 1)
+        model_trace = poutine.trace(replayed).get_trace(*args)
     return model_trace, guide_trace
 
 
-def log_weights(model: Callable[..., object], guide: Callable[..., object], x: torch.Tensor,
-                num_samples: int, *, scaled: bool = False) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws from ``guide``, in one trace.
+def log_weights(program: Any, *args: torch.Tensor, num_samples: int,
+                scaled: bool = False) -> torch.Tensor:
+    """log p(x, z_k) - log q(z_k | x) for ``num_samples`` draws from the program's guide.
 
-    Differentiable (reparameterised draws), for training objectives; see
-    :func:`particle_traces`.
+    The one implementation of the importance weights: a trace of the guide, replayed
+    through the model.  Latent sites of the model that the guide does not sample and that
+    are marked ``infer={"enumerate": "parallel"}`` are summed out per data point, so
+    log p(x, z) is then the log of the sum over their values.  Differentiable where the
+    guide's draws are reparameterised (training objectives); wrap in ``torch.no_grad()``
+    to evaluate.
 
-    :param model: a Pyro model ``model(x)`` whose sites all live in a data plate at ``dim=-1``.
-    :param guide: the matching guide ``guide(x)``.
-    :param x: data ``(N, D)``.
+    :param program: a :class:`~pyrovae.programs.Program` or anything
+        :func:`~pyrovae.programs.as_program` takes (a VAE, an object with ``model`` and
+        ``guide``, a ``(model, guide)`` pair).
+    :param args: the data arguments of the model and guide, points along dimension 0.
     :param num_samples: K, the number of importance samples.
     :param scaled: multiply each site's log density by its scale (``poutine.scale``, e.g.
-        the KL weight on ``"z"``), as a training objective should; log p(x) uses ``False``.
+        the KL weight), as a training objective should; log p(x) uses ``False``.
     :returns: ``(K, N)`` log weights in nats.
     """
-    model_trace, guide_trace = particle_traces(model, guide, x, num_samples)
-    zeros = torch.zeros(num_samples, x.shape[0], device=x.device, dtype=x.dtype)
-    return (_trace_log_prob(model_trace, zeros, scaled)
-            - _trace_log_prob(guide_trace, zeros, scaled))
+    program = as_program(program)
+    structure = program.structure(*args)
+    model_trace, guide_trace = particle_traces(
+        program.model, program.guide, *args, num_samples=num_samples,
+        max_plate_nesting=structure.max_plate_nesting,
+        enumerate_model=bool(structure.enumerated_sites))
+    nesting = structure.max_plate_nesting
+    log_p = _trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
+    log_q = _trace_log_prob(guide_trace, nesting, scaled)
+    return (log_p - log_q).expand(num_samples, args[0].shape[0])
 
 
-def importance_log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws from the guide.
-
-    Evaluated by :func:`~pyrovae.fused.fused_log_weights`: the values (and draws) of
-    :func:`log_weights` on ``vae.model`` and ``vae.guide``, without tracing.
-
-    :param x: data ``(N, D)`` on the VAE's device.
-    :param num_samples: K, the number of importance samples.
-    :returns: ``(K, N)`` log weights in nats.
-    """
+def importance_log_weights(program: Any, *args: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """:func:`log_weights` without gradients: ``(K, N)`` nats."""
     with torch.no_grad():
-        return fused_log_weights(vae, x, num_samples)
+        return log_weights(program, *args, num_samples=num_samples)
 
 
 def _sample_chunks(num_samples: int, chunk_size: int) -> Iterator[int]:
@@ -114,7 +145,8 @@ def _check_counts(num_samples: int, batch_size: int, chunk_size: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, *,
+def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
+                            num_samples: int = 5000, *,
                             batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
                             distributed: bool = False) -> torch.Tensor:
     """The K-sample importance-sampling estimate of log p(x) for each data point.
@@ -125,8 +157,11 @@ def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, 
     K and N are: the data go through in batches and the K samples in chunks, combined
     with a running log-sum-exp.
 
-    :param vae: a trained :class:`~pyrovae.models.VAE`.
-    :param x: data ``(N, D)``, validated against the VAE's likelihood.
+    :param program: a trained program: a :class:`~pyrovae.models.VAE`, an object with
+        ``model`` and ``guide``, or a ``(model, guide)`` pair (see :mod:`pyrovae.programs`).
+    :param x: the data ``(N, ...)``, or a tuple of the model's data arguments (e.g.
+        ``(x, y)`` for a model conditioned on labels), points along dimension 0; a VAE
+        validates them against its likelihood.
     :param num_samples: K.
     :param batch_size: data points per trace.
     :param chunk_size: importance samples per trace.
@@ -150,12 +185,13 @@ def log_marginal_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, 
         chunk = torch.logsumexp(log_w, dim=0)
         return chunk if running is None else torch.logaddexp(running, chunk)
 
-    return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
+    return _reduce_log_weights(program, x, num_samples, batch_size, chunk_size, combine,
                                lambda running: running - math.log(num_samples), seed=seed,
                                distributed=distributed)
 
 
-def _reduce_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, batch_size: int,
+def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
+                        num_samples: int, batch_size: int,
                         chunk_size: int,
                         combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
                         finish: Callable[[torch.Tensor], torch.Tensor], *,
@@ -163,24 +199,28 @@ def _reduce_log_weights(vae: VAE, x: torch.Tensor, num_samples: int, batch_size:
     """Fold the ``(chunk, batch)`` log weights of each data batch with ``combine``, then
     ``finish``; returns ``(N,)`` on the CPU.  Memory: one ``chunk_size x batch_size`` trace."""
     _check_counts(num_samples, batch_size, chunk_size)
-    vae.check_data(x)
+    program = as_program(program)
+    args = program.check_data(as_data(x))
     results = [torch.empty(0)]
     # the data were checked above; distribution argument checks would only cost time here
     with pyro.validation_enabled(False):
-        for batch, draws in data_batches(x, batch_size, vae.device, seed=seed,
+        for batch, draws in data_batches(args, batch_size, program.device, seed=seed,
                                          distributed=distributed):
             with draws:
                 state = None
                 for chunk in _sample_chunks(num_samples, chunk_size):
-                    state = combine(state, importance_log_weights(vae, batch, chunk))
+                    state = combine(state, importance_log_weights(program, *batch,
+                                                                  num_samples=chunk))
             results.append(finish(state).cpu())
-    return gather_points(torch.cat(results), x.shape[0], batch_size, distributed=distributed)
+    return gather_points(torch.cat(results), args[0].shape[0], batch_size,
+                         distributed=distributed)
 
 
-def data_batches(x: torch.Tensor, batch_size: int, device: torch.device, *,
-                 seed: int | None = None, distributed: bool = False
-                 ) -> Iterator[tuple[torch.Tensor, contextlib.AbstractContextManager[None]]]:
-    """The data batches this process evaluates: ``(batch on device, draws)``.
+def data_batches(x: torch.Tensor | Sequence[torch.Tensor], batch_size: int,
+                 device: torch.device, *, seed: int | None = None, distributed: bool = False
+                 ) -> Iterator[tuple[tuple[torch.Tensor, ...],
+                                     contextlib.AbstractContextManager[None]]]:
+    """The data batches this process evaluates: ``(batch arguments on device, draws)``.
 
     ``draws`` is a context manager to draw the batch's random numbers in: seeded by
     ``(seed, index)`` with a ``seed``, else the global RNG.  With ``distributed``, this
@@ -190,10 +230,12 @@ def data_batches(x: torch.Tensor, batch_size: int, device: torch.device, *,
     """
     if distributed and seed is None:
         seed = shared_seed()
-    indices = (batch_plan(x.shape[0], batch_size)[0] if distributed
-               else range(-(-x.shape[0] // batch_size)))
+    args = as_data(x)
+    num_points = args[0].shape[0]
+    indices = (batch_plan(num_points, batch_size)[0] if distributed
+               else range(-(-num_points // batch_size)))
     for index in indices:
-        batch = x[index * batch_size : (index + 1) * batch_size].to(device)
+        batch = tuple(a[index * batch_size : (index + 1) * batch_size].to(device) for a in args)
         draws = seeded(seed, index, device=device) if seed is not None else contextlib.nullcontext()
         yield batch, draws
 
@@ -207,11 +249,13 @@ def gather_points(local: torch.Tensor, num_points: int, batch_size: int, *,
     return gather_rows(local, batch_plan(num_points, batch_size)[1], dim=dim)
 
 
-def elbo(vae: VAE, x: torch.Tensor, num_samples: int = 1, *, batch_size: int = 100,
+def elbo(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_samples: int = 1, *,
+         batch_size: int = 100,
          chunk_size: int = 500, seed: int | None = None, distributed: bool = False) -> torch.Tensor:
     """Monte Carlo ELBO per data point: the mean over K samples of log w_k.
 
-    :param x: data ``(N, D)``.
+    :param program: see :func:`log_marginal_likelihood`.
+    :param x: the data, or a tuple of the model's data arguments.
     :param num_samples: samples per data point (more samples, less variance; same mean).
     :param seed: per-batch seeding, see :func:`log_marginal_likelihood`.
     :param distributed: shard the batches over processes, see :func:`log_marginal_likelihood`.
@@ -220,7 +264,7 @@ def elbo(vae: VAE, x: torch.Tensor, num_samples: int = 1, *, batch_size: int = 1
     def combine(total: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
         return log_w.sum(0) if total is None else total + log_w.sum(0)
 
-    return _reduce_log_weights(vae, x, num_samples, batch_size, chunk_size, combine,
+    return _reduce_log_weights(program, x, num_samples, batch_size, chunk_size, combine,
                                lambda total: total / num_samples, seed=seed,
                                distributed=distributed)
 

@@ -9,7 +9,7 @@
 - ``iwae``: :class:`ImportanceWeightedELBO`, the K-sample importance-weighted bound per
   data point, K = ``num_particles``.
 
-KL warm-up and beta-VAE weighting multiply log p(z) and log q(z|x) at site ``"z"`` by a
+KL warm-up and beta-VAE weighting multiply the log densities of every latent site by a
 weight beta (:class:`LatentScale`), leaving the likelihood term alone:
 
     ELBO_beta = E_q[log p(x|z)] - beta KL(q(z|x) || p(z)).
@@ -31,11 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
+from pyrovae.errors import ConfigError
 from pyrovae.evaluation import log_weights, particle_traces
-from pyrovae.sites import LATENT_SITE
+from pyrovae.programs import Program, ProgramError, Structure
 
 
 class ImportanceWeightedELBO(ELBO):
@@ -83,39 +84,56 @@ class ImportanceWeightedELBO(ELBO):
         if num_particles < 1:
             raise ValueError(f"num_particles must be positive, got {num_particles}")
         super().__init__(num_particles=num_particles, **elbo_options)
+        # the program's structure is read once per (model, guide) pair, not every step
+        self._programs: dict[tuple[int, int], Program] = {}
+
+    def _program(self, model: Callable[..., object], guide: Callable[..., object],
+                 args: tuple[Any, ...]) -> Program:
+        key = (id(model), id(guide))
+        if key not in self._programs:
+            program = Program(model, guide)
+            stiff = program.structure(*args).non_reparameterized_sites
+            if stiff:
+                raise ProgramError(f"the iwae objective needs reparameterised guide sites; "
+                                   f"{', '.join(map(repr, stiff))} cannot be reparameterised")
+            self._programs = {key: program}
+        return self._programs[key]
 
     def _get_trace(self, model: Callable[..., object], guide: Callable[..., object],
                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         # one vectorized trace pair holds all K particles
-        return particle_traces(model, guide, args[0], self.num_particles)
+        nesting = self._program(model, guide, args).structure(*args).max_plate_nesting
+        return particle_traces(model, guide, *args, num_samples=self.num_particles,
+                               max_plate_nesting=nesting)
 
     def bound(self, model: Callable[..., object], guide: Callable[..., object],
-              x: torch.Tensor) -> torch.Tensor:
+              *args: torch.Tensor) -> torch.Tensor:
         """L_K(x_n) for every data point, differentiable: ``(N,)`` nats."""
-        log_w = log_weights(model, guide, x, self.num_particles, scaled=True)
+        log_w = log_weights(self._program(model, guide, args), *args,
+                            num_samples=self.num_particles, scaled=True)
         return torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
 
     def differentiable_loss(self, model: Callable[..., object], guide: Callable[..., object],
-                            x: torch.Tensor) -> torch.Tensor:
+                            *args: torch.Tensor) -> torch.Tensor:
         """Minus the summed bound, a scalar tensor in nats."""
-        return -self.bound(model, guide, x).sum()
+        return -self.bound(model, guide, *args).sum()
 
     def loss(self, model: Callable[..., object], guide: Callable[..., object],
-             x: torch.Tensor) -> float:
+             *args: torch.Tensor) -> float:
         """Minus the summed bound, in nats, without gradients."""
         with torch.no_grad():
-            return self.differentiable_loss(model, guide, x).item()
+            return self.differentiable_loss(model, guide, *args).item()
 
     def loss_and_grads(self, model: Callable[..., object], guide: Callable[..., object],
-                       x: torch.Tensor) -> float:
+                       *args: torch.Tensor) -> float:
         """Minus the summed bound, in nats; accumulates its gradients into the parameters."""
-        loss = self.differentiable_loss(model, guide, x)
+        loss = self.differentiable_loss(model, guide, *args)
         loss.backward(retain_graph=self.retain_graph)
         return loss.item()
 
 
 class LatentScale(Messenger):
-    """Multiply the log densities at site ``"z"`` (model and guide) by ``beta``.
+    """Multiply the log densities of every latent site (model and guide) by ``beta``.
 
     Wrap both model and guide, so that both log p(z) and log q(z|x) are weighted and the
     KL term (analytic or Monte Carlo) is multiplied by beta; change ``beta`` between steps
@@ -136,7 +154,7 @@ class LatentScale(Messenger):
         self.beta = beta
 
     def _process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "sample" and msg["name"] == LATENT_SITE:
+        if msg["type"] == "sample" and not msg["is_observed"] and self.beta != 1.0:
             msg["scale"] = self.beta * msg["scale"]
 
 
@@ -163,17 +181,24 @@ OBJECTIVES: dict[str, type[ELBO]] = {
 }
 
 
-def make_objective(name: str, num_particles: int = 1) -> ELBO:
+def make_objective(name: str, num_particles: int = 1, *,
+                   structure: Structure | None = None) -> ELBO:
     """An objective from :data:`OBJECTIVES` that draws ``num_particles`` z per data point, vectorized.
 
     The loss it returns is minus the objective summed over the minibatch, in nats.
-    """
-    from pyrovae.errors import ConfigError
 
+    :param structure: the program's :class:`~pyrovae.programs.Structure` (its plate nesting
+        and enumerated sites).  A program with enumerated sites trains ``trace_elbo`` and
+        ``meanfield_elbo`` with :class:`pyro.infer.TraceEnum_ELBO`, which sums those sites out
+        exactly (the same ELBO, with the Monte Carlo KL of the continuous sites).
+    """
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
     if num_particles < 1:
         raise ConfigError(f"num_particles must be positive, got {num_particles}")
-    # our models have exactly one plate (the data plate), so nesting is known up front
-    return OBJECTIVES[name](num_particles=num_particles, vectorize_particles=num_particles > 1,
-                            max_plate_nesting=1)
+    nesting = structure.max_plate_nesting if structure is not None else 1
+    objective = OBJECTIVES[name]
+    if structure is not None and structure.enumerated_sites and name != "iwae":
+        objective = TraceEnum_ELBO  # the iwae bound sums them out in its log weights
+    return objective(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                     max_plate_nesting=nesting)

@@ -41,7 +41,7 @@ import torch
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
 from pyrovae.argtypes import non_negative_int, positive_int
 from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
-from pyrovae.models import VAE
+from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def _inference_data(**groups: Any) -> Any:
     return xr.DataTree.from_dict(groups)  # pragma: no cover
 
 
-def bound_curve(vae: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
+def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = DEFAULT_KS, *,
                 ais_kwargs: Mapping[str, Any] | None = None, ais: bool = True,
                 batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
                 khat_threshold: float = KHAT_THRESHOLD) -> BoundCurve:
@@ -311,7 +311,8 @@ def bound_curve(vae: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
     max(ks) log weights.  With ``seed`` the RNG is seeded before the importance pass and
     again before AIS, so each is reproducible on its own.
 
-    :param vae: a :class:`~pyrovae.models.VAE`.
+    :param vae: the program: a :class:`~pyrovae.models.VAE`, an object with ``model`` and
+        ``guide``, or a ``(model, guide)`` pair.
     :param x: test data ``(N, D)``.
     :param ks: numbers of importance samples.
     :param ais_kwargs: keyword arguments of
@@ -340,7 +341,9 @@ def bound_curve(vae: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
     rows = [_row("ELBO", k_max, None, summary.elbo, elbo_error, is_seconds)]
     rows += [_row("IWAE", k, None, summary.iwae[i], summary.iwae_standard_error[i], is_seconds)
              for i, k in enumerate(summary.num_samples)]
-    logger.info("importance sampling with K=%d on %d points: %.1f s", k_max, len(x), is_seconds)
+    num_points = as_data(x)[0].shape[0]
+    logger.info("importance sampling with K=%d on %d points: %.1f s", k_max, num_points,
+                is_seconds)
     result: AISResult | None = None
     settings: dict[str, Any] = {}
     if ais:
@@ -354,7 +357,7 @@ def bound_curve(vae: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
         rows.append(_row("AIS", result.num_chains, result.num_temperatures,
                          result.log_marginal_likelihood, result.standard_error, ais_seconds))
         logger.info("AIS with T=%d, C=%d on %d points: %.1f s", result.num_temperatures,
-                    result.num_chains, len(x), ais_seconds)
+                    result.num_chains, num_points, ais_seconds)
     return BoundCurve(rows=rows, importance=summary, ais=result, seed=seed, ais_settings=settings)
 
 
@@ -363,7 +366,7 @@ def save_inference_data(data: Any, path: str | Path) -> None:
     data.to_netcdf(str(path), engine="h5netcdf")
 
 
-def write_report(vae: VAE, x: torch.Tensor, output_dir: str | Path, *,
+def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir: str | Path, *,
                  ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
                  ais: bool = True, batch_size: int = 100, chunk_size: int = 500, seed: int = 0,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -381,7 +384,7 @@ def write_report(vae: VAE, x: torch.Tensor, output_dir: str | Path, *,
     summary.update({"batch_size": batch_size, "chunk_size": chunk_size,
                     "elapsed_seconds": time.perf_counter() - started})
     summary.update(extra or {})
-    summary.update(provenance(vae.device))
+    summary.update(provenance(as_program(vae).device))
     summary["arviz"] = _arviz_version()
     curve.to_csv(output_dir / TABLE_CSV)
     (output_dir / TABLE_MARKDOWN).write_text(curve.to_markdown())
@@ -434,7 +437,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start AIS chains from q(z|x) or p(z) (default: %(default)s)")
 
 
-def report_command(args: argparse.Namespace, vae: VAE, x_test: torch.Tensor,
+def report_command(args: argparse.Namespace, vae: Any, x_test: torch.Tensor,
                    output_dir: Path) -> int:
     """``pyrovae evaluate --report``: write the report and print its table."""
     # arviz 0.x logs at INFO on import which optional packages are missing: noise here

@@ -19,8 +19,10 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -42,9 +44,10 @@ from pyrovae.data import DataSplits
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
-from pyrovae.fused import FUSED_OBJECTIVES, fused_elbo_loss, supports_fused
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
+from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings, init_output_bias, logit_of_mean, make_adam
+from pyrovae.programs import Program, as_program, program_parameters
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
 from pyrovae.schedules import scheduled_lr
 from pyrovae.validation import check_data
@@ -108,6 +111,18 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
         )
 
 
+def _output_bias_of_mean(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The decoder output whose likelihood mean is the per-pixel mean of ``x``: ``(D,)``."""
+    from pyrovae.likelihoods import BernoulliLikelihood, GaussianLikelihood, PixelGaussianLikelihood
+
+    if isinstance(vae.likelihood, BernoulliLikelihood):
+        return logit_of_mean(x)
+    if isinstance(vae.likelihood, GaussianLikelihood | PixelGaussianLikelihood):
+        return x.mean(0)
+    raise PyrovaeError(f"output_bias_init='data_mean' is defined for Bernoulli and Gaussian "
+                       f"likelihoods, not {type(vae.likelihood).__name__}")
+
+
 DIVERGENCE_POLICIES = ("stop", "rollback")
 #: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
 MAX_ROLLBACKS = 5
@@ -122,7 +137,7 @@ class TrainingInterrupted(PyrovaeError):
         self.signal_number = signal_number
 
 
-def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
+def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         lr: float = 1e-3, objective: str = "trace_elbo", num_particles: int = 1,
         seed: int = 0, test_every: int = 1, run_dir: str | Path | None = None,
         config: TrainConfig | None = None, progress: bool = True,
@@ -132,15 +147,17 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         on_divergence: str = "stop", fused: bool = True,
         max_minutes: float | None = None, lr_schedule: str = "constant",
         log_px_every: int = 0, log_px_samples: int = 1000,
-        log_px_size: int = 1000) -> list[EpochRecord]:
-    """Train ``vae`` on ``data.train`` by SVI; return one record per epoch.
+        log_px_size: int = 1000, adam: AdamSettings | None = None,
+        output_bias_init: str = "zero") -> list[EpochRecord]:
+    """Train a program on ``data.train`` by SVI; return one record per epoch.
 
-    Each step minimises the objective's loss, ``objective.differentiable_loss(vae.model,
-    vae.guide, x)`` for the Pyro ELBO named by ``objective``, with one ``torch.optim.Adam``
-    over all parameters (Pyro's ``SVI`` with ``pyro.optim.Adam`` keeps one optimizer per
-    parameter, which costs time at every step).  With ``fused=True``, ``trace_elbo`` and
-    ``meanfield_elbo`` are evaluated by :func:`~pyrovae.fused.fused_elbo_loss`, which gives
-    the same number from the same draws without tracing.
+    ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
+    ``model`` and ``guide`` methods, or a ``(model, guide)`` pair (:mod:`pyrovae.programs`).
+    Each step minimises ``objective.differentiable_loss(model, guide, x)`` of the Pyro ELBO
+    named by ``objective``, evaluated on the program itself, with one ``torch.optim.Adam``
+    over every parameter the program reaches: its module's parameters and the
+    ``pyro.param`` sites of its model and guide, found from a trace as Pyro's ``SVI`` finds
+    them.  A program with enumerated sites trains with ``TraceEnum_ELBO``.
 
     Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
     the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
@@ -182,7 +199,10 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         ``"iwae"`` (Burda et al. 2016).
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
-    :param fused: evaluate ``trace_elbo``/``meanfield_elbo`` without tracing (same value).
+    :param fused: use torch's fused Adam kernel where the device has one (same update).
+    :param adam: Adam's betas, epsilon and second-moment start (:class:`~pyrovae.optim.AdamSettings`).
+    :param output_bias_init: ``"data_mean"`` starts the decoder's output bias at the logit of
+        the training set's mean pixel (Bernoulli) or at the mean (Gaussian likelihoods).
     :param max_minutes: a wall-clock budget for this call: stop at the end of the first
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
@@ -193,12 +213,16 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
     Multi-process: when a ``torch.distributed`` process group of several processes is
     running (``torchrun``), every process calls ``fit`` with the same arguments; ``batch_size``
     is the global batch, split into contiguous per-process slices, and the gradients are
-    summed over processes.  With ``trace_elbo``/``meanfield_elbo`` (fused) the parameters
-    equal those of one process up to float rounding; other objectives agree in distribution.
+    summed over processes.  Each process draws its own noise, so a run agrees with one
+    process in distribution (as with ``DistributedDataParallel``), not bit for bit.
     Rank 0 alone writes files; a stop signal on any process stops all of them at the same
     step.  Rank 0's initial parameters are given to all processes.
     """
-    check_training_data(vae, data, batch_size)
+    program = as_program(vae)
+    if isinstance(program.module, VAE):
+        check_training_data(program.module, data, batch_size)
+    else:
+        program.check_data(data.test)
     distributed.check_batch_size(batch_size, distributed.get_world_size(),
                                  num_points=data.train.shape[0])
     if on_divergence not in DIVERGENCE_POLICIES:
@@ -211,7 +235,7 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
         beta = config.beta if config is not None else 1.0
     if kl_warmup_epochs is None:
         kl_warmup_epochs = config.kl_warmup_epochs if config is not None else 0
-    loop = TrainingLoop(vae, data, epochs=epochs, batch_size=batch_size, lr=lr,
+    loop = TrainingLoop(program, data, epochs=epochs, batch_size=batch_size, lr=lr,
                          objective=objective, num_particles=num_particles, seed=seed,
                          test_every=test_every, run_dir=Path(run_dir) if run_dir else None,
                          config=config, progress=progress, beta=beta,
@@ -219,14 +243,15 @@ def fit(vae: VAE, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
                          keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
                          fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule,
                          log_px_every=log_px_every, log_px_samples=log_px_samples,
-                         log_px_size=log_px_size)
+                         log_px_size=log_px_size, adam=adam,
+                         output_bias_init=output_bias_init)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
     with pyro.validation_enabled(validate), _StopSignals(escalate=escalate) as stop:
         loop.start(resume)
         history = loop.run(stop)
-    vae.eval()
+    program.train(False)
     return history
 
 
@@ -243,7 +268,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                clip_norm=config.clip_norm, on_divergence=config.on_divergence,
                fused=config.fused, max_minutes=config.max_minutes,
                lr_schedule=config.lr_schedule, log_px_every=config.log_px_every,
-               log_px_samples=config.log_px_samples, log_px_size=config.log_px_size)
+               log_px_samples=config.log_px_samples, log_px_size=config.log_px_size,
+               adam=config.adam, output_bias_init=config.output_bias_init)
 
 
 class _StopSignals:
@@ -299,15 +325,20 @@ class TrainingLoop:
     takes this process's slice of the global batch and sums gradients over processes.
     """
 
-    def __init__(self, vae: VAE, data: DataSplits, *, epochs: int, batch_size: int, lr: float,
+    def __init__(self, vae: VAE | Program | Any, data: DataSplits, *, epochs: int,
+                 batch_size: int, lr: float,
                  objective: str, num_particles: int, seed: int, test_every: int,
                  run_dir: Path | None, config: TrainConfig | None, progress: bool,
                  beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
                  clip_norm: float | None, on_divergence: str, fused: bool,
                  max_minutes: float | None = None, lr_schedule: str = "constant",
                  log_px_every: int = 0, log_px_samples: int = 1000,
-                 log_px_size: int = 1000) -> None:
-        self.vae, self.data, self.config = vae, data, config
+                 log_px_size: int = 1000, adam: AdamSettings | None = None,
+                 output_bias_init: str = "zero") -> None:
+        self.program = as_program(vae)
+        # the module whose state a checkpoint holds (empty for plain callables)
+        self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
+        self.data, self.config = data, config
         self.epochs, self.batch_size = epochs, batch_size
         # ``lr`` is the schedule's base rate, halved by every rollback
         self.lr, self.lr_schedule = lr, lr_schedule
@@ -318,13 +349,25 @@ class TrainingLoop:
         self.clip_norm, self.max_minutes = clip_norm, max_minutes
         self.log_px_every, self.log_px_samples = log_px_every, log_px_samples
         self.log_px_size = log_px_size
-        self.parameters = list(vae.parameters())
-        self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
+        structure = self.program.structure(data.test[:1])
+        with pyro.validation_enabled(False):
+            self.parameters = program_parameters(self.program, data.test[:1])
+        owned = {id(parameter) for parameter in self.vae.parameters()}
+        store = pyro.get_param_store()
+        # pyro.param sites outside the module: saved beside its state dict in a checkpoint
+        self.store_parameters = {store.param_name(p): p for p in self.parameters
+                                 if id(p) not in owned and store.param_name(p) is not None}
+        self.optimizer = make_adam(self.parameters, lr=lr, settings=adam,
+                                   fused=fused and self.program.device.type in ("cpu", "cuda"))
+        if output_bias_init not in OUTPUT_BIAS_INITS:
+            raise PyrovaeError(f"output_bias_init must be one of {', '.join(OUTPUT_BIAS_INITS)}, "
+                               f"got {output_bias_init!r}")
+        self.output_bias_init = output_bias_init
         self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
         self.objective, self.num_particles = objective, num_particles
-        self.elbo = make_objective(objective, num_particles)
-        self.model, self.guide = self.kl_scale(vae.model), self.kl_scale(vae.guide)
-        self.fused = fused and supports_fused(vae, objective, data.test)
+        self.elbo = make_objective(objective, num_particles, structure=structure)
+        self.model = self.kl_scale(self.program.model)
+        self.guide = self.kl_scale(self.program.guide)
         self.generator = torch.Generator()
         # the loop's position: ``epoch`` is the epoch under way (from 1), ``batch`` the
         # batches of it already done; ``epoch_generator_state`` replays its shuffling order
@@ -340,19 +383,19 @@ class TrainingLoop:
         self._stop: _StopSignals | None = None
 
     def _loss(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
-        """Minus the (KL-weighted) objective summed over the minibatch, differentiable.
+        """Minus the (KL-weighted) objective of the program summed over the minibatch,
+        differentiable.
 
         :param shard: where ``x`` lies in the global batch (multi-process runs only).
         """
-        if self.fused:
-            return fused_elbo_loss(self.vae, x, num_particles=self.num_particles,
-                                   beta=self.kl_scale.beta,
-                                   analytic_kl=FUSED_OBJECTIVES[self.objective], shard=shard)
-        if shard is None:
-            return self.elbo.differentiable_loss(self.model, self.guide, x)
-        # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
-        with distributed.rank_seeded(self.vae.device):
-            return self.elbo.differentiable_loss(self.model, self.guide, x)
+        # a NaN loss is caught and named by _check_loss; Pyro's own warning would only repeat it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            if shard is None:
+                return self.elbo.differentiable_loss(self.model, self.guide, x)
+            # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
+            with distributed.rank_seeded(self.program.device):
+                return self.elbo.differentiable_loss(self.model, self.guide, x)
 
     def train_step(self, x: torch.Tensor, epoch: int = 1, *, global_rows: int | None = None) -> float:
         """One gradient step; raises before updating if the loss or gradient is not finite.
@@ -445,7 +488,14 @@ class TrainingLoop:
                 logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
             return
         seed_everything(self.seed)
-        self.vae.prior.init_from_data(self.data.train)
+        prior = getattr(self.vae, "prior", None)
+        if callable(getattr(prior, "init_from_data", None)):
+            prior.init_from_data(self.data.train)
+        if self.output_bias_init == "data_mean":
+            if not isinstance(self.vae, VAE):
+                raise PyrovaeError("output_bias_init='data_mean' needs a VAE (a decoder and a "
+                                   "likelihood to start)")
+            init_output_bias(self.vae.decoder, _output_bias_of_mean(self.vae, self.data.train))
         distributed.broadcast_parameters(self.vae)
         self.generator.manual_seed(self.seed)
         self.epoch_generator_state = self.generator.get_state()
@@ -463,12 +513,14 @@ class TrainingLoop:
             "epoch_generator_state": self.epoch_generator_state,
             "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
             "history": [asdict(record) for record in self.history],
+            "param_store": {name: value.detach().clone()
+                            for name, value in self.store_parameters.items()},
         }
 
     def _save(self) -> None:
         """Write the checkpoint (rank 0; every rank checks the parameters, which all share)."""
         assert self.run_dir is not None
-        for parameter in self.vae.parameters():
+        for parameter in self.parameters:
             if not bool(torch.isfinite(parameter).all()):
                 raise TrainingDivergedError(
                     f"parameters became NaN/inf by step {self.step} (epoch {self.epoch}); "
@@ -491,6 +543,14 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
                                   f"malformed ({error})") from None
         self.vae.load_state_dict(checkpoint["model"])
+        saved_store = position.get("param_store", {})
+        missing = sorted(set(self.store_parameters) - set(saved_store))
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
+                                  f"{', '.join(missing)} of this program")
+        with torch.no_grad():
+            for name, parameter in self.store_parameters.items():
+                parameter.copy_(saved_store[name])
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as error:
@@ -504,12 +564,12 @@ class TrainingLoop:
         self.history = history
         restore_rng_state(checkpoint["rng"])
         # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
-        distributed.share_rng_state(self.vae.device)
+        distributed.share_rng_state(self.program.device)
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, stop: _StopSignals) -> list[EpochRecord]:
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
-        self.vae.train()
+        self.program.train()
         self._stop = stop
         started = time.perf_counter()
         with tqdm(total=self.epochs * steps_per_epoch, initial=self.step,
@@ -574,13 +634,13 @@ class TrainingLoop:
             # rank 0 evaluates (as one process would, drawing from the shared stream), the
             # others wait for its numbers and its RNG state so that all keep drawing alike
             if self.is_main:
-                self.vae.eval()
-                test_elbo = elbo(self.vae, self.data.test, batch_size=1000).mean().item()
+                self.program.train(False)
+                test_elbo = elbo(self.program, self.data.test, batch_size=1000).mean().item()
                 if self.data.valid is not None:
-                    valid_elbo = elbo(self.vae, self.data.valid, batch_size=1000).mean().item()
-                self.vae.train()
+                    valid_elbo = elbo(self.program, self.data.valid, batch_size=1000).mean().item()
+                self.program.train()
             test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
-            distributed.share_rng_state(self.vae.device)
+            distributed.share_rng_state(self.program.device)
         test_log_px = self._test_log_px(epoch)
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
                              valid_elbo, test_log_px)
@@ -619,11 +679,11 @@ class TrainingLoop:
         random stream is untouched (every process computes its share)."""
         if not self.log_px_every or (epoch % self.log_px_every and epoch != self.epochs):
             return math.nan
-        self.vae.eval()
+        self.program.train(False)
         log_px = log_marginal_likelihood(
-            self.vae, self.data.test[: self.log_px_size], num_samples=self.log_px_samples,
+            self.program, self.data.test[: self.log_px_size], num_samples=self.log_px_samples,
             seed=self.seed, distributed=distributed.is_distributed())
-        self.vae.train()
+        self.program.train()
         return log_px.mean().item()
 
     def _interrupt(self, signal_number: int) -> None:

@@ -32,7 +32,7 @@ def test_one_temperature_is_importance_sampling_from_the_guide():
     torch.manual_seed(3)
     result = ais_log_marginal_likelihood(vae, x, num_temperatures=1, num_chains=10)
     torch.manual_seed(3)
-    torch.testing.assert_close(result.log_weights, importance_log_weights(vae, x, 10))
+    torch.testing.assert_close(result.log_weights, importance_log_weights(vae, x, num_samples=10))
 
 
 def test_more_temperatures_from_the_prior_get_closer_to_the_exact_value():

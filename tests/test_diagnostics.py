@@ -166,9 +166,9 @@ def test_memory_stays_bounded_by_batch_and_chunk(monkeypatch):
     shapes = []
     original = diagnostics_module.importance_log_weights
 
-    def recording(vae, x, num_samples):
+    def recording(vae, x, *, num_samples):
         shapes.append((num_samples, x.shape[0]))
-        return original(vae, x, num_samples)
+        return original(vae, x, num_samples=num_samples)
 
     monkeypatch.setattr(diagnostics_module, "importance_log_weights", recording)
     vae = mismatched_vae()

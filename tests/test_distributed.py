@@ -24,22 +24,14 @@ from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from pyrovae.data import DataSplits, load_dataset
-from pyrovae.distributed import (
-    Shard,
-    batch_plan,
-    check_batch_size,
-    reparameterize,
-    shard_of,
-    sharded_rsample,
-)
-from pyrovae.errors import ConfigError, PyrovaeError
+from pyrovae.distributed import batch_plan, check_batch_size, shard_of
+from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.train import read_metrics
 from tests.conftest import SHARED_DATA, requires_mnist
 
 WORLD_SIZE = 2
-#: (guide, objective, num_particles): the fused path for three guide families, and Pyro's
-#: traced IWAE objective
+#: (guide, objective, num_particles): three guide families and the IWAE objective
 TRAINING_CASES = {
     "diagonal": ("diagonal", "trace_elbo", 1),
     "lowrank_meanfield": ("lowrank", "meanfield_elbo", 1),
@@ -106,28 +98,17 @@ def two_processes(tmp_path_factory) -> dict:
     return torch.load(output, weights_only=False)
 
 
-@pytest.mark.parametrize("case", ["diagonal", "lowrank_meanfield", "iaf_two_particles"])
-def test_two_processes_train_the_parameters_of_one(two_processes, case):
-    """Fused objectives: same global batch, seed and draws, so the same parameters."""
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_two_processes_train_in_distribution_like_one(two_processes, case):
+    """Every objective goes through the program's traces: each process draws its own noise,
+    so the run differs from one process but its bound is of the same size and it learned."""
     expected_state, expected_elbos = train(case)
     state, elbos = two_processes[case]
     initial = tiny_vae(TRAINING_CASES[case][0]).state_dict()
-    for name, value in expected_state.items():
-        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    moved = max(float((value - initial[name]).abs().max()) for name, value in expected_state.items())
-    assert moved > 1e-3  # the steps did change the parameters
-    assert elbos == pytest.approx(expected_elbos, rel=1e-6)  # the logged ELBO is the global one
-
-
-def test_traced_objectives_train_in_distribution_only(two_processes):
-    """IWAE goes through Pyro's traces: each process draws its own noise, so the run differs
-    from one process but the bound is of the same size, and the parameters moved."""
-    expected_state, expected_elbos = train("iwae")
-    state, elbos = two_processes["iwae"]
     assert all(math.isfinite(value) for value in elbos)
     assert elbos[-1] == pytest.approx(expected_elbos[-1], abs=2.0)
-    differences = [float((state[name] - value).abs().max()) for name, value in expected_state.items()]
-    assert max(differences) > 0
+    moved = max(float((value - initial[name]).abs().max()) for name, value in state.items())
+    assert moved > 1e-3  # the steps did change the parameters
 
 
 def test_evaluation_gathers_the_values_of_one_process(two_processes):
@@ -185,29 +166,6 @@ def test_sharded_batches_put_together_are_the_batches_of_one_process(num_points,
         assert torch.equal(torch.cat([first, second]), batch)
 
 
-@pytest.mark.parametrize("guide", ["diagonal", "fullcov", "lowrank", "iaf"])
-@pytest.mark.parametrize("sample_shape", [(), (3,)])
-def test_sharded_rsample_draws_the_rows_of_the_global_draw(guide, sample_shape):
-    vae = tiny_vae(guide)
-    x = torch.bernoulli(torch.full((7, 10), 0.4))
-    torch.manual_seed(5)
-    expected = vae.posterior(x).rsample(sample_shape)
-    torch.manual_seed(5)
-    assert torch.equal(sharded_rsample(vae.posterior(x), Shard(7, 0, 7), sample_shape), expected)
-    parts = []
-    for rank in range(WORLD_SIZE):
-        shard = shard_of(7, rank, WORLD_SIZE)
-        torch.manual_seed(5)
-        parts.append(sharded_rsample(vae.posterior(x[shard.rows]), shard, sample_shape))
-    torch.testing.assert_close(torch.cat(parts, dim=len(sample_shape)), expected)
-
-
-def test_reparameterize_refuses_other_families():
-    gamma = torch.distributions.Gamma(torch.ones(3), torch.ones(3))
-    with pytest.raises(PyrovaeError, match="cannot draw shared noise for a Gamma guide"):
-        reparameterize(gamma, [torch.zeros(3)])
-
-
 def test_batches_smaller_than_the_number_of_processes_are_refused():
     with pytest.raises(ConfigError, match="batch size 1 is smaller than the 2 processes"):
         check_batch_size(1, 2)
@@ -236,7 +194,8 @@ def test_nproc_trains_writes_once_and_resumes(tmp_path):
     first = pyrovae("train", "--nproc", "2", *TINY_RUN, "--epochs", "1", "--out-dir", str(run_dir))
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("run saved in") == 1  # rank 0 alone reports
-    assert sorted(path.name for path in run_dir.iterdir()) == [
+    # the run's files, written once; the lock file is the run directory's own
+    assert sorted(path.name for path in run_dir.iterdir() if path.name != ".pyrovae.lock") == [
         "checkpoint.pt", "checkpoint_best.pt", "config.json", "metrics.csv", "results.json",
         "samples.png"]
     results = json.loads((run_dir / "results.json").read_text())

@@ -138,9 +138,9 @@ def test_the_iwae_bound_honours_the_latent_scale_and_log_px_ignores_it():
     x = sample_data(vae, 15)
     scale = LatentScale(0.5)
     pyro.set_rng_seed(6)
-    scaled = log_weights(scale(vae.model), scale(vae.guide), x, 1, scaled=True)[0]
+    scaled = log_weights((scale(vae.model), scale(vae.guide)), x, num_samples=1, scaled=True)[0]
     pyro.set_rng_seed(6)
-    unscaled = log_weights(scale(vae.model), scale(vae.guide), x, 1)[0]
+    unscaled = log_weights((scale(vae.model), scale(vae.guide)), x, num_samples=1)[0]
     pyro.set_rng_seed(6)
     log_lik, log_prior, log_q, _, _ = separate_terms(vae, x)
     torch.testing.assert_close(scaled, log_lik + 0.5 * (log_prior - log_q))

@@ -1,0 +1,241 @@
+"""A Pyro model and guide taken together: what :func:`~pyrovae.train.fit` and every estimator run.
+
+pyrovae evaluates the program it is given, never a re-derivation of it.  A program is
+anything with a model and a guide:
+
+- a :class:`~pyrovae.models.VAE` (or a subclass that overrides ``model``/``guide``),
+- any object with ``model`` and ``guide`` methods, such as a ``PyroModule``,
+- two callables ``(model, guide)``.
+
+The contract, read from the traces rather than assumed: the model and guide take the same
+positional arguments, the first of which (and every tensor argument) has the data points
+along dimension 0; every sample site lies in one plate over the data points at ``dim=-1``
+(of any name); sites may sit in further plates nested inside it.  Sites of the model marked
+``infer={"enumerate": "parallel"}`` and absent from the guide are summed out exactly.
+
+Example::
+
+    def model(x):
+        with pyro.plate("points", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(0., 1.).expand([8]).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(z2 @ A, 1.).to_event(1))
+            pyro.sample("x", dist.Normal(z1 @ W, 0.1).to_event(1), obs=x)
+
+    program = as_program((model, guide))
+    log_px = log_marginal_likelihood(program, x, num_samples=1000)   # (N,) nats
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyrovae.errors import InvalidDataError, PyrovaeError
+
+#: the dimension every program keeps its data points in
+DATA_DIM = -1
+
+
+class ProgramError(PyrovaeError):
+    """A model/guide pair outside what pyrovae can evaluate; the message names the site."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a trace of the program shows about it.
+
+    :ivar data_plate: the name of the plate at ``dim=-1``.
+    :ivar max_plate_nesting: the number of plate dimensions, the data plate included.
+    :ivar latent_sites: names of the model's unobserved sample sites, in program order.
+    :ivar observed_sites: names of the model's observed sites.
+    :ivar enumerated_sites: latent sites of the model summed out by enumeration.
+    :ivar non_reparameterized_sites: guide sites without ``rsample``.
+    """
+
+    data_plate: str
+    max_plate_nesting: int
+    latent_sites: tuple[str, ...]
+    observed_sites: tuple[str, ...]
+    enumerated_sites: tuple[str, ...]
+    non_reparameterized_sites: tuple[str, ...]
+
+
+@dataclass
+class Program:
+    """A Pyro model and its guide, with the module holding their parameters if there is one.
+
+    :param model: the generative model, ``model(*args)``.
+    :param guide: the guide, ``guide(*args)``, with the same arguments.
+    :param module: the ``nn.Module`` that owns the networks (a :class:`~pyrovae.models.VAE`),
+        or ``None`` for plain callables whose parameters live in Pyro's parameter store.
+    """
+
+    model: Callable[..., Any]
+    guide: Callable[..., Any]
+    module: nn.Module | None = None
+    _structure: dict[tuple[Any, ...], Structure] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live: the module's first tensor, else the parameter store's."""
+        tensors: Any = ()
+        if self.module is not None:
+            tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        for tensor in itertools.chain(tensors, pyro.get_param_store().values()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def check_data(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Validate the data arguments; the module's own check (a VAE's shape, dtype and
+        support checks) runs on the first one where it has one."""
+        args = as_data(args)
+        check = getattr(self.module, "check_data", None)
+        if callable(check):
+            check(args[0])
+        else:
+            for index, tensor in enumerate(args):
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise InvalidDataError(f"data argument {index} holds NaN or infinite values")
+        return args
+
+    def structure(self, *args: torch.Tensor) -> Structure:
+        """The program's :class:`Structure`, read from one trace on the first data point
+        (cached per argument shape after the first)."""
+        key = tuple(tuple(a.shape[1:]) if torch.is_tensor(a) else type(a) for a in args)
+        if key not in self._structure:
+            self._structure[key] = read_structure(self.model, self.guide,
+                                                  tuple(_first_rows(a, 1) for a in args))
+        return self._structure[key]
+
+    def train(self, mode: bool = True) -> None:
+        if self.module is not None:
+            self.module.train(mode)
+
+
+def as_program(program: Any, guide: Callable[..., Any] | None = None) -> Program:
+    """Take a :class:`Program`, an object with ``model`` and ``guide``, a ``(model, guide)``
+    pair, or a model with ``guide`` given separately.
+
+    :raises ProgramError: ``program`` is none of these.
+    """
+    if isinstance(program, Program):
+        return program
+    if guide is not None:
+        return Program(program, guide, program if isinstance(program, nn.Module) else None)
+    if isinstance(program, tuple) and len(program) == 2 and all(map(callable, program)):
+        return Program(program[0], program[1])
+    model, guide = getattr(program, "model", None), getattr(program, "guide", None)
+    if callable(model) and callable(guide):
+        return Program(model, guide, program if isinstance(program, nn.Module) else None)
+    raise ProgramError(f"{type(program).__name__} is not a program: pass an object with model and "
+                       f"guide methods (a VAE, a PyroModule) or a (model, guide) pair")
+
+
+def as_data(data: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The program's positional data arguments as a tuple, each with the points along dim 0."""
+    args = (data,) if torch.is_tensor(data) else tuple(data)
+    if not args or not all(torch.is_tensor(a) for a in args):
+        raise InvalidDataError("data must be a tensor or a sequence of tensors")
+    sizes = {a.shape[0] if a.dim() else None for a in args}
+    if len(sizes) != 1 or None in sizes:
+        raise InvalidDataError(f"every data argument needs the same number of points along "
+                               f"dimension 0, got shapes {[tuple(a.shape) for a in args]}")
+    return args
+
+
+def _untouched_rng() -> Any:
+    """A context whose draws leave torch's random streams as they were: reading a program's
+    structure must not change what the run that follows draws."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
+
+
+def _first_rows(tensor: Any, count: int) -> Any:
+    return tensor[:count] if torch.is_tensor(tensor) and tensor.dim() else tensor
+
+
+def is_sample_site(site: dict[str, Any]) -> bool:
+    """A ``pyro.sample`` statement of the program (not a plate's subsample node)."""
+    return site["type"] == "sample" and not site_is_subsample(site)
+
+
+def _plate_dims(site: dict[str, Any]) -> dict[int, str]:
+    return {frame.dim: frame.name for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.dim is not None}
+
+
+def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
+                   args: tuple[Any, ...]) -> Structure:
+    """Trace ``guide`` and ``model`` (replayed) once on ``args`` and read their plates and sites.
+
+    :raises ProgramError: a sample site outside a plate at ``dim=-1``, or two names for it.
+    """
+    # values are not checked here: the run that follows checks (and names) bad ones
+    with torch.no_grad(), poutine.block(), _untouched_rng(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    data_plates: set[str] = set()
+    nesting = 1
+    for owner, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in trace.nodes.items():
+            if not is_sample_site(site):
+                continue
+            dims = _plate_dims(site)
+            if DATA_DIM not in dims:
+                raise ProgramError(
+                    f"sample site {name!r} of the {owner} is outside a plate over the data at "
+                    f"dim=-1; put it inside one (pyro.plate(..., x.shape[0], dim=-1))")
+            data_plates.add(dims[DATA_DIM])
+            nesting = max(nesting, -min(dims))
+    if len(data_plates) > 1:
+        raise ProgramError(f"the sites use different plates at dim=-1: {sorted(data_plates)}; "
+                           f"one plate over the data points is expected")
+    if not data_plates:
+        raise ProgramError("the model has no sample sites")
+    latent, observed, enumerated = [], [], []
+    for name, site in model_trace.nodes.items():
+        if not is_sample_site(site):
+            continue
+        if site["is_observed"]:
+            observed.append(name)
+            continue
+        latent.append(name)
+        if name not in guide_trace.nodes:
+            if site["infer"].get("enumerate") != "parallel":
+                raise ProgramError(
+                    f"latent site {name!r} of the model is neither in the guide nor marked "
+                    f"infer={{'enumerate': 'parallel'}} to be summed out")
+            enumerated.append(name)
+    non_reparameterized = [name for name, site in guide_trace.nodes.items()
+                           if is_sample_site(site) and not site["is_observed"]
+                           and not getattr(site["fn"], "has_rsample", False)]
+    return Structure(data_plates.pop(), nesting, tuple(latent), tuple(observed),
+                     tuple(enumerated), tuple(non_reparameterized))
+
+
+def program_parameters(program: Program, *args: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor the program optimises: the module's parameters and the unconstrained
+    values of the ``pyro.param`` sites its model and guide reach (as Pyro's ``SVI`` finds
+    them), each once."""
+    with torch.no_grad(), _untouched_rng(), poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(program.guide).get_trace(*args)
+        poutine.replay(program.model, trace=guide_trace)(*args)
+    found: dict[int, torch.Tensor] = {}
+    if program.module is not None:
+        for parameter in program.module.parameters():
+            if parameter.requires_grad:
+                found.setdefault(id(parameter), parameter)
+    for site in capture.trace.nodes.values():
+        value = site["value"].unconstrained() if hasattr(site["value"], "unconstrained") \
+            else site["value"]
+        if value.requires_grad:
+            found.setdefault(id(value), value)
+    return list(found.values())
