@@ -164,6 +164,23 @@ def _existing_run(run_dir: Path) -> list[str]:
     return [name for name in _RUN_MARKERS if (run_dir / name).exists()]
 
 
+#: a prior whose log p(z) per training step costs more than this many GFLOP is announced
+EXPENSIVE_PRIOR_GFLOP = 10.0
+
+
+def _check_prior_cost(vae: VAE, config: TrainConfig) -> None:
+    """Refuse, in one line, a prior whose log p(z) cannot fit in memory (a VampPrior over
+    flow or full-covariance posteriors), and say up front what an expensive one costs."""
+    check_fits = getattr(vae.prior, "check_fits", None)
+    if not callable(check_fits):
+        return
+    particles = (config.num_particles,) if config.num_particles > 1 else ()
+    cost = check_fits(vae.posterior, (*particles, config.batch_size))
+    if cost.flops > EXPENSIVE_PRIOR_GFLOP * 1e9:
+        logger.warning("expensive prior: %s; a step costs about three times that",
+                       cost.describe())
+
+
 def _check_out_dir(config: TrainConfig) -> None:
     """Refuse, before any work, an ``--out-dir`` that is a file or holds a run (without
     ``--overwrite``).  Nothing is created."""
@@ -293,6 +310,7 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path | None, device: torc
     seed_everything(config.seed)
     vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
     check_training_data(vae, data, config.batch_size)
+    _check_prior_cost(vae, config)
     with contextlib.ExitStack() as stack:
         # rank 0 creates and locks the folder (held until the run ends), checks the
         # checkpoint to resume, then writes the config; every rank learns its verdict

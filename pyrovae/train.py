@@ -123,6 +123,19 @@ def _output_bias_of_mean(vae: VAE, x: torch.Tensor) -> torch.Tensor:
                        f"likelihoods, not {type(vae.likelihood).__name__}")
 
 
+def _check_dtypes(program: Program, data: DataSplits) -> None:
+    """Data and parameters in one floating dtype, or one line that says how to convert."""
+    parameter = next(iter(program.module.parameters()), None) if program.module is not None \
+        else None
+    if parameter is None or not data.train.is_floating_point():
+        return
+    if data.train.dtype != parameter.dtype:
+        raise InvalidDataError(
+            f"the data are {data.train.dtype} but the model's parameters are {parameter.dtype}; "
+            f"convert one to the other (e.g. DataSplits.from_tensors(x.float(), ...) or "
+            f"vae.double())")
+
+
 DIVERGENCE_POLICIES = ("stop", "rollback")
 #: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
 MAX_ROLLBACKS = 5
@@ -219,6 +232,9 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
     step.  Rank 0's initial parameters are given to all processes.
     """
     program = as_program(vae)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise PyrovaeError(f"epochs must be a positive integer, got {epochs!r}")
+    _check_dtypes(program, data)
     if isinstance(program.module, VAE):
         check_training_data(program.module, data, batch_size)
     else:

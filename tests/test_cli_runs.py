@@ -193,3 +193,21 @@ def test_active_units_count_what_the_encoder_uses():
         for parameter in vae.guide_family.parameters():
             parameter.normal_(0, 3)
     assert active_units(vae, x) > 0
+
+
+def test_a_vamp_prior_over_flow_posteriors_is_costed_up_front(monkeypatch, caplog):
+    import pyrovae.cli as cli_module
+    import pyrovae.priors as priors_module
+    from pyrovae import TrainConfig, build_vae
+    from pyrovae.errors import ConfigError
+
+    config = TrainConfig(prior="vamp", guide="iaf", num_components=20, hidden_dims=(16,),
+                         latent_dim=4, batch_size=50)
+    vae = build_vae(config, data_dim=784)
+    monkeypatch.setattr(cli_module, "EXPENSIVE_PRIOR_GFLOP", 0.0)
+    with caplog.at_level("WARNING", logger="pyrovae"):
+        cli_module._check_prior_cost(vae, config)
+    assert "expensive prior: log p(z) under 20" in caplog.text
+    monkeypatch.setattr(priors_module, "available_memory_bytes", lambda device: 1000)
+    with pytest.raises(ConfigError, match="cannot score a batch of 50 z in memory"):
+        cli_module._check_prior_cost(vae, config)

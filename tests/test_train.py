@@ -10,7 +10,7 @@ import torch
 from pyrovae import TrainConfig, build_vae, elbo, fit, log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint
 from pyrovae.data import DataSplits, load_mnist
-from pyrovae.errors import ConfigError, InvalidDataError
+from pyrovae.errors import ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.schedules import scheduled_lr
 from pyrovae.train import TrainingDivergedError, read_metrics
 from tests.conftest import requires_mnist
@@ -180,3 +180,15 @@ def test_metrics_written_before_the_log_px_column_read_it_as_nan(tmp_path):
     path.write_text("epoch,step,train_elbo,test_elbo,epoch_seconds,valid_elbo\n1,10,-200,-201,1.5,\n")
     (record,) = read_metrics(path)
     assert record.test_elbo == -201 and math.isnan(record.test_log_px)
+
+
+def test_fit_refuses_zero_epochs_and_data_of_another_dtype():
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((20, 10), 0.3)),
+                                   torch.bernoulli(torch.full((5, 10), 0.3)))
+    with pytest.raises(PyrovaeError, match="epochs must be a positive integer, got 0"):
+        fit(vae, data, epochs=0, progress=False)
+    doubles = DataSplits(data.train.double(), data.test.double())
+    with pytest.raises(InvalidDataError, match="the data are torch.float64 but the model's "
+                                               "parameters are torch.float32"):
+        fit(vae, doubles, epochs=1, batch_size=5, progress=False)
