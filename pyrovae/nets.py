@@ -25,6 +25,8 @@ _ACTIVATIONS_AND_GAINS: dict[str, tuple[type[nn.Module], float]] = {
     "elu": (nn.ELU, nn.init.calculate_gain("relu")),
     "softplus": (nn.Softplus, nn.init.calculate_gain("relu")),
     "gelu": (nn.GELU, nn.init.calculate_gain("relu")),
+    # no nonlinearity: an affine MLP, or gated layers whose gate is their only nonlinearity
+    "identity": (nn.Identity, 1.0),
 }
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     name: module for name, (module, _) in _ACTIVATIONS_AND_GAINS.items()}
@@ -136,6 +138,128 @@ def mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] =
     """An MLP encoder and a mirror-image MLP decoder (hidden sizes reversed)."""
     encoder = MLPEncoder(data_dim, hidden_dims, activation)
     decoder = MLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation)
+    return encoder, decoder
+
+
+class GatedLinear(nn.Module):
+    """A gated dense layer: ``h = act(W x + b) * sigmoid(V x + c)``.
+
+    The gate ``sigmoid(V x + c)`` in (0, 1) scales each unit of the affine (or activated)
+    path; with ``activation="identity"`` it is the layer of Tomczak & Welling's VampPrior
+    networks [1].  Both paths start Glorot-uniform, ``W`` with the gain of ``activation``
+    and ``V`` with gain 1 (sigmoid); biases start at zero.
+
+    :param in_features: input width.
+    :param out_features: output width.
+    :param activation: a key of :data:`ACTIVATIONS`, applied to the ``W x + b`` path.
+
+    Example::
+
+        layer = GatedLinear(784, 300)
+        h = layer(torch.rand(100, 784))  # (100, 300)
+
+    References:
+
+    1. Tomczak, Welling (2018). VAE with a VampPrior. AISTATS.
+    2. Dauphin, Fan, Auli, Grangier (2017). Language Modeling with Gated Convolutional
+       Networks. ICML.
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "identity") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.linear = nn.Linear(in_features, out_features)
+        self.gate = nn.Linear(in_features, out_features)
+        self.activation = _activation(activation)()
+        nn.init.xavier_uniform_(self.linear.weight, gain=GLOROT_GAINS[activation])
+        nn.init.xavier_uniform_(self.gate.weight, gain=nn.init.calculate_gain("sigmoid"))
+        nn.init.zeros_(self.linear.bias)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: ``(..., in_features)``. :returns: ``(..., out_features)``."""
+        return self.activation(self.linear(x)) * torch.sigmoid(self.gate(x))
+
+
+def gated_mlp(sizes: Sequence[int], activation: str = "identity") -> nn.Sequential:
+    """:class:`GatedLinear` layers of widths ``sizes`` ``(in, hidden..., out)``."""
+    if len(sizes) < 2:
+        raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
+    return nn.Sequential(*(GatedLinear(n_in, n_out, activation)
+                           for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)))
+
+
+class GatedMLPEncoder(nn.Module):
+    """Encoder body ``x -> h`` of :class:`GatedLinear` layers.
+
+    :param data_dim: size of a flattened data point.
+    :param hidden_dims: widths of the gated layers (at least one); the last one is
+        ``feature_dim``.
+    :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
+
+    Example::
+
+        encoder = GatedMLPEncoder(784, (300, 300))
+        h = encoder(torch.rand(100, 784))  # (100, 300)
+    """
+
+    def __init__(self, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
+                 activation: str = "identity") -> None:
+        super().__init__()
+        if not hidden_dims:
+            raise ValueError("the gated encoder needs at least one hidden width")
+        self.data_dim = data_dim
+        self.feature_dim = hidden_dims[-1]
+        self.body = gated_mlp((data_dim, *hidden_dims), activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
+        return self.body(x)
+
+
+class GatedMLPDecoder(nn.Module):
+    """Decoder ``z -> parameters of p(x|z)``: :class:`GatedLinear` layers of widths
+    ``hidden_dims``, then a plain ``Linear`` output layer (no output nonlinearity: the
+    likelihood applies its own link, e.g. the sigmoid of a Bernoulli).
+
+    :param latent_dim: size of z.
+    :param data_dim: size of a flattened data point.
+    :param hidden_dims: widths of the gated layers, from z outwards (at least one).
+    :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
+
+    Example::
+
+        decoder = GatedMLPDecoder(40, 784, (300, 300))
+        logits = decoder(torch.randn(5, 100, 40))  # (5, 100, 784)
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
+                 activation: str = "identity") -> None:
+        super().__init__()
+        if not hidden_dims:
+            raise ValueError("the gated decoder needs at least one hidden width")
+        self.latent_dim = latent_dim
+        self.data_dim = data_dim
+        output = nn.Linear(hidden_dims[-1], data_dim)
+        nn.init.xavier_uniform_(output.weight)
+        nn.init.zeros_(output.bias)
+        self.body = nn.Sequential(*gated_mlp((latent_dim, *hidden_dims), activation), output)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
+        return self.body(z)
+
+
+def gated_mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300),
+                       activation: str = "identity", image_shape: Sequence[int] | None = None,
+                       ) -> tuple[GatedMLPEncoder, GatedMLPDecoder]:
+    """A gated encoder and its mirror-image gated decoder (hidden sizes reversed)."""
+    from pyrovae.errors import ConfigError
+
+    if not hidden_dims:
+        raise ConfigError("the gated networks need at least one hidden width (--hidden-dims)")
+    encoder = GatedMLPEncoder(data_dim, hidden_dims, activation)
+    decoder = GatedMLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation)
     return encoder, decoder
 
 
@@ -271,5 +395,6 @@ def conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] 
 #: encoder/decoder pairs selectable by name from the CLI and config
 NETWORKS = {
     "mlp": mlp_networks,
+    "gated_mlp": gated_mlp_networks,
     "conv": conv_networks,
 }

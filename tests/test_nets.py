@@ -11,7 +11,16 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyrovae import TrainConfig, build_vae, log_marginal_likelihood
 from pyrovae.errors import ConfigError
-from pyrovae.nets import GLOROT_GAINS, NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, conv_networks, mlp
+from pyrovae.nets import (
+    GLOROT_GAINS,
+    NETWORKS,
+    ConvDecoder,
+    ConvEncoder,
+    GatedLinear,
+    MLPDecoder,
+    conv_networks,
+    mlp,
+)
 from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -172,3 +181,35 @@ def test_a_vampprior_vae_leaves_the_factorised_bernoulli_plateau():
     active = int((codes.var(0) > 0.01).sum())
     assert records[-1].train_elbo > -190, records[-1]
     assert active >= 20, active
+
+
+def test_a_gated_layer_is_the_affine_path_times_the_sigmoid_gate():
+    layer = GatedLinear(2, 1)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        layer.linear.bias.fill_(0.5)
+        layer.gate.weight.copy_(torch.tensor([[3.0, 1.0]]))
+        layer.gate.bias.fill_(-1.0)
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    # row 1: (1 - 4 + 0.5) * sigmoid(3 + 2 - 1) = -2.5 * 0.98201379; row 2: 0.5 * sigmoid(-1)
+    expected = torch.tensor([[-2.5 / (1 + math.exp(-4.0))], [0.5 / (1 + math.exp(1.0))]])
+    torch.testing.assert_close(layer(x), expected)
+    # an activation acts on the ungated path only: tanh(-2.5) * sigmoid(4)
+    layer.activation = torch.nn.Tanh()
+    assert layer(x)[0, 0].item() == pytest.approx(math.tanh(-2.5) / (1 + math.exp(-4.0)))
+
+
+def test_gated_networks_from_the_registry_mirror_each_other_and_start_glorot():
+    encoder, decoder = NETWORKS["gated_mlp"](data_dim=784, latent_dim=40, hidden_dims=(300, 200))
+    assert encoder.feature_dim == 200
+    assert [layer.out_features for layer in encoder.body] == [300, 200]
+    assert [layer.out_features for layer in decoder.body] == [200, 300, 784]
+    assert isinstance(decoder.body[-1], torch.nn.Linear)  # logits out: no gate, no sigmoid
+    assert decoder(torch.randn(3, 5, 40)).shape == (3, 5, 784)
+    first = encoder.body[0]
+    bound = math.sqrt(6 / (784 + 300))
+    for weight in (first.linear.weight, first.gate.weight):
+        assert 0.99 * bound < weight.abs().max().item() <= bound
+    assert torch.all(first.linear.bias == 0) and torch.all(first.gate.bias == 0)
+    with pytest.raises(ConfigError, match="at least one hidden width"):
+        NETWORKS["gated_mlp"](data_dim=784, latent_dim=40, hidden_dims=())
