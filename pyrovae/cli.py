@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pyrovae import __version__, distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
 from pyrovae.argtypes import device_name, positive_int, seed
-from pyrovae.checkpoint import CHECKPOINT_NAME, check_resumable, load_vae
+from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
@@ -373,6 +373,8 @@ def _train_and_evaluate(config: TrainConfig, resume: bool, run_dir: Path, vae: V
         "seed": config.seed,
         "config": config.to_dict(),
     }
+    if config.early_stopping_patience:
+        results.update(_load_best(run_dir, vae, stopped_early=history[-1].stopped_early))
     # the final evaluation has no steps to stop between: a signal stops it at once
     with _StopSignals(message=f"during the final evaluation: training is complete and "
                               f"checkpointed; pyrovae train --resume {run_dir} evaluates it"):
@@ -401,6 +403,18 @@ def _train_and_evaluate(config: TrainConfig, resume: bool, run_dir: Path, vae: V
     write_json(run_dir / RESULTS_NAME, results)
     print(f"run saved in {run_dir}")
     return 0
+
+
+def _load_best(run_dir: Path, vae: VAE, *, stopped_early: bool) -> dict[str, Any]:
+    """Load ``checkpoint_best.pt``'s parameters into ``vae`` for the final evaluation (early
+    stopping selects the model on the held-out ELBO); what the results record of it."""
+    path = run_dir / BEST_CHECKPOINT_NAME
+    checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
+    vae.load_state_dict(checkpoint["model"])
+    logger.info("final evaluation with the best checkpoint (epoch %d)%s", checkpoint["epoch"],
+                ", early stopping ended training" if stopped_early else "")
+    return {"stopped_early": stopped_early, "evaluated_checkpoint": BEST_CHECKPOINT_NAME,
+            "evaluated_checkpoint_epoch": checkpoint["epoch"]}
 
 
 #: test points used to count active units at the end of training

@@ -82,7 +82,9 @@ def seed_everything(seed: int) -> None:
 class EpochRecord:
     """One line of ``metrics.csv``; ELBOs and log p(x) per data point in nats (NaN where not
     computed).  ``test_log_px`` is the importance-sampled estimate on the first
-    ``log_px_size`` test points (:func:`fit`'s ``log_px_every``)."""
+    ``log_px_size`` test points (:func:`fit`'s ``log_px_every``).  ``stopped_early`` marks
+    the epoch after which early stopping ended the run (kept in the checkpoint's history,
+    not in ``metrics.csv``)."""
 
     epoch: int
     step: int
@@ -91,6 +93,7 @@ class EpochRecord:
     epoch_seconds: float
     valid_elbo: float = math.nan
     test_log_px: float = math.nan
+    stopped_early: bool = False
 
 
 def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = None) -> None:
@@ -161,7 +164,7 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
         max_minutes: float | None = None, lr_schedule: str = "constant",
         log_px_every: int = 0, log_px_samples: int = 1000,
         log_px_size: int = 1000, adam: AdamSettings | None = None,
-        output_bias_init: str = "zero") -> list[EpochRecord]:
+        output_bias_init: str = "zero", early_stopping_patience: int = 0) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
     ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
@@ -216,6 +219,11 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
     :param adam: Adam's betas, epsilon and second-moment start (:class:`~pyrovae.optim.AdamSettings`).
     :param output_bias_init: ``"data_mean"`` starts the decoder's output bias at the logit of
         the training set's mean pixel (Bernoulli) or at the mean (Gaussian likelihoods).
+    :param early_stopping_patience: stop once the validation ELBO (the test ELBO where
+        ``data.valid`` is ``None``) has not improved for this many epochs; epochs of the KL
+        warm-up do not count, since the ELBO they train is not yet the one evaluated.  The
+        parameters are then the last epoch's; ``checkpoint_best.pt`` holds the best ones.
+        0: train all ``epochs``.
     :param max_minutes: a wall-clock budget for this call: stop at the end of the first
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
@@ -260,7 +268,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
                          fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule,
                          log_px_every=log_px_every, log_px_samples=log_px_samples,
                          log_px_size=log_px_size, adam=adam,
-                         output_bias_init=output_bias_init)
+                         output_bias_init=output_bias_init,
+                         early_stopping_patience=early_stopping_patience)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -285,7 +294,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                fused=config.fused, max_minutes=config.max_minutes,
                lr_schedule=config.lr_schedule, log_px_every=config.log_px_every,
                log_px_samples=config.log_px_samples, log_px_size=config.log_px_size,
-               adam=config.adam, output_bias_init=config.output_bias_init)
+               adam=config.adam, output_bias_init=config.output_bias_init,
+               early_stopping_patience=config.early_stopping_patience)
 
 
 class _StopSignals:
@@ -350,7 +360,7 @@ class TrainingLoop:
                  max_minutes: float | None = None, lr_schedule: str = "constant",
                  log_px_every: int = 0, log_px_samples: int = 1000,
                  log_px_size: int = 1000, adam: AdamSettings | None = None,
-                 output_bias_init: str = "zero") -> None:
+                 output_bias_init: str = "zero", early_stopping_patience: int = 0) -> None:
         self.program = as_program(vae)
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
@@ -391,6 +401,8 @@ class TrainingLoop:
         self.total_loss, self.seen = 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
         self.best_elbo = -math.inf
+        # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
+        self.early_stopping_patience, self.epochs_without_improvement = early_stopping_patience, 0
         self.history: list[EpochRecord] = []
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.is_main = self.rank == 0
@@ -528,6 +540,7 @@ class TrainingLoop:
             "total_loss": self.total_loss, "seen": self.seen, "lr": self.lr,
             "epoch_generator_state": self.epoch_generator_state,
             "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
+            "epochs_without_improvement": self.epochs_without_improvement,
             "history": [asdict(record) for record in self.history],
             "param_store": {name: value.detach().clone()
                             for name, value in self.store_parameters.items()},
@@ -577,6 +590,7 @@ class TrainingLoop:
         self.lr, self.rollbacks = position["lr"], position["rollbacks"]
         self.epoch_generator_state = position["epoch_generator_state"]
         self.best_elbo = position["best_elbo"]
+        self.epochs_without_improvement = position.get("epochs_without_improvement", 0)
         self.history = history
         restore_rng_state(checkpoint["rng"])
         # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
@@ -591,7 +605,7 @@ class TrainingLoop:
         with tqdm(total=self.epochs * steps_per_epoch, initial=self.step,
                   disable=not (self.progress and self.is_main), unit="step",
                   dynamic_ncols=True) as bar:
-            while self.epoch <= self.epochs:
+            while self.epoch <= self.epochs and not self.stopped_early:
                 epoch_started = time.perf_counter()
                 try:
                     self._run_epoch(bar, stop)
@@ -600,7 +614,8 @@ class TrainingLoop:
                         raise
                     self._roll_back()
                     continue
-                if self.epoch <= self.epochs and self._out_of_time(started, epoch_started):
+                if self.epoch <= self.epochs and not self.stopped_early and \
+                        self._out_of_time(started, epoch_started):
                     logger.info("time budget of %g minutes: stopping after epoch %d of %d",
                                 self.max_minutes, self.epoch - 1, self.epochs)
                     break
@@ -672,6 +687,7 @@ class TrainingLoop:
         improved = held_out > self.best_elbo
         if improved:
             self.best_elbo = held_out
+        self._count_for_early_stopping(record, improved, evaluated=not math.isnan(held_out))
         # the next epoch starts from the generator state this one left
         self.epoch, self.batch, self.total_loss, self.seen = epoch + 1, 0, 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
@@ -688,6 +704,28 @@ class TrainingLoop:
         if self._stop is not None and self.world_size == 1 and \
                 self._stop.signal_number is not None:
             self._interrupt(self._stop.signal_number)
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether early stopping ended the run (after the last epoch of :attr:`history`)."""
+        return bool(self.history) and self.history[-1].stopped_early
+
+    def _count_for_early_stopping(self, record: EpochRecord, improved: bool, *,
+                                  evaluated: bool) -> None:
+        """Count the epochs since the held-out ELBO improved (not during the KL warm-up) and
+        mark ``record`` as the last one once they reach the patience at an evaluated epoch
+        before the last."""
+        if improved or record.epoch < self.kl_warmup_epochs:
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        if self.early_stopping_patience and evaluated and record.epoch < self.epochs and \
+                self.epochs_without_improvement >= self.early_stopping_patience:
+            record.stopped_early = True
+            if self.is_main:
+                logger.info("early stopping after epoch %d: the held-out ELBO has not improved "
+                            "for %d epochs (best %.3f nats)", record.epoch,
+                            self.epochs_without_improvement, self.best_elbo)
 
     def _test_log_px(self, epoch: int) -> float:
         """The mean importance-sampled log p(x) of the first ``log_px_size`` test points at

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from pyrovae.config import PRESETS, TrainConfig
 from pyrovae.errors import ConfigError
 from pyrovae.nets import MLPDecoder
 from pyrovae.optim import AdamSettings, init_output_bias, logit_of_mean, make_adam
-from tests.conftest import SHARED_DATA, requires_mnist
+from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
 
 
 def _adam_by_hand(gradients, *, lr, beta1, beta2, eps, v0):
@@ -95,3 +98,43 @@ def test_the_cli_preset_records_the_resolved_values(tmp_path):
     assert saved["preset"] == "burda2016"
     assert (saved["batch_size"], saved["adam_eps"], saved["lr_schedule"]) == (40, 1e-4, "burda2016")
     assert saved["valid_size"] == 400 and saved["output_bias_init"] == "data_mean"
+
+
+def test_the_tomczak2018_preset_sets_the_vampprior_protocol_and_records_an_override():
+    config = TrainConfig.from_preset("tomczak2018", early_stopping_patience=7)
+    assert (config.net, config.hidden_dims, config.activation, config.latent_dim) == (
+        "gated_mlp", (300, 300), "identity", 40)
+    assert (config.prior, config.num_components, config.lr, config.batch_size) == (
+        "vamp", 500, 5e-4, 100)
+    assert (config.kl_warmup_epochs, config.epochs, config.eval_samples) == (100, 2000, 5000)
+    assert (config.dataset, config.valid_size) == ("binarized_mnist", 10_000)
+    assert config.early_stopping_patience == 7 and config.preset == "tomczak2018"
+    assert TrainConfig.from_preset("tomczak2018").early_stopping_patience == 50
+    assert set(PRESETS["tomczak2018"]) <= {f for f in TrainConfig().to_dict()}
+    # every value the preset names is one TrainConfig accepts as it is
+    assert all(getattr(TrainConfig.from_preset("tomczak2018"), name) == value
+               for name, value in PRESETS["tomczak2018"].items())
+
+
+@requires_binarized_mnist
+def test_a_tiny_cli_run_of_the_tomczak2018_preset_trains_and_records_it(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyrovae", "train", "--preset", "tomczak2018", "--data-dir",
+         str(SHARED_DATA), "--train-size", "300", "--test-size", "50", "--valid-size", "100",
+         "--epochs", "3", "--hidden-dims", "16", "--num-components", "10",
+         "--kl-warmup-epochs", "1", "--early-stopping-patience", "1", "--eval-samples", "10",
+         "--no-progress", "--out-dir", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["preset"] == "tomczak2018"
+    assert (saved["net"], saved["activation"], saved["latent_dim"], saved["lr"]) == (
+        "gated_mlp", "identity", 40, 5e-4)
+    assert (saved["hidden_dims"], saved["early_stopping_patience"], saved["valid_size"]) == (
+        [16], 1, 100)
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluated_checkpoint"] == "checkpoint_best.pt"
+    assert 1 <= results["evaluated_checkpoint_epoch"] <= results["epochs"] <= 3
+    assert results["stopped_early"] == (results["epochs"] < 3)
+    assert -550 < results["log_marginal_likelihood"] < 0
