@@ -22,6 +22,9 @@ point has its own step size, adapted after every transition towards a target acc
 rate (as in Wu et al. 2017; the adaptation makes each kernel depend on the chains' past,
 a small departure from exact AIS that the papers accept).
 
+The same loop (:func:`anneal_points`) runs the betas backwards from given start states:
+the reverse AIS of bidirectional Monte Carlo (:mod:`pyrovae.sandwich`).
+
 References:
 
 1. Neal (2001). Annealed importance sampling. Statistics and Computing 11:125-139.
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,7 +49,7 @@ from torch.distributions import constraints
 
 from pyrovae.diagnostics import effective_sample_size, log_mean_exp_standard_error
 from pyrovae.evaluation import _trace_log_prob, data_batches, gather_points
-from pyrovae.programs import Program, ProgramError, as_data, as_program
+from pyrovae.programs import Program, ProgramError, Structure, as_data, as_program
 from pyrovae.sites import PARTICLE_PLATE
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,18 @@ class _State:
                       torch.where(event, self.grad_initial, other.grad_initial))
 
 
+def annealed_sites(structure: Structure) -> list[str]:
+    """The latent sites AIS moves: every latent site of the model not summed out by
+    enumeration, in program order (the order of z's blocks)."""
+    return [name for name in structure.latent_sites if name not in structure.enumerated_sites]
+
+
+def flatten_latents(values: Mapping[str, torch.Tensor], sites: Sequence[str],
+                    batch_shape: Sequence[int]) -> torch.Tensor:
+    """The values of ``sites``, each site's event flattened, side by side: ``(*batch, L)``."""
+    return torch.cat([values[name].detach().reshape(*batch_shape, -1) for name in sites], dim=-1)
+
+
 def _is_real(support: constraints.Constraint) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
@@ -136,8 +151,7 @@ class _Densities:
             raise ProgramError("AIS from the prior needs p(z) in closed form; the model sums "
                                f"out {', '.join(structure.enumerated_sites)}: use the guide")
         self.initial = initial
-        self.sites = [name for name in structure.latent_sites
-                      if name not in structure.enumerated_sites]
+        self.sites = annealed_sites(structure)
         source = program.guide if initial == "guide" else program.model
         with torch.no_grad(), self._plate():
             trace = poutine.trace(source).get_trace(*args)
@@ -152,8 +166,8 @@ class _Densities:
                 raise ProgramError(f"AIS needs latent site {name!r} in the data plate only "
                                    f"(batch shape {batch}), got {tuple(site['fn'].batch_shape)}")
             self.event_shapes[name] = site["fn"].event_shape
-        self.z0 = torch.cat([trace.nodes[name]["value"].detach().reshape(*batch, -1)
-                             for name in self.sites], dim=-1)
+        self.z0 = flatten_latents({name: trace.nodes[name]["value"] for name in self.sites},
+                                  self.sites, batch)
 
     def _plate(self) -> pyro.plate:
         return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=-(self.nesting + 1))
@@ -251,13 +265,19 @@ class AISResult:
 
 
 def _anneal(densities: _Densities, betas: torch.Tensor, num_leapfrog_steps: int,
-            step_size: torch.Tensor, adapt: bool, target_accept: float
+            step_size: torch.Tensor, adapt: bool, target_accept: float,
+            start: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, _State, torch.Tensor]:
-    """Run the chains of one batch through all temperatures.
+    """Run the chains of one batch through ``betas`` in the order given.
 
+    Each weight update is ``(beta_t - beta_{t-1}) (log p(x, z) - log r(z))``, so betas
+    running from 1 down to 0 give reverse AIS: log weights whose exponential is an unbiased
+    estimate of 1 / p(x) when the chains start at exact posterior draws.
+
+    :param start: ``(C, B, L)`` the chains' first states; ``None``: the draws from r.
     :returns: log weights ``(C, B)``, acceptance rate ``(B,)``, final state, step sizes ``(B,)``.
     """
-    state = densities(densities.z0)
+    state = densities(densities.z0 if start is None else start)
     log_weights = torch.zeros_like(state.log_joint)
     accepted = torch.zeros_like(state.log_joint)
     betas_list = betas.tolist()
@@ -316,46 +336,16 @@ def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tenso
         result = ais_log_marginal_likelihood(vae, x_test[:100], num_temperatures=500)
         mean, stderr = result.log_marginal_likelihood.mean(), result.standard_error
     """
-    for name, value in (("num_temperatures", num_temperatures), ("num_chains", num_chains),
-                        ("num_leapfrog_steps", num_leapfrog_steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
-    if not 0 < target_accept < 1:
-        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+    check_ais_settings(num_temperatures=num_temperatures, num_chains=num_chains,
+                       num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
+                       target_accept=target_accept, batch_size=batch_size)
     program = as_program(vae)
     args = program.check_data(as_data(x))
-    betas = temperature_schedule(num_temperatures, schedule)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in
-                                            ("log_weights", "rate", "step", "samples")}
-    # validation checks every distribution's arguments at every leapfrog step: slow, and a
-    # divergent trajectory (rejected below) would raise instead of being rejected
-    with pyro.validation_enabled(False):
-        for batch, draws in data_batches(args, batch_size, program.device, seed=seed,
-                                         distributed=distributed):
-            with draws:
-                densities = _Densities(program, batch, num_chains, initial)
-                latent_dim = densities.z0.shape[-1]
-                steps = torch.full((batch[0].shape[0],), float(step_size),
-                                   device=densities.z0.device, dtype=densities.z0.dtype)
-                log_weights, rate, state, steps = _anneal(densities, betas, num_leapfrog_steps,
-                                                          steps, adapt_step_size, target_accept)
-            parts["log_weights"].append(log_weights.double().cpu())
-            parts["rate"].append(rate.double().cpu())
-            parts["step"].append(steps.double().cpu())
-            parts["samples"].append(state.z.cpu())
-            logger.debug("AIS batch of %d points: acceptance %.2f", batch[0].shape[0],
-                         float(parts["rate"][-1].mean()))
-    empty = {"log_weights": torch.empty(num_chains, 0, dtype=torch.float64),
-             "rate": torch.empty(0, dtype=torch.float64), "step": torch.empty(0, dtype=torch.float64),
-             "samples": torch.empty(num_chains, 0, latent_dim, dtype=parts["samples"][0].dtype)}
-    # each part's data dimension: where the processes' results are put together
-    data_dims = {"log_weights": 1, "rate": 0, "step": 0, "samples": 1}
-    whole = {name: gather_points(torch.cat([empty[name], *values], dim=data_dims[name]),
-                                 args[0].shape[0], batch_size, distributed=distributed,
-                                 dim=data_dims[name])
-             for name, values in parts.items()}
+    whole = anneal_points(program, args, temperature_schedule(num_temperatures, schedule),
+                          num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
+                          step_size=step_size, adapt_step_size=adapt_step_size,
+                          target_accept=target_accept, initial=initial, batch_size=batch_size,
+                          seed=seed, distributed=distributed)
     log_weights = whole["log_weights"]
     return AISResult(
         log_marginal_likelihood=torch.logsumexp(log_weights, 0) - math.log(num_chains),
@@ -370,3 +360,71 @@ def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tenso
         initial=initial,
         schedule=schedule,
     )
+
+
+def check_ais_settings(*, num_temperatures: int, num_chains: int, num_leapfrog_steps: int,
+                       step_size: float, target_accept: float, batch_size: int) -> None:
+    """Raise ``ValueError`` naming the first AIS setting out of range."""
+    for name, value in (("num_temperatures", num_temperatures), ("num_chains", num_chains),
+                        ("num_leapfrog_steps", num_leapfrog_steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+
+
+def anneal_points(program: Program, args: tuple[torch.Tensor, ...], betas: torch.Tensor, *,
+                  num_chains: int, num_leapfrog_steps: int, step_size: float,
+                  adapt_step_size: bool, target_accept: float, initial: Initial,
+                  batch_size: int, seed: int | None = None, distributed: bool = False,
+                  start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The chains of every data point through ``betas``, in batches: the one loop behind
+    forward AIS and the reverse AIS of :mod:`pyrovae.sandwich`.
+
+    :param args: the checked data arguments, points along dim 0.
+    :param betas: ``(T + 1,)`` inverse temperatures in the order the chains visit them.
+    :param start: ``(N, L)`` a first state per data point, shared by its C chains (the
+        latents flattened as :func:`flatten_latents` does); ``None``: draws from r.
+    :returns: ``log_weights`` ``(C, N)``, ``rate`` ``(N,)``, ``step`` ``(N,)`` and
+        ``samples`` ``(C, N, L)``, float64 (samples in the model's dtype) on the CPU.
+    """
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in
+                                            ("log_weights", "rate", "step", "samples")}
+    # the start states travel with the data, so each batch (and process) gets its own
+    batched = args if start is None else (*args, start)
+    # validation checks every distribution's arguments at every leapfrog step: slow, and a
+    # divergent trajectory (rejected below) would raise instead of being rejected
+    with pyro.validation_enabled(False):
+        for batch, draws in data_batches(batched, batch_size, program.device, seed=seed,
+                                         distributed=distributed):
+            first = None
+            if start is not None:
+                batch, first = batch[:-1], batch[-1].expand(num_chains, *batch[-1].shape)
+            with draws:
+                densities = _Densities(program, batch, num_chains, initial)
+                if first is not None and first.shape != densities.z0.shape:
+                    raise ValueError(f"start states of shape {tuple(first.shape[1:])} for "
+                                     f"latents of shape {tuple(densities.z0.shape[1:])}")
+                latent_dim = densities.z0.shape[-1]
+                steps = torch.full((batch[0].shape[0],), float(step_size),
+                                   device=densities.z0.device, dtype=densities.z0.dtype)
+                log_weights, rate, state, steps = _anneal(
+                    densities, betas, num_leapfrog_steps, steps, adapt_step_size, target_accept,
+                    None if first is None else first.to(densities.z0.dtype))
+            parts["log_weights"].append(log_weights.double().cpu())
+            parts["rate"].append(rate.double().cpu())
+            parts["step"].append(steps.double().cpu())
+            parts["samples"].append(state.z.cpu())
+            logger.debug("AIS batch of %d points: acceptance %.2f", batch[0].shape[0],
+                         float(parts["rate"][-1].mean()))
+    empty = {"log_weights": torch.empty(num_chains, 0, dtype=torch.float64),
+             "rate": torch.empty(0, dtype=torch.float64), "step": torch.empty(0, dtype=torch.float64),
+             "samples": torch.empty(num_chains, 0, latent_dim, dtype=parts["samples"][0].dtype)}
+    # each part's data dimension: where the processes' results are put together
+    data_dims = {"log_weights": 1, "rate": 0, "step": 0, "samples": 1}
+    return {name: gather_points(torch.cat([empty[name], *values], dim=data_dims[name]),
+                                args[0].shape[0], batch_size, distributed=distributed,
+                                dim=data_dims[name])
+            for name, values in parts.items()}
