@@ -15,9 +15,10 @@ from pyrovae.argtypes import check_device_name
 from pyrovae.data import BINARIZATIONS, DATASETS, check_dataset_name
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
+from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS
-from pyrovae.models import VAE
-from pyrovae.nets import ACTIVATIONS, NETWORKS
+from pyrovae.models import VAE, HierarchicalVAE
+from pyrovae.nets import ACTIVATIONS, NETWORKS, MLPDecoder
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS
@@ -116,6 +117,12 @@ class TrainConfig:
     activation: str = field(default="tanh", metadata=_flag(
         "hidden-layer nonlinearity", choices=tuple(ACTIVATIONS)))
     latent_dim: int = field(default=50, metadata=_flag("dimension of z", type=int))
+    latent_dims: tuple[int, ...] | None = field(default=None, metadata=_flag(
+        "a hierarchical VAE: widths of its stochastic layers z1 (next to x), z2, ... (Burda "
+        "et al. 2016's two-layer model: 100 50); latent_dim becomes the last one, the prior's. "
+        "The networks between x and z1 have --hidden-dims; those between z(l-1) and z(l) as "
+        "many hidden layers, each twice as wide as z(l) (100 100 for 100 50); default: one "
+        "layer of --latent-dim (the VAE)", type=int, nargs="+"))
     prior: str = field(default="normal", metadata=_flag("prior p(z)", choices=tuple(PRIORS)))
     guide: str = field(default="diagonal", metadata=_flag(
         "variational family q(z|x)", choices=tuple(GUIDES)))
@@ -206,6 +213,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
+        if self.latent_dims is not None:
+            self.latent_dims = tuple(self.latent_dims)
+            if self.latent_dims and min(self.latent_dims) >= 1:  # else refused by validate
+                self.latent_dim = self.latent_dims[-1]  # the prior's layer
         if self.kl_warmup_epochs is None:  # resolved once, so config.json records the value
             learned = self.prior != "normal" and isinstance(self.epochs, int)
             self.kl_warmup_epochs = min(LEARNED_PRIOR_WARMUP_EPOCHS, self.epochs) if learned else 0
@@ -293,11 +304,36 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         self.adam  # noqa: B018  (validates Adam's settings)
+        self._validate_layers()
+
+    def _validate_layers(self) -> None:
+        """The settings a hierarchical VAE (``latent_dims``) cannot take."""
+        if self.latent_dims is None:
+            return
+        if not self.latent_dims or any(width < 1 for width in self.latent_dims):
+            raise ConfigError(f"latent_dims must be one or more positive widths, got "
+                              f"{list(self.latent_dims)}")
+        refused = {"net": (self.net, "mlp"), "guide": (self.guide, "diagonal")}
+        for name, (value, allowed) in refused.items():
+            if value != allowed:
+                raise ConfigError(f"latent_dims builds {allowed} layers; --{name} {value} is "
+                                  f"not available with it")
+        if self.objective == "meanfield_elbo" and len(self.latent_dims) > 1:
+            raise ConfigError("latent_dims: meanfield_elbo's analytic KL needs every layer's "
+                              "prior parents drawn before it in the guide, and z2 ~ q(z2|z1) "
+                              "is drawn after z1 of p(z1|z2): its expectation is not the "
+                              "ELBO here; choose trace_elbo or iwae")
+        if self.prior == "vamp":
+            raise ConfigError("latent_dims: the vamp prior needs q(z|x) of its own layer, which "
+                              "a hierarchical VAE's top layer has not in closed form; choose "
+                              "another --prior")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
         values = asdict(self)
         values["hidden_dims"] = list(self.hidden_dims)
+        if self.latent_dims is not None:
+            values["latent_dims"] = list(self.latent_dims)
         return values
 
     @classmethod
@@ -404,8 +440,11 @@ def _check_field_type(name: str, annotation: str, value: Any) -> None:
 
 
 def build_vae(config: TrainConfig, *, data_dim: int,
-              image_shape: tuple[int, ...] | None = None) -> VAE:
-    """Compose a :class:`VAE` from the registries named in ``config``."""
+              image_shape: tuple[int, ...] | None = None) -> VAE | HierarchicalVAE:
+    """Compose a :class:`VAE` from the registries named in ``config``, or with
+    ``config.latent_dims`` a :class:`HierarchicalVAE` (:func:`build_hierarchical_vae`)."""
+    if config.latent_dims is not None:
+        return build_hierarchical_vae(config, data_dim=data_dim)
     encoder, decoder = NETWORKS[config.net](
         data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
         activation=config.activation, image_shape=image_shape)
@@ -416,5 +455,35 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
+        data_dim=data_dim,
+    )
+
+
+def hierarchical_hidden_dims(config: TrainConfig) -> list[tuple[int, ...]]:
+    """Hidden widths of the networks between consecutive layers x, z1, ..., zL, bottom
+    first: ``config.hidden_dims`` between x and z1, then, between z(l-1) and z(l), as many
+    layers each twice as wide as z(l) (Burda et al. 2016: ``[(200, 200), (100, 100)]`` for
+    ``latent_dims=(100, 50)``).  The model's networks use the same widths, mirrored."""
+    assert config.latent_dims is not None
+    depth = len(config.hidden_dims)
+    return [tuple(config.hidden_dims)] + [(2 * width,) * depth for width in config.latent_dims[1:]]
+
+
+def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> HierarchicalVAE:
+    """Compose the :class:`HierarchicalVAE` of ``config.latent_dims`` from diagonal Gaussian
+    layers (:class:`~pyrovae.layers.ConditionalNormal`), an MLP decoder from z1, and the
+    prior and likelihood named in ``config`` (the prior over the top layer)."""
+    assert config.latent_dims is not None
+    hidden = hierarchical_hidden_dims(config)
+    widths = (data_dim, *config.latent_dims)
+    guide_layers = gaussian_chain(widths, hidden, config.activation)
+    prior_layers = [ConditionalNormal(widths[i + 1], widths[i], tuple(reversed(hidden[i])),
+                                      config.activation) for i in range(1, len(widths) - 1)]
+    return HierarchicalVAE(
+        guide_layers=list(guide_layers),
+        prior_layers=prior_layers,
+        prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
+        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation),
+        likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )

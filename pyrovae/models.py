@@ -5,12 +5,14 @@
     guide:  z ~ q(z | encoder(x))          (site "z", inside plate "data")
 
 Every part is an object passed in, so priors, likelihoods, guides and networks swap
-without subclassing.
+without subclassing.  The :class:`HierarchicalVAE` stacks L latent layers z1, ..., zL the
+same way, each conditional prior and guide layer a part (:mod:`pyrovae.layers`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -22,7 +24,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.guides import GuideFamily
 from pyrovae.likelihoods import Likelihood
 from pyrovae.priors import Prior
-from pyrovae.sites import DATA_PLATE, LATENT_SITE, OBSERVED_SITE
+from pyrovae.sites import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, layer_site
 from pyrovae.validation import check_data
 
 _instance_counter = itertools.count()
@@ -143,4 +145,173 @@ class VAE(PyroModule):
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         z = self.prior(self.posterior).sample((num_samples,))
+        return self.likelihood.mean(self.decoder(z))
+
+
+def _width(layer: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` that ``layer`` (or, for an ``nn.Sequential``, its relevant end)
+    declares as an attribute; ``None`` where none does."""
+    candidates = [layer]
+    if isinstance(layer, nn.Sequential) and len(layer) > 0:
+        candidates.append(layer[0] if names[0] == "in_dim" else layer[-1])
+    for candidate in candidates:
+        for name in names:
+            value = getattr(candidate, name, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+_IN, _OUT = ("in_dim", "data_dim", "feature_dim"), ("out_dim", "latent_dim")
+
+
+class HierarchicalVAE(PyroModule):
+    """A VAE with L stochastic layers z_1 (next to x), ..., z_L, as a Pyro model/guide pair::
+
+        model:  z_L ~ p(z_L)                          (prior, site "zL")
+                z_l ~ p(z_l | z_{l+1}),  l = L-1..1   (prior_layers[l - 1], site "zl")
+                x   ~ p(x | decoder(z_1))             (likelihood, site "x", observed)
+        guide:  z_1 ~ q(z_1 | x)                      (guide_layers[0])
+                z_l ~ q(z_l | z_{l-1}),  l = 2..L     (guide_layers[l - 1])
+
+    every site inside the plate ``"data"`` (``dim=-1``); site names come from
+    :func:`~pyrovae.sites.layer_site`.  Each layer is a part mapping its input to a
+    distribution (:class:`~pyrovae.layers.ConditionalNormal`, or any module with that
+    contract); the prior, decoder and likelihood are the parts a :class:`VAE` takes.  With
+    L = 1 it is a one-layer VAE whose guide is ``guide_layers[0]`` applied to x.  Training
+    and every estimator run this program as they run a :class:`VAE`.
+
+    The top prior is called without a posterior: a prior built from q(z|x) (the VampPrior)
+    has no q(z_L | x) in closed form here and is refused.
+
+    :param guide_layers: L modules; ``guide_layers[0](x)`` is q(z_1 | x) for x
+        ``(..., data_dim)``, ``guide_layers[l](z_l)`` is q(z_{l+1} | z_l).
+    :param prior_layers: L - 1 modules; ``prior_layers[l - 1](z_{l+1})`` is p(z_l | z_{l+1}).
+    :param prior: a :class:`~pyrovae.priors.Prior` over the top layer z_L.
+    :param decoder: ``nn.Module`` mapping z_1 ``(..., latent_dims[0])`` to likelihood
+        parameters ``(..., data_dim)``.
+    :param likelihood: a :class:`~pyrovae.likelihoods.Likelihood`.
+    :param data_dim: size of a flattened data point; read from ``decoder.data_dim`` if omitted.
+    :param name: root name of the Pyro parameters; unique per instance by default.
+    :raises ConfigError: the layer counts or the widths that the parts declare disagree.
+
+    Example::
+
+        # Burda et al. (2016)'s two-layer MNIST model: 784-200-200-100 and 100-100-100-50
+        hvae = HierarchicalVAE(
+            guide_layers=[ConditionalNormal(784, 100, (200, 200)),
+                          ConditionalNormal(100, 50, (100, 100))],
+            prior_layers=[ConditionalNormal(50, 100, (100, 100))],
+            prior=StandardNormalPrior(50),
+            decoder=MLPDecoder(100, 784, (200, 200)),
+            likelihood=BernoulliLikelihood(),
+        )
+        fit(hvae, data)                              # Trace_ELBO of the program
+        log_marginal_likelihood(hvae, x, 5000)       # (N,) nats
+
+    References:
+
+    1. Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
+    """
+
+    def __init__(self, guide_layers: Sequence[nn.Module], prior_layers: Sequence[nn.Module],
+                 prior: Prior, decoder: nn.Module, likelihood: Likelihood, *,
+                 data_dim: int | None = None, name: str | None = None) -> None:
+        super().__init__(name or _unique_name())
+        if len(guide_layers) < 1 or len(prior_layers) != len(guide_layers) - 1:
+            raise ConfigError(f"{len(guide_layers)} guide layers need {len(guide_layers) - 1} "
+                              f"conditional prior layers, got {len(prior_layers)}")
+        self.guide_layers = nn.ModuleList(guide_layers)
+        self.prior_layers = nn.ModuleList(prior_layers)
+        self.prior = prior
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.data_dim = data_dim if data_dim is not None else getattr(decoder, "data_dim", None)
+        try:
+            top = prior()
+        except ValueError as error:  # the VampPrior's "needs the VAE's posterior"
+            raise ConfigError(f"the top prior of a hierarchical VAE gets no posterior: "
+                              f"{error}") from None
+        #: widths of z_1, ..., z_L
+        self.latent_dims = tuple(_width(layer, _OUT) for layer in guide_layers)
+        self._check_widths(tuple(top.event_shape))
+
+    def _check_widths(self, top_shape: tuple[int, ...]) -> None:
+        dims = self.latent_dims
+        if top_shape != (dims[-1],) and dims[-1] is not None:
+            raise ConfigError(f"the prior is over {top_shape} but the top guide layer gives "
+                              f"z{len(dims)} of width {dims[-1]}")
+        inputs = (self.data_dim, *dims[:-1])
+        for index, (layer, expected) in enumerate(zip(self.guide_layers, inputs, strict=True)):
+            below = "x" if index == 0 else layer_site(index)
+            self._agree(f"guide layer {index + 1} takes", _width(layer, _IN),
+                        f"{below} of width", expected)
+        for index, layer in enumerate(self.prior_layers, 1):
+            self._agree(f"prior layer {index} gives {layer_site(index)} of width",
+                        _width(layer, _OUT), "the guide's", dims[index - 1])
+            self._agree(f"prior layer {index} takes {layer_site(index + 1)} of width",
+                        _width(layer, _IN), "the guide's", dims[index])
+        self._agree("the decoder takes z1 of width", getattr(self.decoder, "latent_dim", None),
+                    "the guide's", dims[0])
+
+    @staticmethod
+    def _agree(what: str, value: int | None, other: str, expected: int | None) -> None:
+        if value is not None and expected is not None and value != expected:
+            raise ConfigError(f"{what} {value}, {other} {expected}")
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of stochastic layers."""
+        return len(self.guide_layers)
+
+    @pyro_method
+    def model(self, x: torch.Tensor) -> None:
+        """p(x, z_1..z_L) = p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1), conditioned on ``x``
+        of shape ``(N, D)``."""
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+            z = pyro.sample(layer_site(self.num_layers), self.prior())
+            for index in range(self.num_layers - 1, 0, -1):
+                z = pyro.sample(layer_site(index), self.prior_layers[index - 1](z))
+            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor) -> None:
+        """q(z_1..z_L | x) = q(z_1 | x) prod_l q(z_{l+1} | z_l) for ``x`` of shape ``(N, D)``."""
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+            h = x
+            for index, layer in enumerate(self.guide_layers, 1):
+                h = pyro.sample(layer_site(index), layer(h))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter or buffer (CPU for a parameterless model)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def check_data(self, x: object, name: str = "x") -> torch.Tensor:
+        """Validate ``x`` for this model (shape, dtype, finiteness, likelihood support)."""
+        return check_data(x, self.data_dim, self.likelihood, name=name)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z_1 | x), the bottom layer, for data ``x`` of shape ``(N, D)``: batch ``(N,)``,
+        event ``(latent_dims[0],)`` (what active units are counted on)."""
+        self.check_data(x)
+        return self.guide_layers[0].forward(x.to(self.device))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x' | z_1] for one z_1 ~ q(z_1 | x): ``(N, D)``."""
+        return self.likelihood.mean(self.decoder(self.encode(x).sample()))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """E[x | z_1] for ``num_samples`` ancestral draws z_L ~ p(z_L), z_l ~ p(z_l | z_{l+1}):
+        ``(num_samples, D)``."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        z = self.prior().sample((num_samples,))
+        for layer in reversed(self.prior_layers):
+            z = layer.forward(z).sample()
         return self.likelihood.mean(self.decoder(z))

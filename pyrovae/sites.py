@@ -14,3 +14,11 @@ LATENT_SITE = "z"
 OBSERVED_SITE = "x"
 #: the plate over importance samples added by the evaluation code (``dim=-2``)
 PARTICLE_PLATE = "particles"
+
+
+def layer_site(layer: int) -> str:
+    """The site of latent layer ``layer`` of a hierarchical model: ``"z1"`` next to x,
+    ``"z2"`` above it, and so on; event shape ``(latent_dims[layer - 1],)``."""
+    if layer < 1:
+        raise ValueError(f"latent layers count from 1, got {layer}")
+    return f"{LATENT_SITE}{layer}"
