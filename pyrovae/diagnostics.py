@@ -90,7 +90,7 @@ def constant_spread(log_weights: torch.Tensor) -> torch.Tensor:
     """The spread below which each point's log weights count as equal up to rounding.
 
     :data:`CONSTANT_SPREAD_ULPS` times the machine epsilon of ``log_weights.dtype`` times
-    max_k |log w_k|, the magnitude being at least 1 nat: a spread that small is rounding (the
+    max_k abs(log w_k), the magnitude being at least 1 nat: a spread that small is rounding (the
     Pareto fit would model its ties), and weights equal within it give the estimate to that
     accuracy whatever their tail.
 

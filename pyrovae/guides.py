@@ -148,8 +148,11 @@ class FullCovarianceNormalGuide(GuideFamily):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def z_loc_scale_tril(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:returns: ``(z_loc, scale_tril)``, shapes ``(..., latent_dim)`` and
-        ``(..., latent_dim, latent_dim)``."""
+        """The mean and the Cholesky factor of q(z|x).
+
+        :returns: ``(z_loc, scale_tril)``, shapes ``(..., latent_dim)`` and
+            ``(..., latent_dim, latent_dim)``.
+        """
         diagonal = F.softplus(self.diagonal_head(h)) + MIN_SCALE
         strictly_lower = h.new_zeros(h.shape[:-1] + (self.latent_dim, self.latent_dim))
         strictly_lower[..., self.tril_rows, self.tril_cols] = (

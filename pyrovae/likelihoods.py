@@ -192,10 +192,10 @@ def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
 
         log C(eta) = log(eta / tanh(eta / 2)) = log 2 + eta^2 / 12 - 7 eta^4 / 1440 + ...,
 
-    even in eta, log 2 at 0 and log |eta| + O(exp(-|eta|)) in the tails.  Computed from the
+    even in eta, log 2 at 0 and log abs(eta) + O(exp(-abs(eta))) in the tails.  Computed from the
     logit alone, so it stays consistent with the data term eta x - softplus(eta) for every
     eta (torch's ``ContinuousBernoulli`` clamps lam first, and its density no longer
-    integrates to 1 past |eta| ~ 16 in float32).  Finite with finite gradients in float32
+    integrates to 1 past abs(eta) ~ 16 in float32).  Finite with finite gradients in float32
     and float64 for every finite eta.
 
     :param logits: eta, ``(...)``.
@@ -283,7 +283,7 @@ class ContinuousBernoulli(dist.TorchDistribution):
     def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Inverse-CDF draws, differentiable in the logits: ``sample_shape + batch_shape``.
 
-        x = log1p(u expm1(eta)) / eta for u ~ U(0, 1), evaluated at -|eta| and reflected
+        x = log1p(u expm1(eta)) / eta for u ~ U(0, 1), evaluated at -abs(eta) and reflected
         (x -> 1 - x, u -> 1 - u) for positive eta, so that expm1 cannot overflow.
         """
         shape = self._extended_shape(sample_shape)

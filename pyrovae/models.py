@@ -1,5 +1,7 @@
 """The :class:`VAE`: a Pyro model and an amortized Pyro guide composed from parts.
 
+::
+
     model:  z ~ p(z)                       (site "z", inside plate "data")
             x ~ p(x | decoder(z))          (site "x", observed)
     guide:  z ~ q(z | encoder(x))          (site "z", inside plate "data")
