@@ -332,3 +332,43 @@ def test_probe_guide_init_trains_every_scale_from_the_same_networks(tmp_path):
     for guide in ("fullcov", "lowrank"):
         torch.testing.assert_close(built[guide].guide_family.loc_head.weight,
                                    built["diagonal"].guide_family.loc_head.weight)
+
+
+def _python_with_pythae() -> str | None:
+    """An interpreter that imports pythae: this one, else ``$PYTHAE_PYTHON``."""
+    import os
+
+    if importlib.util.find_spec("pythae") is not None:
+        return sys.executable
+    return os.environ.get("PYTHAE_PYTHON")
+
+
+@requires_mnist
+@pytest.mark.skipif(_python_with_pythae() is None,
+                    reason="pythae is not importable here and $PYTHAE_PYTHON names no "
+                           "interpreter that has it (it is not a pyrovae dependency)")
+def test_compare_pythae(tmp_path):
+    output = tmp_path / "results.json"
+    result = subprocess.run(
+        [_python_with_pythae(), str(EXPERIMENTS / "compare_pythae.py"), "--data-dir",
+         str(SHARED_DATA), "--epochs", "1", "--train-size", "300", "--test-size", "20",
+         "--eval-samples", "10", "--hidden-dims", "16", "--latent-dim", "3", "--output",
+         str(output)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(output.read_text())
+    assert results["budget"]["updates"] == 3 and results["budget"]["num_test_points"] == 20
+    assert results["commit"] and results["seed"] == 0 and results["hardware"]
+    for name in ("pyrovae", "pythae"):
+        row = results[name]
+        # one model, two estimators with K = 10 on 20 images: within a few nats
+        assert abs(row["log_px_pyrovae_estimator"] - row["log_px_pythae_get_nll"]) < 5, row
+        assert row["test_elbo"] < row["log_px_pyrovae_estimator"] + 3, row
+        assert -600 < row["log_px_pyrovae_estimator"] < 0, row
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pythae") is not None,
+                    reason="pythae is installed here, so the script does not skip")
+def test_compare_pythae_without_pythae_says_why_in_one_line():
+    result = run_script("compare_pythae.py", "--epochs", "1")
+    assert result.stdout.startswith("skipped: pythae is not installed")
+    assert len(result.stdout.strip().splitlines()) == 1
