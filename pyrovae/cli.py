@@ -75,7 +75,7 @@ _PROGRESS_POINTS = 1000
 
 
 def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size: int = 100,
-                 chunk_size: int = 500, distributed: bool = False,
+                 chunk_size: int | None = None, distributed: bool = False,
                  progress: bool = False) -> dict[str, Any]:
     """Test ELBO and importance-sampled log p(x), each as mean and standard error in nats,
     and how far to trust the latter: the fraction of test points whose PSIS k-hat exceeds
@@ -627,8 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate only the first N test points (default: all)")
     evaluate.add_argument("--batch-size", type=positive_int, default=100,
                           help="test points per vectorized trace (default: 100)")
-    evaluate.add_argument("--chunk-size", type=positive_int, default=500,
-                          help="importance samples per vectorized trace (default: 500)")
+    evaluate.add_argument("--chunk-size", type=positive_int, default=None,
+                          help="importance samples per vectorized trace (default: a fixed "
+                               "number of decoder rows per trace, cache-sized on a CPU)")
     evaluate.add_argument("--data-dir", default=None, help="override the run's data folder")
     evaluate.add_argument("--device", type=device_name, default="auto",
                           help="cpu, cuda, cuda:N or auto (default: auto)")

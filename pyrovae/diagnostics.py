@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyrovae.evaluation import importance_log_weights
+from pyrovae.evaluation import default_chunk_size, importance_log_weights
 from pyrovae.programs import as_data, as_program
 
 #: k-hat above which an importance-sampling estimate is flagged unreliable (Vehtari et al. 2024)
@@ -234,7 +234,7 @@ def _summarize_batch(log_weights: torch.Tensor, ks: Sequence[int]) -> dict[str, 
 
 
 def importance_summary(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = (5000,), *,
-                       batch_size: int = 100, chunk_size: int = 500,
+                       batch_size: int = 100, chunk_size: int | None = None,
                        khat_threshold: float = KHAT_THRESHOLD) -> ImportanceSummary:
     """IWAE bounds at several K, the ELBO and the weight diagnostics, batch by batch.
 
@@ -249,7 +249,8 @@ def importance_summary(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: S
     :param x: the data, or a tuple of the model's data arguments (points along dim 0).
     :param ks: the numbers of samples K to report, each positive.
     :param batch_size: data points per trace.
-    :param chunk_size: importance samples per trace.
+    :param chunk_size: importance samples per trace; ``None``: the default of
+        :func:`~pyrovae.evaluation.log_marginal_likelihood` for the device.
     :param khat_threshold: k-hat above which a point counts as unreliable.
     :returns: an :class:`ImportanceSummary`.
 
@@ -262,10 +263,12 @@ def importance_summary(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: S
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
     num_samples = ks[-1]
+    program = as_program(vae)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(batch_size, program.device)
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    program = as_program(vae)
     args = program.check_data(as_data(x))
     parts: list[dict[str, torch.Tensor]] = []
     chunks = [min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)]

@@ -133,6 +133,23 @@ def importance_log_weights(program: Any, *args: torch.Tensor, num_samples: int) 
         return log_weights(program, *args, num_samples=num_samples)
 
 
+#: decoder rows per trace on a CPU: outputs that stay in the cache (784 floats x 2048 rows is
+#: 6 MB); larger chunks spend their time in page faults, not arithmetic
+CPU_ROWS_PER_TRACE = 2048
+#: on a GPU, rows per trace large enough to keep it busy, small enough to bound memory
+GPU_ROWS_PER_TRACE = 65536
+
+
+def default_chunk_size(batch_size: int, device: torch.device | str) -> int:
+    """Importance samples per trace for batches of ``batch_size`` points on ``device``: a
+    fixed number of decoder rows per trace (:data:`CPU_ROWS_PER_TRACE`,
+    :data:`GPU_ROWS_PER_TRACE`), so memory is bounded whatever K is."""
+    rows = GPU_ROWS_PER_TRACE if torch.device(device).type == "cuda" else CPU_ROWS_PER_TRACE
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return max(1, rows // batch_size)
+
+
 def _sample_chunks(num_samples: int, chunk_size: int) -> Iterator[int]:
     for start in range(0, num_samples, chunk_size):
         yield min(chunk_size, num_samples - start)
@@ -147,7 +164,8 @@ def _check_counts(num_samples: int, batch_size: int, chunk_size: int) -> None:
 
 def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
                             num_samples: int = 5000, *,
-                            batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
+                            batch_size: int = 100, chunk_size: int | None = None,
+                            seed: int | None = None,
                             distributed: bool = False) -> torch.Tensor:
     """The K-sample importance-sampling estimate of log p(x) for each data point.
 
@@ -164,7 +182,8 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
         validates them against its likelihood.
     :param num_samples: K.
     :param batch_size: data points per trace.
-    :param chunk_size: importance samples per trace.
+    :param chunk_size: importance samples per trace; ``None``: :func:`default_chunk_size`
+        for the program's device.  The draws, and so the estimate under a seed, depend on it.
     :param seed: draw each data batch's samples from a stream seeded by ``(seed, batch
         index)`` (:func:`~pyrovae.distributed.seeded`), leaving the global RNG as it was, so
         a point's estimate depends only on ``seed``, ``batch_size`` and its batch, not on
@@ -192,14 +211,16 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
 
 def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
                         num_samples: int, batch_size: int,
-                        chunk_size: int,
+                        chunk_size: int | None,
                         combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
                         finish: Callable[[torch.Tensor], torch.Tensor], *,
                         seed: int | None = None, distributed: bool = False) -> torch.Tensor:
     """Fold the ``(chunk, batch)`` log weights of each data batch with ``combine``, then
     ``finish``; returns ``(N,)`` on the CPU.  Memory: one ``chunk_size x batch_size`` trace."""
-    _check_counts(num_samples, batch_size, chunk_size)
     program = as_program(program)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(batch_size, program.device)
+    _check_counts(num_samples, batch_size, chunk_size)
     args = program.check_data(as_data(x))
     results = [torch.empty(0)]
     # the data were checked above; distribution argument checks would only cost time here
@@ -251,7 +272,8 @@ def gather_points(local: torch.Tensor, num_points: int, batch_size: int, *,
 
 def elbo(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_samples: int = 1, *,
          batch_size: int = 100,
-         chunk_size: int = 500, seed: int | None = None, distributed: bool = False) -> torch.Tensor:
+         chunk_size: int | None = None, seed: int | None = None,
+         distributed: bool = False) -> torch.Tensor:
     """Monte Carlo ELBO per data point: the mean over K samples of log w_k.
 
     :param program: see :func:`log_marginal_likelihood`.

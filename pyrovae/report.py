@@ -41,6 +41,7 @@ import torch
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
 from pyrovae.argtypes import non_negative_int, positive_int
 from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
+from pyrovae.evaluation import default_chunk_size
 from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
 
@@ -302,7 +303,7 @@ def _inference_data(**groups: Any) -> Any:
 
 def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = DEFAULT_KS, *,
                 ais_kwargs: Mapping[str, Any] | None = None, ais: bool = True,
-                batch_size: int = 100, chunk_size: int = 500, seed: int | None = None,
+                batch_size: int = 100, chunk_size: int | None = None, seed: int | None = None,
                 khat_threshold: float = KHAT_THRESHOLD) -> BoundCurve:
     """ELBO, IWAE_K for each K in ``ks``, and AIS, on the same points, in nats.
 
@@ -319,7 +320,7 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
         :func:`~pyrovae.ais.ais_log_marginal_likelihood`, over :data:`DEFAULT_AIS`.
     :param ais: run AIS at all.
     :param batch_size: data points per vectorized trace.
-    :param chunk_size: importance samples per vectorized trace.
+    :param chunk_size: importance samples per vectorized trace (``None``: the device's default).
     :param seed: seed for both passes; None leaves the RNG as it is.
     :param khat_threshold: k-hat above which a point is flagged unreliable.
     :returns: a :class:`BoundCurve`.
@@ -368,7 +369,8 @@ def save_inference_data(data: Any, path: str | Path) -> None:
 
 def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir: str | Path, *,
                  ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
-                 ais: bool = True, batch_size: int = 100, chunk_size: int = 500, seed: int = 0,
+                 ais: bool = True, batch_size: int = 100, chunk_size: int | None = None,
+                 seed: int = 0,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run :func:`bound_curve` and write the table, plot, netCDF and JSON into ``output_dir``.
 
@@ -381,6 +383,8 @@ def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir:
     curve = bound_curve(vae, x, ks, ais_kwargs=ais_kwargs, ais=ais, batch_size=batch_size,
                         chunk_size=chunk_size, seed=seed)
     summary = curve.summary()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(batch_size, as_program(vae).device)
     summary.update({"batch_size": batch_size, "chunk_size": chunk_size,
                     "elapsed_seconds": time.perf_counter() - started})
     summary.update(extra or {})

@@ -164,3 +164,19 @@ def test_bad_sample_counts_are_refused():
     x = sample_data(vae, 2)
     with pytest.raises(ValueError, match="num_samples"):
         log_marginal_likelihood(vae, x, num_samples=0)
+
+
+def test_the_default_chunk_is_a_fixed_number_of_rows_for_the_device():
+    from pyrovae.evaluation import CPU_ROWS_PER_TRACE, default_chunk_size
+
+    assert default_chunk_size(100, "cpu") == CPU_ROWS_PER_TRACE // 100
+    assert default_chunk_size(100, "cuda") > default_chunk_size(100, "cpu")
+    assert default_chunk_size(10**6, "cpu") == 1
+    vae = mismatched_vae()
+    x = sample_data(vae, 30)
+    torch.manual_seed(8)
+    automatic = log_marginal_likelihood(vae, x, num_samples=300, batch_size=10)
+    torch.manual_seed(8)
+    explicit = log_marginal_likelihood(vae, x, num_samples=300, batch_size=10,
+                                       chunk_size=CPU_ROWS_PER_TRACE // 10)
+    assert torch.equal(automatic, explicit)
