@@ -15,6 +15,11 @@ Data sources (:func:`load_dataset`): by name, ``mnist``, ``fashion_mnist``, ``km
 (the fixed Larochelle & Murray split, from ``binarized_mnist.npz``); the user's files as
 ``npz:PATH``, ``npy:PATH`` and ``folder:PATH`` (an image folder); and any user tensor or
 ``Dataset`` via :meth:`DataSplits.from_tensors`.
+
+Class labels travel with the images where a model needs them (``load_dataset(...,
+labels=True)``, ``from_tensors(..., train_labels=..., test_labels=...)``): integer tensors
+``(N,)`` with values 0..C-1, batched with x, so that a program ``model(x, y)`` gets both.
+:meth:`DataSplits.with_labelled` hides all but a balanced few for semi-supervised learning.
 """
 
 from __future__ import annotations
@@ -60,6 +65,40 @@ EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 OMNIGLOT_TRAIN_DRAWINGS = 15
 #: seed of the fixed shuffles: splitting a file into train and test, ordering Omniglot
 SPLIT_SEED = 0
+#: the label of a training point whose label is hidden (:meth:`DataSplits.with_labelled`)
+HIDDEN_LABEL = -1
+
+
+def check_labels(labels: object, num_points: int, name: str, *,
+                 num_classes: int | None = None, hidden: bool = False) -> torch.Tensor:
+    """Validate class labels for ``num_points`` data points and return them as int64.
+
+    :param labels: a tensor or array of shape ``(num_points,)`` with integer values.
+    :param name: how they are called in messages (``"train labels"``).
+    :param num_classes: C; values must lie in 0..C-1 (any non-negative value where ``None``).
+    :param hidden: also allow :data:`HIDDEN_LABEL` (-1), a hidden label.
+    :returns: ``(num_points,)`` int64, on the device ``labels`` were on.
+    :raises InvalidDataError: wrong shape, a non-integer dtype or a value outside 0..C-1.
+    """
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor):
+        raise InvalidDataError(f"{name} must be a tensor or array, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise InvalidDataError(f"{name} must be integers 0..C-1, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (num_points,):
+        raise InvalidDataError(f"{name} must have shape ({num_points},), one per data point, got "
+                               f"{tuple(labels.shape)}")
+    labels = labels.long()
+    if num_points == 0:
+        return labels
+    lowest = HIDDEN_LABEL if hidden else 0
+    low, high = int(labels.min()), int(labels.max())
+    top = f"{num_classes - 1}" if num_classes is not None else "C-1"
+    if low < lowest or (num_classes is not None and high >= num_classes):
+        bad = low if low < lowest else high
+        raise InvalidDataError(f"{name} must lie in 0..{top}, got {bad}")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -73,6 +112,12 @@ class DataSplits:
     :param dynamic_binarization: resample ``train`` batches as Bernoulli(intensity).
     :param valid: ``(N_valid, data_dim)`` held-out training points for model selection, or
         ``None`` (see :meth:`with_validation`).
+    :param train_labels: ``(N_train,)`` int64 class labels 0..C-1, or ``None`` (no labels);
+        :data:`HIDDEN_LABEL` (-1) marks a hidden one (:meth:`with_labelled`).  With labels,
+        :meth:`train_batches` yields ``(x, y)`` pairs.
+    :param test_labels: ``(N_test,)`` labels of the test points (with ``train_labels``).
+    :param valid_labels: ``(N_valid,)`` labels of the validation points.
+    :param num_classes: C, the number of classes (with labels).
 
     Example::
 
@@ -86,17 +131,78 @@ class DataSplits:
     image_shape: tuple[int, ...] | None = None
     dynamic_binarization: bool = False
     valid: torch.Tensor | None = None
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    valid_labels: torch.Tensor | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_labels is None:
+            if self.test_labels is not None or self.valid_labels is not None:
+                raise InvalidDataError("test or validation labels without training labels")
+            return
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise InvalidDataError(f"labelled data need num_classes >= 1, got {self.num_classes!r}")
+        if self.test_labels is None or (self.valid is not None and self.valid_labels is None):
+            raise InvalidDataError("labelled data need labels for the test (and validation) "
+                                   "points too")
+        for name, x, labels, hidden in (("train", self.train, self.train_labels, True),
+                                        ("test", self.test, self.test_labels, False),
+                                        ("validation", self.valid, self.valid_labels, False)):
+            if labels is not None:
+                check_labels(labels, x.shape[0], f"{name} labels", num_classes=self.num_classes,
+                             hidden=hidden)
 
     @property
     def data_dim(self) -> int:
         return int(self.train.shape[1])
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the splits carry class labels (batches are then ``(x, y)``)."""
+        return self.train_labels is not None
+
+    @property
+    def num_labelled(self) -> int:
+        """Training points whose label is not hidden (0 without labels)."""
+        if self.train_labels is None:
+            return 0
+        return int((self.train_labels != HIDDEN_LABEL).sum())
+
+    @property
+    def test_inputs(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The program's data arguments on the test split: ``test``, or ``(test,
+        test_labels)`` with labels (what the estimators take)."""
+        return self.test if self.test_labels is None else (self.test, self.test_labels)
+
+    @property
+    def valid_inputs(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """:attr:`test_inputs` of the validation split, ``None`` without one."""
+        if self.valid is None:
+            return None
+        return self.valid if self.valid_labels is None else (self.valid, self.valid_labels)
+
     @classmethod
     def from_tensors(cls, train: torch.Tensor | Dataset, test: torch.Tensor | Dataset | None = None,
                      *, image_shape: tuple[int, ...] | None = None,
-                     binarize: str = "none") -> DataSplits:
+                     binarize: str = "none", train_labels: object = None,
+                     test_labels: object = None, num_classes: int | None = None) -> DataSplits:
         """Wrap user data: tensors ``(N, ...)`` or a ``Dataset`` whose items are images or
         ``(image, label)`` pairs.  Images are flattened; ``test`` defaults to ``train``.
+
+        :param train_labels: class labels of the training points, integers ``(N_train,)`` in
+            0..C-1 (tensor or array), for models conditioned on them; ``None``: no labels.
+        :param test_labels: labels of the test points, needed with ``train_labels`` when
+            ``test`` is given.
+        :param num_classes: C; inferred as the largest label + 1 where ``None``.
+        :raises InvalidDataError: labels of the wrong shape or dtype, or outside 0..C-1.
+
+        Example::
+
+            data = DataSplits.from_tensors(x_train, x_test, train_labels=y_train,
+                                           test_labels=y_test, num_classes=10)
+            for x, y in data.train_batches(100):
+                ...  # x: (100, D), y: (100,) int64
         """
         train_x = _own_copy(_flatten(as_tensor(train), "train data"), train)
         if test is None:
@@ -112,19 +218,42 @@ class DataSplits:
             )
         if image_shape is not None:
             image_shape = _check_image_shape(image_shape, train_x.shape[1])
-        return _binarize(cls(train_x, test_x, image_shape), binarize)
+        if train_labels is None:
+            if test_labels is not None:
+                raise InvalidDataError("test_labels given without train_labels")
+            return _binarize(cls(train_x, test_x, image_shape), binarize)
+        train_y = check_labels(train_labels, train_x.shape[0], "train labels").clone()
+        if test is None:
+            if test_labels is not None:
+                raise InvalidDataError("test_labels given without test data")
+            test_y = train_y
+        elif test_labels is None:
+            raise InvalidDataError("train_labels need test_labels for the test data")
+        else:
+            test_y = check_labels(test_labels, test_x.shape[0], "test labels").clone()
+        num_classes = _num_classes(num_classes, train_y, test_y)
+        return _binarize(cls(train_x, test_x, image_shape, train_labels=train_y,
+                             test_labels=test_y, num_classes=num_classes), binarize)
 
     def subset(self, train_size: int | None = None, test_size: int | None = None) -> DataSplits:
         """The first ``train_size`` / ``test_size`` data points (all where ``None``)."""
         for name, size in (("train_size", train_size), ("test_size", test_size)):
             if size is not None and size < 1:
                 raise ConfigError(f"{name} must be positive, got {size}")
-        return replace(self, train=self.train[:train_size], test=self.test[:test_size])
+        labels = {}
+        if self.has_labels:
+            labels = {"train_labels": self.train_labels[:train_size],
+                      "test_labels": self.test_labels[:test_size]}
+        return replace(self, train=self.train[:train_size], test=self.test[:test_size], **labels)
 
     def to(self, device: torch.device | str) -> DataSplits:
         """Move the splits to ``device`` (the whole dataset lives there during training)."""
-        valid = self.valid.to(device) if self.valid is not None else None
-        return replace(self, train=self.train.to(device), test=self.test.to(device), valid=valid)
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor.to(device) if tensor is not None else None
+
+        return replace(self, train=self.train.to(device), test=self.test.to(device),
+                       valid=move(self.valid), train_labels=move(self.train_labels),
+                       test_labels=move(self.test_labels), valid_labels=move(self.valid_labels))
 
     def with_validation(self, size: int) -> DataSplits:
         """Hold out the last ``size`` training points as the validation set (0: none).
@@ -134,19 +263,70 @@ class DataSplits:
         the test set.
         """
         if size == 0:
-            return replace(self, valid=None)
+            return replace(self, valid=None, valid_labels=None)
         if not 0 < size < self.train.shape[0]:
             raise ConfigError(f"validation size must be between 1 and the training set size - 1 "
                               f"({self.train.shape[0] - 1}), got {size}")
         valid = self.train[-size:]
         if self.dynamic_binarization:
             valid = torch.bernoulli(valid, generator=torch.Generator().manual_seed(BINARIZATION_SEED + 1))
-        return replace(self, train=self.train[:-size], valid=valid)
+        labels = {}
+        if self.has_labels:
+            if bool((self.train_labels[-size:] == HIDDEN_LABEL).any()):
+                raise ConfigError("hold out the validation points before hiding labels")
+            labels = {"train_labels": self.train_labels[:-size],
+                      "valid_labels": self.train_labels[-size:]}
+        return replace(self, train=self.train[:-size], valid=valid, **labels)
+
+    def with_labelled(self, num_labelled: int, seed: int = 0) -> DataSplits:
+        """Keep the labels of ``num_labelled`` training points and hide the others
+        (:data:`HIDDEN_LABEL`), for semi-supervised learning.
+
+        The kept points are balanced over the classes: ``num_labelled // C`` of each, and one
+        more of ``num_labelled % C`` classes chosen at random; which points of a class, and
+        those classes, are a random choice seeded by ``seed`` alone.  Test and validation
+        labels are kept (to score a classifier).
+
+        :raises ConfigError: no labels, ``num_labelled`` negative or above the training set
+            size, or a class with fewer training points than its share.
+        """
+        if self.train_labels is None or self.num_classes is None:
+            raise ConfigError("--labelled needs labelled data; these splits have no labels")
+        n = self.train.shape[0]
+        if not isinstance(num_labelled, int) or isinstance(num_labelled, bool) or \
+                num_labelled < 0:
+            raise ConfigError(f"--labelled must be a count >= 0, got {num_labelled!r}")
+        if num_labelled > n:
+            raise ConfigError(f"--labelled {num_labelled} is larger than the training set "
+                              f"({n} points)")
+        labels = self.train_labels.cpu()
+        if bool((labels == HIDDEN_LABEL).any()):
+            raise ConfigError("some training labels are hidden already")
+        generator = torch.Generator().manual_seed(seed)
+        share, extra = divmod(num_labelled, self.num_classes)
+        counts = torch.full((self.num_classes,), share)
+        counts[torch.randperm(self.num_classes, generator=generator)[:extra]] += 1
+        kept = []
+        for label in range(self.num_classes):
+            members = torch.nonzero(labels == label).flatten()
+            if members.numel() < int(counts[label]):
+                raise ConfigError(f"--labelled {num_labelled} needs {int(counts[label])} "
+                                  f"training points of class {label}, and there are "
+                                  f"{members.numel()}")
+            kept.append(members[torch.randperm(members.numel(), generator=generator)
+                                [: int(counts[label])]])
+        hidden = torch.full_like(labels, HIDDEN_LABEL)
+        kept_indices = torch.cat(kept)
+        hidden[kept_indices] = labels[kept_indices]
+        return replace(self, train_labels=hidden.to(self.train_labels.device))
 
     def train_batches(self, batch_size: int, *, shuffle: bool = True,
                       generator: torch.Generator | None = None,
-                      start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+                      start: int = 0, rank: int = 0, world_size: int = 1,
+                      ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of training minibatches ``(batch_size, data_dim)``; the last may be smaller.
+        With labels (:attr:`has_labels`), each batch is a pair ``(x, y)``, ``y`` of shape
+        ``(batch_size,)`` the labels of the same rows.
 
         With ``world_size > 1`` this yields process ``rank``'s contiguous slice of each
         global batch of ``batch_size`` rows (:func:`~pyrovae.distributed.shard_of`: with
@@ -173,18 +353,31 @@ class DataSplits:
         for first in range(start * batch_size, n, batch_size):
             indices = order[first : first + batch_size]
             rows = shard_of(indices.shape[0], rank, world_size).rows
-            if not self.dynamic_binarization:
-                yield self.train[indices[rows]]
-            elif world_size > 1 and self.train.device.type == "cpu" and \
-                    self.train.dtype == torch.float32:
-                # torch.bernoulli on the CPU draws one float32 uniform u per element, in
-                # order, and returns u < p; torch.rand draws the same u several times faster,
-                # so only this process's slice needs comparing (tested to match bernoulli)
-                uniforms = torch.rand(indices.shape[0], self.train.shape[1])
-                probabilities = self.train[indices[rows]]
-                yield (uniforms[rows] < probabilities).to(probabilities.dtype)
-            else:
-                yield torch.bernoulli(self.train[indices])[rows]
+            x = self._train_rows(indices, rows, world_size)
+            yield x if self.train_labels is None else (x, self.train_labels[indices[rows]])
+
+    def _train_rows(self, indices: torch.Tensor, rows: slice, world_size: int) -> torch.Tensor:
+        """The training rows ``indices[rows]``, binarized afresh under dynamic binarization."""
+        if not self.dynamic_binarization:
+            return self.train[indices[rows]]
+        if world_size > 1 and self.train.device.type == "cpu" and self.train.dtype == torch.float32:
+            # torch.bernoulli on the CPU draws one float32 uniform u per element, in
+            # order, and returns u < p; torch.rand draws the same u several times faster,
+            # so only this process's slice needs comparing (tested to match bernoulli)
+            uniforms = torch.rand(indices.shape[0], self.train.shape[1])
+            probabilities = self.train[indices[rows]]
+            return (uniforms[rows] < probabilities).to(probabilities.dtype)
+        return torch.bernoulli(self.train[indices])[rows]
+
+
+def _num_classes(num_classes: int | None, *labels: torch.Tensor) -> int:
+    """``num_classes`` if given (the labels are checked against it where they are named),
+    else the largest label + 1."""
+    if num_classes is None:
+        return 1 + max((int(y.max()) for y in labels if y.numel()), default=0)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise InvalidDataError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return num_classes
 
 
 def as_tensor(data: torch.Tensor | np.ndarray | Dataset) -> torch.Tensor:
@@ -265,8 +458,10 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, boo
 
 
 def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, binarize: str = "dynamic",
-               download: bool = True) -> DataSplits:
+               download: bool = True, labels: bool = False) -> DataSplits:
     """MNIST, 60,000 train and 10,000 test images, intensities scaled to [0, 1].
+
+    With ``labels``, the digits 0..9 of the label files come with them (``num_classes=10``).
 
     Reads ``<data_dir>/MNIST/raw/*-ubyte`` with torchvision; where they are missing and
     ``download`` is true, torchvision downloads them into ``data_dir``.
@@ -307,16 +502,31 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, binarize: str 
                 f"({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); pass --data-dir "
                 f"(or set ${DATA_DIR_ENV}) to a folder that holds MNIST/raw/{MNIST_RAW_FILES[0]}"
             ) from None
-    splits = []
+    splits, targets = [], []
     for train in (True, False):
         try:
-            images = MNIST(str(root), train=train, download=False).data
+            dataset = MNIST(str(root), train=train, download=False)
         except Exception as error:  # a damaged IDX file fails in numpy, torch or torchvision
             raise InvalidDataError(
                 f"cannot read MNIST from {raw}: the files are damaged ({type(error).__name__}: "
                 f"{error}); delete them to download them again") from None
+        images = dataset.data
         splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
-    return _binarize(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE), binarize)
+        targets.append(dataset.targets)
+    return _binarize(_with_labels(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE),
+                                  targets if labels else None, 10, "MNIST"), binarize)
+
+
+def _with_labels(data: DataSplits, targets: list[torch.Tensor] | None, num_classes: int,
+                 title: str) -> DataSplits:
+    """``data`` with the train and test ``targets`` of a dataset as labels (none if ``None``)."""
+    if targets is None:
+        return data
+    train, test = (check_labels(torch.as_tensor(y), x.shape[0], f"{title} {name} labels",
+                                num_classes=num_classes)
+                   for y, x, name in zip(targets, (data.train, data.test), ("train", "test"),
+                                         strict=True))
+    return replace(data, train_labels=train, test_labels=test, num_classes=num_classes)
 
 
 def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
@@ -423,7 +633,8 @@ IDX_DATASETS = {
 
 
 def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-                     binarize: str = "dynamic", download: bool = True) -> DataSplits:
+                     binarize: str = "dynamic", download: bool = True,
+                     labels: bool = False) -> DataSplits:
     """A 28x28 grey-level dataset of :data:`IDX_DATASETS` through its torchvision class.
 
     Reads ``<data_dir>/<Class>/raw/*-ubyte`` (``FashionMNIST``, ``KMNIST``, ``EMNIST``);
@@ -433,6 +644,8 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, 
     read upright.
 
     :param name: a key of :data:`IDX_DATASETS`, e.g. ``"fashion_mnist"``, ``"emnist_letters"``.
+    :param labels: attach the class labels of the label files, counted from 0 (EMNIST
+        letters' 1..26 become 0..25).
     :returns: 60,000 / 10,000 images for Fashion-MNIST and KMNIST; EMNIST's split sizes
         (letters: 124,800 / 20,800), each ``(N, 784)`` with image shape ``(1, 28, 28)``.
     :raises DatasetNotFoundError: the files are absent and could not be downloaded.
@@ -457,13 +670,20 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, 
             spec.title, root=root, chosen=chosen, where=raw, missing=missing, download=download,
             how=f"put the files (or their .gz) from {spec.source} there and pass --data-dir",
             fetch=lambda: cls(str(root), train=True, download=True, **options))
-    splits = []
+    splits, targets = [], []
     for train in (True, False):
-        images = cls(str(root), train=train, download=False, **options).data
+        dataset = cls(str(root), train=train, download=False, **options)
+        images = dataset.data
         if spec.split is not None:
             images = images.transpose(1, 2)
         splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
-    return _binarize(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE), binarize)
+        targets.append(torch.as_tensor(dataset.targets))
+    num_classes = len(cls.classes) if spec.split is None else len(cls.classes_split_dict[spec.split])
+    if spec.split == "letters":  # torchvision's letters count from 1, class 0 is "N/A"
+        targets, num_classes = [y - 1 for y in targets], num_classes - 1
+    data = _with_labels(DataSplits(splits[0], splits[1], MNIST_IMAGE_SHAPE),
+                        targets if labels else None, num_classes, spec.title)
+    return _binarize(data, binarize)
 
 
 def _omniglot_class() -> type:
@@ -550,7 +770,7 @@ def load_omniglot(data_dir: str | os.PathLike[str] | None = None, *, binarize: s
 
 
 def load_cifar10(data_dir: str | os.PathLike[str] | None = None, *, binarize: str = "none",
-                 download: bool = True) -> DataSplits:
+                 download: bool = True, labels: bool = False) -> DataSplits:
     """CIFAR-10: 50,000 train and 10,000 test colour images, 32x32, intensities in [0, 1].
 
     Reads the pickled batches in ``<data_dir>/cifar-10-batches-py`` with torchvision's
@@ -572,10 +792,12 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None = None, *, binarize: st
             "CIFAR-10", root=root, chosen=chosen, where=where, missing=missing, download=download,
             how=f"unpack {CIFAR10.url} into {root} and pass --data-dir",
             fetch=lambda: CIFAR10(str(root), train=True, download=True))
-    splits = []
+    splits, targets = [], []
     for train in (True, False):
         try:
-            images = CIFAR10(str(root), train=train, download=False).data  # (N, 32, 32, 3) uint8
+            dataset = CIFAR10(str(root), train=train, download=False)
+            images = dataset.data  # (N, 32, 32, 3) uint8
+            targets.append(torch.as_tensor(dataset.targets))
         except RuntimeError as error:  # a batch fails its md5 sum
             raise DatasetNotFoundError(
                 f"CIFAR-10 in {where} is incomplete or corrupted ({_one_line(error)}); unpack "
@@ -583,32 +805,38 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None = None, *, binarize: st
             ) from None
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
         splits.append(images.reshape(images.shape[0], -1).float() / 255.0)
-    return _binarize(DataSplits(splits[0], splits[1], (3, 32, 32)), binarize)
+    data = _with_labels(DataSplits(splits[0], splits[1], (3, 32, 32)),
+                        targets if labels else None, 10, "CIFAR-10")
+    return _binarize(data, binarize)
 
 
 #: datasets selectable by name from the CLI and config
-DATASETS = {
+DATASETS: dict[str, Callable[..., DataSplits]] = {
     "mnist": load_mnist,
     "binarized_mnist": load_binarized_mnist,
     **{name: partial(load_idx_dataset, name) for name in IDX_DATASETS},
     "omniglot": load_omniglot,
     "cifar10": load_cifar10,
 }
+#: the datasets of :data:`DATASETS` that come with class labels (``labels=True``)
+LABELLED_DATASETS = frozenset({"mnist", *IDX_DATASETS, "cifar10"})
 
 
 # --- the user's own files: --dataset npz:PATH, npy:PATH, folder:PATH ---
 
 
-def _split_off_test(x: torch.Tensor, test_fraction: float, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` in one fixed random order (seed :data:`SPLIT_SEED`): the first
-    ``round(test_fraction * N)`` (at least 1) are the test set, the rest the training set."""
+def _split_order(num_points: int, test_fraction: float, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a fixed random split (seed :data:`SPLIT_SEED`): the first
+    ``round(test_fraction * N)`` (at least 1) points of one random order are the test set,
+    the rest the training set; ``(train indices, test indices)``."""
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if len(x) < 2:
-        raise InvalidDataError(f"{source} has {len(x)} data point(s); a train/test split needs 2")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    num_test = min(len(x) - 1, max(1, round(test_fraction * len(x))))
-    return x[order[num_test:]], x[order[:num_test]]
+    if num_points < 2:
+        raise InvalidDataError(f"{source} has {num_points} data point(s); a train/test split needs 2")
+    order = torch.randperm(num_points, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    num_test = min(num_points - 1, max(1, round(test_fraction * num_points)))
+    return order[num_test:], order[:num_test]
+
 
 
 def images_from_array(x: np.ndarray, name: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
@@ -652,9 +880,11 @@ def images_from_array(x: np.ndarray, name: str) -> tuple[torch.Tensor, tuple[int
 
 
 def _splits_from_arrays(arrays: dict[str, np.ndarray], source: str, *, binarize: str,
-                        test_fraction: float) -> DataSplits:
+                        test_fraction: float,
+                        labels: dict[str, np.ndarray] | None = None) -> DataSplits:
     """:class:`DataSplits` from arrays ``train`` and optional ``test`` and ``valid``; a lone
-    ``train`` (an npy file, a folder) is called ``source`` in messages and split."""
+    ``train`` (an npy file, a folder) is called ``source`` in messages and split.  ``labels``
+    holds the class labels of the same keys, split and appended alike."""
     tensors, shapes = {}, {}
     for key in ("train", "valid", "test"):
         if key not in arrays:
@@ -665,15 +895,26 @@ def _splits_from_arrays(arrays: dict[str, np.ndarray], source: str, *, binarize:
                 f"{arrays['train'].shape[1:]}")
         name = source if len(arrays) == 1 else f"{source}: {key}"
         tensors[key], shapes[key] = images_from_array(arrays[key], name)
+    targets = {key: check_labels(y, len(tensors[key]), f"{source}: {key}_labels")
+               for key, y in (labels or {}).items()}
     if "test" not in tensors:
-        tensors["train"], tensors["test"] = _split_off_test(tensors["train"], test_fraction, source)
-    train = tensors["train"]
+        train_rows, test_rows = _split_order(len(tensors["train"]), test_fraction, source)
+        for split in (tensors, targets):
+            if "train" in split:
+                split["train"], split["test"] = split["train"][train_rows], split["train"][test_rows]
+    train, train_y = tensors["train"], targets.get("train")
     if "valid" in tensors:
         # the last training points, so that --valid-size len(valid) holds exactly them out
         logger.info("%s: valid (%d points) appended after train; --valid-size %d holds it out",
                     source, len(tensors["valid"]), len(tensors["valid"]))
         train = torch.cat([train, tensors["valid"]])
-    return _binarize(DataSplits(train, tensors["test"], shapes["train"]), binarize)
+        if train_y is not None:
+            train_y = torch.cat([train_y, targets["valid"]])
+    if labels is None:
+        return _binarize(DataSplits(train, tensors["test"], shapes["train"]), binarize)
+    num_classes = _num_classes(None, train_y, targets["test"])
+    return _binarize(DataSplits(train, tensors["test"], shapes["train"], train_labels=train_y,
+                                test_labels=targets["test"], num_classes=num_classes), binarize)
 
 
 def _existing_file(path: str, kind: str, what: str) -> Path:
@@ -684,20 +925,24 @@ def _existing_file(path: str, kind: str, what: str) -> Path:
 
 
 def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
-             test_fraction: float = 0.1) -> DataSplits:
+             test_fraction: float = 0.1, labels: bool = False) -> DataSplits:
     """Arrays from an ``.npz`` file: ``train``, and optionally ``test`` and ``valid``.
 
     Each array holds data points as :func:`images_from_array` takes them (``(N, D)``,
     ``(N, H, W)`` or ``(N, H, W, C)``; uint8 0..255, bool or floats in the range the
     likelihood needs).  Without ``test``, a fixed random ``test_fraction`` of ``train`` is
     the test set.  ``valid`` is appended after ``train``, so that ``--valid-size
-    len(valid)`` holds it out for model selection.  Other arrays (labels) are ignored.
-    The file is read with ``allow_pickle=False``.
+    len(valid)`` holds it out for model selection.  With ``labels``, the integer arrays
+    ``train_labels`` (and ``test_labels``, ``valid_labels`` beside ``test``, ``valid``) are
+    the class labels 0..C-1, C the largest + 1; otherwise they, and any other arrays, are
+    ignored.  The file is read with ``allow_pickle=False``.
     """
     file = _existing_file(str(path), "npz", "an .npz file with arrays train [, test, valid]")
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files if key in ("train", "test", "valid")}
+            targets = {key: archive[f"{key}_labels"] for key in arrays
+                       if f"{key}_labels" in archive.files}
             found = archive.files
     except (ValueError, OSError) as error:
         raise InvalidDataError(
@@ -705,7 +950,16 @@ def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
     if "train" not in arrays:
         raise InvalidDataError(f"{file} has no array named train (found: {', '.join(found) or 'none'}); "
                                f"save it with numpy.savez(path, train=..., test=...)")
-    return _splits_from_arrays(arrays, str(file), binarize=binarize, test_fraction=test_fraction)
+    if not labels:
+        return _splits_from_arrays(arrays, str(file), binarize=binarize,
+                                   test_fraction=test_fraction)
+    missing = [f"{key}_labels" for key in arrays if key not in targets]
+    if missing:
+        raise InvalidDataError(f"{file} has no {', '.join(missing)} for the labels this model "
+                               f"needs; save them with numpy.savez(path, train=..., "
+                               f"train_labels=..., test=..., test_labels=...)")
+    return _splits_from_arrays(arrays, str(file), binarize=binarize, test_fraction=test_fraction,
+                               labels=targets)
 
 
 def load_npy(path: str | os.PathLike[str], *, binarize: str = "none",
@@ -795,16 +1049,24 @@ def check_dataset_name(name: str) -> None:
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                  binarize: str = "dynamic", download: bool = True,
-                 test_fraction: float = 0.1) -> DataSplits:
+                 test_fraction: float = 0.1, labels: bool = False) -> DataSplits:
     """Load a dataset by name: a key of :data:`DATASETS` (read from ``data_dir``), or
     ``KIND:PATH`` with ``KIND`` in :data:`FILE_DATASETS` (``npz``, ``npy``, ``folder``;
     ``PATH`` relative to the working directory).
 
     :param test_fraction: for files without a test split, the share of points held out as
         the test set (a fixed random choice).
+    :param labels: attach the class labels (:data:`LABELLED_DATASETS`, ``npz:PATH`` with
+        ``train_labels``/``test_labels`` arrays), for models conditioned on them.
+    :raises ConfigError: ``labels`` for a dataset without labels.
     """
     check_dataset_name(name)
     kind, colon, path = name.partition(":")
+    if labels and name not in LABELLED_DATASETS and kind != "npz":
+        raise ConfigError(f"dataset {name!r} has no class labels; a model conditioned on labels "
+                          f"needs one of {', '.join(sorted(LABELLED_DATASETS))} or npz:PATH with "
+                          f"train_labels and test_labels arrays")
+    options = {"labels": True} if labels else {}
     if name not in DATASETS:
-        return FILE_DATASETS[kind](path, binarize=binarize, test_fraction=test_fraction)
-    return DATASETS[name](data_dir, binarize=binarize, download=download)
+        return FILE_DATASETS[kind](path, binarize=binarize, test_fraction=test_fraction, **options)
+    return DATASETS[name](data_dir, binarize=binarize, download=download, **options)

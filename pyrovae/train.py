@@ -78,6 +78,12 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
+def _arguments(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A minibatch as the program's positional data arguments: ``(x,)``, or ``(x, y)`` where
+    the data carry labels (:meth:`~pyrovae.data.DataSplits.train_batches`)."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
 @dataclass
 class EpochRecord:
     """One line of ``metrics.csv``; ELBOs and log p(x) per data point in nats (NaN where not
@@ -167,6 +173,10 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
         output_bias_init: str = "zero", early_stopping_patience: int = 0) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
+    Where ``data`` carries labels (:attr:`~pyrovae.data.DataSplits.has_labels`), each
+    minibatch is ``(x, y)`` and the program is called as ``model(x, y)``, ``guide(x, y)``; the
+    test and validation ELBOs and log p(x) then take ``(x, y)`` too.
+
     ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
     ``model`` and ``guide`` methods, or a ``(model, guide)`` pair (:mod:`pyrovae.programs`).
     Each step minimises ``objective.differentiable_loss(model, guide, x)`` of the Pyro ELBO
@@ -246,7 +256,7 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
     if isinstance(program.module, VAE):
         check_training_data(program.module, data, batch_size)
     else:
-        program.check_data(data.test)
+        program.check_data(data.test_inputs)
     distributed.check_batch_size(batch_size, distributed.get_world_size(),
                                  num_points=data.train.shape[0])
     if on_divergence not in DIVERGENCE_POLICIES:
@@ -375,9 +385,10 @@ class TrainingLoop:
         self.clip_norm, self.max_minutes = clip_norm, max_minutes
         self.log_px_every, self.log_px_samples = log_px_every, log_px_samples
         self.log_px_size = log_px_size
-        structure = self.program.structure(data.test[:1])
+        first = tuple(argument[:1] for argument in _arguments(data.test_inputs))
+        structure = self.program.structure(*first)
         with pyro.validation_enabled(False):
-            self.parameters = program_parameters(self.program, data.test[:1])
+            self.parameters = program_parameters(self.program, *first)
         owned = {id(parameter) for parameter in self.vae.parameters()}
         store = pyro.get_param_store()
         # pyro.param sites outside the module: saved beside its state dict in a checkpoint
@@ -420,15 +431,16 @@ class TrainingLoop:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             if shard is None:
-                return self.elbo.differentiable_loss(self.model, self.guide, x)
+                return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
             # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
             with distributed.rank_seeded(self.program.device):
-                return self.elbo.differentiable_loss(self.model, self.guide, x)
+                return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
 
     def train_step(self, x: torch.Tensor, epoch: int = 1, *, global_rows: int | None = None) -> float:
         """One gradient step; raises before updating if the loss or gradient is not finite.
 
-        :param x: the minibatch, or in a multi-process run this process's slice of it.
+        :param x: the minibatch, or in a multi-process run this process's slice of it: a
+            tensor, or a tuple of the program's data arguments (``(x, y)``).
         :param global_rows: the size of the global batch ``x`` is a slice of; needed in a
             multi-process run (ignored in one process).
         :returns: the loss summed over the whole (global) batch, nats.
@@ -447,8 +459,8 @@ class TrainingLoop:
         return value
 
     def _distributed_step(self, x: torch.Tensor, epoch: int, shard: Shard) -> float:
-        if x.shape[0] != shard.num_rows:
-            raise ValueError(f"rank {self.rank} holds {x.shape[0]} rows of a global batch of "
+        if _arguments(x)[0].shape[0] != shard.num_rows:
+            raise ValueError(f"rank {self.rank} holds {_arguments(x)[0].shape[0]} rows of a global batch of "
                              f"{shard.global_rows}; expected {shard.num_rows}")
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(x, shard)
@@ -666,9 +678,10 @@ class TrainingLoop:
             # others wait for its numbers and its RNG state so that all keep drawing alike
             if self.is_main:
                 self.program.train(False)
-                test_elbo = elbo(self.program, self.data.test, batch_size=1000).mean().item()
+                test_elbo = elbo(self.program, self.data.test_inputs, batch_size=1000).mean().item()
                 if self.data.valid is not None:
-                    valid_elbo = elbo(self.program, self.data.valid, batch_size=1000).mean().item()
+                    valid_elbo = elbo(self.program, self.data.valid_inputs,
+                                      batch_size=1000).mean().item()
                 self.program.train()
             test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
             distributed.share_rng_state(self.program.device)
@@ -735,7 +748,9 @@ class TrainingLoop:
             return math.nan
         self.program.train(False)
         log_px = log_marginal_likelihood(
-            self.program, self.data.test[: self.log_px_size], num_samples=self.log_px_samples,
+            self.program, tuple(argument[: self.log_px_size]
+                                for argument in _arguments(self.data.test_inputs)),
+            num_samples=self.log_px_samples,
             seed=self.seed, distributed=distributed.is_distributed())
         self.program.train()
         return log_px.mean().item()

@@ -11,7 +11,9 @@ from torch.utils.data import TensorDataset
 
 from pyrovae.data import (
     DATA_DIR_ENV,
+    HIDDEN_LABEL,
     IDX_DATASETS,
+    MNIST_RAW_FILES,
     OMNIGLOT_TRAIN_DRAWINGS,
     DataSplits,
     load_binarized_mnist,
@@ -404,3 +406,117 @@ def test_scikit_learns_digits_as_an_npy_file(tmp_path):
     data = load_dataset(f"npy:{tmp_path / 'digits.npy'}", binarize="dynamic")
     assert data.image_shape == (1, 8, 8) and data.test.shape == (180, 64) and data.train.shape == (1617, 64)
     assert data.dynamic_binarization and float(data.train.max()) == 1.0
+
+
+# --- class labels ---
+
+
+def indexed_points(n: int = 30) -> torch.Tensor:
+    """Points whose first coordinate is their index / 100, to trace rows through batches."""
+    x = torch.zeros(n, 4)
+    x[:, 0] = torch.arange(n) / 100
+    return x
+
+
+def test_labels_are_batched_with_their_points_in_the_same_shuffle():
+    x, y = indexed_points(), torch.arange(30) % 3
+    data = DataSplits.from_tensors(x[:24], x[24:], train_labels=y[:24], test_labels=y[24:])
+    assert data.num_classes == 3 and data.has_labels
+    batches = list(data.train_batches(5, generator=torch.Generator().manual_seed(1)))
+    assert [len(b) for b in batches] == [2] * 5  # (x, y) pairs, the last batch of 4
+    for xb, yb in batches:
+        assert yb.dtype == torch.int64
+        torch.testing.assert_close(yb, (xb[:, 0] * 100).round().long() % 3, rtol=0, atol=0)
+    seen = torch.cat([(xb[:, 0] * 100).round() for xb, _ in batches])
+    assert sorted(seen.tolist()) == list(range(24)) and seen.tolist() != list(range(24))
+    xt, yt = data.test_inputs
+    assert torch.equal(yt, y[24:]) and torch.equal(xt, x[24:])
+    # subsets and validation splits carry the labels of their own points
+    held = data.subset(train_size=20).with_validation(4)
+    assert torch.equal(held.train_labels, y[:16]) and torch.equal(held.valid_labels, y[16:20])
+    assert torch.equal(held.valid_inputs[1], y[16:20])
+
+
+def test_dynamic_binarization_keeps_the_labels_of_the_rows_it_draws():
+    x, y = torch.rand(12, 3), torch.arange(12) % 4
+    data = DataSplits.from_tensors(x, x, binarize="dynamic", train_labels=y, test_labels=y)
+    xb, yb = next(iter(data.train_batches(12, shuffle=False)))
+    assert torch.equal(yb, y) and set(xb.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.zeros(5, dtype=torch.long), r"must have shape \(6,\)"),
+    (torch.zeros(6, 1, dtype=torch.long), r"must have shape \(6,\)"),
+    (torch.zeros(6), "must be integers 0..C-1, got dtype torch.float32"),
+    (torch.tensor([0, 1, 2, -1, 0, 1]), "must lie in 0..C-1, got -1"),
+])
+def test_bad_labels_are_one_line_errors(labels, message):
+    with pytest.raises(InvalidDataError, match=message) as error:
+        DataSplits.from_tensors(torch.rand(6, 2), train_labels=labels)
+    assert "\n" not in str(error.value)
+
+
+def test_labels_beyond_the_classes_and_missing_test_labels_are_refused():
+    x = torch.rand(6, 2)
+    with pytest.raises(InvalidDataError, match=r"labels must lie in 0..2, got 3"):
+        DataSplits.from_tensors(x, train_labels=torch.tensor([0, 1, 2, 3, 0, 1]), num_classes=3)
+    with pytest.raises(InvalidDataError, match="need test_labels"):
+        DataSplits.from_tensors(x, x, train_labels=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(InvalidDataError, match=r"test labels must lie in 0..1, got 2"):
+        DataSplits.from_tensors(x, x, train_labels=torch.tensor([0, 1] * 3),
+                                test_labels=torch.tensor([2, 0] * 3), num_classes=2)
+
+
+def test_with_labelled_keeps_a_balanced_seeded_choice_and_hides_the_rest():
+    x, y = indexed_points(40), torch.arange(40) % 4
+    data = DataSplits.from_tensors(x, train_labels=y)
+    kept = data.with_labelled(10, seed=3)
+    labels = kept.train_labels
+    assert kept.num_labelled == 10 and int((labels == HIDDEN_LABEL).sum()) == 30
+    counts = torch.bincount(labels[labels >= 0], minlength=4)
+    assert sorted(counts.tolist()) == [2, 2, 3, 3]  # 10 // 4 each, two classes one more
+    assert bool((labels[labels >= 0] == y[labels >= 0]).all())  # kept labels are the true ones
+    assert torch.equal(data.with_labelled(10, seed=3).train_labels, labels)
+    assert not torch.equal(data.with_labelled(10, seed=4).train_labels, labels)
+    assert torch.equal(kept.test_labels, y)  # the test labels score a classifier
+    assert data.with_labelled(0).num_labelled == 0
+
+
+def test_with_labelled_refuses_what_it_cannot_keep():
+    x, y = torch.rand(8, 2), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    data = DataSplits.from_tensors(x, train_labels=y)
+    with pytest.raises(ConfigError, match=r"--labelled 9 is larger than the training set \(8 points\)"):
+        data.with_labelled(9)
+    with pytest.raises(ConfigError, match="needs 3 training points of class 1, and there are 2"):
+        data.with_labelled(6)
+    with pytest.raises(ConfigError, match="no labels"):
+        DataSplits.from_tensors(x).with_labelled(2)
+
+
+def test_mnist_labels_come_from_the_label_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    train, test = random_images(6, 0), random_images(4, 1)
+    train_y, test_y = np.array([3, 1, 4, 1, 5, 9]), np.array([2, 6, 5, 3])
+    for name, array in zip(MNIST_RAW_FILES, (train, train_y, test, test_y), strict=True):
+        write_idx(raw / name, array)
+    data = load_dataset("mnist", tmp_path, binarize="none", download=False, labels=True)
+    assert data.num_classes == 10
+    assert data.train_labels.tolist() == train_y.tolist()
+    assert data.test_labels.tolist() == test_y.tolist()
+    assert load_dataset("mnist", tmp_path, binarize="none", download=False).train_labels is None
+    with pytest.raises(ConfigError, match="'omniglot' has no class labels"):
+        load_dataset("omniglot", tmp_path, labels=True)
+
+
+def test_npz_labels_follow_their_points_through_the_split(tmp_path):
+    images = np.arange(10 * 4, dtype=np.float32).reshape(10, 4) / 100
+    path = tmp_path / "labelled.npz"
+    np.savez(path, train=images, train_labels=np.arange(10) % 5)
+    data = load_dataset(f"npz:{path}", binarize="none", test_fraction=0.3, labels=True)
+    assert data.num_classes == 5 and data.test.shape == (3, 4)
+    for x, y in ((data.train, data.train_labels), (data.test, data.test_labels)):
+        index = (x[:, 0] * 100 / 4).round().long()
+        assert torch.equal(y, index % 5)
+    np.savez(path, train=images, test=images[:2], train_labels=np.arange(10) % 5)
+    with pytest.raises(InvalidDataError, match="has no test_labels"):
+        load_dataset(f"npz:{path}", binarize="none", labels=True)
