@@ -674,14 +674,17 @@ class TrainingLoop:
         epoch = self.epoch
         test_elbo = valid_elbo = math.nan
         if epoch % self.test_every == 0 or epoch == self.epochs:
-            # rank 0 evaluates (as one process would, drawing from the shared stream), the
-            # others wait for its numbers and its RNG state so that all keep drawing alike
+            # rank 0 evaluates from a stream of its own, seeded by (seed, epoch): the training
+            # stream is untouched, so a run extended later (or evaluated on other epochs)
+            # draws exactly what an uninterrupted one does
             if self.is_main:
                 self.program.train(False)
-                test_elbo = elbo(self.program, self.data.test_inputs, batch_size=1000).mean().item()
-                if self.data.valid is not None:
-                    valid_elbo = elbo(self.program, self.data.valid_inputs,
-                                      batch_size=1000).mean().item()
+                with distributed.seeded(self.seed, epoch, device=self.program.device):
+                    test_elbo = elbo(self.program, self.data.test_inputs,
+                                     batch_size=1000).mean().item()
+                    if self.data.valid is not None:
+                        valid_elbo = elbo(self.program, self.data.valid_inputs,
+                                          batch_size=1000).mean().item()
                 self.program.train()
             test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
             distributed.share_rng_state(self.program.device)

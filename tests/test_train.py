@@ -192,3 +192,25 @@ def test_fit_refuses_zero_epochs_and_data_of_another_dtype():
     with pytest.raises(InvalidDataError, match="the data are torch.float64 but the model's "
                                                "parameters are torch.float32"):
         fit(vae, doubles, epochs=1, batch_size=5, progress=False)
+
+
+def test_extending_a_finished_run_is_bit_identical_with_sparse_test_epochs(tmp_path):
+    """The final test ELBO of the short run draws from its own seeded stream, not the
+    training stream, so extending the run later changes nothing (--test-every 3)."""
+    def tiny():
+        torch.manual_seed(0)
+        return build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+
+    generator = torch.Generator().manual_seed(1)
+    data = DataSplits.from_tensors(torch.rand(40, 10, generator=generator),
+                                   torch.rand(10, 10, generator=generator), binarize="dynamic")
+    straight = tiny()
+    fit(straight, data, epochs=4, batch_size=10, test_every=3, progress=False,
+        run_dir=tmp_path / "straight")
+    extended = tiny()
+    fit(extended, data, epochs=2, batch_size=10, test_every=3, progress=False,
+        run_dir=tmp_path / "extended")
+    fit(extended, data, epochs=4, batch_size=10, test_every=3, progress=False,
+        run_dir=tmp_path / "extended", resume=True)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(extended.state_dict()[name], value), name
