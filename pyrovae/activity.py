@@ -390,6 +390,8 @@ class LatentUsage:
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
 
         names = list(self.variances)
         figure, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names) + 1, 6.4),
@@ -409,14 +411,20 @@ class LatentUsage:
                          va="center", wrap=True, fontsize=8, transform=top.transAxes)
             total = "" if kl.total is None else f", KL {kl.total:.2f} nats"
             top.set_title(f"{name}: {int(active.sum())} of {len(order)} units active{total}")
-            bottom.bar(positions, variance[order].clamp(min=1e-12).numpy(), color=colours)
+            floor = self.threshold / 100  # inactive units' variances can be 0: drawn here
+            bottom.bar(positions, variance[order].clamp(min=floor).numpy(), color=colours)
             bottom.set_yscale("log")
+            bottom.set_ylim(bottom=floor)
             bottom.axhline(self.threshold, color="C3", linestyle="--",
                            label=f"active above {self.threshold}")
             bottom.set_ylabel("Var_x(E_q[z_u | x])")
             bottom.set_xlabel("latent dimension, sorted" + (" by KL" if kl.per_dimension
                                                               is not None else ""))
-            bottom.legend(loc="upper right")
+            for axis in (top, bottom):
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            bottom.legend(handles=[*bottom.get_legend_handles_labels()[0],
+                                   Patch(color="C0", label="active"),
+                                   Patch(color="C7", label="inactive")], loc="upper right")
         if self.mutual_information is not None:
             figure.suptitle(f"I(x; z) under q: {self.mutual_information:.2f} nats "
                             f"(N={self.mutual_information_points}, at most "

@@ -36,7 +36,7 @@ from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.models import VAE
 from pyrovae.provenance import provenance
-from pyrovae.report import add_report_arguments, report_command
+from pyrovae.report import SANDWICH_NAME, add_report_arguments, report_command, sandwich_command
 from pyrovae.rundir import (
     LOCK_NAME,
     RunLock,
@@ -491,10 +491,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     parallel = distributed.is_distributed()
-    if parallel and args.report:
-        raise ConfigError("evaluate --report runs in one process; start it without torchrun")
+    if parallel and (args.report or args.sandwich):
+        raise ConfigError("evaluate --report and --sandwich run in one process; start them "
+                          "without torchrun")
     vae, config, checkpoint = _load_run_checkpoint(args.checkpoint, device)
-    output = Path(args.output) if args.output else _run_dir_of(args.checkpoint) / EVALUATION_NAME
+    output = Path(args.output) if args.output else _run_dir_of(args.checkpoint) / (
+        SANDWICH_NAME if args.sandwich else EVALUATION_NAME)
     if not args.report and distributed.is_main_process():
         _check_output(output)  # before the long work, not after it
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
@@ -504,6 +506,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     seed_everything(args.seed)
     if args.report:
         return report_command(args, vae, x_test, Path(args.output or _run_dir_of(args.checkpoint)))
+    if args.sandwich:
+        return sandwich_command(args, vae, x_test, output)
     results = evaluate_vae(vae, x_test, num_samples=args.num_samples, batch_size=args.batch_size,
                            chunk_size=args.chunk_size, distributed=parallel,
                            progress=args.progress and distributed.is_main_process())

@@ -12,7 +12,13 @@ importance sampling, with per-point Monte Carlo errors, ESS and PSIS k-hat.
 * ``diagnostics.nc``: per-point estimates and diagnostics as ArviZ InferenceData (group
   ``sample_stats``, dimension ``point``), which reloads with ``arviz.from_netcdf``;
 * ``report.json``: the table plus seed, Ks, AIS settings, number of points with
-  k-hat > 0.7, elapsed seconds, commit, device and library versions.
+  k-hat > 0.7, elapsed seconds, commit, device and library versions;
+* ``kl_per_dimension.png`` and ``report.json``'s ``latent_usage``: active units, the KL
+  per latent dimension (sorted) and I(x; z) under q (:mod:`pyrovae.activity`).
+
+With ``sandwich_points``, the table, figure, netCDF and JSON also hold bidirectional Monte
+Carlo (:mod:`pyrovae.sandwich`) with the AIS settings: forward AIS below and reverse AIS
+above log p(x) on points simulated from the model (not the test points), and their gap.
 
 Two kinds of error are reported.  The *standard error* (std over points / sqrt(N)) is the
 uncertainty of the test-set average as an estimate over the data distribution; the
@@ -38,12 +44,15 @@ import numpy as np
 import pyro
 import torch
 
+from pyrovae.activity import LatentUsage, latent_usage
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
 from pyrovae.argtypes import non_negative_int, positive_int
 from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
+from pyrovae.errors import ConfigError
 from pyrovae.evaluation import default_chunk_size
-from pyrovae.programs import as_data, as_program
+from pyrovae.programs import ProgramError, as_data, as_program
 from pyrovae.provenance import provenance
+from pyrovae.sandwich import DEFAULT_POINTS, SandwichResult, bidirectional_monte_carlo
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +67,21 @@ TABLE_MARKDOWN = "bounds.md"
 PLOT_NAME = "bounds.png"
 NETCDF_NAME = "diagnostics.nc"
 SUMMARY_NAME = "report.json"
+USAGE_PLOT_NAME = "kl_per_dimension.png"
+#: ``pyrovae evaluate --sandwich`` without ``--report`` writes this into the run directory
+SANDWICH_NAME = "sandwich.json"
+#: the table's estimators for the two bounds of bidirectional Monte Carlo
+SANDWICH_LOWER, SANDWICH_UPPER = "BDMC lower", "BDMC upper"
 
 
 @dataclass(frozen=True)
 class BoundRow:
     """One estimator averaged over the test points, in nats.
 
-    :ivar estimator: ``"ELBO"``, ``"IWAE"`` or ``"AIS"``.
-    :ivar num_samples: K for ELBO/IWAE, the number of chains for AIS.
-    :ivar num_temperatures: T for AIS, else None.
+    :ivar estimator: ``"ELBO"``, ``"IWAE"``, ``"AIS"``, or ``"BDMC lower"`` and ``"BDMC
+        upper"`` (forward and reverse AIS on simulated points, not the test points).
+    :ivar num_samples: K for ELBO/IWAE, the number of chains for AIS and BDMC.
+    :ivar num_temperatures: T for AIS and BDMC, else None.
     :ivar mean: mean over points of the per-point estimate.
     :ivar standard_error: std over points / sqrt(N).
     :ivar monte_carlo_error: sqrt(sum_n se_n^2) / N, the sampling error for these points.
@@ -83,6 +98,11 @@ class BoundRow:
 
     @property
     def label(self) -> str:
+        if self.estimator == SANDWICH_LOWER:
+            return f"BDMC lower: AIS on simulated data (T={self.num_temperatures}, C={self.num_samples})"
+        if self.estimator == SANDWICH_UPPER:
+            return (f"BDMC upper: reverse AIS on simulated data (T={self.num_temperatures}, "
+                    f"C={self.num_samples})")
         if self.estimator == "AIS":
             return f"AIS (T={self.num_temperatures}, C={self.num_samples})"
         if self.estimator == "IWAE":
@@ -105,13 +125,16 @@ def _row(estimator: str, num_samples: int, num_temperatures: int | None, values:
 
 @dataclass
 class BoundCurve:
-    """ELBO, IWAE_K and AIS on the same points; see :func:`bound_curve`."""
+    """ELBO, IWAE_K and AIS on the same points, and optionally the sandwich on simulated
+    points; see :func:`bound_curve`."""
 
     rows: list[BoundRow]
     importance: ImportanceSummary
     ais: AISResult | None
     seed: int | None
     ais_settings: dict[str, Any] = field(default_factory=dict)
+    sandwich: SandwichResult | None = None
+    usage: LatentUsage | None = None
 
     @property
     def num_points(self) -> int:
@@ -141,6 +164,21 @@ class BoundCurve:
                 f"{diagnostics.num_unreliable} points with Pareto k-hat > "
                 f"{diagnostics.khat_threshold} (unreliable), median ESS "
                 f"{float(diagnostics.effective_sample_size.median()):.1f}.\n")
+        if self.sandwich is not None:
+            gap = self.sandwich.summary()
+            note += (f"\nBDMC rows: {gap['num_points']} points simulated from the model, not the "
+                     f"test points; log p(x) lies between them up to Monte Carlo error. Mean gap "
+                     f"(upper - lower) {gap['gap_mean']:.3f} ± {gap['gap_standard_error']:.3f} "
+                     f"nats: how far AIS with these settings can be from log p(x) on data from "
+                     f"the model.\n")
+        if self.usage is not None:
+            usage = self.usage.summary()
+            information = ("" if usage["mutual_information"] is None else
+                           f"; I(x; z) under q {usage['mutual_information']:.2f} nats "
+                           f"(N={usage['mutual_information_points']}, at most "
+                           f"{usage['mutual_information_max']:.2f})")
+            note += (f"\nLatent usage: {usage['active_units']} of {usage['latent_dim']} units "
+                     f"active (Var_x E_q[z_u|x] > {usage['threshold']}){information}.\n")
         return header + "\n".join(lines) + "\n" + note
 
     def to_csv(self, path: str | Path) -> None:
@@ -158,7 +196,9 @@ class BoundCurve:
         from matplotlib import pyplot as plt
 
         iwae = [row for row in self.rows if row.estimator == "IWAE"]
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        panels = 2 if self.sandwich is None else 3
+        figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+        left, right = axes[0], axes[1]
         left.errorbar([row.num_samples for row in iwae], [row.mean for row in iwae],
                       yerr=[row.monte_carlo_error for row in iwae], marker="o", capsize=3,
                       label="IWAE$_K$")
@@ -191,6 +231,8 @@ class BoundCurve:
         right.set_xlabel(f"Pareto k-hat of the K={self.importance.num_samples[-1]} weights")
         right.set_title(f"{self.importance.num_unreliable} of {self.num_points} points unreliable")
         right.legend(loc="best")
+        if self.sandwich is not None:
+            _plot_sandwich(axes[2], self.sandwich)
         figure.tight_layout()
         figure.savefig(path, dpi=120)
         plt.close(figure)
@@ -226,8 +268,21 @@ class BoundCurve:
                 "ais_acceptance_rate": (("point",), self.ais.acceptance_rate.numpy()),
                 "ais_step_size": (("point",), self.ais.step_size.numpy()),
             })
-        dataset = xr.Dataset(variables, coords={"point": point,
-                                                "num_samples": list(summary.num_samples)},
+        coords: dict[str, Any] = {"point": point, "num_samples": list(summary.num_samples)}
+        if self.sandwich is not None:
+            sandwich = self.sandwich
+            variables.update({
+                "bdmc_lower": (("simulated_point",), sandwich.lower.numpy()),
+                "bdmc_lower_standard_error": (("simulated_point",),
+                                              sandwich.lower_standard_error.numpy()),
+                "bdmc_upper": (("simulated_point",), sandwich.upper.numpy()),
+                "bdmc_upper_standard_error": (("simulated_point",),
+                                              sandwich.upper_standard_error.numpy()),
+                "bdmc_reverse_log_weights": (("bdmc_chain", "simulated_point"),
+                                             sandwich.reverse_log_weights.numpy()),
+            })
+            coords["simulated_point"] = np.arange(sandwich.num_points)
+        dataset = xr.Dataset(variables, coords=coords,
                              attrs=_netcdf_attrs(attrs or {}))
         return _inference_data(sample_stats=dataset)
 
@@ -265,7 +320,26 @@ class BoundCurve:
                 "mean_where_unreliable": (float(difference[~reliable].mean())
                                           if (~reliable).any() else None),
             }
+        if self.sandwich is not None:
+            result["sandwich"] = self.sandwich.summary()
+        if self.usage is not None:
+            result["latent_usage"] = self.usage.summary()
         return _json_safe(result)
+
+
+def _plot_sandwich(axis: Any, sandwich: SandwichResult) -> None:
+    """Per simulated point, the gap between the two bounds (a histogram, its mean dashed)."""
+    summary = sandwich.summary()
+    axis.hist(sandwich.gap.numpy(), bins=min(30, max(5, sandwich.num_points // 5)), color="C4")
+    axis.axvline(summary["gap_mean"], color="k", linestyle="--",
+                 label=f"mean {summary['gap_mean']:.3f} nats")
+    axis.axvline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("BDMC upper − lower per simulated point (nats)")
+    axis.set_ylabel("number of points")
+    axis.set_title(f"sandwich on {summary['num_points']} simulated points: "
+                   f"{summary['lower_mean']:.2f} ≤ log p(x) ≤ {summary['upper_mean']:.2f}",
+                   fontsize=9)
+    axis.legend(loc="best")
 
 
 def _standard_error(values: torch.Tensor) -> float:
@@ -304,7 +378,7 @@ def _inference_data(**groups: Any) -> Any:
 def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = DEFAULT_KS, *,
                 ais_kwargs: Mapping[str, Any] | None = None, ais: bool = True,
                 batch_size: int = 100, chunk_size: int | None = None, seed: int | None = None,
-                khat_threshold: float = KHAT_THRESHOLD) -> BoundCurve:
+                khat_threshold: float = KHAT_THRESHOLD, sandwich_points: int = 0) -> BoundCurve:
     """ELBO, IWAE_K for each K in ``ks``, and AIS, on the same points, in nats.
 
     The IWAE bounds use nested prefixes of one set of max(ks) importance samples per point,
@@ -323,6 +397,9 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
     :param chunk_size: importance samples per vectorized trace (``None``: the device's default).
     :param seed: seed for both passes; None leaves the RNG as it is.
     :param khat_threshold: k-hat above which a point is flagged unreliable.
+    :param sandwich_points: simulate this many points from the model (``x``'s first rows as
+        the template) and sandwich their log p(x) by forward and reverse AIS with the AIS
+        settings (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`); 0: no sandwich.
     :returns: a :class:`BoundCurve`.
 
     Example::
@@ -359,7 +436,21 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
                          result.log_marginal_likelihood, result.standard_error, ais_seconds))
         logger.info("AIS with T=%d, C=%d on %d points: %.1f s", result.num_temperatures,
                     result.num_chains, num_points, ais_seconds)
-    return BoundCurve(rows=rows, importance=summary, ais=result, seed=seed, ais_settings=settings)
+    sandwich = None
+    if sandwich_points:
+        if not ais:
+            raise ValueError("the sandwich runs with the AIS settings: it needs ais=True")
+        started = time.perf_counter()
+        sandwich = bidirectional_monte_carlo(vae, x, sandwich_points, **settings, seed=seed)
+        sandwich_seconds = time.perf_counter() - started
+        for estimator, values, errors in (
+                (SANDWICH_LOWER, sandwich.lower, sandwich.lower_standard_error),
+                (SANDWICH_UPPER, sandwich.upper, sandwich.upper_standard_error)):
+            rows.append(_row(estimator, sandwich.forward.num_chains,
+                             sandwich.forward.num_temperatures, values, errors, sandwich_seconds))
+        logger.info("sandwich on %d simulated points: %.1f s", sandwich_points, sandwich_seconds)
+    return BoundCurve(rows=rows, importance=summary, ais=result, seed=seed, ais_settings=settings,
+                      sandwich=sandwich)
 
 
 def save_inference_data(data: Any, path: str | Path) -> None:
@@ -371,18 +462,33 @@ def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir:
                  ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
                  ais: bool = True, batch_size: int = 100, chunk_size: int | None = None,
                  seed: int = 0,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 extra: Mapping[str, Any] | None = None, sandwich_points: int = 0,
+                 usage: bool = True) -> dict[str, Any]:
     """Run :func:`bound_curve` and write the table, plot, netCDF and JSON into ``output_dir``.
 
     :param extra: more entries for ``report.json`` (e.g. the checkpoint path).
+    :param sandwich_points: see :func:`bound_curve`.
+    :param usage: add the latent usage (:func:`~pyrovae.activity.latent_usage`) on ``x``
+        and its figure; a program it cannot read (no continuous latent site in the data
+        plate) gets the reason in ``report.json`` instead.
     :returns: the contents of ``report.json``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     curve = bound_curve(vae, x, ks, ais_kwargs=ais_kwargs, ais=ais, batch_size=batch_size,
-                        chunk_size=chunk_size, seed=seed)
+                        chunk_size=chunk_size, seed=seed, sandwich_points=sandwich_points)
+    usage_error = None
+    if usage:
+        pyro.set_rng_seed(seed)
+        try:
+            curve.usage = latent_usage(vae, x, batch_size=batch_size)
+        except ProgramError as error:
+            usage_error = str(error)
+            logger.warning("no latent usage in the report: %s", error)
     summary = curve.summary()
+    if usage_error is not None:
+        summary["latent_usage"] = {"error": usage_error}
     if chunk_size is None:
         chunk_size = default_chunk_size(batch_size, as_program(vae).device)
     summary.update({"batch_size": batch_size, "chunk_size": chunk_size,
@@ -393,6 +499,8 @@ def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir:
     curve.to_csv(output_dir / TABLE_CSV)
     (output_dir / TABLE_MARKDOWN).write_text(curve.to_markdown())
     curve.plot(output_dir / PLOT_NAME)
+    if curve.usage is not None:
+        curve.usage.plot(output_dir / USAGE_PLOT_NAME)
     save_inference_data(curve.to_inference_data(attrs={
         key: value for key, value in summary.items() if key not in ("bounds", "diagnostics")}),
         output_dir / NETCDF_NAME)
@@ -439,6 +547,14 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
                        help="start AIS chains from q(z|x) or p(z) (default: %(default)s)")
+    group.add_argument("--sandwich", action="store_true",
+                       help="bidirectional Monte Carlo with the --ais-* settings: forward AIS "
+                            "(a lower bound) and reverse AIS from the exact latents (an upper "
+                            "bound) on points simulated from the model; in the report with "
+                            f"--report, else printed and written to {SANDWICH_NAME} (or --output)")
+    group.add_argument("--sandwich-points", type=positive_int, default=DEFAULT_POINTS,
+                       help="points simulated for --sandwich, at most the test points "
+                            "(default: %(default)s)")
 
 
 def report_command(args: argparse.Namespace, vae: Any, x_test: torch.Tensor,
@@ -446,13 +562,51 @@ def report_command(args: argparse.Namespace, vae: Any, x_test: torch.Tensor,
     """``pyrovae evaluate --report``: write the report and print its table."""
     # arviz 0.x logs at INFO on import which optional packages are missing: noise here
     logging.getLogger("arviz").setLevel(logging.WARNING)
-    ais_kwargs = {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
-                  "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
-                  "initial": args.ais_init}
-    summary = write_report(vae, x_test, output_dir, ks=args.ks, ais_kwargs=ais_kwargs,
+    summary = write_report(vae, x_test, output_dir, ks=args.ks, ais_kwargs=_ais_kwargs(args),
                            ais=args.ais_temperatures > 0, batch_size=args.batch_size,
                            chunk_size=args.chunk_size, seed=args.seed,
-                           extra={"checkpoint": str(args.checkpoint)})
+                           extra={"checkpoint": str(args.checkpoint)},
+                           sandwich_points=_sandwich_points(args, x_test) if args.sandwich else 0)
     print((output_dir / TABLE_MARKDOWN).read_text(), end="")
     print(f"report written to {output_dir} ({summary['elapsed_seconds']:.1f} s)")
+    return 0
+
+
+def _ais_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
+            "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
+            "initial": args.ais_init}
+
+
+def _sandwich_points(args: argparse.Namespace, x_test: Any) -> int:
+    """``--sandwich-points``, at most the test points (the template of the simulation)."""
+    if args.ais_temperatures == 0:
+        raise ConfigError("--sandwich runs AIS both ways with the --ais-* settings: it needs "
+                          "--ais-temperatures of 1 or more")
+    available = as_data(x_test)[0].shape[0]
+    if args.sandwich_points > available:
+        logger.warning("--sandwich-points %d: the simulation takes its size from the %d test "
+                       "points; simulating %d", args.sandwich_points, available, available)
+    return min(args.sandwich_points, available)
+
+
+def sandwich_command(args: argparse.Namespace, vae: Any, x_test: Any, output: Path) -> int:
+    """``pyrovae evaluate --sandwich`` without ``--report``: print both bounds' means and
+    their gap, and write them with the per-point bounds into ``output`` (JSON)."""
+    points = _sandwich_points(args, x_test)
+    started = time.perf_counter()
+    result = bidirectional_monte_carlo(vae, x_test, points, **_ais_kwargs(args),
+                                       batch_size=args.batch_size, seed=args.seed)
+    summary = {**result.summary(), "seed": args.seed, "checkpoint": str(args.checkpoint),
+               "elapsed_seconds": time.perf_counter() - started,
+               "points": {"lower": result.lower.tolist(),
+                          "lower_standard_error": result.lower_standard_error.tolist(),
+                          "upper": result.upper.tolist(),
+                          "upper_standard_error": result.upper_standard_error.tolist()}}
+    summary.update(provenance(as_program(vae).device))
+    # printed before saving, so that a failed write does not lose them
+    print(f"{result}\n(points simulated from the model: log p(x) lies between the bounds up to "
+          f"Monte Carlo error; the gap bounds the error of AIS with these settings there)")
+    output.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    print(f"written to {output}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from pyrovae.evaluation import mean_and_standard_error
 from pyrovae.report import (
     NETCDF_NAME,
     PLOT_NAME,
+    SANDWICH_NAME,
     SUMMARY_NAME,
     TABLE_CSV,
     TABLE_MARKDOWN,
+    USAGE_PLOT_NAME,
     bound_curve,
     write_report,
 )
@@ -99,11 +102,49 @@ def test_report_without_ais_still_writes_everything(tmp_path):
     assert (tmp_path / PLOT_NAME).is_file() and (tmp_path / NETCDF_NAME).is_file()
 
 
+def test_report_with_the_sandwich_and_latent_usage(tmp_path):
+    import arviz
+
+    vae = mismatched_vae(inflate=2.5)
+    x = sample_data(vae, 30)
+    summary = write_report(vae, x, tmp_path, ks=(1, 20), ais_kwargs=SMALL_AIS, seed=2,
+                           sandwich_points=25)
+    with open(tmp_path / TABLE_CSV) as handle:
+        rows = {row["estimator"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["ELBO", "IWAE", "AIS", "BDMC lower", "BDMC upper"]
+    sandwich = summary["sandwich"]
+    assert sandwich["num_points"] == 25 and sandwich["num_temperatures"] == 20
+    assert float(rows["BDMC lower"]["mean"]) == pytest.approx(sandwich["lower_mean"])
+    assert sandwich["gap_mean"] == pytest.approx(sandwich["upper_mean"] - sandwich["lower_mean"])
+    stats = arviz.from_netcdf(tmp_path / NETCDF_NAME).sample_stats
+    assert stats["bdmc_upper"].shape == (25,) and stats["bdmc_reverse_log_weights"].shape == (8, 25)
+    # upper >= lower on average up to noise; T = 20 leaves about 0.1 nats on this model
+    assert -3 * sandwich["gap_standard_error"] < sandwich["gap_mean"] < 1.0
+    assert "simulated from the model" in (tmp_path / TABLE_MARKDOWN).read_text()
+    # latent usage: both units of the linear-Gaussian latent are used; I(x; z) <= log 30
+    usage = summary["latent_usage"]
+    assert usage["active_units"] == 2 and usage["latent_dim"] == 2
+    assert 0 < usage["mutual_information"] <= usage["mutual_information_max"] == pytest.approx(
+        math.log(30))
+    assert len(usage["sites"]["z"]["kl_per_dimension_sorted"]) == 2
+    assert (tmp_path / USAGE_PLOT_NAME).stat().st_size > 0
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["sandwich"] == sandwich
+
+
+def test_sandwich_needs_ais():
+    vae = mismatched_vae()
+    with pytest.raises(ValueError, match="AIS settings"):
+        bound_curve(vae, sample_data(vae, 4), ks=(1,), ais=False, sandwich_points=2)
+
+
 def test_report_flags_parse():
     args = build_parser().parse_args(["evaluate", "run", "--report", "--ks", "1,10,100",
                                       "--ais-temperatures", "0", "--ais-init", "prior"])
     assert args.report and args.ks == (1, 10, 100)
     assert args.ais_temperatures == 0 and args.ais_init == "prior"
+    assert not args.sandwich and args.sandwich_points == 100
+    args = build_parser().parse_args(["evaluate", "run", "--sandwich", "--sandwich-points", "7"])
+    assert args.sandwich and args.sandwich_points == 7
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "run", "--ks", "1,zero"])
 
@@ -138,3 +179,13 @@ def test_evaluate_report_on_a_tiny_trained_run(tmp_path):
     assert one["num_points"] == 20 and one["checkpoint"] == str(run_dir)
     for row_a, row_b in zip(one["bounds"], two["bounds"], strict=True):
         assert row_a["mean"] == pytest.approx(row_b["mean"], abs=1e-6, rel=0), row_a
+    assert one["latent_usage"]["latent_dim"] == 4
+    assert (run_dir / USAGE_PLOT_NAME).is_file()
+    # --sandwich alone: printed, and written to sandwich.json with the per-point bounds
+    assert main(["evaluate", str(run_dir), "--sandwich", "--sandwich-points", "30",
+                 "--ais-temperatures", "3", "--ais-chains", "2", "--ais-leapfrog-steps", "1",
+                 "--device", "cpu"]) == 0
+    saved = json.loads((run_dir / SANDWICH_NAME).read_text())
+    assert saved["num_points"] == 20  # at most the 20 test points
+    assert len(saved["points"]["upper"]) == 20 and saved["num_temperatures"] == 3
+    assert saved["gap_mean"] == pytest.approx(saved["upper_mean"] - saved["lower_mean"])
