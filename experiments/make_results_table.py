@@ -1,8 +1,11 @@
 """Collect the experiments' ``results.json`` files into one Markdown table.
 
 One row per trained setting: experiment, setting, epochs, our test log p(x) ± standard
-error (with K), the published number and its source, hardware, and wall time (training
-plus evaluation).  Only numbers found in the JSON files appear.  With ``--readme`` the
+error (with K), the published number and its source, the active latent units (a unit u is
+active when Var_x(E_q[z_u | x]) > 0.01 over the test points, as in Burda et al. 2016's
+Table 1) beside the published count, hardware, and wall time (training plus evaluation).
+Only numbers found in the JSON files appear (``active_units``,
+``published_active_units`` of a run); a run without one gets "—".  With ``--readme`` the
 table replaces the text between the ``<!-- results table -->`` markers of that file.
 
 Usage::
@@ -22,7 +25,8 @@ from typing import Any
 BEGIN = "<!-- results table: begin -->"
 END = "<!-- results table: end -->"
 COLUMNS = ("experiment", "setting", "epochs", "test log p(x) ± SE (K)", "test ELBO",
-           "published log p(x)", "hardware", "wall time")
+           "published log p(x)", "active units", "published active units", "hardware",
+           "wall time")
 
 
 def _duration(seconds: float) -> str:
@@ -56,6 +60,12 @@ def run_hardware(run: dict[str, Any], writer: str) -> str:
                       for hardware, first, last in spans)
 
 
+def _count(value: Any, source: str | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value} ({source})" if source else str(value)
+
+
 def rows(results: dict[str, Any]) -> Iterable[list[str]]:
     """Table rows for one ``results.json``."""
     writer = _singular(results.get("hardware") or results.get("device") or "?")
@@ -72,6 +82,8 @@ def rows(results: dict[str, Any]) -> Iterable[list[str]]:
             f"N={run['num_test_points']})",
             f"{run['test_elbo']:.2f}",
             f"{published:g} ({source})" if published is not None else "—",
+            _count(run.get("active_units")),
+            _count(run.get("published_active_units"), run.get("published_active_units_source")),
             run_hardware(run, writer),
             _duration(wall),
         ]

@@ -260,7 +260,8 @@ def test_make_results_table(tmp_path):
            "train_seconds": 30.0, "evaluation_seconds": 5.0,
            "test_log_marginal_likelihood": -90.123, "test_log_marginal_likelihood_standard_error": 0.25,
            "eval_samples": 5000, "num_test_points": 10000, "test_elbo": -94.5,
-           "published_log_marginal_likelihood": -86.76, "published_source": "Burda et al. 2016"}
+           "published_log_marginal_likelihood": -86.76, "published_source": "Burda et al. 2016",
+           "active_units": 17}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"experiment": "mnist_vae", "hardware": "a CPU (1 threads)",
                                 "runs": [run]}))
@@ -271,6 +272,7 @@ def test_make_results_table(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "-86.76 (Burda et al. 2016)" in text and "35 s" in text
     assert "| a CPU (1 thread) |" in text
+    assert "| 17 | — | a CPU" in text  # active units beside the published count (none here)
     assert text.startswith("before\n") and text.endswith("after\n")
 
 
