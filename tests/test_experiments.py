@@ -89,6 +89,32 @@ def test_benchmark_reference_computes_what_pyrovae_computes():
                                rtol=1e-5, atol=1e-3)
 
 
+def test_two_layer_benchmark_reference_computes_what_pyrovae_computes():
+    """The plain two-layer reference is Pyro's Trace_ELBO of the hierarchical VAE: same
+    draws, same loss, same gradients."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        from benchmark_speed import make_hierarchical_models
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    from pyro.infer import Trace_ELBO
+
+    vae, plain = make_hierarchical_models()
+    x = torch.bernoulli(torch.full((30, 784), 0.2))
+    torch.manual_seed(1)
+    expected = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    torch.manual_seed(1)
+    loss = plain.loss(x)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+    expected.backward()
+    loss.backward()
+    torch.testing.assert_close(plain.p1[1].weight.grad, vae.prior_layers[0].loc_head.weight.grad,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain.q2[2].weight.grad,
+                               vae.guide_layers[1].log_scale_head.weight.grad, rtol=1e-4,
+                               atol=1e-4)
+
+
 @requires_mnist
 def test_mnist_vae(tmp_path):
     results = run_experiment("mnist_vae.py", tmp_path, "--objectives", "trace_elbo", "iwae5")
@@ -374,3 +400,26 @@ def test_compare_pythae_without_pythae_says_why_in_one_line():
     result = run_script("compare_pythae.py", "--epochs", "1")
     assert result.stdout.startswith("skipped: pythae is not installed")
     assert len(result.stdout.strip().splitlines()) == 1
+
+
+@requires_mnist
+def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
+    run_dir, bank_dir = tmp_path / "run", tmp_path / "bank"
+    paths = ["--run-dir", str(run_dir), "--bank-dir", str(bank_dir)]
+    tiny = ["--train-size", "440", "--test-size", "100", "--epochs", "1", "--batch-size", "40",
+            "--log-px-samples", "5", "--log-px-size", "20"]
+    run_script("burda2016.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
+               *paths, *tiny)
+    run_script("burda2016.py", "bank", *paths)
+    results = json.loads((bank_dir / "results.json").read_text())
+    assert results["epochs_done"] == 1 and results["updates_done"] == 1  # 40 images left
+    assert results["config"]["preset"] == "burda2016" and not results["finished"]
+    assert results["learning_curve"][0]["test_log_px_k1000_n1000"] < 0
+    assert (bank_dir / "checkpoint.pt").is_file() and results["commit"]
+    # a fresh machine: no run directory, the bank only
+    import shutil
+
+    shutil.rmtree(run_dir)
+    run_script("burda2016.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
+               *paths, "--epochs", "2")
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # header and 2 epochs
