@@ -29,12 +29,13 @@ from pyrovae import __version__, distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
 from pyrovae.argtypes import device_name, positive_int, seed
 from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
-from pyrovae.config import TrainConfig, build_vae
+from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
 from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
-from pyrovae.models import VAE
+from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
+from pyrovae.models import VAE, SemiSupervisedVAE
 from pyrovae.provenance import provenance
 from pyrovae.report import SANDWICH_NAME, add_report_arguments, report_command, sandwich_command
 from pyrovae.rundir import (
@@ -85,7 +86,15 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size
     :param distributed: every process of the ``torch.distributed`` group calls this; the
         test points are split over them and every process gets the same numbers.
     :param progress: show a progress bar over the test points.
+
+    With labels, ``x_test`` is ``(x, y)``: a conditional VAE's estimate is then log p(x | y),
+    and M2's (:class:`~pyrovae.models.SemiSupervisedVAE`) log p(x) with y summed out, beside
+    the test classification error of q(y | x) (``test_classification_error``).
     """
+    if isinstance(vae, SemiSupervisedVAE):
+        return _evaluate_semi_supervised(vae, *x_test, num_samples=num_samples,
+                                         batch_size=batch_size, chunk_size=chunk_size,
+                                         distributed=distributed)
     started = time.perf_counter()
     test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size,
                                              distributed=distributed))
@@ -99,7 +108,7 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size
         block = max(1, _PROGRESS_POINTS // batch_size) * batch_size
         summaries = [importance_summary(vae, part, ks=(num_samples,), batch_size=batch_size,
                                         chunk_size=chunk_size)
-                     for part in tqdm(x_test.split(block), disable=not progress, unit="block",
+                     for part in tqdm(_split(x_test, block), disable=not progress, unit="block",
                                       desc=f"log p(x), K={num_samples}", dynamic_ncols=True)]
         log_px_values = torch.cat([summary.log_marginal_likelihood for summary in summaries])
         khat_fraction = _unreliable_fraction(torch.cat([s.pareto_k for s in summaries]))
@@ -114,6 +123,43 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor, *, num_samples: int, batch_size
         "khat_threshold": KHAT_THRESHOLD,
         "fraction_khat_above_threshold": khat_fraction,
         "evaluation_seconds": time.perf_counter() - started,
+        **({"log_marginal_likelihood_of": "log p(x | y)"} if isinstance(x_test, tuple) else {}),
+    }
+
+
+def _split(data: torch.Tensor | tuple[torch.Tensor, ...], size: int) -> list[Any]:
+    """``data`` (a tensor, or a tuple of the program's data arguments) in blocks of ``size``
+    points."""
+    if not isinstance(data, tuple):
+        return list(data.split(size))
+    return list(zip(*(argument.split(size) for argument in data), strict=True))
+
+
+def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_test: torch.Tensor,
+                              *, num_samples: int, batch_size: int, chunk_size: int | None,
+                              distributed: bool) -> dict[str, Any]:
+    """M2's test numbers: log p(x) with the label summed out (K importance samples per
+    class), the ELBO of log p(x, y) on the labelled test points, and the test
+    classification error of q(y | x)."""
+    started = time.perf_counter()
+    test_elbo = mean_and_standard_error(elbo(m2, (x_test, y_test), batch_size=batch_size,
+                                             distributed=distributed))
+    log_px = mean_and_standard_error(log_marginal_likelihood_over_labels(
+        m2, x_test, m2.num_classes, num_samples, batch_size=batch_size, chunk_size=chunk_size,
+        distributed=distributed))
+    return {
+        "test_elbo": test_elbo.mean,
+        "test_elbo_standard_error": test_elbo.standard_error,
+        "test_elbo_of": "log p(x, y)",
+        "log_marginal_likelihood": log_px.mean,
+        "log_marginal_likelihood_standard_error": log_px.standard_error,
+        "log_marginal_likelihood_of": "log p(x)",
+        "num_samples": num_samples,
+        "num_test_points": log_px.num_points,
+        "test_classification_error": classification_error(m2, x_test, y_test),
+        "khat_threshold": KHAT_THRESHOLD,
+        "fraction_khat_above_threshold": None,
+        "evaluation_seconds": time.perf_counter() - started,
     }
 
 
@@ -126,9 +172,13 @@ def _unreliable_fraction(khat: torch.Tensor) -> float | None:
 
 def _log_px_line(results: dict[str, Any]) -> str:
     """The printed log p(x), with its k-hat diagnostic."""
-    line = (f"log p(x) (K={results['num_samples']}) {results['log_marginal_likelihood']:.2f} ± "
+    line = (f"{results.get('log_marginal_likelihood_of', 'log p(x)')} (K={results['num_samples']}) "
+            f"{results['log_marginal_likelihood']:.2f} ± "
             f"{results['log_marginal_likelihood_standard_error']:.2f} nats over "
             f"{results['num_test_points']} test points")
+    if results.get("test_classification_error") is not None:
+        line += (f"; test classification error of q(y|x) "
+                 f"{100 * results['test_classification_error']:.2f}%")
     fraction = results.get("fraction_khat_above_threshold")
     if fraction is None:
         return line + " (k-hat not computed: it needs K >= 25 in one process)"
@@ -141,8 +191,13 @@ def _log_px_line(results: dict[str, Any]) -> str:
 
 
 def save_sample_grid(vae: VAE, path: Path, image_shape: Sequence[int] | None,
-                     num_samples: int = 64) -> None:
-    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG (atomically)."""
+                     num_samples: int = 64, label: int | None = None) -> None:
+    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG (atomically).
+
+    :param label: a model of labelled data draws this class (0..C-1) only; without one, its
+        grid holds every class in turn, one row per class where ``num_samples`` is a
+        multiple of C.  A model without labels refuses a ``label`` (:class:`ConfigError`).
+    """
     from torchvision.utils import save_image
 
     if image_shape is None:
@@ -151,9 +206,22 @@ def save_sample_grid(vae: VAE, path: Path, image_shape: Sequence[int] | None,
     if len(shape) != 3 or math.prod(shape) != vae.data_dim:
         raise ConfigError(f"image shape {shape} is not (channels, height, width) of the "
                           f"model's {vae.data_dim} values per data point")
-    images = vae.sample(num_samples).reshape(num_samples, *shape).clamp(0, 1)
+    num_classes = getattr(vae, "num_classes", None)
+    nrow = int(num_samples**0.5) or 1
+    if num_classes is None:
+        if label is not None:
+            raise ConfigError(f"--label needs a model of labelled data (--model "
+                              f"{' or '.join(LABEL_MODELS)}); this one is a "
+                              f"{type(vae).__name__} without labels")
+        images = vae.sample(num_samples)
+    elif label is None:
+        images = vae.sample(num_samples, label=torch.arange(num_samples) * num_classes // num_samples)
+        nrow = num_samples // num_classes if num_samples % num_classes == 0 else nrow
+    else:
+        images = vae.sample(num_samples, label=vae.check_label(label))
+    images = images.reshape(num_samples, *shape).clamp(0, 1)
     write_atomically(path, lambda handle: save_image(
-        images.cpu(), handle, format="png", nrow=int(num_samples**0.5) or 1))
+        images.cpu(), handle, format="png", nrow=nrow))
 
 
 #: the files whose presence means a folder holds a run
@@ -304,8 +372,10 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path | None, device: torc
         # rank 0 checks the folder, creating nothing before the data and model are known good
         distributed.rank0_call(lambda: _check_out_dir(config))
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
-                        download=config.download, test_fraction=config.test_fraction)
+                        download=config.download, test_fraction=config.test_fraction,
+                        labels=config.model in LABEL_MODELS)
     data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
+    config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
     data = data.to(device)
     seed_everything(config.seed)
     vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
@@ -381,10 +451,11 @@ def _train_and_evaluate(config: TrainConfig, resume: bool, run_dir: Path, vae: V
         if main_process:
             if data.image_shape is not None:
                 save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
-            results.update(_posterior_activity(vae, data.test))
+            results.update(_posterior_activity(vae, data.test) if not data.has_labels else
+                           {"active_units": None, "posterior_collapsed": False})
         if config.eval_samples > 0:
             seed_everything(config.seed)
-            results.update(evaluate_vae(vae, data.test, num_samples=config.eval_samples,
+            results.update(evaluate_vae(vae, data.test_inputs, num_samples=config.eval_samples,
                                         distributed=parallel,
                                         progress=config.progress and main_process))
     if parallel:
@@ -500,9 +571,16 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     if not args.report and distributed.is_main_process():
         _check_output(output)  # before the long work, not after it
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
+    labelled = config.model in LABEL_MODELS
     data = load_dataset(config.dataset, data_dir, binarize=config.binarize,
-                        download=config.download, test_fraction=config.test_fraction)
+                        download=config.download, test_fraction=config.test_fraction,
+                        labels=labelled)
     x_test = data.test[: args.test_size or config.test_size].to(device)
+    if labelled:
+        if args.report:
+            raise ConfigError(f"evaluate --report is for models of x alone; this run's model is "
+                              f"{config.model}: evaluate it without --report")
+        x_test = (x_test, data.test_labels[: x_test.shape[0]].to(device))
     seed_everything(args.seed)
     if args.report:
         return report_command(args, vae, x_test, Path(args.output or _run_dir_of(args.checkpoint)))
@@ -565,7 +643,8 @@ def sample_command(args: argparse.Namespace) -> int:
         _free_name(_run_dir_of(args.checkpoint) / SAMPLES_NAME)
     _check_output(output)
     seed_everything(args.seed)
-    save_sample_grid(vae, output, checkpoint.get("image_shape"), args.num_samples)
+    save_sample_grid(vae, output, checkpoint.get("image_shape"), args.num_samples,
+                     label=args.label)
     print(f"{args.num_samples} samples written to {output}")
     return 0
 
@@ -651,6 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:N or auto (default: auto)")
     sample.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
+    sample.add_argument("--label", type=int, default=None, metavar="CLASS",
+                        help="a model of labelled data (train --model conditional or "
+                             "semi_supervised): draw this class, 0..C-1 (default: every class "
+                             "in turn)")
     sample.add_argument("--output", "-o", default=None,
                         help="PNG file to write (default: samples.png in the run directory)")
     sample.set_defaults(handler=sample_command)

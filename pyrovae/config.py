@@ -7,18 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from pyrovae.argtypes import check_device_name
-from pyrovae.data import BINARIZATIONS, DATASETS, check_dataset_name
+from pyrovae.data import BINARIZATIONS, DATASETS, DataSplits, check_dataset_name
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS
-from pyrovae.models import VAE, HierarchicalVAE
-from pyrovae.nets import ACTIVATIONS, NETWORKS, MLPDecoder
+from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE, paper_alpha
+from pyrovae.nets import ACTIVATIONS, NETWORKS, MLPDecoder, mlp
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS
@@ -78,6 +78,11 @@ PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
                               "stopping"}
 
 
+#: what ``--model`` builds: the VAE of x, or a model of x and its class label
+#: (:data:`LABEL_MODELS`)
+MODEL_KINDS = ("vae", "conditional", "semi_supervised")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as ``config.json`` in the run directory.
@@ -110,6 +115,20 @@ class TrainConfig:
         "stop when the validation ELBO (the test ELBO without --valid-size) has not improved "
         "for N epochs, KL warm-up epochs not counted; the final evaluation then uses the best "
         "checkpoint (0: train all --epochs)", type=int))
+    model: str = field(default="vae", metadata=_flag(
+        "what to train: vae, a VAE of the images; conditional, a conditional VAE p(x | y) of "
+        "the images given their class labels (sample --label draws a chosen class); "
+        "semi_supervised, Kingma et al. 2014's M2, p(x, y) and a classifier q(y | x) from "
+        "--labelled labels", choices=MODEL_KINDS))
+    num_classes: int | None = field(default=None, metadata=_flag(
+        "conditional, semi_supervised: the number of classes (default: the data's)", type=int))
+    labelled: int | None = field(default=None, metadata=_flag(
+        "semi_supervised: keep the labels of N training images, balanced over the classes "
+        "and chosen by --seed, and hide the others (default: keep all)", type=int))
+    alpha: float | None = field(default=None, metadata=_flag(
+        "semi_supervised: weight of the classification term log q(y|x) per labelled image "
+        "(default: Kingma et al. 2014's alpha = 0.1 N spread over the labelled images, "
+        "0.1 x training images / labelled images)", type=float))
     net: str = field(default="mlp", metadata=_flag(
         "encoder/decoder architecture", choices=tuple(NETWORKS)))
     hidden_dims: tuple[int, ...] = field(default=(200, 200), metadata=_flag(
@@ -304,6 +323,7 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         self.adam  # noqa: B018  (validates Adam's settings)
+        self._validate_label_model()
         self._validate_layers()
 
     def _validate_layers(self) -> None:
@@ -327,6 +347,34 @@ class TrainConfig:
             raise ConfigError("latent_dims: the vamp prior needs q(z|x) of its own layer, which "
                               "a hierarchical VAE's top layer has not in closed form; choose "
                               "another --prior")
+
+    def _validate_label_model(self) -> None:
+        """The settings of the models of labelled data (``model``)."""
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"num_classes must be positive, got {self.num_classes}")
+        if self.model != "semi_supervised":
+            for name in ("labelled", "alpha"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name} is for --model semi_supervised, not "
+                                      f"--model {self.model}")
+        if self.model == "vae":
+            return
+        if self.labelled is not None and self.labelled < 0:
+            raise ConfigError(f"labelled must be >= 0, got {self.labelled}")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
+        if self.net == "conv":
+            raise ConfigError(f"--model {self.model} concatenates the one-hot label to flat "
+                              f"inputs; --net conv is not available with it")
+        if getattr(self, "latent_dims", None) is not None:
+            raise ConfigError(f"--model {self.model} has one latent layer; --latent-dims is not "
+                              f"available with it")
+        if self.prior == "vamp":
+            raise ConfigError(f"--model {self.model}: the vamp prior needs q(z|x) without a "
+                              f"label; choose another --prior")
+        if self.model == "semi_supervised" and self.objective == "iwae":
+            raise ConfigError("--model semi_supervised sums the discrete label out of the ELBO; "
+                              "the iwae objective needs reparameterised sites: use trace_elbo")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
@@ -440,11 +488,14 @@ def _check_field_type(name: str, annotation: str, value: Any) -> None:
 
 
 def build_vae(config: TrainConfig, *, data_dim: int,
-              image_shape: tuple[int, ...] | None = None) -> VAE | HierarchicalVAE:
+              image_shape: tuple[int, ...] | None = None
+              ) -> VAE | HierarchicalVAE | ConditionalVAE | SemiSupervisedVAE:
     """Compose a :class:`VAE` from the registries named in ``config``, or with
     ``config.latent_dims`` a :class:`HierarchicalVAE` (:func:`build_hierarchical_vae`)."""
     if config.latent_dims is not None:
         return build_hierarchical_vae(config, data_dim=data_dim)
+    if config.model in LABEL_MODELS:  # a model of labelled data (--model)
+        return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
     encoder, decoder = NETWORKS[config.net](
         data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
         activation=config.activation, image_shape=image_shape)
@@ -487,3 +538,88 @@ def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> Hierarchica
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )
+def _label_count(config: TrainConfig) -> int:
+    if config.num_classes is None:
+        raise ConfigError(f"--model {config.model} needs num_classes; apply_label_settings("
+                          f"config, data) takes it from the data")
+    return config.num_classes
+
+
+def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tuple[Any, Any]:
+    """The encoder of ``[x, onehot(y)]`` and the decoder of ``[z, onehot(y)]`` of
+    ``config.net``, the hidden widths of a VAE's."""
+    options = {"hidden_dims": config.hidden_dims, "activation": config.activation,
+               "image_shape": None}
+    encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
+                                      latent_dim=config.latent_dim, **options)
+    _, decoder = NETWORKS[config.net](data_dim=data_dim,
+                                      latent_dim=config.latent_dim + num_classes, **options)
+    return encoder, decoder
+
+
+def build_conditional_vae(config: TrainConfig, *, data_dim: int,
+                          image_shape: tuple[int, ...] | None = None) -> ConditionalVAE:
+    """Compose a :class:`~pyrovae.models.ConditionalVAE` from the registries named in
+    ``config`` (``config.num_classes`` set, e.g. by :func:`apply_label_settings`)."""
+    num_classes = _label_count(config)
+    encoder, decoder = _label_networks(config, data_dim, num_classes)
+    return ConditionalVAE(
+        encoder=encoder, decoder=decoder,
+        prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
+        likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
+        guide=GUIDES[config.guide].from_config(config, feature_dim=encoder.feature_dim),
+        num_classes=num_classes, data_dim=data_dim)
+
+
+def build_semi_supervised_vae(config: TrainConfig, *, data_dim: int,
+                              image_shape: tuple[int, ...] | None = None) -> SemiSupervisedVAE:
+    """Compose a :class:`~pyrovae.models.SemiSupervisedVAE` (M2) from the registries named
+    in ``config``, with a classifier q(y|x) of ``config.hidden_dims`` (``config.num_classes``
+    and ``config.alpha`` set, e.g. by :func:`apply_label_settings`)."""
+    num_classes = _label_count(config)
+    if config.alpha is None:
+        raise ConfigError("--model semi_supervised needs alpha; apply_label_settings(config, "
+                          "data) sets Kingma et al.'s from the data")
+    encoder, decoder = _label_networks(config, data_dim, num_classes)
+    return SemiSupervisedVAE(
+        encoder=encoder, decoder=decoder,
+        classifier=mlp((data_dim, *config.hidden_dims, num_classes), config.activation),
+        prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
+        likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
+        guide=GUIDES[config.guide].from_config(config, feature_dim=encoder.feature_dim),
+        num_classes=num_classes, alpha=config.alpha, data_dim=data_dim)
+
+
+#: the models of labelled data by ``--model`` name (the VAE is ``"vae"``)
+LABEL_MODELS = {
+    "conditional": build_conditional_vae,
+    "semi_supervised": build_semi_supervised_vae,
+}
+assert set(LABEL_MODELS) == set(MODEL_KINDS) - {"vae"}
+
+
+def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainConfig, DataSplits]:
+    """The config and data a model of labelled data trains on: with ``config.labelled``, the
+    labels of all but that many training points hidden (balanced per class, seeded by
+    ``config.seed``: :meth:`~pyrovae.data.DataSplits.with_labelled`); ``num_classes`` from
+    the data; M2's ``alpha`` where unset, Kingma et al. (2014)'s alpha = 0.1 N on the mean
+    over the N_l labelled points, i.e. 0.1 N / N_l per labelled point (0 without labels).
+    A config of the plain VAE passes through.
+
+    :raises ConfigError: data without labels, another number of classes than
+        ``config.num_classes``, or ``labelled`` larger than the training set.
+    """
+    if config.model not in LABEL_MODELS:
+        return config, data
+    if not data.has_labels:
+        raise ConfigError(f"--model {config.model} needs class labels and the data have none")
+    if config.num_classes is not None and config.num_classes != data.num_classes:
+        raise ConfigError(f"num_classes is {config.num_classes} but the data have "
+                          f"{data.num_classes} classes")
+    if config.labelled is not None:
+        data = data.with_labelled(config.labelled, seed=config.seed)
+    values: dict[str, Any] = {"num_classes": data.num_classes}
+    if config.model == "semi_supervised" and config.alpha is None:
+        values["alpha"] = paper_alpha(data.train.shape[0], data.num_labelled) \
+            if data.num_labelled else 0.0
+    return replace(config, **values), data

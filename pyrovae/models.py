@@ -13,6 +13,7 @@ same way, each conditional prior and guide layer a part (:mod:`pyrovae.layers`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
+from pyrovae import sites
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GuideFamily
 from pyrovae.likelihoods import Likelihood
@@ -317,3 +319,315 @@ class HierarchicalVAE(PyroModule):
         for layer in reversed(self.prior_layers):
             z = layer.forward(z).sample()
         return self.likelihood.mean(self.decoder(z))
+def one_hot_labels(labels: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """The one-hot code of integer ``labels`` ``(...)`` as ``(..., num_classes)`` in
+    ``like``'s dtype (the network input it is concatenated to)."""
+    return torch.nn.functional.one_hot(labels, num_classes).to(like.dtype)
+
+
+class LabelConcat(nn.Module):
+    """A network of an input and a class label: ``network(cat([inputs, one_hot(y)], -1))``.
+
+    The leading dimensions of ``inputs`` and ``y`` broadcast against each other, so a
+    minibatch ``(N, D)`` meets labels ``(N,)``, enumerated labels ``(C, 1)`` or importance
+    samples ``(K, N, D)``.
+
+    :param network: an ``nn.Module`` taking ``(..., in_dim + num_classes)``.
+    :param num_classes: C.
+
+    Example::
+
+        encoder = LabelConcat(MLPEncoder(784 + 10, (200,)), 10)
+        h = encoder(torch.rand(100, 784), torch.randint(0, 10, (100,)))  # (100, 200)
+    """
+
+    def __init__(self, network: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.network = network
+        self.num_classes = num_classes
+
+    def forward(self, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:param inputs: ``(..., in_dim)``. :param y: labels ``(...)``, int64.
+        :returns: the network's output on the broadcast leading shape."""
+        code = one_hot_labels(y, self.num_classes, inputs)
+        shape = torch.broadcast_shapes(inputs.shape[:-1], code.shape[:-1])
+        return self.network(torch.cat([inputs.expand(*shape, -1), code.expand(*shape, -1)], -1))
+
+
+class _LabelModel(PyroModule):
+    """What the models of labelled data share: the parts, their checks, data checks and
+    sampling with a chosen label.  Not a model on its own."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior,
+                 likelihood: Likelihood, guide: GuideFamily, *, num_classes: int,
+                 data_dim: int | None, name: str | None) -> None:
+        super().__init__(name or _unique_name())
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.encoder = LabelConcat(encoder, num_classes)
+        self.decoder = LabelConcat(decoder, num_classes)
+        self.prior = prior
+        self.likelihood = likelihood
+        self.guide_family = guide
+        self.data_dim = data_dim if data_dim is not None else getattr(decoder, "data_dim", None)
+        self.latent_dim = prior.latent_dim
+        try:
+            prior()
+        except ValueError as error:  # the VampPrior's "needs the VAE's posterior"
+            raise ConfigError(f"a model of labelled data calls its prior without a "
+                              f"posterior: {error}") from None
+        widths = {
+            "the guide's latent_dim": (guide.latent_dim, self.latent_dim),
+            "the encoder's input width": (getattr(encoder, "data_dim", None),
+                                          None if self.data_dim is None
+                                          else self.data_dim + num_classes),
+            "the encoder's feature width": (getattr(encoder, "feature_dim", None),
+                                            guide.feature_dim),
+            "the decoder's input width": (getattr(decoder, "latent_dim", None),
+                                          self.latent_dim + num_classes),
+        }
+        for what, (value, expected) in widths.items():
+            if value is not None and expected is not None and value != expected:
+                raise ConfigError(f"{what} is {value}; this model needs {expected} (data_dim "
+                                  f"{self.data_dim}, latent_dim {self.latent_dim}, "
+                                  f"{num_classes} classes one-hot)")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter or buffer (CPU for a parameterless model)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def check_data(self, x: object, name: str = "x") -> torch.Tensor:
+        """Validate ``x`` for this model (shape, dtype, finiteness, likelihood support)."""
+        return check_data(x, self.data_dim, self.likelihood, name=name)
+
+    def check_label(self, label: int) -> int:
+        """``label`` if it is one of the classes 0..C-1; else :class:`ConfigError`."""
+        if isinstance(label, bool) or not isinstance(label, int) or \
+                not 0 <= label < self.num_classes:
+            raise ConfigError(f"label must be a class 0..{self.num_classes - 1}, got {label!r}")
+        return label
+
+    def _labels(self, num_samples: int, label: int | torch.Tensor | None) -> torch.Tensor:
+        if isinstance(label, torch.Tensor):
+            if tuple(label.shape) != (num_samples,) or label.is_floating_point() or \
+                    bool(((label < 0) | (label >= self.num_classes)).any()):
+                raise ConfigError(f"labels must be {num_samples} integers 0..{self.num_classes - 1}")
+            return label.to(self.device, torch.long)
+        if label is None:
+            return torch.randint(self.num_classes, (num_samples,), device=self.device)
+        return torch.full((num_samples,), self.check_label(label), device=self.device)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, label: int | torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z, y] for ``num_samples`` draws z ~ p(z) of the class ``label`` (an int, or
+        one label per sample ``(num_samples,)``; ``None``: uniformly random classes):
+        ``(num_samples, D)``.  Deterministic under a seed (torch's random stream)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        labels = self._labels(num_samples, label)
+        z = self.prior().sample((num_samples,))
+        return self.likelihood.mean(self.decoder(z, labels))
+
+    def untraced_posterior(self, x: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """q(z | x, y) outside Pyro's module bookkeeping: batch ``x.shape[:-1]``, event
+        ``(latent_dim,)``."""
+        return self.guide_family.forward(self.encoder(x, y))
+
+
+class ConditionalVAE(_LabelModel):
+    """A conditional VAE: a VAE of x given its class label y, as a Pyro model/guide pair.
+
+    ::
+
+        model:  z ~ p(z)                          (site "z", inside plate "data")
+                x ~ p(x | decoder([z, onehot(y)])) (site "x", observed)
+        guide:  z ~ q(z | encoder([x, onehot(y)])) (site "z")
+
+    y is an input of both, not a random variable: the program's marginal is log p(x | y),
+    which every estimator gives for ``(x, y)`` (``log_marginal_likelihood(cvae, (x, y))``).
+    The parts are those of a :class:`VAE`; the encoder takes ``data_dim + num_classes``
+    inputs and the decoder ``latent_dim + num_classes``, the one-hot label concatenated.
+
+    :param encoder: ``nn.Module`` mapping ``(..., data_dim + num_classes)`` to features.
+    :param decoder: ``nn.Module`` mapping ``(..., latent_dim + num_classes)`` to likelihood
+        parameters ``(..., data_dim)``.
+    :param prior: a :class:`~pyrovae.priors.Prior` (one that needs no posterior).
+    :param likelihood: a :class:`~pyrovae.likelihoods.Likelihood`.
+    :param guide: a :class:`~pyrovae.guides.GuideFamily` mapping features to q(z | x, y).
+    :param num_classes: C; labels are integers 0..C-1.
+    :param data_dim: size of a flattened data point; read from ``decoder.data_dim`` if omitted.
+    :param name: root name of the Pyro parameters; unique per instance by default.
+
+    Example::
+
+        cvae = ConditionalVAE(
+            encoder=MLPEncoder(784 + 10, (500,)), decoder=MLPDecoder(20 + 10, 784, (500,)),
+            prior=StandardNormalPrior(20), likelihood=BernoulliLikelihood(),
+            guide=DiagonalNormalGuide(500, 20), num_classes=10)
+        fit(cvae, data)                           # data with labels: batches (x, y)
+        sevens = cvae.sample(16, label=7)         # (16, 784)
+
+    References:
+
+    1. Sohn, Lee, Yan (2015). Learning Structured Output Representation using Deep
+       Conditional Generative Models. NeurIPS.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior,
+                 likelihood: Likelihood, guide: GuideFamily, *, num_classes: int,
+                 data_dim: int | None = None, name: str | None = None) -> None:
+        super().__init__(encoder, decoder, prior, likelihood, guide, num_classes=num_classes,
+                         data_dim=data_dim, name=name)
+
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """p(x, z | y) = p(z) p(x | z, y) for ``x`` ``(N, D)`` and labels ``y`` ``(N,)``."""
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+            z = pyro.sample(LATENT_SITE, self.prior())
+            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z, y)), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """q(z | x, y) for ``x`` ``(N, D)`` and labels ``y`` ``(N,)``."""
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+            pyro.sample(LATENT_SITE, self.guide_family(self.encoder(x, y)))
+
+
+def _masked(mask: torch.Tensor, needed: bool) -> contextlib.AbstractContextManager[None]:
+    return pyro.poutine.mask(mask=mask) if needed else contextlib.nullcontext()
+
+
+class SemiSupervisedVAE(_LabelModel):
+    """Kingma et al. (2014)'s M2: a class label y and a style z behind each x, learned from
+    few labels, as one Pyro model/guide pair.
+
+    ::
+
+        model:  y ~ Cat(1/C)                       (site "y" where labelled, observed;
+                                                    "y_unlabelled" elsewhere)
+                z ~ p(z)                           (site "z")
+                x ~ p(x | decoder([z, onehot(y)])) (site "x", observed)
+                alpha * log q(y | x)               (site "y_classified", observed; labelled
+                                                    points, in training mode only)
+        guide:  y ~ q(y | x) = Cat(softmax(classifier(x)))   ("y_unlabelled", enumerated)
+                z ~ q(z | encoder([x, onehot(y)]))           ("z")
+
+    A minibatch mixes both kinds of points: labels ``y >= 0`` are observed, ``-1``
+    (:data:`~pyrovae.data.HIDDEN_LABEL`) marks an unlabelled point, whose y the guide
+    draws from q(y | x) at a site marked ``infer={"enumerate": "parallel"}``, so that
+    ``TraceEnum_ELBO`` sums it out over the C classes in one vectorized pass:
+
+        ELBO(x) = sum_y q(y|x) [E_q(z|x,y) log p(x, y, z) / q(z|x,y) - log q(y|x)].
+
+    Sites that cover only some points of a batch are masked (``poutine.mask``); a batch
+    of one kind has no masks, so an estimator that ignores masks still reads it right.
+    The classification term, Kingma et al.'s alpha * E[log q(y|x)] over labelled points,
+    trains q(y|x) on the labels; it is not part of p(x) and is left out in eval mode
+    (``model.eval()``, where every estimator runs).  ``alpha`` here weights each labelled
+    point: the paper's alpha = 0.1 N on the mean over N_l labelled points is
+    ``alpha = 0.1 N / N_l`` (:func:`paper_alpha`).
+
+    log p(x) sums y exactly as log sum_y p(x, y), each p(x, y) an importance-sampled
+    estimate with q(z | x, y) (:func:`pyrovae.labels.log_marginal_likelihood_over_labels`).
+
+    :param encoder: ``nn.Module`` mapping ``(..., data_dim + num_classes)`` to features.
+    :param decoder: ``nn.Module`` mapping ``(..., latent_dim + num_classes)`` to likelihood
+        parameters ``(..., data_dim)``.
+    :param classifier: ``nn.Module`` mapping x ``(..., data_dim)`` to the logits of q(y|x)
+        ``(..., num_classes)``.
+    :param prior: a :class:`~pyrovae.priors.Prior` over z (one that needs no posterior).
+    :param likelihood: a :class:`~pyrovae.likelihoods.Likelihood`.
+    :param guide: a :class:`~pyrovae.guides.GuideFamily` mapping features to q(z | x, y).
+    :param num_classes: C.
+    :param alpha: weight of log q(y | x) per labelled point (>= 0).
+    :param data_dim: size of a flattened data point; read from ``decoder.data_dim`` if omitted.
+    :param name: root name of the Pyro parameters; unique per instance by default.
+
+    Example::
+
+        m2 = SemiSupervisedVAE(
+            encoder=MLPEncoder(784 + 10, (500,)), decoder=MLPDecoder(50 + 10, 784, (500,)),
+            classifier=mlp((784, 500, 10)), prior=StandardNormalPrior(50),
+            likelihood=BernoulliLikelihood(), guide=DiagonalNormalGuide(500, 50),
+            num_classes=10, alpha=paper_alpha(50000, 100))
+        svi = SVI(m2.model, m2.guide, Adam({"lr": 1e-3}), TraceEnum_ELBO(max_plate_nesting=1))
+        svi.step(x, y)                     # y: (N,) labels, -1 where unknown
+        m2.classify(x)                     # (N,) argmax q(y|x)
+
+    References:
+
+    1. Kingma, Rezende, Mohamed, Welling (2014). Semi-Supervised Learning with Deep
+       Generative Models. NeurIPS.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, classifier: nn.Module,
+                 prior: Prior, likelihood: Likelihood, guide: GuideFamily, *,
+                 num_classes: int, alpha: float, data_dim: int | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(encoder, decoder, prior, likelihood, guide, num_classes=num_classes,
+                         data_dim=data_dim, name=name)
+        if not alpha >= 0:
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
+        self.classifier = classifier
+        self.alpha = float(alpha)
+
+    def _label_prior(self, x: torch.Tensor) -> dist.Distribution:
+        return dist.Categorical(logits=x.new_zeros(self.num_classes))
+
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """p(x, y, z) = p(y) p(z) p(x | y, z) for ``x`` ``(N, D)`` and labels ``y`` ``(N,)``,
+        -1 where unknown; plus the classification term in training mode."""
+        labelled = y >= 0
+        num_labelled, num_points = int(labelled.sum()), x.shape[0]
+        mixed = 0 < num_labelled < num_points
+        with pyro.plate(DATA_PLATE, num_points, dim=-1):
+            label = y
+            if num_labelled:
+                with _masked(labelled, mixed):
+                    label = pyro.sample(sites.LABEL_SITE, self._label_prior(x), obs=y.clamp(min=0))
+            if num_labelled < num_points:
+                with _masked(~labelled, mixed):
+                    hidden = pyro.sample(sites.UNLABELLED_SITE, self._label_prior(x))
+                label = torch.where(labelled, label, hidden) if mixed else hidden
+            z = pyro.sample(LATENT_SITE, self.prior())
+            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z, label)), obs=x)
+            if self.training and num_labelled and self.alpha > 0:
+                with _masked(labelled, mixed), pyro.poutine.scale(scale=self.alpha):
+                    pyro.sample(sites.CLASSIFIED_SITE, dist.Categorical(logits=self.classifier(x)),
+                                obs=y.clamp(min=0))
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """q(y | x) q(z | x, y) for unlabelled points, q(z | x, y) for labelled ones."""
+        labelled = y >= 0
+        num_labelled, num_points = int(labelled.sum()), x.shape[0]
+        mixed = 0 < num_labelled < num_points
+        with pyro.plate(DATA_PLATE, num_points, dim=-1):
+            label = y
+            if num_labelled < num_points:
+                with _masked(~labelled, mixed):
+                    hidden = pyro.sample(sites.UNLABELLED_SITE,
+                                         dist.Categorical(logits=self.classifier(x)),
+                                         infer={"enumerate": "parallel"})
+                label = torch.where(labelled, y, hidden) if mixed else hidden
+            pyro.sample(LATENT_SITE, self.guide_family(self.encoder(x, label)))
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The most probable class under q(y | x) for ``x`` ``(N, D)``: ``(N,)`` int64."""
+        self.check_data(x)
+        return self.classifier(x.to(self.device)).argmax(-1)
+
+
+def paper_alpha(num_points: int, num_labelled: int) -> float:
+    """The weight per labelled point of Kingma et al. (2014)'s alpha = 0.1 N: their term
+    alpha E[log q(y|x)] averages over the ``num_labelled`` labelled points of a training set
+    of ``num_points``, so each carries ``0.1 * num_points / num_labelled``."""
+    if num_labelled < 1:
+        raise ConfigError("alpha weights labelled points; there are none")
+    return 0.1 * num_points / num_labelled

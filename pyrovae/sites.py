@@ -12,6 +12,12 @@ DATA_PLATE = "data"
 LATENT_SITE = "z"
 #: the observed data x, event shape ``(data_dim,)``
 OBSERVED_SITE = "x"
+#: an observed class label y of a model of labelled data (integers 0..C-1)
+LABEL_SITE = "y"
+#: the label y of an unlabelled point, drawn by the guide and summed out by enumeration
+UNLABELLED_SITE = "y_unlabelled"
+#: the classifier q(y|x) scored on the observed labels (a training term, not part of p(x))
+CLASSIFIED_SITE = "y_classified"
 #: the plate over importance samples added by the evaluation code (``dim=-2``)
 PARTICLE_PLATE = "particles"
 

@@ -1,0 +1,81 @@
+"""Estimates for programs of labelled data: log p(x) with the label summed out, and the
+classification error of q(y | x).
+
+A program of labelled data takes ``(x, y)``.  For Kingma et al. (2014)'s M2
+(:class:`~pyrovae.models.SemiSupervisedVAE`), y is a random variable of the model, and with
+y observed the shared estimator gives log p(x, y); log p(x) is then the exact sum over the
+C classes,
+
+    log p(x) = logsumexp_y log p(x, y),
+
+each log p(x, y) importance-sampled with q(z | x, y) as :func:`~pyrovae.evaluation.
+log_marginal_likelihood` samples it.  For a conditional VAE, y is an input and the shared
+estimator on ``(x, y)`` is log p(x | y) already.
+
+All values are in nats.
+
+References:
+
+1. Kingma, Rezende, Mohamed, Welling (2014). Semi-Supervised Learning with Deep Generative
+   Models. NeurIPS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pyrovae.errors import InvalidDataError
+from pyrovae.evaluation import log_marginal_likelihood
+
+
+def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_classes: int,
+                                        num_samples: int = 5000, *, batch_size: int = 100,
+                                        chunk_size: int | None = None,
+                                        seed: int | None = None,
+                                        distributed: bool = False) -> torch.Tensor:
+    """log p(x) = log sum_y p(x, y) for each data point, the label summed over its classes.
+
+    Each class c is one pass of :func:`~pyrovae.evaluation.log_marginal_likelihood` over
+    ``(x, c)``, the program's estimate of log p(x, y = c) (a lower bound in expectation);
+    their log-sum-exp over c is the estimate of log p(x), again a lower bound in expectation.
+    Memory is that of one pass.
+
+    :param program: a program ``model(x, y)``, ``guide(x, y)`` in which y is a sample site of
+        the model (M2); anything :func:`~pyrovae.programs.as_program` takes.
+    :param x: the data ``(N, D)``.
+    :param num_classes: C; the labels 0..C-1 are summed over.
+    :param num_samples: K per class.
+    :param seed: the seed of every class's pass (:func:`~pyrovae.evaluation.
+        log_marginal_likelihood`), so that the classes share their random draws.
+    :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not torch.is_tensor(x) or x.dim() < 1:
+        raise InvalidDataError("x must be a tensor of data points (N, ...)")
+    per_class = torch.stack([
+        log_marginal_likelihood(program, (x, torch.full((x.shape[0],), label, device=x.device)),
+                                num_samples, batch_size=batch_size, chunk_size=chunk_size,
+                                seed=seed, distributed=distributed)
+        for label in range(num_classes)])
+    return torch.logsumexp(per_class, dim=0)
+
+
+@torch.no_grad()
+def classification_error(classifier: Any, x: torch.Tensor, y: torch.Tensor, *,
+                         batch_size: int = 1000) -> float:
+    """The fraction of points whose most probable class under q(y | x) is not their label.
+
+    :param classifier: a model with ``classify(x) -> (N,)`` labels (M2's argmax q(y|x)).
+    :param x: ``(N, D)`` data.
+    :param y: ``(N,)`` labels 0..C-1.
+    :returns: the error rate in [0, 1].
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise InvalidDataError(f"x and y need the same, positive number of points, got "
+                               f"{x.shape[0]} and {y.shape[0]}")
+    wrong = sum(int((classifier.classify(xb).cpu() != yb.cpu()).sum())
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True))
+    return wrong / x.shape[0]
