@@ -8,9 +8,9 @@ C classes,
 
     log p(x) = logsumexp_y log p(x, y),
 
-each log p(x, y) importance-sampled with q(z | x, y) as :func:`~pyrovae.evaluation.
-log_marginal_likelihood` samples it.  For a conditional VAE, y is an input and the shared
-estimator on ``(x, y)`` is log p(x | y) already.
+each log p(x, y) importance-sampled with q(z | x, y) as
+:func:`~pyrovae.evaluation.log_marginal_likelihood` samples it.  For a conditional VAE, y
+is an input and the shared estimator on ``(x, y)`` is log p(x | y) already.
 
 All values are in nats.
 
@@ -47,8 +47,9 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
     :param x: the data ``(N, D)``.
     :param num_classes: C; the labels 0..C-1 are summed over.
     :param num_samples: K per class.
-    :param seed: the seed of every class's pass (:func:`~pyrovae.evaluation.
-        log_marginal_likelihood`), so that the classes share their random draws.
+    :param seed: the seed of every class's pass
+        (:func:`~pyrovae.evaluation.log_marginal_likelihood`), so that the classes share
+        their random draws.
     :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
