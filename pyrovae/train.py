@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -613,6 +614,9 @@ class TrainingLoop:
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
         self.program.train()
         self._stop = stop
+        # a worker of `pyrovae train --nproc` whose launcher died (kill -9) is adopted by
+        # another process: it stops as on SIGTERM instead of training unsupervised
+        self._launcher = os.getppid() if distributed.is_distributed() else None
         started = time.perf_counter()
         with tqdm(total=self.epochs * steps_per_epoch, initial=self.step,
                   disable=not (self.progress and self.is_main), unit="step",
@@ -654,6 +658,10 @@ class TrainingLoop:
                                          start=self.batch, rank=self.rank,
                                          world_size=self.world_size):
             global_rows = min(self.batch_size, n - self.batch * self.batch_size)
+            if self._launcher is not None and stop.signal_number is None and \
+                    os.getppid() != self._launcher:
+                logger.warning("the launcher of this process is gone: stopping")
+                stop.signal_number = signal.SIGTERM
             loss = self.train_step(x, epoch, global_rows=global_rows)
             self.step += 1
             self.batch += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -276,6 +277,44 @@ def test_sigterm_stops_every_process_with_a_checkpoint(tmp_path):
                       "--epochs", str(stopped["epoch"]))
     assert resumed.returncode == 0, resumed.stderr
     assert read_metrics(run_dir / "metrics.csv")[-1].epoch == stopped["epoch"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@requires_mnist
+def test_workers_stop_when_their_launcher_is_killed(tmp_path):
+    """kill -9 of the --nproc launcher: its workers notice they were orphaned, write a
+    checkpoint and exit instead of training on unsupervised."""
+    run_dir = tmp_path / "orphans"
+    command = [sys.executable, "-m", "pyrovae", "train", "--nproc", "2", *TINY_RUN,
+               "--epochs", "100000", "--eval-samples", "0", "--out-dir", str(run_dir)]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_processes_mentioning(str(run_dir))) >= 3  # the launcher and 2 workers
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 90
+        while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_mentioning(str(run_dir)) == []
+    finally:
+        launcher.kill()
+        for pid in _processes_mentioning(str(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    assert read_checkpoint(run_dir)["progress"]["epoch"] >= 1
 
 
 @requires_mnist
