@@ -7,7 +7,9 @@ Monte Carlo ELBO (one reparameterised sample; log p(z) - log q(z|x) sampled) and
 one process; the two are interleaved over several repetitions and the medians compared.
 Three training paths are timed: Pyro's own ``SVI`` + ``pyro.optim.Adam`` + ``Trace_ELBO``
 (the reference a Pyro user writes), pyrovae's training step (:class:`pyrovae.train.TrainingLoop`)
-and plain PyTorch.
+and plain PyTorch.  The two-layer rows time pyrovae's step on Burda et al. (2016)'s
+two-stochastic-layer VAE (``--latent-dims 100 50``) against a plain two-layer reference
+written the same way (``--two-layer-batch-sizes``; ``--only-two-layer`` times nothing else).
 
 Importance sampling compares :func:`pyrovae.log_marginal_likelihood` (Pyro traces) with a
 hand-written vectorized estimator using the same batch and chunk sizes; peak memory is
@@ -105,6 +107,60 @@ def make_models(seed: int = 0):
     return vae.to(DEVICE), plain.to(DEVICE)
 
 
+class PlainHierarchicalVAE(torch.nn.Module):
+    """The two-layer reference: the networks of pyrovae's two-layer VAE (Burda et al. 2016:
+    q(z1 | x), q(z2 | z1), p(z1 | z2) diagonal Gaussians with std = exp(linear) + 1e-4,
+    p(z2) = N(0, I), p(x | z1) Bernoulli), with the single-sample ELBO written by hand."""
+
+    def __init__(self, q1: torch.nn.ModuleList, q2: torch.nn.ModuleList,
+                 p1: torch.nn.ModuleList, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        # each Gaussian layer is (body, loc head, log-scale head)
+        self.q1, self.q2, self.p1, self.decoder = q1, q2, p1, decoder
+
+    @staticmethod
+    def gaussian(layer: torch.nn.ModuleList, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        body, loc_head, log_scale_head = layer
+        features = body(h)
+        return loc_head(features), log_scale_head(features).exp() + 1e-4
+
+    @staticmethod
+    def log_normal(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (-((z - loc) ** 2) / (2 * scale**2) - scale.log()
+                - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Minus the single-sample ELBO summed over the batch, as Trace_ELBO computes it."""
+        loc1, scale1 = self.gaussian(self.q1, x)
+        z1 = loc1 + scale1 * torch.randn_like(loc1)
+        loc2, scale2 = self.gaussian(self.q2, z1)
+        z2 = loc2 + scale2 * torch.randn_like(loc2)
+        prior_loc1, prior_scale1 = self.gaussian(self.p1, z2)
+        logits = self.decoder(z1)
+        log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, x, reduction="none").sum(-1)
+        log_prior = ((-0.5 * z2**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+                     + self.log_normal(z1, prior_loc1, prior_scale1))
+        log_q = self.log_normal(z1, loc1, scale1) + self.log_normal(z2, loc2, scale2)
+        return -(log_lik + log_prior - log_q).sum()
+
+
+def make_hierarchical_models(seed: int = 0):
+    """pyrovae's two-layer VAE (``--latent-dims 100 50``) and the reference, same weights."""
+    torch.manual_seed(seed)
+    config = TrainConfig(hidden_dims=(200, 200), latent_dims=(100, 50))
+    vae = build_vae(config, data_dim=784)
+    copy = build_vae(config, data_dim=784)
+    copy.load_state_dict(vae.state_dict())
+
+    def parts(layer: torch.nn.Module) -> torch.nn.ModuleList:
+        return torch.nn.ModuleList([layer.body, layer.loc_head, layer.log_scale_head])
+
+    plain = PlainHierarchicalVAE(parts(copy.guide_layers[0]), parts(copy.guide_layers[1]),
+                                 parts(copy.prior_layers[0]), copy.decoder.body)
+    return vae.to(DEVICE), plain.to(DEVICE)
+
+
 def synchronize() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
@@ -167,6 +223,36 @@ def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -
             "pyrovae_ms": 1e3 * medians["pyrovae"], "plain_pytorch_ms": 1e3 * medians["plain"],
             "ratio": medians["pyrovae"] / medians["plain"],
             "pyro_svi_ratio": medians["pyro_svi"] / medians["plain"]}
+
+
+def two_layer_training_step(batch_size: int, steps: int, repeats: int,
+                            data: DataSplits) -> dict[str, float]:
+    """pyrovae's training step on the two-layer VAE against the plain two-layer reference
+    (``torch.optim.Adam``, as a user writes it), interleaved."""
+    x = data.train[:batch_size]
+    pyro.clear_param_store()
+    vae, plain = make_hierarchical_models()
+    loop = TrainingLoop(vae, data, epochs=1, batch_size=batch_size, lr=1e-3,
+                        objective="trace_elbo", num_particles=1, seed=0, test_every=1,
+                        run_dir=None, config=None, progress=False, beta=1.0, kl_warmup_epochs=0,
+                        checkpoint_every=0, keep_last=0, clip_norm=None, on_divergence="stop",
+                        fused=True)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+
+    def plain_step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = plain.loss(x)
+        value = loss.item()
+        loss.backward()
+        optimizer.step()
+        return value
+
+    with pyro.validation_enabled(False):
+        medians = interleaved_medians({"pyrovae": lambda: loop.train_step(x),
+                                       "plain": plain_step}, steps, repeats)
+    return {"batch_size": batch_size, "pyrovae_ms": 1e3 * medians["pyrovae"],
+            "plain_pytorch_ms": 1e3 * medians["plain"],
+            "ratio": medians["pyrovae"] / medians["plain"]}
 
 
 def importance_sampling(num_samples: int, num_points: int, repeats: int, data: DataSplits,
@@ -257,6 +343,11 @@ def print_table(title: str, rows: list[dict[str, float]], columns: Sequence[str]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--two-layer-batch-sizes", type=int, nargs="*", default=[20, 100],
+                        help="batch sizes of the two-layer (--latent-dims 100 50) training-step "
+                             "rows; none given: no such rows")
+    parser.add_argument("--only-two-layer", action="store_true",
+                        help="time the two-layer training step only")
     parser.add_argument("--steps", type=int, default=50, help="training steps per repetition")
     parser.add_argument("--repeats", type=int, default=7, help="repetitions (median reported)")
     parser.add_argument("--num-samples", type=int, nargs="+", default=[1000, 5000],
@@ -283,9 +374,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return 0
-    data = mnist_or_random(args.data_dir, 60000 if args.epoch else max(args.batch_sizes))
+    data = mnist_or_random(args.data_dir, 60000 if args.epoch else max(
+        args.batch_sizes + args.two_layer_batch_sizes))
     record: dict[str, object] = {"threads": args.threads, "steps": args.steps,
                                  "repeats": args.repeats, **provenance(DEVICE)}
+    if args.two_layer_batch_sizes:
+        record["two_layer_training_step"] = [
+            two_layer_training_step(b, args.steps, args.repeats, data)
+            for b in args.two_layer_batch_sizes]
+        print_table(f"training step, two stochastic layers (784-200-200-100, 100-100-100-50 "
+                    f"tanh), Bernoulli, {args.threads} thread(s) (ms)",
+                    record["two_layer_training_step"],
+                    ("batch_size", "pyrovae_ms", "plain_pytorch_ms", "ratio"))
+    if args.only_two_layer:
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        return 0
     record["training_step"] = [training_step(b, args.steps, args.repeats, data)
                                for b in args.batch_sizes]
     threads = f"{args.threads} thread{'' if args.threads == 1 else 's'}"

@@ -272,18 +272,23 @@ class HierarchicalVAE(PyroModule):
     def model(self, x: torch.Tensor) -> None:
         """p(x, z_1..z_L) = p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1), conditioned on ``x``
         of shape ``(N, D)``."""
+        # reading a plain nn.Module child of a PyroModule registers its parameters, one param
+        # message each: read once, and outside the plate, so those skip its messengers
+        prior, layers, decoder, likelihood = (self.prior, self.prior_layers, self.decoder,
+                                              self.likelihood)
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            z = pyro.sample(layer_site(self.num_layers), self.prior())
-            for index in range(self.num_layers - 1, 0, -1):
-                z = pyro.sample(layer_site(index), self.prior_layers[index - 1](z))
-            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)
+            z = pyro.sample(layer_site(len(layers) + 1), prior())
+            for index in range(len(layers), 0, -1):
+                z = pyro.sample(layer_site(index), layers[index - 1](z))
+            pyro.sample(OBSERVED_SITE, likelihood(decoder(z)), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor) -> None:
         """q(z_1..z_L | x) = q(z_1 | x) prod_l q(z_{l+1} | z_l) for ``x`` of shape ``(N, D)``."""
+        layers = self.guide_layers  # read once, outside the plate (see model)
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
             h = x
-            for index, layer in enumerate(self.guide_layers, 1):
+            for index, layer in enumerate(layers, 1):
                 h = pyro.sample(layer_site(index), layer(h))
 
     @property
