@@ -46,8 +46,9 @@ def _site_log_prob(site: dict[str, Any], nesting: int, scaled: bool) -> torch.Te
     # site["fn"].log_prob, not trace.compute_log_prob: the latter multiplies by the
     # site's scale (KL warm-up, subsampling), which has no place in log p(x).
     log_prob = site["fn"].log_prob(site["value"])
-    if scaled:
-        log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
+    # a mask is part of the program (which points a site covers); a scale is a training
+    # weight (KL warm-up, subsampling) and counts only where asked
+    log_prob = scale_and_mask(log_prob, site["scale"] if scaled else 1.0, site["mask"])
     if not torch.is_tensor(log_prob):
         log_prob = torch.as_tensor(log_prob)
     while log_prob.dim() < nesting + 1:

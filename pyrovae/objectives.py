@@ -198,7 +198,7 @@ def make_objective(name: str, num_particles: int = 1, *,
         raise ConfigError(f"num_particles must be positive, got {num_particles}")
     nesting = structure.max_plate_nesting if structure is not None else 1
     objective = OBJECTIVES[name]
-    if structure is not None and structure.enumerated_sites and name != "iwae":
+    if structure is not None and structure.enumerates and name != "iwae":
         objective = TraceEnum_ELBO  # the iwae bound sums them out in its log weights
     return objective(num_particles=num_particles, vectorize_particles=num_particles > 1,
                      max_plate_nesting=nesting)

@@ -58,6 +58,8 @@ class Structure:
     :ivar observed_sites: names of the model's observed sites.
     :ivar enumerated_sites: latent sites of the model summed out by enumeration.
     :ivar non_reparameterized_sites: guide sites without ``rsample``.
+    :ivar guide_enumerated_sites: guide sites marked ``infer={"enumerate": "parallel"}``,
+        which ``TraceEnum_ELBO`` sums over in training (importance sampling draws them).
     """
 
     data_plate: str
@@ -66,6 +68,28 @@ class Structure:
     observed_sites: tuple[str, ...]
     enumerated_sites: tuple[str, ...]
     non_reparameterized_sites: tuple[str, ...]
+    guide_enumerated_sites: tuple[str, ...] = ()
+
+    @property
+    def enumerates(self) -> bool:
+        """Whether training should sum discrete sites out (``TraceEnum_ELBO``)."""
+        return bool(self.enumerated_sites or self.guide_enumerated_sites)
+
+    def merged(self, other: Structure) -> Structure:
+        """What both traces show: sites seen in either (some appear only on some points, such
+        as a semi-supervised model's enumerated label on unlabelled ones)."""
+        def union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+            return first + tuple(name for name in second if name not in first)
+
+        if other.data_plate != self.data_plate:
+            raise ProgramError(f"the data plate is {self.data_plate!r} on some points and "
+                               f"{other.data_plate!r} on others")
+        return Structure(self.data_plate, max(self.max_plate_nesting, other.max_plate_nesting),
+                         union(self.latent_sites, other.latent_sites),
+                         union(self.observed_sites, other.observed_sites),
+                         union(self.enumerated_sites, other.enumerated_sites),
+                         union(self.non_reparameterized_sites, other.non_reparameterized_sites),
+                         union(self.guide_enumerated_sites, other.guide_enumerated_sites))
 
 
 @dataclass
@@ -106,13 +130,13 @@ class Program:
                     raise InvalidDataError(f"data argument {index} holds NaN or infinite values")
         return args
 
-    def structure(self, *args: torch.Tensor) -> Structure:
-        """The program's :class:`Structure`, read from one trace on the first data point
-        (cached per argument shape after the first)."""
-        key = tuple(tuple(a.shape[1:]) if torch.is_tensor(a) else type(a) for a in args)
+    def structure(self, *args: torch.Tensor, rows: int = 1) -> Structure:
+        """The program's :class:`Structure`, read from one trace on the first ``rows`` data
+        points (cached per argument shape after the first)."""
+        key = (rows, *(tuple(a.shape[1:]) if torch.is_tensor(a) else type(a) for a in args))
         if key not in self._structure:
             self._structure[key] = read_structure(self.model, self.guide,
-                                                  tuple(_first_rows(a, 1) for a in args))
+                                                  tuple(_first_rows(a, rows) for a in args))
         return self._structure[key]
 
     def train(self, mode: bool = True) -> None:
@@ -214,11 +238,14 @@ def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
                     f"latent site {name!r} of the model is neither in the guide nor marked "
                     f"infer={{'enumerate': 'parallel'}} to be summed out")
             enumerated.append(name)
-    non_reparameterized = [name for name, site in guide_trace.nodes.items()
-                           if is_sample_site(site) and not site["is_observed"]
-                           and not getattr(site["fn"], "has_rsample", False)]
+    guide_sites = [(name, site) for name, site in guide_trace.nodes.items()
+                   if is_sample_site(site) and not site["is_observed"]]
+    non_reparameterized = [name for name, site in guide_sites
+                           if not getattr(site["fn"], "has_rsample", False)]
+    guide_enumerated = [name for name, site in guide_sites
+                        if site["infer"].get("enumerate") == "parallel"]
     return Structure(data_plates.pop(), nesting, tuple(latent), tuple(observed),
-                     tuple(enumerated), tuple(non_reparameterized))
+                     tuple(enumerated), tuple(non_reparameterized), tuple(guide_enumerated))
 
 
 def program_parameters(program: Program, *args: torch.Tensor) -> list[torch.Tensor]:

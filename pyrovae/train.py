@@ -387,7 +387,12 @@ class TrainingLoop:
         self.log_px_every, self.log_px_samples = log_px_every, log_px_samples
         self.log_px_size = log_px_size
         first = tuple(argument[:1] for argument in _arguments(data.test_inputs))
-        structure = self.program.structure(*first)
+        # some sites show only on some points (a semi-supervised model enumerates the label
+        # of unlabelled ones): read the program on the test point and a training batch
+        train_inputs = data.train if data.train_labels is None else (data.train,
+                                                                     data.train_labels)
+        structure = self.program.structure(*first).merged(
+            self.program.structure(*_arguments(train_inputs), rows=batch_size))
         with pyro.validation_enabled(False):
             self.parameters = program_parameters(self.program, *first)
         owned = {id(parameter) for parameter in self.vae.parameters()}
