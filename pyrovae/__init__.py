@@ -5,6 +5,8 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 :func:`log_marginal_likelihood` estimates log p(x) per data point by importance sampling.
 """
 
+from pyrovae.activity import latent_usage
+from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.evaluation import (
@@ -21,6 +23,7 @@ from pyrovae.guides import (
     IAFGuide,
     LowRankNormalGuide,
 )
+from pyrovae.layers import ConditionalNormal
 from pyrovae.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
@@ -29,7 +32,7 @@ from pyrovae.likelihoods import (
     Likelihood,
     PixelGaussianLikelihood,
 )
-from pyrovae.models import VAE
+from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE
 from pyrovae.nets import NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from pyrovae.objectives import ImportanceWeightedELBO, LatentScale, kl_weight
 from pyrovae.priors import (
@@ -42,6 +45,7 @@ from pyrovae.priors import (
     VampPrior,
 )
 from pyrovae.programs import Program, ProgramError, as_program
+from pyrovae.sandwich import bidirectional_monte_carlo
 from pyrovae.train import fit
 
 __version__ = "0.1.0"
@@ -87,4 +91,11 @@ __all__ = [
     "load_dataset",
     "log_marginal_likelihood",
     "mean_and_standard_error",
+    "ConditionalNormal",
+    "ConditionalVAE",
+    "HierarchicalVAE",
+    "SemiSupervisedVAE",
+    "ais_log_marginal_likelihood",
+    "bidirectional_monte_carlo",
+    "latent_usage",
 ]
