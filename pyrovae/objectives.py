@@ -197,6 +197,11 @@ def make_objective(name: str, num_particles: int = 1, *,
     if num_particles < 1:
         raise ConfigError(f"num_particles must be positive, got {num_particles}")
     nesting = structure.max_plate_nesting if structure is not None else 1
+    if name == "meanfield_elbo" and structure is not None and len(structure.latent_sites) > 1:
+        # TraceMeanField_ELBO's KL terms assume each latent's parents in the model are drawn
+        # before it in the guide; a hierarchy's guide z1 -> z2 breaks that, silently
+        raise ConfigError(f"meanfield_elbo needs a program with one latent site; this one has "
+                          f"{', '.join(structure.latent_sites)}: use trace_elbo")
     objective = OBJECTIVES[name]
     if structure is not None and structure.enumerates and name != "iwae":
         objective = TraceEnum_ELBO  # the iwae bound sums them out in its log weights

@@ -254,7 +254,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
     if not isinstance(epochs, int) or epochs < 1:
         raise PyrovaeError(f"epochs must be a positive integer, got {epochs!r}")
     _check_dtypes(program, data)
-    if isinstance(program.module, VAE):
+    if callable(getattr(program.module, "check_data", None)) and \
+            getattr(program.module, "data_dim", None) is not None:
         check_training_data(program.module, data, batch_size)
     else:
         program.check_data(data.test_inputs)
@@ -538,9 +539,9 @@ class TrainingLoop:
         if callable(getattr(prior, "init_from_data", None)):
             prior.init_from_data(self.data.train)
         if self.output_bias_init == "data_mean":
-            if not isinstance(self.vae, VAE):
-                raise PyrovaeError("output_bias_init='data_mean' needs a VAE (a decoder and a "
-                                   "likelihood to start)")
+            if not (hasattr(self.vae, "decoder") and hasattr(self.vae, "likelihood")):
+                raise PyrovaeError("output_bias_init='data_mean' needs a model with a decoder "
+                                   "and a likelihood (a VAE, a HierarchicalVAE)")
             init_output_bias(self.vae.decoder, _output_bias_of_mean(self.vae, self.data.train))
         distributed.broadcast_parameters(self.vae)
         self.generator.manual_seed(self.seed)

@@ -339,3 +339,25 @@ def test_extra_data_arguments_reach_model_and_guide():
     covariance = mixture.W @ mixture.W.T + torch.eye(3, dtype=DOUBLE)
     exact = mixture.pi[y].log() + dist.MultivariateNormal(mixture.means[y], covariance).log_prob(x)
     assert (estimate - exact).mean().abs() < 0.02
+
+
+def test_meanfield_elbo_is_refused_for_a_program_with_several_latent_sites():
+    from pyrovae.errors import ConfigError
+    from pyrovae.objectives import make_objective
+
+    hierarchy = TwoLayerLinearGaussian()
+    structure = as_program((hierarchy.model, hierarchy.guide)).structure(hierarchy.sample(2))
+    with pytest.raises(ConfigError, match="meanfield_elbo needs a program with one latent site"):
+        make_objective("meanfield_elbo", structure=structure)
+    assert make_objective("trace_elbo", structure=structure) is not None
+
+
+def test_the_output_bias_starts_at_the_data_mean_for_a_hierarchical_vae():
+    vae = build_vae(TrainConfig(latent_dims=(4, 2), hidden_dims=(8,)), data_dim=12)
+    data = binary_data()
+    fit(vae, data, epochs=1, batch_size=20, lr=1e-12, progress=False,
+        output_bias_init="data_mean")
+    from pyrovae.optim import _last_linear, logit_of_mean
+
+    torch.testing.assert_close(_last_linear(vae.decoder).bias.detach(),
+                               logit_of_mean(data.train), atol=1e-6, rtol=0)
