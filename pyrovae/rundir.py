@@ -159,7 +159,9 @@ def clear_run(run_dir: str | Path, names: tuple[str, ...] = RUN_FILES) -> None:
         path = run_dir / name
         if path.exists() or path.is_symlink():
             os.replace(path, trash / name)
-    remove_temporaries(run_dir)  # the trash too
+    # this run's own trash: deleted here, not reported as another run's leftovers
+    shutil.rmtree(trash, ignore_errors=True)
+    remove_temporaries(run_dir)  # what a crash of an earlier clear left
 
 
 class RunLock:

@@ -107,3 +107,13 @@ def test_remove_temporaries_takes_orphans_and_overwrite_trash(tmp_path):
     assert sorted(remove_temporaries(tmp_path)) == sorted([*orphans, tmp_path / ".overwritten-abc"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "checkpoint.pt",
                                                           "checkpoints"]
+
+
+def test_clearing_a_run_reports_no_leftovers_of_its_own(tmp_path, caplog):
+    from pyrovae.rundir import clear_run
+
+    (tmp_path / "checkpoint.pt").write_text("old")
+    with caplog.at_level("INFO", logger="pyrovae"):
+        clear_run(tmp_path)
+    assert "leftover" not in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
