@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyrovae import __version__, distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
@@ -748,13 +749,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     # under torchrun only rank 0 logs progress; the others report warnings and errors
     rank = int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    # other libraries say only warnings (arviz, matplotlib and h5py chat at INFO and DEBUG);
+    # pyrovae's loggers say what the run does, and its details with -v
+    logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.verbose and rank == 0:  # only pyrovae's loggers: the libraries' debug lines flood
-        logger.setLevel(logging.DEBUG)
+    if rank == 0:
+        logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     prefix = f"pyrovae (rank {rank})" if rank else "pyrovae"
     try:
-        return args.handler(args)
+        # log lines go above the progress bar instead of through it
+        with logging_redirect_tqdm():
+            return args.handler(args)
     except TrainingInterrupted as error:
         if rank == 0:
             print(f"{prefix}: {error}", file=sys.stderr)
