@@ -549,7 +549,8 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
             f"test of shape (N, 784))"
         )
     try:
-        with np.load(path) as arrays:
+        # numpy leaves the file open when the archive is broken: the handle is ours to close
+        with open(path, "rb") as handle, np.load(handle) as arrays:
             train = torch.from_numpy(arrays["train"]).float()
             test = torch.from_numpy(arrays["test"]).float()
     except Exception as error:  # a damaged zip or array fails in zipfile, numpy or torch
@@ -939,7 +940,7 @@ def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
     """
     file = _existing_file(str(path), "npz", "an .npz file with arrays train [, test, valid]")
     try:
-        with np.load(file, allow_pickle=False) as archive:
+        with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files if key in ("train", "test", "valid")}
             targets = {key: archive[f"{key}_labels"] for key in arrays
                        if f"{key}_labels" in archive.files}
@@ -971,8 +972,9 @@ def load_npy(path: str | os.PathLike[str], *, binarize: str = "none",
     """
     file = _existing_file(str(path), "npy", "an .npy file with one array (N, ...)")
     try:
-        array = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as error:
+        with open(file, "rb") as handle:
+            array = np.load(handle, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
         raise InvalidDataError(f"{file} is not a readable .npy array ({_one_line(error)})") from None
     return _splits_from_arrays({"train": array}, str(file), binarize=binarize, test_fraction=test_fraction)
 

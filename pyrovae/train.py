@@ -510,9 +510,12 @@ class TrainingLoop:
         if self.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
             if not bool(torch.isfinite(norm)):
+                kept = ("the last good checkpoint is kept" if self.run_dir is not None
+                        and (self.run_dir / CHECKPOINT_NAME).exists()
+                        else "no checkpoint was written")
                 raise TrainingDivergedError(
                     f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
-                    f"the last good checkpoint is kept; try a lower learning rate (--lr)"
+                    f"{kept}; try a lower learning rate (--lr)"
                 )
         self.optimizer.step()
 

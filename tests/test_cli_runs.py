@@ -211,3 +211,51 @@ def test_a_vamp_prior_over_flow_posteriors_is_costed_up_front(monkeypatch, caplo
     monkeypatch.setattr(priors_module, "available_memory_bytes", lambda device: 1000)
     with pytest.raises(ConfigError, match="cannot score a batch of 50 z in memory"):
         cli_module._check_prior_cost(vae, config)
+
+
+def test_corrupt_dataset_files_are_one_line(capsys, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    error = one_line_error(capsys, ["train", "--data-dir", str(tmp_path), "--no-download",
+                                    "--out-dir", str(tmp_path / "r")])
+    assert "MNIST" in error and not (tmp_path / "r").exists()
+    (tmp_path / "binarized_mnist.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    error = one_line_error(capsys, ["train", "--dataset", "binarized_mnist", "--data-dir",
+                                    str(tmp_path), "--out-dir", str(tmp_path / "r")])
+    assert "cannot read" in error and "binarized_mnist.npz" in error
+
+
+def test_an_image_shape_that_does_not_fit_the_data_is_refused_at_once():
+    from pyrovae import DataSplits
+    from pyrovae.errors import PyrovaeError
+
+    with pytest.raises(PyrovaeError, match="image_shape must be"):
+        DataSplits.from_tensors(torch.rand(10, 64), torch.rand(4, 64), image_shape=(8, 9))
+
+
+def test_verbose_raises_pyrovaes_loggers_only(tmp_path):
+    import logging
+
+    try:
+        main(["-v", "evaluate", str(tmp_path / "missing.pt")])
+    except SystemExit:
+        pass
+    assert logging.getLogger("pyrovae").level == logging.DEBUG
+    assert logging.getLogger().level >= logging.WARNING
+    logging.getLogger("pyrovae").setLevel(logging.NOTSET)
+
+
+def test_a_non_finite_gradient_says_no_checkpoint_was_written():
+    from pyrovae import DataSplits, TrainConfig, build_vae, fit
+    from pyrovae.train import TrainingDivergedError
+
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10)
+    with torch.no_grad():
+        vae.decoder.body[0].weight[0, 0] = float("inf")
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((20, 10), 0.3)),
+                                   torch.bernoulli(torch.full((5, 10), 0.3)))
+    with pytest.raises(TrainingDivergedError, match="no checkpoint was written"):
+        fit(vae, data, epochs=1, batch_size=5, progress=False, clip_norm=1.0)
