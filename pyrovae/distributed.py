@@ -75,7 +75,7 @@ def init_from_environment(device_name: str = "auto", *, timeout_minutes: float =
     :raises PyrovaeError: a named CUDA device other than ``cuda`` (ranks pick theirs), or
         CUDA requested where there is none.
     """
-    from pyrovae.train import resolve_device
+    from pyrovae.devices import resolve_device
 
     device = resolve_device(device_name)
     if not launched_by_torchrun():

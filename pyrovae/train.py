@@ -42,6 +42,7 @@ from pyrovae.checkpoint import (
 )
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
+from pyrovae.devices import resolve_device, seed_everything  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
@@ -62,21 +63,6 @@ METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds", "
 
 class TrainingDivergedError(PyrovaeError):
     """The loss became NaN or infinite."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is ``cuda`` when CUDA is available, else ``cpu``; other names pass through."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PyrovaeError(f"device {name!r} requested but CUDA is not available here")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) through Pyro."""
-    pyro.set_rng_seed(seed)
 
 
 def _arguments(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
