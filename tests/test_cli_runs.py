@@ -24,6 +24,7 @@ TINY = ["--data-dir", str(SHARED_DATA), "--train-size", "100", "--test-size", "2
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # what earlier commands of the test printed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pyrovae: error:"), err
