@@ -317,6 +317,7 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     assert read_checkpoint(run_dir)["progress"]["epoch"] >= 1
 
 
+@pytest.mark.slow  # about 30 s; the pieces it gathers are tested one by one
 @requires_mnist
 def test_benchmark_distributed_runs_tinily(tmp_path):
     output = tmp_path / "distributed.json"

@@ -143,6 +143,7 @@ def test_mnist_vae_resumes(tmp_path):
     assert [(s["first_epoch"], s["last_epoch"]) for s in run["training_sessions"]] == [(1, 1), (2, 2)]
 
 
+@pytest.mark.slow  # about 30 s; the pieces it gathers are tested one by one
 @requires_mnist
 def test_settings_trained_apart_are_gathered_by_evaluate_only(tmp_path):
     """Two processes train one objective each into one folder (as on a GPU, side by side);
