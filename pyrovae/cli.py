@@ -66,6 +66,7 @@ CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.json"
 EVALUATION_NAME = "evaluation.json"
 SAMPLES_NAME = "samples.png"
+TENSORBOARD_NAME = "tensorboard"
 
 
 #: the fraction of test points with k-hat above the threshold from which a log p(x) is
@@ -300,7 +301,8 @@ def _remove_if_unused(run_dir: Path) -> None:
 #: flags that may change when a run is resumed; the others would make it another run
 RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
                               "eval_samples", "checkpoint_every", "keep_last",
-                              "max_minutes", "log_px_every", "log_px_samples", "log_px_size"})
+                              "max_minutes", "log_px_every", "log_px_samples", "log_px_size",
+                              "tensorboard"})
 
 
 def _given_flags(train_argv: Sequence[str]) -> dict[str, Any]:
@@ -434,7 +436,17 @@ def _train_and_evaluate(config: TrainConfig, resume: bool, run_dir: Path, vae: V
     logger.info("training on %d images (%s%s), testing on %d; run directory %s",
                 data.train.shape[0], device, processes, data.test.shape[0], run_dir)
     started = time.perf_counter()
-    history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
+    writer = None
+    if config.tensorboard and main_process:
+        from pyrovae.tensorboard import TensorBoardWriter
+
+        writer = TensorBoardWriter(run_dir / TENSORBOARD_NAME, image_shape=data.image_shape)
+    try:
+        history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume,
+                                  on_epoch_end=writer)
+    finally:
+        if writer is not None:
+            writer.close()
     results: dict[str, Any] = {
         # all sessions of a resumed run (the epochs' own times, test ELBOs included)
         "train_seconds": sum(record.epoch_seconds for record in history),

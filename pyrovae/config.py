@@ -218,6 +218,10 @@ class TrainConfig:
         "wall-clock budget: stop at the end of the first epoch after which another would "
         "overrun it (resume carries on); default: no budget", type=float))
     progress: bool = field(default=True, metadata=_flag("show a progress bar"))
+    tensorboard: bool = field(default=False, metadata=_flag(
+        "also write TensorBoard event files (ELBOs, their KL and reconstruction terms, the "
+        "learning rate, log p(x), sample grids) into out_dir/tensorboard; needs the "
+        "tensorboard package"))
     checkpoint_every: int = field(default=0, metadata=_flag(
         "also checkpoint every N steps within an epoch (0: only at epoch ends)", type=int))
     keep_last: int = field(default=0, metadata=_flag(

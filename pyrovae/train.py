@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,9 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
         max_minutes: float | None = None, lr_schedule: str = "constant",
         log_px_every: int = 0, log_px_samples: int = 1000,
         log_px_size: int = 1000, adam: AdamSettings | None = None,
-        output_bias_init: str = "zero", early_stopping_patience: int = 0) -> list[EpochRecord]:
+        output_bias_init: str = "zero", early_stopping_patience: int = 0,
+        on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+        ) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
     Where ``data`` carries labels (:attr:`~pyrovae.data.DataSplits.has_labels`), each
@@ -221,6 +224,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
         warm-up do not count, since the ELBO they train is not yet the one evaluated.  The
         parameters are then the last epoch's; ``checkpoint_best.pt`` holds the best ones.
         0: train all ``epochs``.
+    :param on_epoch_end: ``on_epoch_end(record, loop)`` after each epoch on the main process
+        (e.g. :class:`pyrovae.tensorboard.TensorBoardWriter`).
     :param max_minutes: a wall-clock budget for this call: stop at the end of the first
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
@@ -267,7 +272,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
                          log_px_every=log_px_every, log_px_samples=log_px_samples,
                          log_px_size=log_px_size, adam=adam,
                          output_bias_init=output_bias_init,
-                         early_stopping_patience=early_stopping_patience)
+                         early_stopping_patience=early_stopping_patience,
+                         on_epoch_end=on_epoch_end)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -280,7 +286,9 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
 
 def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                     run_dir: str | Path | None = None, resume: bool = False,
-                    validate: bool = False) -> list[EpochRecord]:
+                    validate: bool = False,
+                    on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+                    ) -> list[EpochRecord]:
     """:func:`fit` with every option taken from ``config`` (what ``pyrovae train`` runs)."""
     return fit(vae, data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                objective=config.objective, num_particles=config.num_particles,
@@ -293,7 +301,8 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                lr_schedule=config.lr_schedule, log_px_every=config.log_px_every,
                log_px_samples=config.log_px_samples, log_px_size=config.log_px_size,
                adam=config.adam, output_bias_init=config.output_bias_init,
-               early_stopping_patience=config.early_stopping_patience)
+               early_stopping_patience=config.early_stopping_patience,
+               on_epoch_end=on_epoch_end)
 
 
 class _StopSignals:
@@ -358,7 +367,11 @@ class TrainingLoop:
                  max_minutes: float | None = None, lr_schedule: str = "constant",
                  log_px_every: int = 0, log_px_samples: int = 1000,
                  log_px_size: int = 1000, adam: AdamSettings | None = None,
-                 output_bias_init: str = "zero", early_stopping_patience: int = 0) -> None:
+                 output_bias_init: str = "zero", early_stopping_patience: int = 0,
+                 on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+                 ) -> None:
+        #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
+        self.on_epoch_end = on_epoch_end
         self.program = as_program(vae)
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
@@ -707,6 +720,8 @@ class TrainingLoop:
         if improved:
             self.best_elbo = held_out
         self._count_for_early_stopping(record, improved, evaluated=not math.isnan(held_out))
+        if self.on_epoch_end is not None and self.is_main:
+            self.on_epoch_end(record, self)
         # the next epoch starts from the generator state this one left
         self.epoch, self.batch, self.total_loss, self.seen = epoch + 1, 0, 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
