@@ -74,7 +74,7 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
                  for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
-def bank(run_dir: Path, bank_dir: Path) -> int:
+def bank(run_dir: Path, bank_dir: Path, notes: list[str] | None = None) -> int:
     """Copy the run's checkpoint, config and metrics into ``bank_dir`` and write
     ``results.json`` there (epochs and updates done, the learning curve, provenance)."""
     if not (run_dir / "checkpoint.pt").is_file():
@@ -90,8 +90,12 @@ def bank(run_dir: Path, bank_dir: Path) -> int:
               "test_log_px_k1000_n1000": row["test_log_px"], "test_elbo": row["test_elbo"]}
              for row in rows if not math.isnan(row.get("test_log_px", math.nan))]
     last = rows[-1]
+    previous = bank_dir / "results.json"
+    kept_notes = json.loads(previous.read_text()).get("notes", []) if previous.is_file() else []
     results = {
         "protocol": "burda2016 (pyrovae train --preset burda2016)",
+        # what a later reader needs beside the numbers (which code trained which epochs)
+        "notes": kept_notes + list(notes or []),
         "seed": config["seed"],
         "epochs_done": int(last["epoch"]),
         "epochs_of_protocol": TOTAL_EPOCHS,
@@ -123,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (train_parser, bank_parser):
         sub.add_argument("--run-dir", type=Path, default=RUN_DIR)
         sub.add_argument("--bank-dir", type=Path, default=BANK)
+    bank_parser.add_argument("--note", action="append", default=[],
+                             help="a line of provenance to keep in results.json (repeatable)")
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         return train(args.data_dir, args.minutes, args.run_dir, args.bank_dir, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return bank(args.run_dir, args.bank_dir)
+    return bank(args.run_dir, args.bank_dir, args.note)
 
 
 if __name__ == "__main__":
