@@ -35,6 +35,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from pyrovae.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +92,8 @@ def bank(run_dir: Path, bank_dir: Path, notes: list[str] | None = None) -> int:
               "test_log_px_k1000_n1000": row["test_log_px"], "test_elbo": row["test_elbo"]}
              for row in rows if not math.isnan(row.get("test_log_px", math.nan))]
     last = rows[-1]
+    # the hardware line names the threads: those `train` runs at (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)
     previous = bank_dir / "results.json"
     kept_notes = json.loads(previous.read_text()).get("notes", []) if previous.is_file() else []
     results = {
