@@ -55,8 +55,15 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrovae.evaluation import _site_log_prob, _trace_log_prob, particle_traces
-from pyrovae.programs import Program, ProgramError, as_data, as_program, is_sample_site
+from pyrovae.evaluation import particle_traces, site_log_prob, trace_log_prob
+from pyrovae.programs import (
+    Program,
+    ProgramError,
+    as_data,
+    as_program,
+    is_real_support,
+    is_sample_site,
+)
 from pyrovae.sites import PARTICLE_PLATE
 
 #: the variance of a posterior mean over the data below which a unit is inactive
@@ -73,12 +80,6 @@ MUTUAL_INFORMATION_ESTIMATOR = ("Monte Carlo E_x E_q(z|x)[log q(z|x) - log q(z)]
                                 "Johnson 2016; He et al. 2019); at most log N")
 
 
-def _is_real(support: Any) -> bool:
-    while isinstance(support, torch.distributions.constraints.independent):
-        support = support.base_constraint
-    return support is torch.distributions.constraints.real
-
-
 def guide_sites(program: Program, *args: torch.Tensor) -> list[str]:
     """The guide's continuous latent sites in the data plate only, in program order.
 
@@ -89,7 +90,7 @@ def guide_sites(program: Program, *args: torch.Tensor) -> list[str]:
         trace = poutine.trace(program.guide).get_trace(*args)
     names = []
     for name, site in trace.nodes.items():
-        if not is_sample_site(site) or site["is_observed"] or not _is_real(site["fn"].support):
+        if not is_sample_site(site) or site["is_observed"] or not is_real_support(site["fn"].support):
             continue
         if any(size != 1 for size in site["fn"].batch_shape[1:-1]):
             raise ProgramError(f"latent usage reads sites in the data plate only; site {name!r} "
@@ -255,8 +256,8 @@ def kl_per_dimension(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                     per_dimension[name] = kl if previous is None else previous + kl
                     totals[name] += float(kl.sum())
                 else:
-                    log_ratio = (_site_log_prob(q_site, nesting, False)
-                                 - _site_log_prob(p_site, nesting, False))
+                    log_ratio = (site_log_prob(q_site, nesting, False)
+                                 - site_log_prob(p_site, nesting, False))
                     totals[name] += float(log_ratio.double().sum()) / num_samples
     return {name: SiteKL(per_dimension[name] / num_points if notes[name] is None else None,
                          totals[name] / num_points, notes[name]) for name in sites}
@@ -285,7 +286,7 @@ def mutual_information(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *
         for batch in batches:  # z_n ~ q(z | x_n) and log q(z_n | x_n)
             with pyro.plate(PARTICLE_PLATE, 1, dim=-(nesting + 1)):
                 trace = poutine.trace(program.guide).get_trace(*batch)
-            own.append(_trace_log_prob(_only(trace, sites), nesting, False).reshape(-1))
+            own.append(trace_log_prob(_only(trace, sites), nesting, False).reshape(-1))
             for name in sites:
                 value = trace.nodes[name]["value"]
                 draws[name].append(value.reshape(batch[0].shape[0], *value.shape[nesting + 1:]))
@@ -301,7 +302,7 @@ def mutual_information(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *
                 with pyro.plate(PARTICLE_PLATE, count, dim=-(nesting + 1)):
                     trace = poutine.trace(poutine.condition(program.guide, data=values)) \
                         .get_trace(*batch)
-                chunk = torch.logsumexp(_trace_log_prob(_only(trace, sites), nesting, False)
+                chunk = torch.logsumexp(trace_log_prob(_only(trace, sites), nesting, False)
                                         .reshape(count, size), dim=1)
                 running = chunk if running is None else torch.logaddexp(running, chunk)
             log_aggregate.append(running - math.log(num_points))

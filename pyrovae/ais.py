@@ -45,11 +45,17 @@ from typing import Any, Literal
 import pyro
 import torch
 from pyro import poutine
-from torch.distributions import constraints
 
 from pyrovae.diagnostics import effective_sample_size, log_mean_exp_standard_error
-from pyrovae.evaluation import _trace_log_prob, data_batches, gather_points
-from pyrovae.programs import Program, ProgramError, Structure, as_data, as_program
+from pyrovae.evaluation import data_batches, gather_points, trace_log_prob
+from pyrovae.programs import (
+    Program,
+    ProgramError,
+    Structure,
+    as_data,
+    as_program,
+    is_real_support,
+)
 from pyrovae.sites import PARTICLE_PLATE
 
 logger = logging.getLogger(__name__)
@@ -128,12 +134,6 @@ def flatten_latents(values: Mapping[str, torch.Tensor], sites: Sequence[str],
     return torch.cat([values[name].detach().reshape(*batch_shape, -1) for name in sites], dim=-1)
 
 
-def _is_real(support: constraints.Constraint) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
-
-
 class _Densities:
     """log p(x, z) and log r(z) of one batch of data, from traces of the program, with
     z-gradients.  z is every continuous latent site of the model, each site's event
@@ -159,7 +159,7 @@ class _Densities:
         batch = (num_chains, args[0].shape[0])
         for name in self.sites:
             site = trace.nodes[name]
-            if not _is_real(site["fn"].support):
+            if not is_real_support(site["fn"].support):
                 raise ProgramError(f"AIS moves continuous latents on the real line; site {name!r} "
                                    f"has support {site['fn'].support}")
             if tuple(site["fn"].batch_shape) != batch:
@@ -184,16 +184,16 @@ class _Densities:
             model = poutine.enum(model, first_available_dim=-(self.nesting + 2))
         with self._plate():
             model_trace = poutine.trace(model).get_trace(*self.args)
-            log_joint = _trace_log_prob(model_trace, self.nesting, False, self.num_enumerated)
+            log_joint = trace_log_prob(model_trace, self.nesting, False, self.num_enumerated)
             if self.initial == "guide":
                 guide = poutine.condition(self.program.guide, data=values)
                 guide_trace = poutine.trace(guide).get_trace(*self.args)
-                log_initial = _trace_log_prob(guide_trace, self.nesting, False)
+                log_initial = trace_log_prob(guide_trace, self.nesting, False)
             else:
                 latent = poutine.Trace()
                 for name in self.sites:
                     latent.add_node(name, **model_trace.nodes[name])
-                log_initial = _trace_log_prob(latent, self.nesting, False)
+                log_initial = trace_log_prob(latent, self.nesting, False)
         shape = z.shape[:-1]
         return log_joint.expand(shape), log_initial.expand(shape)
 

@@ -40,7 +40,7 @@ from pyrovae.programs import ProgramError, as_data, as_program, is_sample_site
 from pyrovae.sites import PARTICLE_PLATE
 
 
-def _site_log_prob(site: dict[str, Any], nesting: int, scaled: bool) -> torch.Tensor:
+def site_log_prob(site: dict[str, Any], nesting: int, scaled: bool) -> torch.Tensor:
     """A site's log density with its nested plates (inside the data plate) summed out:
     ``(enumeration dims..., K, N)``, right-aligned."""
     # site["fn"].log_prob, not trace.compute_log_prob: the latter multiplies by the
@@ -58,10 +58,10 @@ def _site_log_prob(site: dict[str, Any], nesting: int, scaled: bool) -> torch.Te
     return log_prob
 
 
-def _trace_log_prob(trace: poutine.Trace, nesting: int, scaled: bool,
+def trace_log_prob(trace: poutine.Trace, nesting: int, scaled: bool,
                     num_enumerated: int = 0) -> torch.Tensor:
     """Sum of the sample sites' log densities ``(K, N)``, enumerated sites summed out."""
-    terms = [_site_log_prob(site, nesting, scaled) for site in trace.nodes.values()
+    terms = [site_log_prob(site, nesting, scaled) for site in trace.nodes.values()
              if is_sample_site(site)]
     shape = torch.broadcast_shapes(*(term.shape for term in terms))
     total = terms[0].expand(shape)
@@ -123,8 +123,8 @@ def log_weights(program: Any, *args: torch.Tensor, num_samples: int,
         max_plate_nesting=structure.max_plate_nesting,
         enumerate_model=bool(structure.enumerated_sites))
     nesting = structure.max_plate_nesting
-    log_p = _trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
-    log_q = _trace_log_prob(guide_trace, nesting, scaled)
+    log_p = trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
+    log_q = trace_log_prob(guide_trace, nesting, scaled)
     return (log_p - log_q).expand(num_samples, args[0].shape[0])
 
 

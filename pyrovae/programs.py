@@ -191,6 +191,14 @@ def is_sample_site(site: dict[str, Any]) -> bool:
     return site["type"] == "sample" and not site_is_subsample(site)
 
 
+def is_real_support(support: Any) -> bool:
+    """Whether a site's support is the real line (of any event shape): what HMC moves on and
+    what a Gaussian summary of its draws describes."""
+    while isinstance(support, torch.distributions.constraints.independent):
+        support = support.base_constraint
+    return support is torch.distributions.constraints.real
+
+
 def _plate_dims(site: dict[str, Any]) -> dict[int, str]:
     return {frame.dim: frame.name for frame in site["cond_indep_stack"]
             if frame.vectorized and frame.dim is not None}
