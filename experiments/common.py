@@ -35,12 +35,10 @@ from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae  # noqa: E402
 from pyrovae.cli import RESUME_OVERRIDES, evaluate_vae, save_sample_grid  # noqa: E402
 from pyrovae.data import DATA_DIR_ENV, DataSplits  # noqa: E402
 from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
-from pyrovae.evaluation import particle_traces  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.priors import diagonal_normal_components  # noqa: E402
 from pyrovae.provenance import provenance  # noqa: E402
 from pyrovae.schedules import LR_SCHEDULES  # noqa: E402
-from pyrovae.sites import LATENT_SITE, OBSERVED_SITE  # noqa: E402
 from pyrovae.train import (  # noqa: E402
     METRICS_NAME,
     EpochRecord,
@@ -352,32 +350,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_safe(item) for item in value]
     return value
-
-
-# --- terms of the ELBO ----------------------------------------------------------------------
-@torch.no_grad()
-def elbo_terms(vae: VAE, x: torch.Tensor, *, num_samples: int = 1,
-               batch_size: int = 100) -> dict[str, torch.Tensor]:
-    """The ELBO split into E_q[log p(x|z)] and KL(q(z|x) || p(z)) (Monte Carlo), per point.
-
-    Read from the same model and guide traces as :func:`pyrovae.evaluation.log_weights`:
-    reconstruction = log p(x|z), kl = log q(z|x) - log p(z), averaged over ``num_samples``
-    draws z ~ q(z|x); ELBO = reconstruction - kl.
-
-    :returns: ``{"reconstruction": (N,), "kl": (N,)}`` in nats, on the CPU.
-    """
-    reconstruction, kl = [], []
-    for start in range(0, x.shape[0], batch_size):
-        batch = x[start : start + batch_size].to(vae.device)
-        model_trace, guide_trace = particle_traces(vae.model, vae.guide, batch, num_samples=num_samples)
-        observed = model_trace.nodes[OBSERVED_SITE]
-        latent = model_trace.nodes[LATENT_SITE]
-        posterior = guide_trace.nodes[LATENT_SITE]
-        log_px_z = observed["fn"].log_prob(observed["value"]).expand(num_samples, -1)
-        reconstruction.append(log_px_z.mean(0).cpu())
-        kl.append((posterior["fn"].log_prob(posterior["value"])
-                   - latent["fn"].log_prob(latent["value"])).mean(0).cpu())
-    return {"reconstruction": torch.cat(reconstruction), "kl": torch.cat(kl)}
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from matplotlib import pyplot as plt
 
 from pyrovae import mean_and_standard_error
 from pyrovae.errors import ConfigError
+from pyrovae.evaluation import elbo_terms
 from pyrovae.train import seed_everything
 
 NOT_COMPARABLE = ("log p(x) here is a density of continuous grey levels in [0, 1] (nats per "
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         config = common.base_config(args, **shared, **setting)
         trained, evaluation = common.train_and_evaluate(name, config, data, args)
         seed_everything(args.seed)
-        terms = common.elbo_terms(trained.vae, data.test, num_samples=args.term_samples)
+        terms = elbo_terms(trained.vae, data.test, num_samples=args.term_samples)
         reconstruction = mean_and_standard_error(terms["reconstruction"])
         kl = mean_and_standard_error(terms["kl"])
         sigma = float(trained.vae.likelihood.sigma.detach())

@@ -292,6 +292,54 @@ def elbo(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_samples: in
                                distributed=distributed)
 
 
+def elbo_terms(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *, num_samples: int = 1,
+               batch_size: int = 100) -> dict[str, torch.Tensor]:
+    """The ELBO split into its reconstruction and KL terms per data point (Monte Carlo).
+
+    From the same traces as :func:`log_weights`: reconstruction = log p(x | z) (the observed
+    sites of the model), kl = log q(z | x) - log p(z) (the guide's sites against the model's
+    latent ones), each averaged over ``num_samples`` draws z ~ q(z | x); reconstruction - kl
+    is the ELBO.
+
+    :param program: see :func:`log_marginal_likelihood`.
+    :param x: the data, or a tuple of the model's data arguments.
+    :returns: ``{"reconstruction": (N,), "kl": (N,)}`` in nats, on the CPU.
+    :raises ProgramError: the program sums sites out by enumeration (its terms do not split
+        per site).
+    """
+    _check_counts(num_samples, batch_size, 1)
+    program = as_program(program)
+    args = program.check_data(as_data(x))
+    reconstruction, kl = [], []
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for batch, draws in data_batches(args, batch_size, program.device):
+            structure = program.structure(*batch)
+            if structure.enumerates:
+                raise ProgramError("the ELBO of a program that sums sites out by enumeration "
+                                   "does not split into per-site terms")
+            nesting = structure.max_plate_nesting
+            with draws:
+                model_trace, guide_trace = particle_traces(
+                    program.model, program.guide, *batch, num_samples=num_samples,
+                    max_plate_nesting=nesting)
+            shape = (num_samples, batch[0].shape[0])
+            observed = torch.zeros(shape, device=batch[0].device)
+            latent = torch.zeros(shape, device=batch[0].device)
+            for site in model_trace.nodes.values():
+                if is_sample_site(site):
+                    term = site_log_prob(site, nesting, False)
+                    if site["is_observed"]:
+                        observed = observed + term
+                    else:
+                        latent = latent - term
+            for site in guide_trace.nodes.values():
+                if is_sample_site(site) and not site["is_observed"]:
+                    latent = latent + site_log_prob(site, nesting, False)
+            reconstruction.append(observed.mean(0).cpu())
+            kl.append(latent.mean(0).cpu())
+    return {"reconstruction": torch.cat(reconstruction), "kl": torch.cat(kl)}
+
+
 @dataclass(frozen=True)
 class Estimate:
     """The mean over data points of a per-data-point quantity, with its standard error (nats)."""

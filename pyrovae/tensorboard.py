@@ -2,9 +2,9 @@
 and sample grids per epoch.
 
 Needs the ``tensorboard`` package (``pip install 'pyrovae[tensorboard]'``); ``metrics.csv``
-is written either way.  The KL and reconstruction terms are read from one trace of the
-program on the first test points: reconstruction = E_q[log p(x | z)] (the observed sites),
-KL = E_q[log q(z | x) - log p(z)] (the latent sites), one draw per point, nats.
+is written either way.  The KL and reconstruction terms are
+:func:`~pyrovae.evaluation.elbo_terms` of the program on the first test points, one draw
+per point, averaged: nats.
 
 Example::
 
@@ -20,41 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pyrovae.errors import ConfigError
-from pyrovae.evaluation import particle_traces
-from pyrovae.programs import as_data, as_program, is_sample_site
+from pyrovae.evaluation import elbo_terms
+from pyrovae.programs import as_data
 
 #: test points the KL and reconstruction terms are read on
 TERMS_POINTS = 500
-
-
-def elbo_terms(program: Any, x: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, float]:
-    """The mean over points of the reconstruction and KL terms of a one-draw ELBO, nats;
-    empty for a program that sums sites out by enumeration (its terms do not split so)."""
-    program, args = as_program(program), as_data(x)
-    with torch.no_grad():
-        structure = program.structure(*args)
-        if structure.enumerates:
-            return {}
-        model_trace, guide_trace = particle_traces(
-            program.model, program.guide, *args, num_samples=1,
-            max_plate_nesting=structure.max_plate_nesting)
-    reconstruction = kl = 0.0
-    for site in model_trace.nodes.values():
-        if not is_sample_site(site):
-            continue
-        value = site["fn"].log_prob(site["value"]).sum().item()
-        if site["is_observed"]:
-            reconstruction += value
-        else:
-            kl -= value
-    for site in guide_trace.nodes.values():
-        if is_sample_site(site) and not site["is_observed"]:
-            kl += site["fn"].log_prob(site["value"]).sum().item()
-    num_points = args[0].shape[0]
-    return {"reconstruction": reconstruction / num_points, "kl": kl / num_points}
 
 
 class TensorBoardWriter:
@@ -84,11 +55,12 @@ class TensorBoardWriter:
         scalars = {"elbo/train": record.train_elbo, "elbo/test": record.test_elbo,
                    "elbo/validation": record.valid_elbo, "log_px/test": record.test_log_px,
                    "lr": loop.optimizer.param_groups[0]["lr"]}
-        test = loop.data.test_inputs
-        first = tuple(a[:TERMS_POINTS] for a in as_data(test))
+        first = tuple(a[:TERMS_POINTS] for a in as_data(loop.data.test_inputs))
         loop.program.train(False)
-        scalars.update({f"terms/{name}": value
-                        for name, value in elbo_terms(loop.program, first).items()})
+        if not loop.program.structure(*first).enumerates:  # those terms do not split
+            terms = elbo_terms(loop.program, first, batch_size=TERMS_POINTS)
+            scalars.update({f"terms/{name}": value.mean().item()
+                            for name, value in terms.items()})
         for tag, value in scalars.items():
             if not math.isnan(value):
                 self.writer.add_scalar(tag, value, epoch)

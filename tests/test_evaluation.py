@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pytest
 import torch
 
-from pyrovae import DiagonalNormalGuide, elbo, importance_log_weights, log_marginal_likelihood
+from pyrovae import (
+    DataSplits,
+    DiagonalNormalGuide,
+    TrainConfig,
+    build_vae,
+    elbo,
+    importance_log_weights,
+    log_marginal_likelihood,
+)
 from pyrovae.errors import InvalidDataError
-from pyrovae.evaluation import mean_and_standard_error
+from pyrovae.evaluation import elbo_terms, mean_and_standard_error
 from tests.linear_gaussian import exact_log_marginal, linear_gaussian_vae, sample_data
 
 
@@ -180,3 +189,21 @@ def test_the_default_chunk_is_a_fixed_number_of_rows_for_the_device():
     explicit = log_marginal_likelihood(vae, x, num_samples=300, batch_size=10,
                                        chunk_size=CPU_ROWS_PER_TRACE // 10)
     assert torch.equal(automatic, explicit)
+
+
+def test_elbo_terms_add_up_to_the_elbo():
+    data = DataSplits.from_tensors(torch.bernoulli(torch.full((30, 6), 0.5)), binarize="none")
+    config = TrainConfig(hidden_dims=(4,), latent_dim=2)
+    vae = build_vae(config, data_dim=6)
+    pyro.set_rng_seed(1)
+    terms = elbo_terms(vae, data.test, num_samples=3, batch_size=7)
+    pyro.set_rng_seed(1)
+    log_w = importance_log_weights(vae, data.test[:7], num_samples=3)
+    assert terms["reconstruction"].shape == terms["kl"].shape == (30,)
+    assert (terms["reconstruction"] - terms["kl"])[:7] == pytest.approx(log_w.mean(0), abs=1e-4)
+    from pyrovae.programs import ProgramError
+    from tests.test_programs import EnumeratedMixture
+
+    mixture = EnumeratedMixture()
+    with pytest.raises(ProgramError, match="does not split"):
+        elbo_terms((mixture.model, mixture.guide), mixture.sample(4))
