@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import pyro
 import torch
+from torch import nn
 
 from pyrovae.errors import PyrovaeError
 
@@ -21,3 +25,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) through Pyro."""
     pyro.set_rng_seed(seed)
+
+
+def first_device(tensors: Iterable[torch.Tensor]) -> torch.device | None:
+    """The device of the first of ``tensors``, or ``None`` when there are none."""
+    for tensor in tensors:
+        return tensor.device
+    return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for one that has neither)."""
+    return first_device(itertools.chain(module.parameters(), module.buffers())) or \
+        torch.device("cpu")

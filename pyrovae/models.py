@@ -24,6 +24,7 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from pyrovae import sites
+from pyrovae.devices import module_device
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GuideFamily
 from pyrovae.likelihoods import Likelihood
@@ -123,9 +124,7 @@ class VAE(PyroModule):
     @property
     def device(self) -> torch.device:
         """The device of the first parameter or buffer (CPU for a parameterless VAE)."""
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def check_data(self, x: object, name: str = "x") -> torch.Tensor:
         """Validate ``x`` for this model (shape, dtype, finiteness, likelihood support)."""
@@ -294,9 +293,7 @@ class HierarchicalVAE(PyroModule):
     @property
     def device(self) -> torch.device:
         """The device of the first parameter or buffer (CPU for a parameterless model)."""
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def check_data(self, x: object, name: str = "x") -> torch.Tensor:
         """Validate ``x`` for this model (shape, dtype, finiteness, likelihood support)."""
@@ -401,9 +398,7 @@ class _LabelModel(PyroModule):
     @property
     def device(self) -> torch.device:
         """The device of the first parameter or buffer (CPU for a parameterless model)."""
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def check_data(self, x: object, name: str = "x") -> torch.Tensor:
         """Validate ``x`` for this model (shape, dtype, finiteness, likelihood support)."""

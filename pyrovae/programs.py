@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from pyrovae.devices import first_device
 from pyrovae.errors import InvalidDataError, PyrovaeError
 
 #: the dimension every program keeps its data points in
@@ -110,12 +111,10 @@ class Program:
     @property
     def device(self) -> torch.device:
         """Where the parameters live: the module's first tensor, else the parameter store's."""
-        tensors: Any = ()
-        if self.module is not None:
-            tensors = itertools.chain(self.module.parameters(), self.module.buffers())
-        for tensor in itertools.chain(tensors, pyro.get_param_store().values()):
-            return tensor.device
-        return torch.device("cpu")
+        owned: Any = () if self.module is None else itertools.chain(self.module.parameters(),
+                                                                    self.module.buffers())
+        return first_device(itertools.chain(owned, pyro.get_param_store().values())) or \
+            torch.device("cpu")
 
     def check_data(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Validate the data arguments; the module's own check (a VAE's shape, dtype and
