@@ -115,8 +115,8 @@ class VAE(PyroModule):
 
         Calling a ``PyroModule`` (or a ``pyro_method``) opens its Pyro context, in which
         every access to a plain ``nn.Module`` child registers that child's parameters in the
-        parameter store (``pyro.module``): about 0.5 ms per training step on a CPU, more on
-        a GPU's host.  Code that needs no Pyro effects (:meth:`encode`, :meth:`sample`)
+        parameter store (``pyro.module``), host time that needs no paying where no Pyro effect
+        is wanted.  Code that needs no Pyro effects (:meth:`encode`, :meth:`sample`)
         calls ``forward`` directly instead.
         """
         return self.guide_family.forward(self.encoder(x))
