@@ -195,12 +195,11 @@ def mnist_or_random(data_dir: str | None, n: int) -> DataSplits:
     return DataSplits.from_tensors(x[:n], x[:10000]).to(DEVICE)
 
 
-def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -> dict[str, float]:
+def _steps(vae: torch.nn.Module, plain: torch.nn.Module, data: DataSplits,
+           batch_size: int) -> tuple[Callable[[], float], Callable[[], float]]:
+    """pyrovae's training step (:class:`TrainingLoop`, fused Adam) and the plain reference's
+    (``torch.optim.Adam``, as a user writes it) on the first ``batch_size`` training points."""
     x = data.train[:batch_size]
-    pyro.clear_param_store()
-    vae, plain = make_models()
-    svi_vae, _ = make_models()
-    svi = SVI(svi_vae.model, svi_vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     loop = TrainingLoop(vae, data, epochs=1, batch_size=batch_size, lr=1e-3,
                         objective="trace_elbo", num_particles=1, seed=0, test_every=1,
                         run_dir=None, config=None, progress=False, beta=1.0, kl_warmup_epochs=0,
@@ -216,9 +215,20 @@ def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -
         optimizer.step()
         return value
 
+    return lambda: loop.train_step(x), plain_step
+
+
+def training_step(batch_size: int, steps: int, repeats: int, data: DataSplits) -> dict[str, float]:
+    x = data.train[:batch_size]
+    pyro.clear_param_store()
+    vae, plain = make_models()
+    svi_vae, _ = make_models()
+    svi = SVI(svi_vae.model, svi_vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    pyrovae_step, plain_step = _steps(vae, plain, data, batch_size)
+
     with pyro.validation_enabled(False):
         medians = interleaved_medians({"pyro_svi": lambda: svi.step(x),
-                                       "pyrovae": lambda: loop.train_step(x),
+                                       "pyrovae": pyrovae_step,
                                        "plain": plain_step}, steps, repeats)
     return {"batch_size": batch_size, "pyro_svi_ms": 1e3 * medians["pyro_svi"],
             "pyrovae_ms": 1e3 * medians["pyrovae"], "plain_pytorch_ms": 1e3 * medians["plain"],
@@ -230,26 +240,12 @@ def two_layer_training_step(batch_size: int, steps: int, repeats: int,
                             data: DataSplits) -> dict[str, float]:
     """pyrovae's training step on the two-layer VAE against the plain two-layer reference
     (``torch.optim.Adam``, as a user writes it), interleaved."""
-    x = data.train[:batch_size]
     pyro.clear_param_store()
     vae, plain = make_hierarchical_models()
-    loop = TrainingLoop(vae, data, epochs=1, batch_size=batch_size, lr=1e-3,
-                        objective="trace_elbo", num_particles=1, seed=0, test_every=1,
-                        run_dir=None, config=None, progress=False, beta=1.0, kl_warmup_epochs=0,
-                        checkpoint_every=0, keep_last=0, clip_norm=None, on_divergence="stop",
-                        fused=True)
-    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
-
-    def plain_step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = plain.loss(x)
-        value = loss.item()
-        loss.backward()
-        optimizer.step()
-        return value
+    pyrovae_step, plain_step = _steps(vae, plain, data, batch_size)
 
     with pyro.validation_enabled(False):
-        medians = interleaved_medians({"pyrovae": lambda: loop.train_step(x),
+        medians = interleaved_medians({"pyrovae": pyrovae_step,
                                        "plain": plain_step}, steps, repeats)
     return {"batch_size": batch_size, "pyrovae_ms": 1e3 * medians["pyrovae"],
             "plain_pytorch_ms": 1e3 * medians["plain"],
