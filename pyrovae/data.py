@@ -477,31 +477,11 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, binarize: str 
     raw = root / "MNIST" / "raw"
     missing = [name for name in MNIST_RAW_FILES if not (raw / name).exists()]
     if missing:
-        if chosen and not root.is_dir():
-            raise DatasetNotFoundError(
-                f"data directory {root} does not exist; pass --data-dir (or set ${DATA_DIR_ENV}) "
-                f"to a folder that holds MNIST/raw/{MNIST_RAW_FILES[0]}"
-            )
-        if not download:
-            raise DatasetNotFoundError(
-                f"MNIST not found: looked for {', '.join(missing)} in {raw}; pass --data-dir "
-                f"(or set ${DATA_DIR_ENV}) to a folder that holds MNIST/raw, or allow the download"
-            )
-        logger.info("MNIST not in %s; downloading", raw)
-        created = [folder for folder in (root, root / "MNIST", raw) if not folder.exists()]
-        try:
-            # torchvision prints each failed mirror; the one-line error below says it all
-            with contextlib.redirect_stdout(io.StringIO()):
-                MNIST(str(root), train=True, download=True)
-        except Exception as error:  # network errors come in many types
-            # leave no empty or half-filled folders of a download that did not happen
-            if created:
-                shutil.rmtree(created[0], ignore_errors=True)
-            raise DatasetNotFoundError(
-                f"MNIST not found in {raw} and the download failed "
-                f"({(str(error).strip().splitlines() or [type(error).__name__])[-1]}); pass --data-dir "
-                f"(or set ${DATA_DIR_ENV}) to a folder that holds MNIST/raw/{MNIST_RAW_FILES[0]}"
-            ) from None
+        _fetch_or_raise(
+            "MNIST", root=root, chosen=chosen, where=raw, missing=missing, download=download,
+            how=f"pass --data-dir (or set ${DATA_DIR_ENV}) to a folder that holds "
+                f"MNIST/raw/{MNIST_RAW_FILES[0]}",
+            fetch=lambda: MNIST(str(root), train=True, download=True))
     splits, targets = [], []
     for train in (True, False):
         try:
@@ -589,9 +569,16 @@ def _fetch_or_raise(title: str, *, root: Path, chosen: bool, where: Path, missin
             f"download (without --no-download) where there is a network"
         )
     logger.info("%s not in %s; downloading", title, where)
+    # the folders the download would create, from the outermost: removed again if it fails
+    created = [folder for folder in (where, *where.parents)
+               if (folder == root or root in folder.parents) and not folder.exists()][::-1]
     try:
-        fetch()
+        # torchvision prints each failed mirror; the one-line error below says it all
+        with contextlib.redirect_stdout(io.StringIO()):
+            fetch()
     except Exception as error:  # network errors come in many types
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
         raise DatasetNotFoundError(
             f"{title} not found in {where} and the download failed ({_one_line(error)}); {how}"
         ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,6 +196,8 @@ def test_missing_torchvision_files_say_where_and_how(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path / "nowhere")
 
     def offline(self):
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)  # as torchvision does
+        print("Downloading http://x/ ... failed")  # torchvision's own lines go to stdout
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\n"
                            "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
 
@@ -204,6 +207,8 @@ def test_missing_torchvision_files_say_where_and_how(tmp_path, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and "the download failed (Error downloading" in message
     assert "zalandoresearch/fashion-mnist" in message
+    # the failed download leaves no empty folders in the user's data directory
+    assert not (tmp_path / "FashionMNIST").exists()
 
 
 def write_omniglot(root, alphabets_per_set=1, characters=2):
