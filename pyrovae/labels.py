@@ -9,7 +9,8 @@ C classes,
     log p(x) = logsumexp_y log p(x, y),
 
 each log p(x, y) importance-sampled with q(z | x, y) as
-:func:`~pyrovae.evaluation.log_marginal_likelihood` samples it.  For a conditional VAE, y
+:func:`~pyrovae.evaluation.log_marginal_likelihood` samples it, all C classes of a point in
+one trace.  For a conditional VAE, y
 is an input and the shared estimator on ``(x, y)`` is log p(x | y) already.
 
 All values are in nats.
@@ -37,31 +38,39 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
                                         distributed: bool = False) -> torch.Tensor:
     """log p(x) = log sum_y p(x, y) for each data point, the label summed over its classes.
 
-    Each class c is one pass of :func:`~pyrovae.evaluation.log_marginal_likelihood` over
-    ``(x, c)``, the program's estimate of log p(x, y = c) (a lower bound in expectation);
-    their log-sum-exp over c is the estimate of log p(x), again a lower bound in expectation.
-    Memory is that of one pass.
+    Each point is paired with every class c, and one pass of
+    :func:`~pyrovae.evaluation.log_marginal_likelihood` over the ``N * C`` pairs estimates
+    every log p(x, y = c) (a lower bound in expectation); their log-sum-exp over c is the
+    estimate of log p(x), again a lower bound in expectation.  A trace holds
+    ``batch_size`` points with all C classes each, so the classes of a point go through the
+    networks together, and memory is that of one trace, whatever C is.
 
     :param program: a program ``model(x, y)``, ``guide(x, y)`` in which y is a sample site of
         the model (M2); anything :func:`~pyrovae.programs.as_program` takes.
     :param x: the data ``(N, D)``.
     :param num_classes: C; the labels 0..C-1 are summed over.
     :param num_samples: K per class.
-    :param seed: the seed of every class's pass
-        (:func:`~pyrovae.evaluation.log_marginal_likelihood`), so that the classes share
-        their random draws.
+    :param batch_size: data points per trace (each with its C classes).
+    :param chunk_size: importance samples per trace; ``None``: chosen from the device for
+        traces of ``batch_size * C`` rows (:func:`~pyrovae.evaluation.default_chunk_size`).
+    :param seed: per-batch seeding, see :func:`~pyrovae.evaluation.log_marginal_likelihood`.
     :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not torch.is_tensor(x) or x.dim() < 1:
         raise InvalidDataError("x must be a tensor of data points (N, ...)")
-    per_class = torch.stack([
-        log_marginal_likelihood(program, (x, torch.full((x.shape[0],), label, device=x.device)),
-                                num_samples, batch_size=batch_size, chunk_size=chunk_size,
-                                seed=seed, distributed=distributed)
-        for label in range(num_classes)])
-    return torch.logsumexp(per_class, dim=0)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    num_points = x.shape[0]
+    # point-major pairs (x_0, 0), (x_0, 1), ..., (x_0, C-1), (x_1, 0), ...: a batch of
+    # batch_size * C pairs is batch_size whole points
+    pairs = x.repeat_interleave(num_classes, dim=0)
+    labels = torch.arange(num_classes, device=x.device).repeat(num_points)
+    joint = log_marginal_likelihood(program, (pairs, labels), num_samples,
+                                    batch_size=batch_size * num_classes, chunk_size=chunk_size,
+                                    seed=seed, distributed=distributed)
+    return torch.logsumexp(joint.reshape(num_points, num_classes), dim=-1)
 
 
 @torch.no_grad()

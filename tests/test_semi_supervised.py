@@ -13,10 +13,9 @@ from pyrovae import TrainConfig, build_vae, fit, log_marginal_likelihood
 from pyrovae.cli import main
 from pyrovae.config import apply_label_settings
 from pyrovae.errors import ConfigError
-from pyrovae.guides import DiagonalNormalGuide
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
 from pyrovae.models import SemiSupervisedVAE, paper_alpha
-from tests.labelled_gaussian import DOUBLE, LinearGaussianLabels
+from tests.labelled_gaussian import LinearGaussianLabels
 from tests.test_conditional import CLI_TINY, labelled_binary_data, write_labelled_npz
 
 
@@ -34,15 +33,22 @@ def test_log_p_x_sums_the_label_out_exactly():
 
 def test_log_p_x_is_the_logsumexp_of_the_class_conditional_estimates():
     truth = LinearGaussianLabels()
-    torch.manual_seed(0)
-    m2 = truth.semi_supervised_vae(guide=DiagonalNormalGuide(4 + 3, 2).to(DOUBLE))
+    m2 = truth.semi_supervised_vae()
+    m2.guide_family.scale_tril.mul_(1.5)  # wider than the exact posterior: weights vary
     x, _ = truth.sample(15)
+    joint = truth.log_px_and_y(x)  # (C, N)
+    exact = torch.logsumexp(joint, 0)
+    one = log_marginal_likelihood_over_labels(m2, x, 3, num_samples=1, seed=7)
+    assert (exact - one).mean() > 0.3  # a lower bound in expectation
+    # a batch of 4 points (the last one short) holds each point's 3 classes
+    summed = log_marginal_likelihood_over_labels(m2, x, 3, num_samples=4000, batch_size=4,
+                                                 seed=7)
+    assert (summed - exact).abs().max() < 0.03  # tight as K grows
+    # each class's estimate is the shared estimator's log p(x, y = c) of that pair
     per_class = torch.stack([log_marginal_likelihood(m2, (x, torch.full((15,), c)),
-                                                     num_samples=40, seed=7) for c in range(3)])
-    summed = log_marginal_likelihood_over_labels(m2, x, 3, num_samples=40, seed=7)
-    torch.testing.assert_close(summed, torch.logsumexp(per_class, 0), atol=1e-12, rtol=0)
-    exact = torch.logsumexp(truth.log_px_and_y(x), 0)
-    assert bool((summed < exact + 0.5).all()) and (exact - summed).mean() > 0.05  # a bound
+                                                     num_samples=4000, seed=c) for c in range(3)])
+    assert (per_class - joint).abs().max() < 0.05
+    torch.testing.assert_close(summed, torch.logsumexp(per_class, 0), atol=0.05, rtol=0)
 
 
 def test_the_shared_estimator_reads_unlabelled_points_as_an_ordinary_program():
