@@ -14,49 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
+# the scripts draw their own figures with pyplot, in files only
 matplotlib.use("Agg")
 
 import torch  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
 
-from pyrovae import TrainConfig, build_vae, load_dataset  # noqa: E402
-from pyrovae.checkpoint import CHECKPOINT_NAME, load_vae  # noqa: E402
-from pyrovae.cli import RESUME_OVERRIDES, evaluate_vae, save_sample_grid  # noqa: E402
+from pyrovae import TrainConfig, plotting, runs  # noqa: E402
+from pyrovae.checkpoint import CHECKPOINT_NAME  # noqa: E402
 from pyrovae.data import DATA_DIR_ENV, DataSplits  # noqa: E402
+from pyrovae.devices import resolve_device, seed_everything  # noqa: E402
 from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.priors import diagonal_normal_components  # noqa: E402
 from pyrovae.provenance import provenance  # noqa: E402
+from pyrovae.rundir import json_safe, write_json  # noqa: E402
+from pyrovae.runs import RESULTS_NAME, Run  # noqa: E402
 from pyrovae.schedules import LR_SCHEDULES  # noqa: E402
-from pyrovae.train import (  # noqa: E402
-    METRICS_NAME,
-    EpochRecord,
-    TrainingInterrupted,
-    fit_from_config,
-    read_metrics,
-    resolve_device,
-    seed_everything,
-)
+from pyrovae.train import TrainingInterrupted  # noqa: E402
 
 logger = logging.getLogger("experiments")
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-RESULTS_NAME = "results.json"
-CONFIG_NAME = "config.json"
-EVALUATION_NAME = "evaluation.json"
-#: one JSON line per call that trained a run: the epoch it started at, commit, machine
-SESSIONS_NAME = "training_sessions.jsonl"
 #: largest number of floats one importance-sampling trace may broadcast a mixture prior to
 MIXTURE_ELEMENTS = 50_000_000
 
@@ -138,43 +125,19 @@ def base_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
 
 
 def load_data(config: TrainConfig, device: torch.device) -> DataSplits:
-    """The dataset of ``config``, cut to its train/test sizes, on ``device``."""
-    data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
-                        download=config.download)
-    return data.subset(config.train_size, config.test_size).to(device)
+    """The data ``config`` trains on, on ``device`` (:func:`pyrovae.runs.load_run_data`)."""
+    return runs.load_run_data(config, device)[1]
 
 
-@dataclass
-class Run:
-    """One trained setting."""
-
-    name: str
-    config: TrainConfig
-    vae: VAE
-    history: list[EpochRecord]
-    run_dir: Path
-
-    @property
-    def train_seconds(self) -> float:
-        """Training time summed over epochs, across resumes (test-ELBO passes excluded)."""
-        return sum(record.epoch_seconds for record in self.history)
-
-
-def _check_resumable(config: TrainConfig, run_dir: Path) -> None:
-    saved = TrainConfig.load(run_dir / CONFIG_NAME).to_dict()
-    wanted = config.to_dict()
-    changed = sorted(name for name in wanted
-                     if name not in RESUME_OVERRIDES | {"out_dir", "overwrite", "test_size"}
-                     and saved.get(name) != wanted[name])
-    if changed:
-        details = ", ".join(f"{name}: {saved.get(name)!r} -> {wanted[name]!r}" for name in changed)
-        raise ConfigError(f"cannot resume {run_dir}: the settings differ ({details}); use another "
-                          f"--out-dir or --overwrite")
+#: config fields an experiment may change when it resumes a setting: those of
+#: ``pyrovae train --resume``, and the test points (the evaluation's, cached by their number)
+RESUME_OVERRIDES = runs.RESUME_OVERRIDES | {"test_size"}
 
 
 def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
           resume: bool, evaluate_only: bool = False) -> Run:
-    """Train ``config`` in ``out_dir/name``; with ``resume``, continue its checkpoint if any.
+    """Train ``config`` in ``out_dir/name`` (:func:`pyrovae.runs.train_run`); with
+    ``resume``, continue its checkpoint if there is one, else start it.
 
     With ``evaluate_only``, train nothing: load the run's checkpoint as it stands (for
     settings trained by separate processes, gathered into one results file).
@@ -182,59 +145,20 @@ def train(name: str, config: TrainConfig, data: DataSplits, out_dir: Path, *,
     run_dir = out_dir / name
     config.out_dir = str(run_dir)
     existing = (run_dir / CHECKPOINT_NAME).is_file()
+    if evaluate_only and not existing:
+        raise ConfigError(f"--evaluate-only: {run_dir} holds no checkpoint; train it first")
+    if existing and (evaluate_only or resume):
+        # the run there must be this setting (refused in one line otherwise)
+        runs.resumed_config(run_dir, runs.changes_from(run_dir, config),
+                            may_change=RESUME_OVERRIDES)
     if evaluate_only:
-        if not existing:
-            raise ConfigError(f"--evaluate-only: {run_dir} holds no checkpoint; train it first")
-        _check_resumable(config, run_dir)
-        vae, saved, _ = load_vae(run_dir, data.train.device)
-        history = read_metrics(run_dir / METRICS_NAME)
-        print(f"[{name}] evaluating as trained ({len(history)} epochs)", file=sys.stderr)
-        return Run(name, saved, vae, history, run_dir)
-    if existing and not resume and not config.overwrite:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                          f"--overwrite to replace it")
+        run = runs.load_run(run_dir, data.train.device)
+        print(f"[{name}] evaluating as trained ({len(run.history)} epochs)", file=sys.stderr)
+        return run
     resume = resume and existing
-    if resume:
-        _check_resumable(config, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / EVALUATION_NAME).unlink(missing_ok=True)
-        (run_dir / SESSIONS_NAME).unlink(missing_ok=True)
-    metrics = run_dir / METRICS_NAME
-    _record_session(run_dir, len(read_metrics(metrics)) + 1 if resume and metrics.is_file() else 1,
-                    data.train.device)
-    seed_everything(config.seed)
-    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(data.train.device)
-    config.save(run_dir / CONFIG_NAME)
     print(f"[{name}] {'resuming' if resume else 'training'} to epoch {config.epochs} on "
           f"{data.train.shape[0]} images", file=sys.stderr)
-    history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume)
-    vae.eval()
-    return Run(name, config, vae, history, run_dir)
-
-
-def _record_session(run_dir: Path, first_epoch: int, device: torch.device) -> None:
-    """Append to ``run_dir``'s :data:`SESSIONS_NAME` that this call trains it from
-    ``first_epoch`` on (a resumed epoch cut short counts as this call's), with the commit and
-    machine, so that a run resumed across machines says which epochs ran where."""
-    record = {"first_epoch": first_epoch,
-              **{key: value for key, value in provenance(device).items()
-                 if key in ("commit", "date", "device", "hardware")}}
-    with (run_dir / SESSIONS_NAME).open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def training_sessions(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
-    """The calls that trained ``run_dir``, each with ``first_epoch`` and ``last_epoch``
-    (the next call's start, or ``epochs``); calls that trained nothing are left out, and a
-    run trained before the record existed gives ``[]``."""
-    path = run_dir / SESSIONS_NAME
-    if not path.is_file():
-        return []
-    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for session, following in zip(sessions, [*sessions[1:], None], strict=True):
-        session["last_epoch"] = following["first_epoch"] - 1 if following else epochs
-    return [session for session in sessions if session["last_epoch"] >= session["first_epoch"]]
+    return runs.train_run(config, data, resume=resume, record_session=True)
 
 
 def evaluation_chunk_size(vae: VAE, chunk_size: int, batch_size: int = 100,
@@ -259,11 +183,12 @@ def evaluation_chunk_size(vae: VAE, chunk_size: int, batch_size: int = 100,
 
 def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 500,
              seed: int = 0) -> dict[str, Any]:
-    """Test ELBO and log p(x) (K = ``num_samples``) of ``run``, cached in its run directory.
+    """Test ELBO and log p(x) (K = ``num_samples``) of ``run``, cached in its run directory's
+    ``evaluation.json`` while the epochs, K, test points and seed are the same.
 
-    :returns: :func:`pyrovae.cli.evaluate_vae`'s dictionary (nats, with standard errors).
+    :returns: :func:`pyrovae.runs.evaluate_vae`'s dictionary (nats, with standard errors).
     """
-    path = run.run_dir / EVALUATION_NAME
+    path = run.run_dir / runs.EVALUATION_NAME
     key = {"epochs_trained": len(run.history), "num_samples": num_samples,
            "num_test_points": int(data.test.shape[0]), "seed": seed}
     if path.is_file():
@@ -271,11 +196,11 @@ def evaluate(run: Run, data: DataSplits, *, num_samples: int, chunk_size: int = 
         if all(cached.get(name) == value for name, value in key.items()):
             return cached
     seed_everything(seed)
-    results = evaluate_vae(run.vae, data.test, num_samples=num_samples,
-                           chunk_size=evaluation_chunk_size(run.vae, chunk_size,
-                                                            device=data.test.device))
+    results = runs.evaluate_vae(run.vae, data.test, num_samples=num_samples,
+                                chunk_size=evaluation_chunk_size(run.vae, chunk_size,
+                                                                 device=data.test.device))
     results.update(key)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(path, results)
     print(f"[{run.name}] test ELBO {results['test_elbo']:.2f}, log p(x) (K={num_samples}) "
           f"{results['log_marginal_likelihood']:.2f} ± "
           f"{results['log_marginal_likelihood_standard_error']:.2f} nats", file=sys.stderr)
@@ -313,7 +238,7 @@ def run_summary(run: Run, evaluation: Mapping[str, Any], *, setting: str,
         "published_log_marginal_likelihood": published,
         "published_source": source,
         "final_train_objective": run.history[-1].train_elbo,
-        "training_sessions": training_sessions(run.run_dir, len(run.history)),
+        "training_sessions": runs.training_sessions(run.run_dir, len(run.history)),
         "config": run.config.to_dict(),
         **extra,
     }
@@ -337,127 +262,33 @@ def write_results(out_dir: Path, experiment: str, args: argparse.Namespace,
         "figures": list(figures),
         **provenance(device),
     }
-    (out_dir / RESULTS_NAME).write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    write_json(out_dir / RESULTS_NAME, json_safe(results))
     print(f"results written to {out_dir / RESULTS_NAME}", file=sys.stderr)
     return results
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 # --- figures --------------------------------------------------------------------------------
-def _image_grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
-
-    images = images.reshape(images.shape[0], *image_shape).clamp(0, 1).cpu()
-    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def save_image_grid(images: torch.Tensor, path: Path, image_shape: Sequence[int], nrow: int) -> None:
-    """Save ``images`` ``(N, D)`` with values in [0, 1] as a PNG grid of ``nrow`` per row."""
-    from torchvision.utils import save_image
-
-    save_image(_image_grid(images, image_shape, nrow), str(path))
-
-
-def save_samples(run: Run, path: Path, image_shape: Sequence[int], *, seed: int = 0,
-                 num_samples: int = 64) -> None:
-    """E[x|z] for z ~ p(z), as a grid (:func:`pyrovae.cli.save_sample_grid`)."""
-    seed_everything(seed)
-    save_sample_grid(run.vae, path, image_shape, num_samples)
-
-
-def save_reconstructions(vae: VAE, x: torch.Tensor, path: Path, image_shape: Sequence[int], *,
-                         num_images: int = 10, seed: int = 0) -> None:
-    """Test images (top row) above E[x'|z], z ~ q(z|x) (bottom row)."""
-    seed_everything(seed)
-    x = x[:num_images]
-    images = torch.cat([x.cpu(), vae.reconstruct(x).cpu()])
-    save_image_grid(images, path, image_shape, nrow=x.shape[0])
-
-
 def save_run_figures(run: Run, data: DataSplits, out_dir: Path, *, seed: int = 0) -> list[str]:
     """``samples_<name>.png`` and ``reconstructions_<name>.png`` of ``run``; their file names."""
     if data.image_shape is None:
         return []
     names = [f"samples_{run.name}.png", f"reconstructions_{run.name}.png"]
-    save_samples(run, out_dir / names[0], data.image_shape, seed=seed)
-    save_reconstructions(run.vae, data.test, out_dir / names[1], data.image_shape, seed=seed)
+    seed_everything(seed)
+    plotting.save_sample_grid(run.vae, out_dir / names[0], data.image_shape)
+    seed_everything(seed)
+    plotting.save_reconstructions(run.vae, data.test, out_dir / names[1], data.image_shape)
     return names
 
 
-def plot_image_rows(rows: Mapping[str, torch.Tensor], path: Path, image_shape: Sequence[int],
-                    *, title: str) -> None:
-    """One labelled row of images per entry of ``rows`` (e.g. reconstructions per setting)."""
-    figure, axes = plt.subplots(len(rows), 1, figsize=(12, 1.3 * len(rows) + 0.6), squeeze=False)
-    for axis, (label, images) in zip(axes[:, 0], rows.items(), strict=True):
-        grid = _image_grid(images, image_shape, nrow=images.shape[0])
-        axis.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1)
-        axis.set_ylabel(label, rotation=0, ha="right", va="center")
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_elbo_curves(runs: Sequence[Run], path: Path, *, title: str,
+def plot_elbo_curves(trained: Sequence[Run], path: Path, *, title: str,
                      published: Mapping[str, float] | None = None,
                      final: Mapping[str, float] | None = None) -> None:
-    """Train and test ELBO per epoch (from each run's ``metrics.csv``), one colour per run,
-    and the test log p(x) at the epochs that estimated it (``--log-px-every``).
-
-    :param published: per run name, a published log p(x), drawn as a dashed line.
-    :param final: per run name, our final test log p(x), drawn as a point at the last epoch.
-    """
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    shown: list[float] = []  # values after the first epoch, which would squash the y axis
-    for index, run in enumerate(runs):
-        color = colors[index % len(colors)]
-        records = read_metrics(run.run_dir / METRICS_NAME)
-        epochs = [r.epoch for r in records]
-        later = records[1:] if len(records) > 2 else records
-        shown += [v for r in later for v in (r.train_elbo, r.test_elbo, r.test_log_px)
-                  if math.isfinite(v)]
-        shown += [value for table in (published, final) if table and table.get(run.name) is not None
-                  for value in [table[run.name]]]
-        axis.plot(epochs, [r.train_elbo for r in records], color=color, alpha=0.45, lw=1,
-                  label=f"{run.name}: train objective")
-        tested = [(r.epoch, r.test_elbo) for r in records if math.isfinite(r.test_elbo)]
-        axis.plot(*zip(*tested, strict=True), color=color, marker="." if len(tested) < 30 else None,
-                  lw=1.6, label=f"{run.name}: test ELBO")
-        curve = [(r.epoch, r.test_log_px) for r in records if math.isfinite(r.test_log_px)]
-        if curve:
-            axis.plot(*zip(*curve, strict=True), color=color, marker="o", ms=3.5, lw=1.2, ls=":",
-                      label=f"{run.name}: test log p(x), K={run.config.log_px_samples}, "
-                            f"first {run.config.log_px_size} images")
-        if final and run.name in final:
-            axis.plot([epochs[-1]], [final[run.name]], color=color, marker="*", ms=11, ls="",
-                      label=f"{run.name}: test log p(x), final")
-        if published and published.get(run.name) is not None:
-            axis.axhline(published[run.name], color=color, ls="--", lw=1,
-                         label=f"{run.name}: published log p(x)")
-    if shown:
-        low, high = min(shown), max(shown)
-        margin = 0.05 * (high - low) + 0.5
-        axis.set_ylim(low - margin, high + margin)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("nats per image")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    """:func:`pyrovae.plotting.plot_elbo_curves` of the runs' histories."""
+    plotting.plot_elbo_curves(
+        {run.name: run.history for run in trained}, path, title=title,
+        log_px_labels={run.name: f"K={run.config.log_px_samples}, first "
+                                 f"{run.config.log_px_size} images" for run in trained},
+        published=published, final=final)
 
 
 # --- running a script -----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 import common
 from matplotlib import pyplot as plt
 
-from pyrovae import mean_and_standard_error
+from pyrovae import mean_and_standard_error, plotting
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo_terms
 from pyrovae.train import seed_everything
@@ -130,11 +130,11 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)
         samples[label] = trained.vae.sample(10)
     shape = data.image_shape
-    common.plot_image_rows({"data": data.test[:10], **reconstructions},
-                           out_dir / "reconstructions.png", shape,
-                           title="test images and E[x|z], z ~ q(z|x)")
-    common.plot_image_rows(samples, out_dir / "samples.png", shape,
-                           title="E[x|z] = f(z), z ~ p(z) (means, no pixel noise)")
+    plotting.plot_image_rows({"data": data.test[:10], **reconstructions},
+                             out_dir / "reconstructions.png", shape,
+                             title="test images and E[x|z], z ~ q(z|x)")
+    plotting.plot_image_rows(samples, out_dir / "samples.png", shape,
+                             title="E[x|z] = f(z), z ~ p(z) (means, no pixel noise)")
     plot_tradeoff(summaries, out_dir / "sigma_tradeoff.png")
     common.plot_elbo_curves(runs, out_dir / "elbo_curves.png",
                             title="Gaussian likelihood, grey-level MNIST")

@@ -34,6 +34,7 @@ import common
 import torch
 from matplotlib import pyplot as plt
 
+from pyrovae import plotting
 from pyrovae.data import resolve_data_dir
 from pyrovae.errors import ConfigError
 from pyrovae.models import VAE
@@ -111,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
     figures = common.save_run_figures(trained, data, out_dir, seed=args.seed)
     labels = mnist_test_labels(args.data_dir, data.test.shape[0])
     plot_latent_means(trained.vae.encode(data.test).mean.cpu(), labels, out_dir / "latent_means.png")
-    common.save_image_grid(manifold(trained.vae, args.grid_size), out_dir / "manifold.png",
-                           data.image_shape, nrow=args.grid_size)
-    common.save_image_grid(interpolations(trained.vae, data.test, labels, args.interpolation_steps),
-                           out_dir / "interpolations.png", data.image_shape,
-                           nrow=args.interpolation_steps)
+    plotting.save_image_grid(manifold(trained.vae, args.grid_size), out_dir / "manifold.png",
+                             data.image_shape, nrow=args.grid_size)
+    plotting.save_image_grid(interpolations(trained.vae, data.test, labels,
+                                            args.interpolation_steps),
+                             out_dir / "interpolations.png", data.image_shape,
+                             nrow=args.interpolation_steps)
     common.plot_elbo_curves([trained], out_dir / "elbo_curves.png",
                             final={trained.name: evaluation["log_marginal_likelihood"]},
                             title="2-D latent VAE, dynamically binarized MNIST")

@@ -52,6 +52,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.evaluation import default_chunk_size
 from pyrovae.programs import ProgramError, as_data, as_program
 from pyrovae.provenance import provenance
+from pyrovae.rundir import json_safe
 from pyrovae.sandwich import DEFAULT_POINTS, SandwichResult, bidirectional_monte_carlo
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class BoundCurve:
             result["sandwich"] = self.sandwich.summary()
         if self.usage is not None:
             result["latent_usage"] = self.usage.summary()
-        return _json_safe(result)
+        return json_safe(result)
 
 
 def _plot_sandwich(axis: Any, sandwich: SandwichResult) -> None:
@@ -346,23 +347,12 @@ def _standard_error(values: torch.Tensor) -> float:
     return float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.nan
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become None: strict JSON has no spelling for them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def _netcdf_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """netCDF attributes hold strings and numbers only: the rest goes in as JSON text."""
     # str(value): subclasses of str (torch.__version__) would reach h5py as numpy unicode
     return {key: str(value) if isinstance(value, str) else value
             if isinstance(value, int | float) and not isinstance(value, bool)
-            else json.dumps(_json_safe(value)) for key, value in attrs.items()}
+            else json.dumps(json_safe(value)) for key, value in attrs.items()}
 
 
 def _inference_data(**groups: Any) -> Any:
@@ -504,7 +494,7 @@ def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir:
     save_inference_data(curve.to_inference_data(attrs={
         key: value for key, value in summary.items() if key not in ("bounds", "diagnostics")}),
         output_dir / NETCDF_NAME)
-    (output_dir / SUMMARY_NAME).write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    (output_dir / SUMMARY_NAME).write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return summary
 
 
@@ -607,6 +597,6 @@ def sandwich_command(args: argparse.Namespace, vae: Any, x_test: Any, output: Pa
     # printed before saving, so that a failed write does not lose them
     print(f"{result}\n(points simulated from the model: log p(x) lies between the bounds up to "
           f"Monte Carlo error; the gap bounds the error of AIS with these settings there)")
-    output.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    output.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     print(f"written to {output}")
     return 0

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -84,6 +85,18 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_atomically`)."""
     write_atomically(path, lambda handle: handle.write(text.encode()))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (nested in dicts, lists and tuples) as ``None``:
+    strict JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def write_json(path: str | Path, values: dict[str, Any]) -> None:

@@ -121,16 +121,16 @@ def test_sample_keeps_the_training_grid_and_names_a_missing_folder(run, capsys, 
 @requires_mnist
 def test_a_signal_in_the_final_evaluation_stops_it_and_resume_finishes(tmp_path, capsys,
                                                                        monkeypatch):
-    import pyrovae.cli
+    import pyrovae.runs
 
     run_dir = tmp_path / "run"
-    original = pyrovae.cli.evaluate_vae
+    original = pyrovae.runs.evaluate_vae
 
     def killed_during(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pyrovae.cli, "evaluate_vae", killed_during)
+    monkeypatch.setattr(pyrovae.runs, "evaluate_vae", killed_during)
     assert main(["train", "--out-dir", str(run_dir), *TINY]) == 128 + signal.SIGTERM
     assert "during the final evaluation" in capsys.readouterr().err
     assert not (run_dir / "results.json").exists()
@@ -197,21 +197,21 @@ def test_active_units_count_what_the_encoder_uses():
 
 
 def test_a_vamp_prior_over_flow_posteriors_is_costed_up_front(monkeypatch, caplog):
-    import pyrovae.cli as cli_module
     import pyrovae.priors as priors_module
+    import pyrovae.runs as runs_module
     from pyrovae import TrainConfig, build_vae
     from pyrovae.errors import ConfigError
 
     config = TrainConfig(prior="vamp", guide="iaf", num_components=20, hidden_dims=(16,),
                          latent_dim=4, batch_size=50)
     vae = build_vae(config, data_dim=784)
-    monkeypatch.setattr(cli_module, "EXPENSIVE_PRIOR_GFLOP", 0.0)
+    monkeypatch.setattr(runs_module, "EXPENSIVE_PRIOR_GFLOP", 0.0)
     with caplog.at_level("WARNING", logger="pyrovae"):
-        cli_module._check_prior_cost(vae, config)
+        runs_module.check_prior_cost(vae, config)
     assert "expensive prior: log p(z) under 20" in caplog.text
     monkeypatch.setattr(priors_module, "available_memory_bytes", lambda device: 1000)
     with pytest.raises(ConfigError, match="cannot score a batch of 50 z in memory"):
-        cli_module._check_prior_cost(vae, config)
+        runs_module.check_prior_cost(vae, config)
 
 
 def test_corrupt_dataset_files_are_one_line(capsys, tmp_path):

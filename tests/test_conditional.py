@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pyrovae import DataSplits, TrainConfig, build_vae, fit, log_marginal_likelihood
-from pyrovae.cli import main, save_sample_grid
+from pyrovae.cli import main
 from pyrovae.config import apply_label_settings
 from pyrovae.errors import ConfigError
 from pyrovae.models import ConditionalVAE
+from pyrovae.plotting import save_sample_grid
 from tests.labelled_gaussian import LinearGaussianLabels
 
 

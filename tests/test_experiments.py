@@ -192,12 +192,12 @@ def test_train_refuses_to_overwrite_or_resume_other_settings(tmp_path):
     assert common.evaluate(longer, data, num_samples=5)["epochs_trained"] == 2
     # each call that trained says from which epoch; one that trained nothing drops out
     common.train("run", replace(config, epochs=2), data, tmp_path, resume=True)
-    sessions = common.training_sessions(tmp_path / "run", 2)
+    sessions = load_common().runs.training_sessions(tmp_path / "run", 2)
     assert [(s["first_epoch"], s["last_epoch"]) for s in sessions] == [(1, 1), (2, 2)]
     assert all(s["commit"] and s["hardware"] and s["device"] == "cpu" for s in sessions)
     # a fresh run with --overwrite starts the record again
     common.train("run", replace(config, overwrite=True), data, tmp_path, resume=False)
-    assert len(common.training_sessions(tmp_path / "run", 1)) == 1
+    assert len(load_common().runs.training_sessions(tmp_path / "run", 1)) == 1
 
 
 def test_results_table_names_each_machine_of_a_run_resumed_across_machines():

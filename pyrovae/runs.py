@@ -1,0 +1,716 @@
+"""One run directory, and what is done with it: create it, train one run into it, resume it,
+evaluate it.
+
+A run directory holds one trained model and what was learnt of it::
+
+    config.json              the TrainConfig (TrainConfig.load reads it back)
+    metrics.csv              one row per epoch (pyrovae.train.METRIC_COLUMNS)
+    checkpoint.pt            the last finished step (pyrovae.checkpoint)
+    checkpoint_best.pt       the best held-out ELBO so far
+    checkpoints/             the last --keep-last epoch checkpoints
+    samples.png              decoded prior samples after training
+    results.json             the final evaluation of pyrovae train, with provenance
+    evaluation.json          pyrovae evaluate's numbers (or an experiment's, cached)
+    training_sessions.jsonl  where each call trained it (experiment scripts)
+    tensorboard/             event files (--tensorboard)
+
+A folder holding any of :data:`RUN_MARKERS` holds a run: a new run refuses it unless told to
+overwrite, and a resumed run must be the same run (:data:`RESUME_OVERRIDES` name what may
+change).  The folder is locked (:class:`~pyrovae.rundir.RunLock`) while a run trains in it.
+The command line (:mod:`pyrovae.cli`) and the experiment scripts call these functions; the
+file-level helpers (atomic writes, the lock, clearing a run) are :mod:`pyrovae.rundir`'s.
+Values are nats per data point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pyrovae import distributed
+from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
+from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
+from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
+from pyrovae.data import DataSplits, load_dataset
+from pyrovae.devices import seed_everything
+from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
+from pyrovae.errors import CheckpointError, ConfigError
+from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
+from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
+from pyrovae.models import VAE, SemiSupervisedVAE
+from pyrovae.plotting import save_sample_grid
+from pyrovae.provenance import provenance
+from pyrovae.rundir import (
+    LOCK_NAME,
+    RunLock,
+    check_run_dir_path,
+    check_writable,
+    clear_run,
+    make_run_dir,
+    remove_temporaries,
+    write_json,
+)
+from pyrovae.train import (
+    METRICS_NAME,
+    EpochRecord,
+    _StopSignals,
+    check_training_data,
+    fit_from_config,
+    read_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+# --- the layout -------------------------------------------------------------------------------
+
+CONFIG_NAME = "config.json"
+RESULTS_NAME = "results.json"
+EVALUATION_NAME = "evaluation.json"
+SAMPLES_NAME = "samples.png"
+TENSORBOARD_NAME = "tensorboard"
+#: one JSON line per call that trained the run: the epoch it started at, commit, machine
+SESSIONS_NAME = "training_sessions.jsonl"
+#: the files whose presence means a folder holds a run
+RUN_MARKERS = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory of ``checkpoint`` (a checkpoint file, or the directory itself)."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def existing_run(run_dir: Path) -> list[str]:
+    """The :data:`RUN_MARKERS` present in ``run_dir``."""
+    return [name for name in RUN_MARKERS if (run_dir / name).exists()]
+
+
+def _refuse_existing(run_dir: Path, existing: list[str]) -> None:
+    raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); choose another "
+                      f"--out-dir, pass --overwrite to replace it or --resume to continue it")
+
+
+def check_out_dir(config: TrainConfig) -> None:
+    """Refuse, before any work, a ``config.out_dir`` that is a file or holds a run (unless
+    ``config.overwrite``).  Nothing is created."""
+    run_dir = Path(config.out_dir)
+    check_run_dir_path(run_dir)
+    existing = existing_run(run_dir) if run_dir.is_dir() else []
+    if existing and not config.overwrite:
+        _refuse_existing(run_dir, existing)
+
+
+def open_run_dir(run_dir: Path, stack: contextlib.ExitStack, *, overwrite: bool = False,
+                 fresh: bool = True) -> Path:
+    """Create ``run_dir``, take its lock for the rest of ``stack``, and with ``fresh``
+    check again (now under the lock) that it holds no run, or clear the old one with
+    ``overwrite``; then check that it can be written.
+
+    A folder this call created is removed again if ``stack`` closes on an error before
+    anything was written into it.
+    """
+    created = not run_dir.exists()
+    make_run_dir(run_dir)
+    if created:
+        stack.callback(_remove_if_unused, run_dir)
+    stack.enter_context(RunLock(run_dir))
+    if fresh:
+        existing = existing_run(run_dir)
+        if existing and not overwrite:
+            _refuse_existing(run_dir, existing)
+        if overwrite:
+            clear_run(run_dir)
+    remove_temporaries(run_dir)
+    check_writable(run_dir)
+    return run_dir
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove ``run_dir`` if it holds nothing but its lock file (a start that failed)."""
+    with contextlib.suppress(OSError):
+        if {path.name for path in run_dir.iterdir()} <= {LOCK_NAME}:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
+
+
+# --- resuming -------------------------------------------------------------------------------
+
+#: config fields that may change when a run is resumed; the others would make it another run
+RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
+                              "eval_samples", "checkpoint_every", "keep_last",
+                              "max_minutes", "log_px_every", "log_px_samples", "log_px_size",
+                              "tensorboard"})
+#: fields that never make another run: where it is written, and whether it replaced another
+_ALWAYS_FREE = frozenset({"out_dir", "overwrite"})
+
+
+def _flags(names: list[str] | frozenset[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in sorted(names))
+
+
+def resumed_config(run_dir: Path, changes: Mapping[str, Any], *,
+                   may_change: frozenset[str] = RESUME_OVERRIDES) -> TrainConfig:
+    """The config saved in ``run_dir`` with ``changes`` applied, for resuming it.
+
+    :param changes: config fields to set, e.g. the flags given to ``pyrovae train --resume``.
+    :param may_change: the fields a resume may change (``out_dir`` and ``overwrite`` always).
+    :raises ConfigError: nothing to resume, or a change to a field outside ``may_change``.
+    """
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: it needs {CONFIG_NAME} and "
+                          f"{CHECKPOINT_NAME} from an earlier pyrovae train")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(
+            f"cannot resume {run_dir}: it has {CHECKPOINT_NAME} but no {CONFIG_NAME} (a run "
+            f"trained by fit() from Python?); the command needs the TrainConfig: save it there "
+            f"with config.save(), as pyrovae train does")
+    values = TrainConfig.load(run_dir / CONFIG_NAME).to_dict()
+    _check_changes(run_dir, values, changes, may_change=may_change)
+    values.update(changes)
+    values["out_dir"] = str(run_dir)
+    return TrainConfig.from_dict(values)
+
+
+def _check_changes(run_dir: Path, saved: Mapping[str, Any], changes: Mapping[str, Any], *,
+                  may_change: frozenset[str] = RESUME_OVERRIDES) -> None:
+    """Refuse ``changes`` to the ``saved`` config of ``run_dir`` outside ``may_change``.
+
+    :raises ConfigError: naming the fields, their saved and new values, and what may change.
+    """
+    fixed = sorted(name for name, value in changes.items()
+                   if name not in may_change | _ALWAYS_FREE and saved.get(name) != value)
+    if fixed:
+        details = ", ".join(f"{saved.get(name)!r} -> {changes[name]!r}" for name in fixed)
+        raise ConfigError(f"{_flags(fixed)} cannot change when resuming {run_dir} ({details}; "
+                          f"only {_flags(may_change)} may)")
+
+
+def changes_from(run_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    """The fields of ``config`` that differ from the config saved in ``run_dir``."""
+    saved = TrainConfig.load(run_dir / CONFIG_NAME).to_dict()
+    return {name: value for name, value in config.to_dict().items() if saved.get(name) != value}
+
+
+def check_resume(run_dir: Path, config: TrainConfig, vae: VAE) -> None:
+    """Everything a resume of ``run_dir`` needs, checked before its config is rewritten:
+    a checkpoint ``vae`` can continue, trained with ``config`` (aside from
+    :data:`RESUME_OVERRIDES`), with no more epochs than ``config.epochs``."""
+    checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    if checkpoint.get("config") is not None:
+        refuse_foreign(run_dir / CHECKPOINT_NAME, TrainConfig.from_dict(checkpoint["config"]),
+                       config, run_dir / CONFIG_NAME)
+    done = checkpoint["progress"]["epoch"] - 1
+    if done > config.epochs:
+        raise ConfigError(f"{run_dir} has trained {done} epochs; --epochs {config.epochs} would "
+                          f"drop some: resume with --epochs {done} or more")
+
+
+def refuse_foreign(checkpoint_path: Path, embedded: TrainConfig, config: TrainConfig,
+                   config_path: Path) -> None:
+    """Raise :class:`CheckpointError` if the checkpoint was trained with another config than
+    the run's ``config.json`` (fields that may change on resume aside)."""
+    ignored = RESUME_OVERRIDES | _ALWAYS_FREE
+    mine, theirs = config.to_dict(), embedded.to_dict()
+    differ = [name for name in mine if name not in ignored and mine[name] != theirs.get(name)]
+    if differ:
+        details = ", ".join(f"{name} {theirs.get(name)!r} vs {mine[name]!r}"
+                            for name in differ[:3])
+        raise CheckpointError(
+            f"{checkpoint_path} was not trained with {config_path}: {details}"
+            + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            + "; use the checkpoint with its own run directory")
+
+
+def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool) -> dict[str, Any]:
+    """Load ``checkpoint_best.pt``'s parameters into ``vae`` for the final evaluation (early
+    stopping selects the model on the held-out ELBO); what the results record of it."""
+    path = run_dir / BEST_CHECKPOINT_NAME
+    checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
+    vae.load_state_dict(checkpoint["model"])
+    logger.info("final evaluation with the best checkpoint (epoch %d)%s", checkpoint["epoch"],
+                ", early stopping ended training" if stopped_early else "")
+    return {"stopped_early": stopped_early, "evaluated_checkpoint": BEST_CHECKPOINT_NAME,
+            "evaluated_checkpoint_epoch": checkpoint["epoch"]}
+
+
+# --- training one run -----------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One trained run: its directory, config, model (in eval mode) and every epoch's record
+    across resumes."""
+
+    run_dir: Path
+    config: TrainConfig
+    vae: VAE
+    history: list[EpochRecord]
+
+    @property
+    def name(self) -> str:
+        """The run directory's name (an experiment's setting)."""
+        return self.run_dir.name
+
+    @property
+    def train_seconds(self) -> float:
+        """Training time summed over epochs, across resumes (test-ELBO passes excluded)."""
+        return sum(record.epoch_seconds for record in self.history)
+
+
+def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, DataSplits]:
+    """The data ``config`` trains on, on ``device``: its dataset cut to ``train_size`` and
+    ``test_size``, its validation split, and for a model of labelled data the labels it
+    sees; with the config that data completes (:func:`~pyrovae.config.apply_label_settings`)."""
+    data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
+                        download=config.download, test_fraction=config.test_fraction,
+                        labels=config.model in LABEL_MODELS)
+    data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
+    config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
+    return config, data.to(device)
+
+
+#: a prior whose log p(z) per training step costs more than this many GFLOP is announced
+EXPENSIVE_PRIOR_GFLOP = 10.0
+
+
+def check_prior_cost(vae: VAE, config: TrainConfig) -> None:
+    """Refuse, in one line, a prior whose log p(z) cannot fit in memory (a VampPrior over
+    flow or full-covariance posteriors), and say up front what an expensive one costs."""
+    check_fits = getattr(vae.prior, "check_fits", None)
+    if not callable(check_fits):
+        return
+    particles = (config.num_particles,) if config.num_particles > 1 else ()
+    cost = check_fits(vae.posterior, (*particles, config.batch_size))
+    if cost.flops > EXPENSIVE_PRIOR_GFLOP * 1e9:
+        logger.warning("expensive prior: %s; a step costs about three times that",
+                       cost.describe())
+
+
+def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
+              record_session: bool = False, stack: contextlib.ExitStack | None = None) -> Run:
+    """Train ``config`` on ``data`` in the run directory ``config.out_dir``.
+
+    A fresh run refuses a folder that holds a run unless ``config.overwrite`` (then the old
+    run is cleared); ``resume`` continues the folder's checkpoint, which must be the same
+    run (:func:`check_resume`).  The folder is locked while training, and with ``stack``
+    for the rest of it (a final evaluation).  ``config.json`` is written before the first
+    step; ``config.tensorboard`` writes event files into ``tensorboard/``.
+
+    :param data: the splits on the model's device (:func:`load_run_data`).
+    :param record_session: append to :data:`SESSIONS_NAME` the epoch this call starts at,
+        with the commit and machine, so that a run resumed across machines says which
+        epochs ran where (:func:`training_sessions`).
+    :returns: the run, its model in eval mode.
+    """
+    run_dir = Path(config.out_dir)
+    if not resume:
+        distributed.rank0_call(lambda: check_out_dir(config))
+    seed_everything(config.seed)
+    device = data.train.device
+    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
+    check_training_data(vae, data, config.batch_size)
+    check_prior_cost(vae, config)
+    with contextlib.ExitStack() as own:
+        # rank 0 creates and locks the folder, checks the checkpoint to resume, then writes
+        # the config; every rank learns its verdict
+        distributed.rank0_call(lambda: _start_run(config, run_dir, vae, stack or own,
+                                                  resume=resume,
+                                                  session_device=device if record_session
+                                                  else None))
+        processes = (f", {distributed.get_world_size()} processes"
+                     if distributed.is_distributed() else "")
+        logger.info("training on %d images (%s%s), testing on %d; run directory %s",
+                    data.train.shape[0], device, processes, data.test.shape[0], run_dir)
+        writer = None
+        if config.tensorboard and distributed.is_main_process():
+            from pyrovae.tensorboard import TensorBoardWriter
+
+            writer = TensorBoardWriter(run_dir / TENSORBOARD_NAME, image_shape=data.image_shape)
+        try:
+            history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume,
+                                      on_epoch_end=writer)
+        finally:
+            if writer is not None:
+                writer.close()
+    vae.eval()
+    return Run(run_dir, config, vae, history)
+
+
+def _start_run(config: TrainConfig, run_dir: Path, vae: VAE, stack: contextlib.ExitStack, *,
+               resume: bool, session_device: torch.device | None) -> None:
+    open_run_dir(run_dir, stack, overwrite=config.overwrite, fresh=not resume)
+    if resume:
+        check_resume(run_dir, config, vae)
+    if session_device is not None:
+        metrics = run_dir / METRICS_NAME
+        first = len(read_metrics(metrics)) + 1 if resume and metrics.is_file() else 1
+        _record_session(run_dir, first, session_device)
+    config.save(run_dir / CONFIG_NAME)
+
+
+def _record_session(run_dir: Path, first_epoch: int, device: torch.device) -> None:
+    record = {"first_epoch": first_epoch,
+              **{key: value for key, value in provenance(device).items()
+                 if key in ("commit", "date", "device", "hardware")}}
+    with (run_dir / SESSIONS_NAME).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def training_sessions(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The calls that trained ``run_dir`` (:func:`train_run`'s ``record_session``), each with
+    ``first_epoch`` and ``last_epoch`` (the next call's start, or ``epochs``); calls that
+    trained nothing are left out, and a run without the record gives ``[]``."""
+    path = run_dir / SESSIONS_NAME
+    if not path.is_file():
+        return []
+    sessions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for session, following in zip(sessions, [*sessions[1:], None], strict=True):
+        session["last_epoch"] = following["first_epoch"] - 1 if following else epochs
+    return [session for session in sessions if session["last_epoch"] >= session["first_epoch"]]
+
+
+def load_run(run_dir: Path, device: torch.device) -> Run:
+    """The run in ``run_dir`` as its checkpoint stands, with its history from ``metrics.csv``.
+
+    :raises ConfigError: no checkpoint.
+    """
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"{run_dir} holds no checkpoint; train it first")
+    vae, config, _ = load_vae(run_dir, device)
+    return Run(run_dir, config, vae, read_metrics(run_dir / METRICS_NAME))
+
+
+def train_and_evaluate(config: TrainConfig, device: torch.device, *,
+                       resume: bool = False) -> None:
+    """What ``pyrovae train`` does: train ``config`` into ``config.out_dir`` (resume it with
+    ``resume``), then draw ``samples.png``, count the active latent units, estimate the test
+    ELBO and log p(x) with ``config.eval_samples`` importance samples, print them and write
+    ``results.json`` with provenance.
+
+    Every process of a ``torch.distributed`` group calls this; rank 0 writes the files.
+    """
+    if not resume:
+        # rank 0 checks the folder, creating nothing before the data and model are known good
+        distributed.rank0_call(lambda: check_out_dir(config))
+    config, data = load_run_data(config, device)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        run = train_run(config, data, resume=resume, stack=stack)
+        _finish(run, data, device, session_seconds=time.perf_counter() - started)
+
+
+def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds: float) -> None:
+    """The final evaluation of a trained run, printed and written to ``results.json``."""
+    config, history, vae, run_dir = run.config, run.history, run.vae, run.run_dir
+    parallel, main_process = distributed.is_distributed(), distributed.is_main_process()
+    results: dict[str, Any] = {
+        # all sessions of a resumed run (the epochs' own times, test ELBOs included)
+        "train_seconds": run.train_seconds,
+        "session_seconds": session_seconds,
+        "epochs": len(history),
+        "final_train_elbo": history[-1].train_elbo,
+        "seed": config.seed,
+        "config": config.to_dict(),
+    }
+    if config.early_stopping_patience:
+        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early))
+    # the final evaluation has no steps to stop between: a signal stops it at once
+    with _StopSignals(message=f"during the final evaluation: training is complete and "
+                              f"checkpointed; pyrovae train --resume {run_dir} evaluates it"):
+        if main_process:
+            if data.image_shape is not None:
+                save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
+            results.update(posterior_activity(vae, data.test) if not data.has_labels else
+                           {"active_units": None, "posterior_collapsed": False})
+        if config.eval_samples > 0:
+            seed_everything(config.seed)
+            results.update(evaluate_vae(vae, data.test_inputs, num_samples=config.eval_samples,
+                                        distributed=parallel,
+                                        progress=config.progress and main_process))
+    if parallel:
+        results["num_processes"] = distributed.get_world_size()
+    if not main_process:
+        return
+    # printed before saving, so that a failed write does not lose them
+    if config.eval_samples > 0:
+        print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f}"
+              f" nats; {log_px_line(results)}")
+    if results["posterior_collapsed"]:
+        print(f"warning: the posterior collapsed: no latent unit is active (the variance over "
+              f"test points of every E[z_d|x] is below {ACTIVE_UNIT_THRESHOLD}); q(z|x) ignores "
+              f"x; warm the KL up (--kl-warmup-epochs) or train longer")
+    results.update(provenance(device))
+    write_json(run_dir / RESULTS_NAME, results)
+    print(f"run saved in {run_dir}")
+
+
+#: test points used to count active units at the end of training
+ACTIVITY_POINTS = 1000
+
+
+def posterior_activity(vae: VAE, x_test: torch.Tensor) -> dict[str, Any]:
+    """Active latent units on the first :data:`ACTIVITY_POINTS` test points, and whether
+    the posterior collapsed (no unit active)."""
+    x = x_test[:ACTIVITY_POINTS]
+    if x.shape[0] < 2:
+        return {"active_units": None, "posterior_collapsed": False}
+    variance = posterior_mean_variance(vae, x)
+    active = int((variance > ACTIVE_UNIT_THRESHOLD).sum())
+    logger.info("active latent units: %d of %d", active, variance.numel())
+    return {"active_units": active, "posterior_collapsed": active == 0,
+            "posterior_mean_variance_max": float(variance.max())}
+
+
+# --- evaluating one run ---------------------------------------------------------------------
+
+#: the fraction of test points with k-hat above the threshold from which a log p(x) is
+#: reported with a warning
+KHAT_WARNING_FRACTION = 0.1
+#: test points per progress-bar step of the final evaluation (a multiple of any batch size
+#: the bar is used with keeps the random draws those of one pass)
+_PROGRESS_POINTS = 1000
+
+
+def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *,
+                 num_samples: int, batch_size: int = 100, chunk_size: int | None = None,
+                 distributed: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Test ELBO and importance-sampled log p(x), each as mean and standard error in nats,
+    and how far to trust the latter: the fraction of test points whose PSIS k-hat exceeds
+    0.7 (:func:`~pyrovae.diagnostics.pareto_k`; ``None`` for K < 25 and under
+    ``distributed``, where the per-point weights are not gathered).
+
+    :param x_test: ``(N, D)``; with labels ``(x, y)``: a conditional VAE's estimate is then
+        log p(x | y), and M2's (:class:`~pyrovae.models.SemiSupervisedVAE`) log p(x) with y
+        summed out, beside the test classification error of q(y | x)
+        (``test_classification_error``).
+    :param num_samples: importance samples K per test point.
+    :param distributed: every process of the ``torch.distributed`` group calls this; the
+        test points are split over them and every process gets the same numbers.
+    :param progress: show a progress bar over the test points.
+    """
+    if isinstance(vae, SemiSupervisedVAE):
+        return _evaluate_semi_supervised(vae, *x_test, num_samples=num_samples,
+                                         batch_size=batch_size, chunk_size=chunk_size,
+                                         distributed=distributed)
+    started = time.perf_counter()
+    test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size,
+                                             distributed=distributed))
+    khat_fraction = None
+    if distributed:
+        log_px_values = log_marginal_likelihood(
+            vae, x_test, num_samples, batch_size=batch_size, chunk_size=chunk_size,
+            distributed=True)
+    else:
+        # one pass in blocks of whole batches draws what log_marginal_likelihood draws
+        block = max(1, _PROGRESS_POINTS // batch_size) * batch_size
+        summaries = [importance_summary(vae, part, ks=(num_samples,), batch_size=batch_size,
+                                        chunk_size=chunk_size)
+                     for part in tqdm(_split(x_test, block), disable=not progress, unit="block",
+                                      desc=f"log p(x), K={num_samples}", dynamic_ncols=True)]
+        log_px_values = torch.cat([summary.log_marginal_likelihood for summary in summaries])
+        khat_fraction = _unreliable_fraction(torch.cat([s.pareto_k for s in summaries]))
+    log_px = mean_and_standard_error(log_px_values)
+    return {
+        "test_elbo": test_elbo.mean,
+        "test_elbo_standard_error": test_elbo.standard_error,
+        "log_marginal_likelihood": log_px.mean,
+        "log_marginal_likelihood_standard_error": log_px.standard_error,
+        "num_samples": num_samples,
+        "num_test_points": log_px.num_points,
+        "khat_threshold": KHAT_THRESHOLD,
+        "fraction_khat_above_threshold": khat_fraction,
+        "evaluation_seconds": time.perf_counter() - started,
+        **({"log_marginal_likelihood_of": "log p(x | y)"} if isinstance(x_test, tuple) else {}),
+    }
+
+
+def _split(data: torch.Tensor | tuple[torch.Tensor, ...], size: int) -> list[Any]:
+    """``data`` (a tensor, or a tuple of the program's data arguments) in blocks of ``size``
+    points."""
+    if not isinstance(data, tuple):
+        return list(data.split(size))
+    return list(zip(*(argument.split(size) for argument in data), strict=True))
+
+
+def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_test: torch.Tensor,
+                              *, num_samples: int, batch_size: int, chunk_size: int | None,
+                              distributed: bool) -> dict[str, Any]:
+    """M2's test numbers: log p(x) with the label summed out (K importance samples per
+    class), the ELBO of log p(x, y) on the labelled test points, and the test
+    classification error of q(y | x)."""
+    started = time.perf_counter()
+    test_elbo = mean_and_standard_error(elbo(m2, (x_test, y_test), batch_size=batch_size,
+                                             distributed=distributed))
+    log_px = mean_and_standard_error(log_marginal_likelihood_over_labels(
+        m2, x_test, m2.num_classes, num_samples, batch_size=batch_size, chunk_size=chunk_size,
+        distributed=distributed))
+    return {
+        "test_elbo": test_elbo.mean,
+        "test_elbo_standard_error": test_elbo.standard_error,
+        "test_elbo_of": "log p(x, y)",
+        "log_marginal_likelihood": log_px.mean,
+        "log_marginal_likelihood_standard_error": log_px.standard_error,
+        "log_marginal_likelihood_of": "log p(x)",
+        "num_samples": num_samples,
+        "num_test_points": log_px.num_points,
+        "test_classification_error": classification_error(m2, x_test, y_test),
+        "khat_threshold": KHAT_THRESHOLD,
+        "fraction_khat_above_threshold": None,
+        "evaluation_seconds": time.perf_counter() - started,
+    }
+
+
+def _unreliable_fraction(khat: torch.Tensor) -> float | None:
+    """:func:`~pyrovae.diagnostics.unreliable_fraction`, ``None`` (JSON null) where no point
+    has a k-hat (too few samples)."""
+    fraction = unreliable_fraction(khat)
+    return None if math.isnan(fraction) else fraction
+
+
+def log_px_line(results: Mapping[str, Any]) -> str:
+    """The log p(x) of :func:`evaluate_vae`'s ``results`` as printed, with its k-hat
+    diagnostic (and a warning where it is unreliable for many points)."""
+    line = (f"{results.get('log_marginal_likelihood_of', 'log p(x)')} (K={results['num_samples']}) "
+            f"{results['log_marginal_likelihood']:.2f} ± "
+            f"{results['log_marginal_likelihood_standard_error']:.2f} nats over "
+            f"{results['num_test_points']} test points")
+    if results.get("test_classification_error") is not None:
+        line += (f"; test classification error of q(y|x) "
+                 f"{100 * results['test_classification_error']:.2f}%")
+    fraction = results.get("fraction_khat_above_threshold")
+    if fraction is None:
+        return line + " (k-hat not computed: it needs K >= 25 in one process)"
+    line += f"; k-hat > {KHAT_THRESHOLD} for {100 * fraction:.1f}% of them"
+    if fraction > KHAT_WARNING_FRACTION:
+        line += ("\nwarning: for those points the importance weights are heavy-tailed and the "
+                 "estimate may be far from log p(x) (still rising with K); train longer, use a "
+                 "richer guide or a larger K before trusting it")
+    return line
+
+
+def load_run_checkpoint(path: str | Path, device: torch.device
+                        ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+    """:func:`~pyrovae.checkpoint.load_vae`, refusing a checkpoint that its run directory's
+    ``config.json`` (where there is one) does not describe."""
+    vae, config, checkpoint = load_vae(path, device)
+    config_path = run_dir_of(path) / CONFIG_NAME
+    if config_path.is_file():
+        refuse_foreign(Path(path), config, TrainConfig.load(config_path), config_path)
+    return vae, config, checkpoint
+
+
+def load_test_points(config: TrainConfig, device: torch.device, *, data_dir: str | None = None,
+                test_size: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The first ``test_size`` (default ``config.test_size``, else all) test points of the
+    run's dataset on ``device``: ``(N, D)``, or ``(x, y)`` for a model of labelled data.
+
+    :param data_dir: read the data there instead of ``config.data_dir``.
+    """
+    labelled = config.model in LABEL_MODELS
+    data = load_dataset(config.dataset, data_dir if data_dir is not None else config.data_dir,
+                        binarize=config.binarize, download=config.download,
+                        test_fraction=config.test_fraction, labels=labelled)
+    x_test = data.test[: test_size or config.test_size].to(device)
+    if labelled:
+        return x_test, data.test_labels[: x_test.shape[0]].to(device)
+    return x_test
+
+
+def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int = 1000,
+                        batch_size: int = 100, chunk_size: int | None = None,
+                        test_size: int | None = None, data_dir: str | None = None,
+                        seed: int = 0, progress: bool = True,
+                        output: str | Path | None = None) -> dict[str, Any]:
+    """What ``pyrovae evaluate`` does: the test ELBO and log p(x) (:func:`evaluate_vae`) of a
+    run's checkpoint, printed and written as JSON to ``output`` (default
+    ``evaluation.json`` beside it; an existing file is kept under the next free
+    ``stem-N`` name).  Under ``torchrun`` the test points are split over the processes and
+    rank 0 writes.
+
+    :param checkpoint: a checkpoint file or the run directory holding ``checkpoint.pt``.
+    :returns: the numbers written.
+    """
+    parallel = distributed.is_distributed()
+    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    output = Path(output) if output else run_dir_of(checkpoint) / EVALUATION_NAME
+    if distributed.is_main_process():
+        check_output(output)  # before the long work, not after it
+    x_test = load_test_points(config, device, data_dir=data_dir, test_size=test_size)
+    seed_everything(seed)
+    results = evaluate_vae(vae, x_test, num_samples=num_samples, batch_size=batch_size,
+                           chunk_size=chunk_size, distributed=parallel,
+                           progress=progress and distributed.is_main_process())
+    results.update({"checkpoint": str(checkpoint), "checkpoint_epoch": saved["epoch"],
+                    "seed": seed})
+    if parallel:
+        results["num_processes"] = distributed.get_world_size()
+    if not distributed.is_main_process():
+        return results
+    results.update(provenance(device))
+    # printed before saving, so that a failed write does not lose them
+    print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f} "
+          f"nats (checkpoint of epoch {saved['epoch']})")
+    print(log_px_line(results))
+    kept = _keep_previous(output)
+    write_json(output, results)
+    print(f"written to {output}" + (f"; the previous one is kept as {kept}" if kept else ""))
+    return results
+
+
+def sample_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int = 64,
+                      seed: int = 0, label: int | None = None,
+                      output: str | Path | None = None) -> Path:
+    """What ``pyrovae sample`` does: decode ``num_samples`` prior samples of a run's
+    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`).
+
+    :param output: the PNG; by default ``samples.png`` beside the checkpoint, or the next
+        free ``samples-N.png`` (the grid training drew is kept).
+    :returns: the file written.
+    """
+    vae, _, saved = load_run_checkpoint(checkpoint, device)
+    output = Path(output) if output else free_name(run_dir_of(checkpoint) / SAMPLES_NAME)
+    check_output(output)
+    seed_everything(seed)
+    save_sample_grid(vae, output, saved.get("image_shape"), num_samples, label=label)
+    return output
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output file whose folder is missing or read-only, before any work."""
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a folder; name a file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: folder {path.parent} does not exist")
+    check_writable(path.parent, what=path.name)
+
+
+def _keep_previous(path: Path) -> Path | None:
+    """Rename an existing ``path`` to the first free ``stem-N.suffix`` beside it; return that."""
+    if not path.exists():
+        return None
+    backup = _numbered(path)
+    os.replace(path, backup)
+    return backup
+
+
+def free_name(path: Path) -> Path:
+    """``path`` if it does not exist, else the first free ``stem-N.suffix`` beside it."""
+    return path if not path.exists() else _numbered(path)
+
+
+def _numbered(path: Path) -> Path:
+    """The first ``stem-N.suffix`` beside ``path`` (N = 1, 2, ...) that does not exist."""
+    return next(candidate for number in itertools.count(1)
+                if not (candidate := path.with_name(f"{path.stem}-{number}{path.suffix}"))
+                .exists())
