@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 from pyrovae import TrainConfig, build_vae
 from pyrovae.data import load_mnist, resolve_data_dir
+from pyrovae.distributed import local_batches
 from pyrovae.provenance import cpu_model, provenance
 from pyrovae.train import TrainingLoop
 
@@ -101,8 +102,8 @@ def _batches(data, batch_size: int, rank: int, nproc: int) -> Iterator[tuple[tor
     generator = torch.Generator().manual_seed(0)
     n = data.train.shape[0]
     while True:
-        for index, x in enumerate(data.train_batches(batch_size, generator=generator, rank=rank,
-                                                     world_size=nproc)):
+        for index, x in enumerate(local_batches(data, batch_size, generator=generator, rank=rank,
+                                                world_size=nproc)):
             yield x, min(batch_size, n - index * batch_size)
 
 

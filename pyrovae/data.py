@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyrovae.distributed import check_batch_size, shard_of
 from pyrovae.errors import ConfigError, DatasetNotFoundError, InvalidDataError
 from pyrovae.validation import check_data
 
@@ -321,49 +320,42 @@ class DataSplits:
         return replace(self, train_labels=hidden.to(self.train_labels.device))
 
     def train_batches(self, batch_size: int, *, shuffle: bool = True,
-                      generator: torch.Generator | None = None,
-                      start: int = 0, rank: int = 0, world_size: int = 1,
+                      generator: torch.Generator | None = None, start: int = 0,
+                      part: Callable[[int], slice] | None = None,
                       ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of training minibatches ``(batch_size, data_dim)``; the last may be smaller.
         With labels (:attr:`has_labels`), each batch is a pair ``(x, y)``, ``y`` of shape
         ``(batch_size,)`` the labels of the same rows.
 
-        With ``world_size > 1`` this yields process ``rank``'s contiguous slice of each
-        global batch of ``batch_size`` rows (:func:`~pyrovae.distributed.shard_of`: with
-        ``q, r = divmod(rows, world_size)`` the first ``r`` ranks get ``q + 1`` rows, the
-        others ``q``).  Every process computes the same order from the same ``generator``
-        state, and under dynamic binarization draws the Bernoulli uniforms for the whole
-        global batch and keeps its slice, so the slices put together are exactly the
-        batches of one process.
-
         :param generator: CPU generator for the shuffling order.
         :param start: skip the first ``start`` batches of the epoch without drawing anything
             for them (to resume an epoch part-way).
-        :param rank: this process's index, ``0 <= rank < world_size``.
-        :param world_size: the number of processes sharing each batch.
+        :param part: given a batch's number of rows, the rows of it to yield (default: all).
+            The random draws are those of the whole batch whatever the part, so the parts
+            of one batch put together are exactly the batch: a multi-process run takes each
+            process's slice this way (:func:`pyrovae.distributed.local_batches`).
         """
         n = self.train.shape[0]
         if batch_size > n:
             raise ConfigError(f"batch size {batch_size} is larger than the training set ({n} points)")
-        check_batch_size(batch_size, world_size, num_points=n)
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.train.device)
         for first in range(start * batch_size, n, batch_size):
             indices = order[first : first + batch_size]
-            rows = shard_of(indices.shape[0], rank, world_size).rows
-            x = self._train_rows(indices, rows, world_size)
+            rows = part(indices.shape[0]) if part is not None else slice(None)
+            x = self._train_rows(indices, rows)
             yield x if self.train_labels is None else (x, self.train_labels[indices[rows]])
 
-    def _train_rows(self, indices: torch.Tensor, rows: slice, world_size: int) -> torch.Tensor:
-        """The training rows ``indices[rows]``, binarized afresh under dynamic binarization."""
+    def _train_rows(self, indices: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The training rows ``indices[rows]``, binarized afresh under dynamic binarization
+        with the draws of all of ``indices``."""
         if not self.dynamic_binarization:
             return self.train[indices[rows]]
-        if world_size > 1 and self.train.device.type == "cpu" and self.train.dtype == torch.float32:
+        if rows != slice(None) and self.train.device.type == "cpu" and \
+                self.train.dtype == torch.float32:
             # torch.bernoulli on the CPU draws one float32 uniform u per element, in
             # order, and returns u < p; torch.rand draws the same u several times faster,
-            # so only this process's slice needs comparing (tested to match bernoulli)
+            # so only the part's rows need comparing (tested to match bernoulli)
             uniforms = torch.rand(indices.shape[0], self.train.shape[1])
             probabilities = self.train[indices[rows]]
             return (uniforms[rows] < probabilities).to(probabilities.dtype)

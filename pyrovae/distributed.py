@@ -26,13 +26,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pyrovae.errors import ConfigError, PyrovaeError
+
+if TYPE_CHECKING:
+    from pyrovae.data import DataSplits
 
 T = TypeVar("T")
 
@@ -144,6 +147,30 @@ def shard_of(global_rows: int, rank: int | None = None, world_size: int | None =
     size, remainder = divmod(global_rows, world_size)
     start = rank * size + min(rank, remainder)
     return Shard(global_rows, start, start + size + (1 if rank < remainder else 0))
+
+
+def local_batches(data: DataSplits, batch_size: int, *, generator: torch.Generator | None = None,
+                  start: int = 0, rank: int | None = None, world_size: int | None = None,
+                  ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of this rank's slices of the global training batches of ``batch_size`` rows
+    (:meth:`~pyrovae.data.DataSplits.train_batches` with :func:`shard_of` as its ``part``).
+
+    Every rank computes the same order from the same ``generator`` state, and under dynamic
+    binarization draws the Bernoulli uniforms for the whole global batch and keeps its
+    slice, so the slices put together are exactly the batches of one process.
+
+    :param rank: this process's index, ``0 <= rank < world_size`` (default: this process's).
+    :param world_size: the number of processes sharing each batch (default: the group's).
+    :raises ConfigError: a batch (the epoch's last included) with fewer rows than processes,
+        or a rank outside the group.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    check_batch_size(batch_size, world_size, num_points=data.train.shape[0])
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
+    part = (lambda rows: shard_of(rows, rank, world_size).rows) if world_size > 1 else None
+    return data.train_batches(batch_size, generator=generator, start=start, part=part)
 
 
 def check_batch_size(batch_size: int, world_size: int, num_points: int | None = None) -> None:

@@ -662,9 +662,9 @@ class TrainingLoop:
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
         n = self.data.train.shape[0]
-        for x in self.data.train_batches(self.batch_size, generator=self.generator,
-                                         start=self.batch, rank=self.rank,
-                                         world_size=self.world_size):
+        for x in distributed.local_batches(self.data, self.batch_size, generator=self.generator,
+                                           start=self.batch, rank=self.rank,
+                                           world_size=self.world_size):
             global_rows = min(self.batch_size, n - self.batch * self.batch_size)
             if self._launcher is not None and stop.signal_number is None and \
                     os.getppid() != self._launcher:

@@ -25,7 +25,7 @@ from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from pyrovae.data import DataSplits, load_dataset
-from pyrovae.distributed import batch_plan, check_batch_size, shard_of
+from pyrovae.distributed import batch_plan, check_batch_size, local_batches, shard_of
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.train import read_metrics
@@ -158,8 +158,9 @@ def test_sharded_batches_put_together_are_the_batches_of_one_process(num_points,
     parts = []
     for rank in range(WORLD_SIZE):
         torch.manual_seed(0)  # the binarization draws
-        parts.append(list(data.train_batches(batch_size, generator=torch.Generator().manual_seed(3),
-                                             rank=rank, world_size=WORLD_SIZE)))
+        parts.append(list(local_batches(data, batch_size,
+                                        generator=torch.Generator().manual_seed(3),
+                                        rank=rank, world_size=WORLD_SIZE)))
     torch.manual_seed(0)
     whole = list(data.train_batches(batch_size, generator=torch.Generator().manual_seed(3)))
     assert [x.shape[0] for x in parts[0]] == [-(-len(x) // 2) for x in whole]
@@ -174,7 +175,7 @@ def test_batches_smaller_than_the_number_of_processes_are_refused():
         check_batch_size(10, 2, num_points=21)
     check_batch_size(10, 2, num_points=22)
     with pytest.raises(ConfigError, match="smaller than the 2 processes"):
-        next(tiny_data().train_batches(1, rank=0, world_size=2))
+        next(local_batches(tiny_data(), 1, rank=0, world_size=2))
 
 
 # --- the command line ---------------------------------------------------------------------------
