@@ -46,7 +46,7 @@ from pyrovae.priors import (
 )
 from pyrovae.programs import Program, ProgramError, as_program
 from pyrovae.sandwich import bidirectional_monte_carlo
-from pyrovae.train import fit
+from pyrovae.train import FitOptions, fit
 
 __version__ = "0.1.0"
 
@@ -83,6 +83,7 @@ __all__ = [
     "build_vae",
     "elbo",
     "fit",
+    "FitOptions",
     "importance_log_weights",
     "Program",
     "ProgramError",

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,61 +147,26 @@ class TrainingInterrupted(PyrovaeError):
         self.signal_number = signal_number
 
 
-def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_size: int = 100,
-        lr: float = 1e-3, objective: str = "trace_elbo", num_particles: int = 1,
-        seed: int = 0, test_every: int = 1, run_dir: str | Path | None = None,
-        config: TrainConfig | None = None, progress: bool = True,
-        validate: bool = False, beta: float | None = None,
-        kl_warmup_epochs: int | None = None, resume: bool = False,
-        checkpoint_every: int = 0, keep_last: int = 0, clip_norm: float | None = None,
-        on_divergence: str = "stop", fused: bool = True,
-        max_minutes: float | None = None, lr_schedule: str = "constant",
-        log_px_every: int = 0, log_px_samples: int = 1000,
-        log_px_size: int = 1000, adam: AdamSettings | None = None,
-        output_bias_init: str = "zero", early_stopping_patience: int = 0,
-        on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-        ) -> list[EpochRecord]:
-    """Train a program on ``data.train`` by SVI; return one record per epoch.
+@dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit` trains; each field is the :class:`~pyrovae.config.TrainConfig` field
+    (and ``pyrovae train`` flag) of the same name (:meth:`from_config`).
 
-    Where ``data`` carries labels (:attr:`~pyrovae.data.DataSplits.has_labels`), each
-    minibatch is ``(x, y)`` and the program is called as ``model(x, y)``, ``guide(x, y)``; the
-    test and validation ELBOs and log p(x) then take ``(x, y)`` too.
-
-    ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
-    ``model`` and ``guide`` methods, or a ``(model, guide)`` pair (:mod:`pyrovae.programs`).
-    Each step minimises ``objective.differentiable_loss(model, guide, x)`` of the Pyro ELBO
-    named by ``objective``, evaluated on the program itself, with one ``torch.optim.Adam``
-    over every parameter the program reaches: its module's parameters and the
-    ``pyro.param`` sites of its model and guide, found from a trace as Pyro's ``SVI`` finds
-    them.  A program with enumerated sites trains with ``TraceEnum_ELBO``.
-
-    Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
-    the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
-
-    With a ``run_dir``, every epoch (and every ``checkpoint_every`` steps) writes
-    ``checkpoint.pt`` atomically with the parameters, optimizer state, RNG states and the
-    loop's position; ``resume=True`` continues from it and ends with the same parameters
-    as an uninterrupted run with the same seed (bit for bit on the same CPU).  SIGINT and
-    SIGTERM finish the current step, write a checkpoint and raise
-    :class:`TrainingInterrupted`.
-
-    :param data: train/test splits on the VAE's device (see :meth:`DataSplits.to`).
+    :param epochs: passes over the training set.
+    :param batch_size: data points per gradient step; in a multi-process run the global
+        batch, split into contiguous per-process slices.
+    :param lr: Adam's learning rate, the base of ``lr_schedule``.
     :param objective: a key of :data:`~pyrovae.objectives.OBJECTIVES`.
     :param num_particles: samples of z per data point in the objective.
-    :param beta: the KL weight after warm-up (:func:`~pyrovae.objectives.kl_weight`);
-        ``None`` takes ``config.beta``, or 1 without a config.
-    :param kl_warmup_epochs: epochs of linear KL warm-up; ``None`` takes
-        ``config.kl_warmup_epochs``, or 0 (none) without a config.
     :param seed: seeds the shuffling order and all random number generators.
     :param test_every: compute the test and validation ELBO (1 sample per point) every this
         many epochs and after the last; the checkpoint with the best validation ELBO (the
         test ELBO where ``data.valid`` is ``None``) is kept as ``checkpoint_best.pt``.
-    :param run_dir: where ``metrics.csv`` and the checkpoints go (nothing is written if
-        ``None``).
-    :param config: stored in the checkpoint so the model can be rebuilt from it.
-    :param validate: Pyro's distribution argument checks; off by default because they cost
-        time in the hot loop, and the data are checked once up front instead.
-    :param resume: continue from ``run_dir/checkpoint.pt``.
+    :param progress: show a progress bar.
+    :param beta: the KL weight after warm-up (:func:`~pyrovae.objectives.kl_weight`);
+        ``None`` takes the config's ``beta``, or 1 without a config.
+    :param kl_warmup_epochs: epochs of linear KL warm-up; ``None`` takes the config's, or 0
+        (none) without a config.
     :param checkpoint_every: also checkpoint every this many steps within an epoch (0: only
         at epoch ends).
     :param keep_last: also keep copies of the last this many epoch checkpoints in
@@ -209,71 +174,164 @@ def fit(vae: VAE | Program | Any, data: DataSplits, *, epochs: int = 10, batch_s
     :param clip_norm: clip the gradient of all parameters together to this total norm, or
         ``None``; a non-finite gradient norm then stops the run like a NaN loss.
     :param on_divergence: ``"stop"`` raises on a NaN/inf loss; ``"rollback"`` reloads the
-        last checkpoint, halves the learning rate and carries on (up to 5 times).
+        last checkpoint, halves the learning rate and carries on (up to
+        :data:`MAX_ROLLBACKS` times).
+    :param fused: use torch's fused Adam kernel where the device has one (same update).
+    :param max_minutes: a wall-clock budget for one call: stop at the end of the first
+        epoch after which another epoch of the same length would overrun it (the checkpoint
+        then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
     :param lr_schedule: the learning rate of each epoch, :func:`scheduled_lr` of ``lr``
         (halved once per rollback), set at the start of every epoch: ``"constant"`` or
         ``"iwae"`` (Burda et al. 2016).
-    :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
-        KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
-    :param fused: use torch's fused Adam kernel where the device has one (same update).
-    :param adam: Adam's betas, epsilon and second-moment start (:class:`~pyrovae.optim.AdamSettings`).
-    :param output_bias_init: ``"data_mean"`` starts the decoder's output bias at the logit of
-        the training set's mean pixel (Bernoulli) or at the mean (Gaussian likelihoods).
+    :param log_px_every: every this many epochs (and after the last) estimate the test
+        log p(x) of the first ``log_px_size`` test points with ``log_px_samples`` importance
+        samples (the ``test_log_px`` column); 0: never.
+    :param adam: Adam's betas, epsilon and second-moment start
+        (:class:`~pyrovae.optim.AdamSettings`); ``None``: torch's defaults.
+    :param output_bias_init: ``"data_mean"`` starts the decoder's output bias at the logit
+        of the training set's mean pixel (Bernoulli) or at the mean (Gaussian likelihoods).
     :param early_stopping_patience: stop once the validation ELBO (the test ELBO where
         ``data.valid`` is ``None``) has not improved for this many epochs; epochs of the KL
         warm-up do not count, since the ELBO they train is not yet the one evaluated.  The
         parameters are then the last epoch's; ``checkpoint_best.pt`` holds the best ones.
         0: train all ``epochs``.
+
+    Example::
+
+        options = FitOptions(epochs=5, batch_size=64)
+        history = fit(vae, data, options, run_dir="runs/small")
+    """
+
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    objective: str = "trace_elbo"
+    num_particles: int = 1
+    seed: int = 0
+    test_every: int = 1
+    progress: bool = True
+    beta: float | None = None
+    kl_warmup_epochs: int | None = None
+    checkpoint_every: int = 0
+    keep_last: int = 0
+    clip_norm: float | None = None
+    on_divergence: str = "stop"
+    fused: bool = True
+    max_minutes: float | None = None
+    lr_schedule: str = "constant"
+    log_px_every: int = 0
+    log_px_samples: int = 1000
+    log_px_size: int = 1000
+    adam: AdamSettings | None = None
+    output_bias_init: str = "zero"
+    early_stopping_patience: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise PyrovaeError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if self.on_divergence not in DIVERGENCE_POLICIES:
+            raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
+                               f"got {self.on_divergence!r}")
+        # an unknown schedule stops here, before training
+        scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule)
+        if self.output_bias_init not in OUTPUT_BIAS_INITS:
+            raise PyrovaeError(f"output_bias_init must be one of {', '.join(OUTPUT_BIAS_INITS)}, "
+                               f"got {self.output_bias_init!r}")
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> FitOptions:
+        """The options ``config`` sets (what ``pyrovae train`` trains with)."""
+        return cls(**{option.name: getattr(config, option.name) for option in fields(cls)})
+
+    @classmethod
+    def of(cls, options: FitOptions | None, overrides: dict[str, Any]) -> FitOptions:
+        """``options`` (default: the defaults) with the fields named in ``overrides`` set.
+
+        :raises TypeError: a name that is no option.
+        """
+        unknown = sorted(set(overrides) - {option.name for option in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown training option(s) {', '.join(unknown)}; the options are "
+                            f"FitOptions' fields")
+        return replace(options if options is not None else cls(), **overrides)
+
+    def resolved(self, config: TrainConfig | None) -> FitOptions:
+        """These options with ``beta`` and ``kl_warmup_epochs`` decided: the config's where
+        they are ``None``, else 1 and 0."""
+        beta = self.beta if self.beta is not None else (config.beta if config else 1.0)
+        warmup = self.kl_warmup_epochs if self.kl_warmup_epochs is not None else (
+            config.kl_warmup_epochs if config else 0)
+        return replace(self, beta=beta, kl_warmup_epochs=warmup)
+
+
+def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None = None, *,
+        run_dir: str | Path | None = None, config: TrainConfig | None = None,
+        resume: bool = False, validate: bool = False,
+        on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+        **option_values: Any) -> list[EpochRecord]:
+    """Train a program on ``data.train`` by SVI; return one record per epoch.
+
+    ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
+    ``model`` and ``guide`` methods, or a ``(model, guide)`` pair (:mod:`pyrovae.programs`).
+    Each step minimises ``objective.differentiable_loss(model, guide, x)`` of the Pyro ELBO
+    named by ``options.objective``, evaluated on the program itself, with one
+    ``torch.optim.Adam`` over every parameter the program reaches: its module's parameters
+    and the ``pyro.param`` sites of its model and guide, found from a trace as Pyro's
+    ``SVI`` finds them.  A program with enumerated sites trains with ``TraceEnum_ELBO``.
+    Where ``data`` carries labels (:attr:`~pyrovae.data.DataSplits.has_labels`), each
+    minibatch is ``(x, y)`` and the program is called as ``model(x, y)``, ``guide(x, y)``; the
+    test and validation ELBOs and log p(x) then take ``(x, y)`` too.
+
+    Before the first step the prior gets :meth:`~pyrovae.priors.Prior.init_from_data` on
+    the training data (the VampPrior's pseudo-inputs; a no-op for the other priors).
+
+    With a ``run_dir``, every epoch (and every ``checkpoint_every`` steps) writes
+    ``checkpoint.pt`` atomically with the parameters, optimizer state, RNG states and the
+    loop's position, and ``metrics.csv``; ``resume=True`` continues from it and ends with
+    the same parameters as an uninterrupted run with the same seed (bit for bit on the same
+    CPU).  SIGINT and SIGTERM finish the current step, write a checkpoint and raise
+    :class:`TrainingInterrupted`.
+
+    Multi-process: when a ``torch.distributed`` process group of several processes is
+    running (``torchrun``), every process calls ``fit`` with the same arguments; the batch
+    is global, split into contiguous per-process slices
+    (:func:`~pyrovae.distributed.local_batches`), and the gradients are summed over
+    processes.  Each process draws its own noise, so a run agrees with one process in
+    distribution (as with ``DistributedDataParallel``), not bit for bit.  Rank 0 alone
+    writes files; a stop signal on any process stops all of them at the same step.  Rank
+    0's initial parameters are given to all processes.
+
+    :param data: train/test splits on the program's device (see :meth:`DataSplits.to`).
+    :param options: how to train (:class:`FitOptions`); ``option_values``, its fields as
+        keywords (``fit(vae, data, epochs=5)``), are set on top of it.
+    :param run_dir: where ``metrics.csv`` and the checkpoints go (nothing is written if
+        ``None``).
+    :param config: stored in the checkpoint so the model can be rebuilt from it.
+    :param resume: continue from ``run_dir/checkpoint.pt``.
+    :param validate: Pyro's distribution argument checks; off by default because they cost
+        time in the hot loop, and the data are checked once up front instead.
     :param on_epoch_end: ``on_epoch_end(record, loop)`` after each epoch on the main process
         (e.g. :class:`pyrovae.tensorboard.TensorBoardWriter`).
-    :param max_minutes: a wall-clock budget for this call: stop at the end of the first
-        epoch after which another epoch of the same length would overrun it (the checkpoint
-        then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
+    :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
+        KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
         update, so the parameters stay finite); the checkpoint of the last good step is kept.
     :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
-
-    Multi-process: when a ``torch.distributed`` process group of several processes is
-    running (``torchrun``), every process calls ``fit`` with the same arguments; ``batch_size``
-    is the global batch, split into contiguous per-process slices, and the gradients are
-    summed over processes.  Each process draws its own noise, so a run agrees with one
-    process in distribution (as with ``DistributedDataParallel``), not bit for bit.
-    Rank 0 alone writes files; a stop signal on any process stops all of them at the same
-    step.  Rank 0's initial parameters are given to all processes.
     """
+    options = FitOptions.of(options, option_values)
     program = as_program(vae)
-    if not isinstance(epochs, int) or epochs < 1:
-        raise PyrovaeError(f"epochs must be a positive integer, got {epochs!r}")
     _check_dtypes(program, data)
     if callable(getattr(program.module, "check_data", None)) and \
             getattr(program.module, "data_dim", None) is not None:
-        check_training_data(program.module, data, batch_size)
+        check_training_data(program.module, data, options.batch_size)
     else:
         program.check_data(data.test_inputs)
-    distributed.check_batch_size(batch_size, distributed.get_world_size(),
+    distributed.check_batch_size(options.batch_size, distributed.get_world_size(),
                                  num_points=data.train.shape[0])
-    if on_divergence not in DIVERGENCE_POLICIES:
-        raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
-                           f"got {on_divergence!r}")
-    scheduled_lr(1, lr=lr, schedule=lr_schedule)  # an unknown name stops here, before training
-    if (resume or on_divergence == "rollback") and run_dir is None:
+    if (resume or options.on_divergence == "rollback") and run_dir is None:
         raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
-    if beta is None:
-        beta = config.beta if config is not None else 1.0
-    if kl_warmup_epochs is None:
-        kl_warmup_epochs = config.kl_warmup_epochs if config is not None else 0
-    loop = TrainingLoop(program, data, epochs=epochs, batch_size=batch_size, lr=lr,
-                         objective=objective, num_particles=num_particles, seed=seed,
-                         test_every=test_every, run_dir=Path(run_dir) if run_dir else None,
-                         config=config, progress=progress, beta=beta,
-                         kl_warmup_epochs=kl_warmup_epochs, checkpoint_every=checkpoint_every,
-                         keep_last=keep_last, clip_norm=clip_norm, on_divergence=on_divergence,
-                         fused=fused, max_minutes=max_minutes, lr_schedule=lr_schedule,
-                         log_px_every=log_px_every, log_px_samples=log_px_samples,
-                         log_px_size=log_px_size, adam=adam,
-                         output_bias_init=output_bias_init,
-                         early_stopping_patience=early_stopping_patience,
-                         on_epoch_end=on_epoch_end)
+    loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
+                        config=config, on_epoch_end=on_epoch_end)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -289,20 +347,10 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                     validate: bool = False,
                     on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
                     ) -> list[EpochRecord]:
-    """:func:`fit` with every option taken from ``config`` (what ``pyrovae train`` runs)."""
-    return fit(vae, data, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-               objective=config.objective, num_particles=config.num_particles,
-               seed=config.seed, test_every=config.test_every, run_dir=run_dir, config=config,
-               progress=config.progress, validate=validate, beta=config.beta,
-               kl_warmup_epochs=config.kl_warmup_epochs, resume=resume,
-               checkpoint_every=config.checkpoint_every, keep_last=config.keep_last,
-               clip_norm=config.clip_norm, on_divergence=config.on_divergence,
-               fused=config.fused, max_minutes=config.max_minutes,
-               lr_schedule=config.lr_schedule, log_px_every=config.log_px_every,
-               log_px_samples=config.log_px_samples, log_px_size=config.log_px_size,
-               adam=config.adam, output_bias_init=config.output_bias_init,
-               early_stopping_patience=config.early_stopping_patience,
-               on_epoch_end=on_epoch_end)
+    """:func:`fit` with the options ``config`` sets (:meth:`FitOptions.from_config`; what
+    ``pyrovae train`` runs)."""
+    return fit(vae, data, FitOptions.from_config(config), run_dir=run_dir, config=config,
+               resume=resume, validate=validate, on_epoch_end=on_epoch_end)
 
 
 class _StopSignals:
@@ -354,38 +402,26 @@ class TrainingLoop:
     and the position a checkpoint must hold to resume the run exactly.
 
     :meth:`train_step` is one gradient step on a minibatch (what ``benchmark_speed.py``
-    times); the keyword arguments are those of :func:`fit`.  In a multi-process run it
-    takes this process's slice of the global batch and sums gradients over processes.
+    times); ``options`` and ``option_values`` are :func:`fit`'s.  In a multi-process run
+    it takes this process's slice of the global batch and sums gradients over processes.
     """
 
-    def __init__(self, vae: VAE | Program | Any, data: DataSplits, *, epochs: int,
-                 batch_size: int, lr: float,
-                 objective: str, num_particles: int, seed: int, test_every: int,
-                 run_dir: Path | None, config: TrainConfig | None, progress: bool,
-                 beta: float, kl_warmup_epochs: int, checkpoint_every: int, keep_last: int,
-                 clip_norm: float | None, on_divergence: str, fused: bool,
-                 max_minutes: float | None = None, lr_schedule: str = "constant",
-                 log_px_every: int = 0, log_px_samples: int = 1000,
-                 log_px_size: int = 1000, adam: AdamSettings | None = None,
-                 output_bias_init: str = "zero", early_stopping_patience: int = 0,
+    def __init__(self, vae: VAE | Program | Any, data: DataSplits,
+                 options: FitOptions | None = None, *, run_dir: Path | None = None,
+                 config: TrainConfig | None = None,
                  on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-                 ) -> None:
+                 **option_values: Any) -> None:
+        #: how this run trains, ``beta`` and ``kl_warmup_epochs`` decided
+        self.options = options = FitOptions.of(options, option_values).resolved(config)
         #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
         self.on_epoch_end = on_epoch_end
         self.program = as_program(vae)
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
-        self.data, self.config = data, config
-        self.epochs, self.batch_size = epochs, batch_size
-        # ``lr`` is the schedule's base rate, halved by every rollback
-        self.lr, self.lr_schedule = lr, lr_schedule
-        self.seed, self.test_every, self.run_dir = seed, test_every, run_dir
-        self.progress, self.beta, self.kl_warmup_epochs = progress, beta, kl_warmup_epochs
-        self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
-        self.on_divergence, self.rollbacks = on_divergence, 0
-        self.clip_norm, self.max_minutes = clip_norm, max_minutes
-        self.log_px_every, self.log_px_samples = log_px_every, log_px_samples
-        self.log_px_size = log_px_size
+        self.data, self.config, self.run_dir = data, config, run_dir
+        # the schedule's base rate, halved by every rollback
+        self.lr, self.rollbacks = options.lr, 0
+        batch_size = options.batch_size
         first = tuple(argument[:1] for argument in _arguments(data.test_inputs))
         # some sites show only on some points (a semi-supervised model enumerates the label
         # of unlabelled ones): read the program on the test point and a training batch
@@ -400,15 +436,11 @@ class TrainingLoop:
         # pyro.param sites outside the module: saved beside its state dict in a checkpoint
         self.store_parameters = {store.param_name(p): p for p in self.parameters
                                  if id(p) not in owned and store.param_name(p) is not None}
-        self.optimizer = make_adam(self.parameters, lr=lr, settings=adam,
-                                   fused=fused and self.program.device.type in ("cpu", "cuda"))
-        if output_bias_init not in OUTPUT_BIAS_INITS:
-            raise PyrovaeError(f"output_bias_init must be one of {', '.join(OUTPUT_BIAS_INITS)}, "
-                               f"got {output_bias_init!r}")
-        self.output_bias_init = output_bias_init
-        self.kl_scale = LatentScale(kl_weight(1, beta=beta, warmup_epochs=kl_warmup_epochs))
-        self.objective, self.num_particles = objective, num_particles
-        self.elbo = make_objective(objective, num_particles, structure=structure)
+        self.optimizer = make_adam(self.parameters, lr=options.lr, settings=options.adam,
+                                   fused=options.fused and self.program.device.type in ("cpu", "cuda"))
+        self.kl_scale = LatentScale(kl_weight(1, beta=options.beta,
+                                              warmup_epochs=options.kl_warmup_epochs))
+        self.elbo = make_objective(options.objective, options.num_particles, structure=structure)
         self.model = self.kl_scale(self.program.model)
         self.guide = self.kl_scale(self.program.guide)
         self.generator = torch.Generator()
@@ -419,7 +451,7 @@ class TrainingLoop:
         self.epoch_generator_state = self.generator.get_state()
         self.best_elbo = -math.inf
         # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
-        self.early_stopping_patience, self.epochs_without_improvement = early_stopping_patience, 0
+        self.epochs_without_improvement = 0
         self.history: list[EpochRecord] = []
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.is_main = self.rank == 0
@@ -493,7 +525,7 @@ class TrainingLoop:
             raise TrainingDivergedError(
                 f"loss is {value} {where}; {kept}; try a lower learning rate (--lr) or "
                 f"--clip-norm")
-        per_point = value / self.batch_size
+        per_point = value / self.options.batch_size
         first = getattr(self, "_first_loss", None)
         if first is None:
             self._first_loss = per_point
@@ -506,8 +538,8 @@ class TrainingLoop:
                 f"or --clip-norm")
 
     def _clip_and_update(self, epoch: int) -> None:
-        if self.clip_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+        if self.options.clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.options.clip_norm)
             if not bool(torch.isfinite(norm)):
                 kept = ("the last good checkpoint is kept" if self.run_dir is not None
                         and (self.run_dir / CHECKPOINT_NAME).exists()
@@ -524,29 +556,29 @@ class TrainingLoop:
             assert self.run_dir is not None
             self._load(self.run_dir / CHECKPOINT_NAME)
             done = self.epoch - 1
-            if done > self.epochs:
+            if done > self.options.epochs:
                 raise ConfigError(f"{self.run_dir} has trained {done} epochs, more than the "
-                                  f"{self.epochs} asked for; resume with epochs >= {done}")
+                                  f"{self.options.epochs} asked for; resume with epochs >= {done}")
             if self.is_main:
                 remove_temporaries(self.run_dir)
                 _write_metrics(self.run_dir / METRICS_NAME, self.history)
                 # a kill between the checkpoint and its history copy left the copy undone
-                if self.keep_last and self.batch == 0 and done > 0 and \
+                if self.options.keep_last and self.batch == 0 and done > 0 and \
                         not history_path(self.run_dir, done).exists():
-                    keep_history(self.run_dir, done, self.keep_last)
+                    keep_history(self.run_dir, done, self.options.keep_last)
                 logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
             return
-        seed_everything(self.seed)
+        seed_everything(self.options.seed)
         prior = getattr(self.vae, "prior", None)
         if callable(getattr(prior, "init_from_data", None)):
             prior.init_from_data(self.data.train)
-        if self.output_bias_init == "data_mean":
+        if self.options.output_bias_init == "data_mean":
             if not (hasattr(self.vae, "decoder") and hasattr(self.vae, "likelihood")):
                 raise PyrovaeError("output_bias_init='data_mean' needs a model with a decoder "
                                    "and a likelihood (a VAE, a HierarchicalVAE)")
             init_output_bias(self.vae.decoder, _output_bias_of_mean(self.vae, self.data.train))
         distributed.broadcast_parameters(self.vae)
-        self.generator.manual_seed(self.seed)
+        self.generator.manual_seed(self.options.seed)
         self.epoch_generator_state = self.generator.get_state()
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -619,53 +651,55 @@ class TrainingLoop:
 
     # --- the loop ----------------------------------------------------------------------
     def run(self, stop: _StopSignals) -> list[EpochRecord]:
-        steps_per_epoch = math.ceil(self.data.train.shape[0] / self.batch_size)
+        steps_per_epoch = math.ceil(self.data.train.shape[0] / self.options.batch_size)
         self.program.train()
         self._stop = stop
         # a worker of `pyrovae train --nproc` whose launcher died (kill -9) is adopted by
         # another process: it stops as on SIGTERM instead of training unsupervised
         self._launcher = os.getppid() if distributed.is_distributed() else None
         started = time.perf_counter()
-        with tqdm(total=self.epochs * steps_per_epoch, initial=self.step,
-                  disable=not (self.progress and self.is_main), unit="step",
+        with tqdm(total=self.options.epochs * steps_per_epoch, initial=self.step,
+                  disable=not (self.options.progress and self.is_main), unit="step",
                   dynamic_ncols=True) as bar:
-            while self.epoch <= self.epochs and not self.stopped_early:
+            while self.epoch <= self.options.epochs and not self.stopped_early:
                 epoch_started = time.perf_counter()
                 try:
                     self._run_epoch(bar, stop)
                 except TrainingDivergedError:
-                    if self.on_divergence != "rollback" or self.rollbacks >= MAX_ROLLBACKS:
+                    if self.options.on_divergence != "rollback" or self.rollbacks >= MAX_ROLLBACKS:
                         raise
                     self._roll_back()
                     continue
-                if self.epoch <= self.epochs and not self.stopped_early and \
+                if self.epoch <= self.options.epochs and not self.stopped_early and \
                         self._out_of_time(started, epoch_started):
                     logger.info("time budget of %g minutes: stopping after epoch %d of %d",
-                                self.max_minutes, self.epoch - 1, self.epochs)
+                                self.options.max_minutes, self.epoch - 1, self.options.epochs)
                     break
         return self.history
 
     def _out_of_time(self, started: float, epoch_started: float) -> bool:
         """Would one more epoch as long as the last one overrun ``max_minutes``?"""
-        if self.max_minutes is None:
+        if self.options.max_minutes is None:
             return False
         now = time.perf_counter()
         # clocks differ between processes: rank 0 decides for all
         decision, = distributed.broadcast_from_main(
-            [(now - started) + (now - epoch_started) > 60 * self.max_minutes])
+            [(now - started) + (now - epoch_started) > 60 * self.options.max_minutes])
         return decision
 
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch
-        self.kl_scale.beta = kl_weight(epoch, beta=self.beta, warmup_epochs=self.kl_warmup_epochs)
+        self.kl_scale.beta = kl_weight(epoch, beta=self.options.beta,
+                                       warmup_epochs=self.options.kl_warmup_epochs)
         self._apply_lr()
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
         n = self.data.train.shape[0]
-        for x in distributed.local_batches(self.data, self.batch_size, generator=self.generator,
+        batch_size = self.options.batch_size
+        for x in distributed.local_batches(self.data, batch_size, generator=self.generator,
                                            start=self.batch, rank=self.rank,
                                            world_size=self.world_size):
-            global_rows = min(self.batch_size, n - self.batch * self.batch_size)
+            global_rows = min(batch_size, n - self.batch * batch_size)
             if self._launcher is not None and stop.signal_number is None and \
                     os.getppid() != self._launcher:
                 logger.warning("the launcher of this process is gone: stopping")
@@ -681,21 +715,21 @@ class TrainingLoop:
             signal_number = stop.signal_number if self.world_size == 1 else self.agreed_stop
             if signal_number is not None:
                 self._interrupt(signal_number)
-            if self.run_dir is not None and self.checkpoint_every and \
-                    self.step % self.checkpoint_every == 0:
+            if self.run_dir is not None and self.options.checkpoint_every and \
+                    self.step % self.options.checkpoint_every == 0:
                 self._save()
         self._finish_epoch(time.perf_counter() - started)
 
     def _finish_epoch(self, seconds: float) -> None:
         epoch = self.epoch
         test_elbo = valid_elbo = math.nan
-        if epoch % self.test_every == 0 or epoch == self.epochs:
+        if epoch % self.options.test_every == 0 or epoch == self.options.epochs:
             # rank 0 evaluates from a stream of its own, seeded by (seed, epoch): the training
             # stream is untouched, so a run extended later (or evaluated on other epochs)
             # draws exactly what an uninterrupted one does
             if self.is_main:
                 self.program.train(False)
-                with distributed.seeded(self.seed, epoch, device=self.program.device):
+                with distributed.seeded(self.options.seed, epoch, device=self.program.device):
                     test_elbo = elbo(self.program, self.data.test_inputs,
                                      batch_size=1000).mean().item()
                     if self.data.valid is not None:
@@ -710,7 +744,7 @@ class TrainingLoop:
         self.history.append(record)
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
         if not math.isnan(test_log_px):
-            validation += f", test log p(x) {test_log_px:.3f} (K={self.log_px_samples})"
+            validation += f", test log p(x) {test_log_px:.3f} (K={self.options.log_px_samples})"
         log = logger.info if self.is_main else logger.debug
         log("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
                     record.train_elbo, record.test_elbo, validation, seconds)
@@ -729,8 +763,8 @@ class TrainingLoop:
             self._save()
             if self.is_main:
                 _write_metrics(self.run_dir / METRICS_NAME, self.history)
-                if self.keep_last:
-                    keep_history(self.run_dir, epoch, self.keep_last)
+                if self.options.keep_last:
+                    keep_history(self.run_dir, epoch, self.options.keep_last)
                 if improved:
                     mark_best(self.run_dir)
         # a signal that came during this epoch's evaluation stops the run here, at an epoch
@@ -749,12 +783,13 @@ class TrainingLoop:
         """Count the epochs since the held-out ELBO improved (not during the KL warm-up) and
         mark ``record`` as the last one once they reach the patience at an evaluated epoch
         before the last."""
-        if improved or record.epoch < self.kl_warmup_epochs:
+        if improved or record.epoch < self.options.kl_warmup_epochs:
             self.epochs_without_improvement = 0
         else:
             self.epochs_without_improvement += 1
-        if self.early_stopping_patience and evaluated and record.epoch < self.epochs and \
-                self.epochs_without_improvement >= self.early_stopping_patience:
+        patience = self.options.early_stopping_patience
+        if patience and evaluated and record.epoch < self.options.epochs and \
+                self.epochs_without_improvement >= patience:
             record.stopped_early = True
             if self.is_main:
                 logger.info("early stopping after epoch %d: the held-out ELBO has not improved "
@@ -765,14 +800,15 @@ class TrainingLoop:
         """The mean importance-sampled log p(x) of the first ``log_px_size`` test points at
         this epoch's end, or NaN when this epoch has none; seeded, so the training's
         random stream is untouched (every process computes its share)."""
-        if not self.log_px_every or (epoch % self.log_px_every and epoch != self.epochs):
+        every = self.options.log_px_every
+        if not every or (epoch % every and epoch != self.options.epochs):
             return math.nan
         self.program.train(False)
         log_px = log_marginal_likelihood(
-            self.program, tuple(argument[: self.log_px_size]
+            self.program, tuple(argument[: self.options.log_px_size]
                                 for argument in _arguments(self.data.test_inputs)),
-            num_samples=self.log_px_samples,
-            seed=self.seed, distributed=distributed.is_distributed())
+            num_samples=self.options.log_px_samples,
+            seed=self.options.seed, distributed=distributed.is_distributed())
         self.program.train()
         return log_px.mean().item()
 
@@ -786,9 +822,9 @@ class TrainingLoop:
         distributed.barrier()
         if self._stop is not None:
             self._stop.handled = True
-        if self.epoch > self.epochs:
+        if self.epoch > self.options.epochs:
             raise TrainingInterrupted(
-                f"{name} after the last epoch ({self.epochs}): checkpoint written; pyrovae "
+                f"{name} after the last epoch ({self.options.epochs}): checkpoint written; pyrovae "
                 f"train --resume {self.run_dir} finishes the run (its final evaluation)",
                 signal_number)
         raise TrainingInterrupted(
@@ -812,7 +848,7 @@ class TrainingLoop:
 
     def _apply_lr(self) -> float:
         """Set the optimizer to the scheduled rate of the epoch under way; return it."""
-        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.lr_schedule)
+        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

@@ -214,3 +214,35 @@ def test_extending_a_finished_run_is_bit_identical_with_sparse_test_epochs(tmp_p
         run_dir=tmp_path / "extended", resume=True)
     for name, value in straight.state_dict().items():
         assert torch.equal(extended.state_dict()[name], value), name
+
+
+def test_options_are_one_dataclass_that_keywords_build():
+    """fit(..., epochs=2) and fit(..., FitOptions(epochs=2)) train the same run; the config's
+    options are FitOptions' fields of the same name; an unknown keyword is refused."""
+    from dataclasses import fields
+
+    from pyrovae import FitOptions
+
+    x = torch.bernoulli(torch.full((40, 6), 0.4), generator=torch.Generator().manual_seed(0))
+    data = DataSplits.from_tensors(x, x[:10], binarize="none")
+    config = TrainConfig(hidden_dims=(4,), latent_dim=2, epochs=2, batch_size=20, lr=3e-3,
+                         progress=False)
+    histories = []
+    for call in ("keywords", "options"):
+        torch.manual_seed(1)
+        vae = build_vae(config, data_dim=6)
+        if call == "keywords":
+            histories.append(fit(vae, data, epochs=2, batch_size=20, lr=3e-3, progress=False))
+        else:
+            histories.append(fit(vae, data, FitOptions.from_config(config)))
+    first, second = ([(r.epoch, r.step, r.train_elbo, r.test_elbo) for r in history]
+                     for history in histories)
+    assert first == second
+    options = FitOptions.from_config(config)
+    assert all(getattr(options, field.name) == getattr(config, field.name)
+               for field in fields(FitOptions))
+    assert FitOptions.of(options, {"epochs": 5}) == FitOptions(**{**vars(options), "epochs": 5})
+    with pytest.raises(TypeError, match="unknown training option.*epoch_count"):
+        fit(build_vae(config, data_dim=6), data, epoch_count=2)
+    with pytest.raises(PyrovaeError, match="epochs must be a positive integer"):
+        FitOptions(epochs=0)
