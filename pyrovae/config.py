@@ -212,6 +212,10 @@ class TrainConfig:
         "importance samples K of the --log-px-every estimates", type=int))
     log_px_size: int = field(default=1000, metadata=_flag(
         "test images of the --log-px-every estimates", type=int))
+    activity_every: int = field(default=0, metadata=_flag(
+        "also count the active latent units (per latent site too, for a hierarchy) and "
+        "estimate the mutual information I(x; z) every N epochs (and after the last) into "
+        "metrics.csv, on the first --log-px-size test images (0: never)", type=int))
     eval_samples: int = field(default=1000, metadata=_flag(
         "importance samples K for the final test log p(x); 0 skips it", type=int))
     max_minutes: float | None = field(default=None, metadata=_flag(
@@ -276,7 +280,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("prior_flows", "num_flows", "kl_warmup_epochs", "log_px_every"):
+        for name in ("prior_flows", "num_flows", "kl_warmup_epochs", "log_px_every",
+                     "activity_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.beta > 0:

@@ -31,6 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrovae import distributed
+from pyrovae.activity import (
+    ACTIVE_UNIT_THRESHOLD,
+    guide_sites,
+    mutual_information,
+    posterior_mean_variances,
+)
 from pyrovae.checkpoint import (
     CHECKPOINT_FILES,
     CHECKPOINT_NAME,
@@ -76,9 +82,12 @@ def _arguments(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Te
 class EpochRecord:
     """One line of ``metrics.csv``; ELBOs and log p(x) per data point in nats (NaN where not
     computed).  ``test_log_px`` is the importance-sampled estimate on the first
-    ``log_px_size`` test points (:func:`fit`'s ``log_px_every``).  ``stopped_early`` marks
-    the epoch after which early stopping ended the run (kept in the checkpoint's history,
-    not in ``metrics.csv``)."""
+    ``log_px_size`` test points (:class:`FitOptions`' ``log_px_every``); ``active_units``
+    (of all latent sites together), ``active_units_per_site`` (``{site: count}``) and
+    ``mutual_information`` (I(x; z) under q, nats) are the latent usage on the same points
+    (``activity_every``, :mod:`pyrovae.activity`).  ``stopped_early`` marks the epoch after
+    which early stopping ended the run (kept in the checkpoint's history, not in
+    ``metrics.csv``)."""
 
     epoch: int
     step: int
@@ -87,6 +96,9 @@ class EpochRecord:
     epoch_seconds: float
     valid_elbo: float = math.nan
     test_log_px: float = math.nan
+    active_units: float = math.nan
+    mutual_information: float = math.nan
+    active_units_per_site: dict[str, int] | None = None
     stopped_early: bool = False
 
 
@@ -186,6 +198,11 @@ class FitOptions:
     :param log_px_every: every this many epochs (and after the last) estimate the test
         log p(x) of the first ``log_px_size`` test points with ``log_px_samples`` importance
         samples (the ``test_log_px`` column); 0: never.
+    :param activity_every: every this many epochs (and after the last) count the active
+        latent units, per latent site and in total, and estimate the mutual information
+        I(x; z) under q, on the first ``log_px_size`` test points
+        (:func:`~pyrovae.activity.posterior_mean_variances`,
+        :func:`~pyrovae.activity.mutual_information`); 0: never.
     :param adam: Adam's betas, epsilon and second-moment start
         (:class:`~pyrovae.optim.AdamSettings`); ``None``: torch's defaults.
     :param output_bias_init: ``"data_mean"`` starts the decoder's output bias at the logit
@@ -222,6 +239,7 @@ class FitOptions:
     log_px_every: int = 0
     log_px_samples: int = 1000
     log_px_size: int = 1000
+    activity_every: int = 0
     adam: AdamSettings | None = None
     output_bias_init: str = "zero"
     early_stopping_patience: int = 0
@@ -453,6 +471,9 @@ class TrainingLoop:
         # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
         self.epochs_without_improvement = 0
         self.history: list[EpochRecord] = []
+        #: the latent sites whose active units ``activity_every`` counts (None: off)
+        self.activity_sites = guide_sites(self.program, *first) if options.activity_every \
+            else None
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.is_main = self.rank == 0
         #: the stop signal all processes agreed on at the last step (multi-process runs)
@@ -561,7 +582,7 @@ class TrainingLoop:
                                   f"{self.options.epochs} asked for; resume with epochs >= {done}")
             if self.is_main:
                 remove_temporaries(self.run_dir)
-                _write_metrics(self.run_dir / METRICS_NAME, self.history)
+                _write_metrics(self.run_dir / METRICS_NAME, self.history, self.activity_sites)
                 # a kill between the checkpoint and its history copy left the copy undone
                 if self.options.keep_last and self.batch == 0 and done > 0 and \
                         not history_path(self.run_dir, done).exists():
@@ -585,7 +606,7 @@ class TrainingLoop:
             # a fresh run owns its folder: an earlier run's checkpoints must not be taken for
             # this one's (by a rollback, a resume or --keep-last)
             clear_run(self.run_dir, CHECKPOINT_FILES)
-            _write_metrics(self.run_dir / METRICS_NAME, [])
+            _write_metrics(self.run_dir / METRICS_NAME, [], self.activity_sites)
 
     def _position(self) -> dict[str, object]:
         return {
@@ -740,12 +761,15 @@ class TrainingLoop:
             distributed.share_rng_state(self.program.device)
         test_log_px = self._test_log_px(epoch)
         record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
-                             valid_elbo, test_log_px)
+                             valid_elbo, test_log_px, *self._activity(epoch))
         self.history.append(record)
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
         if not math.isnan(test_log_px):
             validation += f", test log p(x) {test_log_px:.3f} (K={self.options.log_px_samples})"
         log = logger.info if self.is_main else logger.debug
+        if not math.isnan(record.active_units):
+            validation += (f", {record.active_units:.0f} active units, I(x; z) "
+                           f"{record.mutual_information:.3f}")
         log("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
                     record.train_elbo, record.test_elbo, validation, seconds)
         # the best checkpoint is chosen on the validation set where there is one
@@ -762,7 +786,7 @@ class TrainingLoop:
         if self.run_dir is not None:
             self._save()
             if self.is_main:
-                _write_metrics(self.run_dir / METRICS_NAME, self.history)
+                _write_metrics(self.run_dir / METRICS_NAME, self.history, self.activity_sites)
                 if self.options.keep_last:
                     keep_history(self.run_dir, epoch, self.options.keep_last)
                 if improved:
@@ -812,6 +836,29 @@ class TrainingLoop:
         self.program.train()
         return log_px.mean().item()
 
+    def _activity(self, epoch: int) -> tuple[float, float, dict[str, int] | None]:
+        """The active units of all latent sites, I(x; z) and the active units per site on
+        the first ``log_px_size`` test points at this epoch's end, or NaN, NaN, None when
+        this epoch has none.  Rank 0 computes them from a stream of its own, seeded by
+        (seed, epoch), so the training's random stream is untouched."""
+        every = self.options.activity_every
+        if not every or (epoch % every and epoch != self.options.epochs):
+            return math.nan, math.nan, None
+        values: list[Any] = [math.nan, math.nan, None]
+        points = tuple(argument[: self.options.log_px_size]
+                       for argument in _arguments(self.data.test_inputs))
+        if self.is_main and points[0].shape[0] >= 2:
+            self.program.train(False)
+            with distributed.seeded(self.options.seed, epoch, 1, device=self.program.device):
+                variances = posterior_mean_variances(self.program, points)
+                information = mutual_information(self.program, points)
+            self.program.train()
+            per_site = {site: int((variance > ACTIVE_UNIT_THRESHOLD).sum())
+                        for site, variance in variances.items()}
+            values = [float(sum(per_site.values())), information, per_site]
+        total, information, per_site = distributed.broadcast_from_main(values)
+        return total, information, per_site
+
     def _interrupt(self, signal_number: int) -> None:
         name = signal.Signals(signal_number).name
         if self.run_dir is None:
@@ -854,23 +901,63 @@ class TrainingLoop:
         return lr
 
 
-def _write_metrics(path: Path, records: list[EpochRecord]) -> None:
+#: the columns of metrics.csv where the latent usage is counted (``activity_every``); a
+#: hierarchy also gets ``active_units_<site>`` for each latent site, after ``active_units``
+ACTIVITY_COLUMNS = ("active_units", "mutual_information")
+_SITE_COLUMN = "active_units_"
+
+
+def _metric_columns(records: list[EpochRecord],
+                    activity_sites: list[str] | None) -> tuple[str, ...]:
+    """:data:`METRIC_COLUMNS`, and the activity columns where the loop counts the latent
+    usage or an earlier session of the run did."""
+    if activity_sites is None:
+        activity_sites = next((list(record.active_units_per_site) for record in records
+                               if record.active_units_per_site), None)
+    if activity_sites is None:
+        return METRIC_COLUMNS
+    sites = tuple(_SITE_COLUMN + site for site in activity_sites) if len(activity_sites) > 1 \
+        else ()
+    return (*METRIC_COLUMNS, ACTIVITY_COLUMNS[0], *sites, ACTIVITY_COLUMNS[1])
+
+
+def _cell(record: EpochRecord, column: str) -> object:
+    if column == "active_units":
+        return int(record.active_units) if math.isfinite(record.active_units) else math.nan
+    if column.startswith(_SITE_COLUMN):
+        return (record.active_units_per_site or {}).get(column[len(_SITE_COLUMN):], math.nan)
+    return getattr(record, column)
+
+
+def _write_metrics(path: Path, records: list[EpochRecord],
+                   activity_sites: list[str] | None = None) -> None:
     """Write ``metrics.csv`` with every record, atomically (rewritten whole each epoch, so a
-    kill never leaves half a row)."""
+    kill never leaves half a row); with ``activity_sites``, the latent usage columns too
+    (NaN on the epochs that did not count it)."""
+    columns = _metric_columns(records, activity_sites)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(METRIC_COLUMNS)
+    writer.writerow(columns)
     for record in records:
-        writer.writerow([getattr(record, column) for column in METRIC_COLUMNS])
+        writer.writerow([_cell(record, column) for column in columns])
     write_text(path, text.getvalue())
 
 
+def _number(row: dict[str, str], column: str) -> float:
+    return float(row.get(column) or math.nan)
+
+
 def read_metrics(path: str | Path) -> list[EpochRecord]:
-    """Read ``metrics.csv`` back into records."""
+    """Read ``metrics.csv`` back into records (a column the file lacks reads as NaN)."""
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    # files written before a column existed read it as NaN
-    return [EpochRecord(int(row["epoch"]), int(row["step"]), float(row["train_elbo"]),
-                        float(row["test_elbo"]), float(row["epoch_seconds"]),
-                        float(row.get("valid_elbo") or math.nan),
-                        float(row.get("test_log_px") or math.nan)) for row in rows]
+    records = []
+    for row in rows:
+        per_site = {column[len(_SITE_COLUMN):]: int(float(value)) for column, value in row.items()
+                    if column.startswith(_SITE_COLUMN) and value and value != "nan"}
+        records.append(EpochRecord(
+            int(row["epoch"]), int(row["step"]), float(row["train_elbo"]),
+            float(row["test_elbo"]), float(row["epoch_seconds"]), _number(row, "valid_elbo"),
+            _number(row, "test_log_px"), _number(row, "active_units"),
+            _number(row, "mutual_information"), per_site or None))
+    return records

@@ -246,3 +246,92 @@ def test_options_are_one_dataclass_that_keywords_build():
         fit(build_vae(config, data_dim=6), data, epoch_count=2)
     with pytest.raises(PyrovaeError, match="epochs must be a positive integer"):
         FitOptions(epochs=0)
+
+
+def _linear_vae_ignoring(dims: list[int]):
+    """A linear-Gaussian VAE (latent_dim 4) whose decoder has zero weights from the latent
+    ``dims``, with the exact posterior as its guide: those dims are inactive, the others
+    active."""
+    from tests.linear_gaussian import ExactPosteriorGuide, linear_gaussian_vae
+
+    vae = linear_gaussian_vae(latent_dim=4)
+    linear = vae.decoder.body[0]
+    with torch.no_grad():
+        linear.weight[:, dims] = 0.0
+    vae.guide_family = ExactPosteriorGuide(linear.weight.detach().clone(),
+                                           linear.bias.detach().clone(), 0.5)
+    return vae
+
+
+def test_activity_every_counts_active_units_and_information_into_metrics(tmp_path):
+    import csv
+
+    from tests.linear_gaussian import sample_data
+
+    vae = _linear_vae_ignoring([1, 3])
+    data = DataSplits.from_tensors(sample_data(vae, 100), sample_data(vae, 300, seed=2),
+                                   binarize="none")  # float32, as every DataSplits
+    vae = vae.float()
+    # lr 0 keeps the decoder ignoring z_1 and z_3 through training
+    history = fit(vae, data, epochs=5, batch_size=50, lr=0.0, activity_every=2,
+                  log_px_size=200, run_dir=tmp_path, progress=False)
+    counted = [record.epoch for record in history if not math.isnan(record.active_units)]
+    assert counted == [2, 4, 5]  # every 2 epochs, and after the last
+    for record in history:
+        if record.epoch in counted:
+            assert record.active_units == 2
+            assert 0 < record.mutual_information <= math.log(200)
+        else:
+            assert math.isnan(record.mutual_information)
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "step", "train_elbo", "test_elbo", "epoch_seconds",
+                             "valid_elbo", "test_log_px", "active_units", "mutual_information"]
+    assert [row["active_units"] for row in rows] == ["nan", "2", "nan", "2", "2"]
+    reread = read_metrics(tmp_path / "metrics.csv")
+    assert [r.active_units for r in reread][1::2] == [2.0, 2.0]
+    assert reread[1].mutual_information == pytest.approx(history[1].mutual_information)
+
+
+def test_activity_of_a_hierarchy_has_a_column_per_latent_site(tmp_path):
+    config = TrainConfig(latent_dims=(3, 2), hidden_dims=(8,), epochs=1, batch_size=20,
+                         activity_every=1, log_px_size=50, progress=False)
+    vae = build_vae(config, data_dim=6)
+    x = torch.bernoulli(torch.full((60, 6), 0.3), generator=torch.Generator().manual_seed(0))
+    history = fit(vae, DataSplits.from_tensors(x, x[:50], binarize="none"),
+                  run_dir=tmp_path, config=config, epochs=1, batch_size=20, activity_every=1,
+                  log_px_size=50, progress=False)
+    per_site = history[0].active_units_per_site
+    assert list(per_site) == ["z1", "z2"] and sum(per_site.values()) == history[0].active_units
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["active_units", "active_units_z1", "active_units_z2",
+                           "mutual_information"]
+    assert read_metrics(tmp_path / "metrics.csv")[0].active_units_per_site == per_site
+
+
+def test_activity_every_is_a_config_field_and_a_flag_that_may_change_on_resume():
+    import argparse
+
+    from pyrovae.runs import RESUME_OVERRIDES
+    from pyrovae.train import FitOptions
+
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    config = TrainConfig.from_args(parser.parse_args(["--activity-every", "3"]))
+    assert config.activity_every == 3 and FitOptions.from_config(config).activity_every == 3
+    assert "activity_every" in RESUME_OVERRIDES
+    with pytest.raises(ConfigError, match="activity_every must be >= 0"):
+        TrainConfig(activity_every=-1)
+
+
+def test_counting_activity_leaves_the_training_draws_alone():
+    x = torch.bernoulli(torch.full((60, 6), 0.3), generator=torch.Generator().manual_seed(0))
+    data = DataSplits.from_tensors(x, x[:30], binarize="none")
+    config = TrainConfig(hidden_dims=(8,), latent_dim=2)
+    curves = []
+    for every in (0, 1):
+        torch.manual_seed(2)
+        history = fit(build_vae(config, data_dim=6), data, epochs=3, batch_size=20,
+                      activity_every=every, progress=False)
+        curves.append([(record.train_elbo, record.test_elbo) for record in history])
+    assert curves[0] == curves[1]
