@@ -47,7 +47,7 @@ def _given_flags(train_argv: Sequence[str], *, with_preset: bool = False) -> dic
 def train_command(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
-        # a preset given to a resume is a change the run refuses, like any fixed flag
+        # a preset given to a resume must be the run's own, like any fixed flag
         config = runs.resumed_config(Path(args.resume),
                                      _given_flags(args.train_argv, with_preset=True))
     else:

@@ -248,27 +248,13 @@ def test_options_are_one_dataclass_that_keywords_build():
         FitOptions(epochs=0)
 
 
-def _linear_vae_ignoring(dims: list[int]):
-    """A linear-Gaussian VAE (latent_dim 4) whose decoder has zero weights from the latent
-    ``dims``, with the exact posterior as its guide: those dims are inactive, the others
-    active."""
-    from tests.linear_gaussian import ExactPosteriorGuide, linear_gaussian_vae
-
-    vae = linear_gaussian_vae(latent_dim=4)
-    linear = vae.decoder.body[0]
-    with torch.no_grad():
-        linear.weight[:, dims] = 0.0
-    vae.guide_family = ExactPosteriorGuide(linear.weight.detach().clone(),
-                                           linear.bias.detach().clone(), 0.5)
-    return vae
-
-
 def test_activity_every_counts_active_units_and_information_into_metrics(tmp_path):
     import csv
 
     from tests.linear_gaussian import sample_data
+    from tests.test_activity import vae_ignoring
 
-    vae = _linear_vae_ignoring([1, 3])
+    vae = vae_ignoring([1, 3])  # the exact posterior of a decoder that ignores z_1 and z_3
     data = DataSplits.from_tensors(sample_data(vae, 100), sample_data(vae, 300, seed=2),
                                    binarize="none")  # float32, as every DataSplits
     vae = vae.float()
