@@ -178,7 +178,9 @@ def test_evaluate_report_on_a_tiny_trained_run(tmp_path):
     two = json.loads((tmp_path / "again" / SUMMARY_NAME).read_text())
     assert one["num_points"] == 20 and one["checkpoint"] == str(run_dir)
     for row_a, row_b in zip(one["bounds"], two["bounds"], strict=True):
-        assert row_a["mean"] == pytest.approx(row_b["mean"], abs=1e-6, rel=0), row_a
+        # the same draws; float32 sums in another order where the two processes run on
+        # different numbers of threads differ by about 1e-8 of the value
+        assert row_a["mean"] == pytest.approx(row_b["mean"], abs=1e-4, rel=0), row_a
     assert one["latent_usage"]["latent_dim"] == 4
     assert (run_dir / USAGE_PLOT_NAME).is_file()
     # --sandwich alone: printed, and written to sandwich.json with the per-point bounds
