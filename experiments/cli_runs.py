@@ -100,21 +100,29 @@ def training_seconds(run_dir: Path) -> float:
     return sum(float(line.split(",")[column]) for line in lines[1:])
 
 
+def _fresh(path: Path, run_dir: Path) -> bool:
+    """Whether ``path`` was written after the run's latest checkpoint (so it describes it)."""
+    checkpoint = run_dir / "checkpoint.pt"
+    return (path.is_file() and checkpoint.is_file()
+            and path.stat().st_mtime >= checkpoint.stat().st_mtime)
+
+
 def evaluate(run_dir: Path, args: argparse.Namespace, *, num_samples: int | None = None,
              test_size: int | None = None, name: str = "evaluation.json") -> dict[str, Any]:
     """``pyrovae evaluate`` of ``run_dir`` with K = ``num_samples`` (default
     ``args.eval_samples``) on the first ``test_size`` (default ``args.eval_size``) test
-    images into ``run_dir/name``, read back; reused when one with the same K and points is
-    there."""
+    images into ``run_dir/name``, read back; reused when one with the same K and points was
+    written after the run's latest checkpoint."""
     num_samples = args.eval_samples if num_samples is None else num_samples
     test_size = args.eval_size if test_size is None else test_size
     path = run_dir / name
-    if path.is_file():
+    if _fresh(path, run_dir):
         previous = json.loads(path.read_text())
         if (previous.get("num_samples") == num_samples
                 and previous.get("num_test_points") == test_size):
             return previous
-        path.unlink()  # another K or size: replaced, not kept beside
+    if path.is_file():
+        path.unlink()  # another K, size or checkpoint: replaced, not kept beside
     pyrovae("evaluate", str(run_dir), "--num-samples", str(num_samples), "--test-size",
             str(test_size), "--device", args.device, "--no-progress", "--output", str(path),
             threads=args.threads)
@@ -125,10 +133,11 @@ def report(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``pyrovae evaluate --report`` of ``run_dir`` without AIS: the ELBO and IWAE_K bounds
     (K = ``args.eval_samples``) on the first ``args.eval_size`` test images, k-hat and the
     latent usage (active units per latent site, KL per dimension, I(x; z)), read back from
-    ``report.json``; reused when one with the same K and points is there."""
+    ``report.json``; reused when one with the same K and points was written after the run's
+    latest checkpoint."""
     num_samples, test_size = args.eval_samples, args.eval_size
     path = run_dir / "report.json"
-    if path.is_file():
+    if _fresh(path, run_dir):
         previous = json.loads(path.read_text())
         if previous.get("ks") == [num_samples] and previous.get("num_points") == test_size:
             return previous

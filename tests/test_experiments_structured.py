@@ -57,6 +57,10 @@ def test_semi_supervised_reports_the_test_error_and_continues(tmp_path):
     # a second call trains and evaluates nothing again
     _, stdout = _run("semi_supervised.py", tmp_path, *args)
     assert "1 epochs already trained" in stdout and "$ pyrovae" not in stdout
+    # more epochs: the run continues and its evaluations describe the new checkpoint
+    results, stdout = _run("semi_supervised.py", tmp_path, *args, "--epochs", "2")
+    assert "$ pyrovae train --resume" in stdout and stdout.count("$ pyrovae evaluate") == 2
+    assert results["runs"][0]["epochs"] == 2
 
 
 @requires_mnist
