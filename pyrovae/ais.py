@@ -47,7 +47,7 @@ import torch
 from pyro import poutine
 
 from pyrovae.diagnostics import effective_sample_size, log_mean_exp_standard_error
-from pyrovae.evaluation import data_batches, gather_points, trace_log_prob
+from pyrovae.evaluation import data_batches, trace_log_prob
 from pyrovae.programs import (
     Program,
     ProgramError,
@@ -304,7 +304,8 @@ def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tenso
                                 step_size: float = 0.05, adapt_step_size: bool = True,
                                 target_accept: float = 0.65, initial: Initial = "guide",
                                 schedule: Schedule = "sigmoid", batch_size: int = 100,
-                                seed: int | None = None, distributed: bool = False) -> AISResult:
+                                seed: int | None = None,
+                                batches: Sequence[int] | None = None) -> AISResult:
     """Estimate log p(x) per data point by annealed importance sampling with HMC.
 
     Cost: ``num_temperatures * num_leapfrog_steps`` gradient evaluations of log p(x, z) on
@@ -326,9 +327,8 @@ def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tenso
     :param seed: draw each data batch's chains from a stream seeded by ``(seed, batch
         index)``, so a point's estimate does not depend on the number of processes; see
         :func:`~pyrovae.evaluation.log_marginal_likelihood`.  ``None``: the global RNG.
-    :param distributed: every process of the running ``torch.distributed`` group calls this
-        with the same arguments; each anneals its contiguous run of batches and every
-        process gets all results in order.
+    :param batches: anneal only these batches of ``batch_size`` points (their points, in
+        order), see :func:`~pyrovae.evaluation.log_marginal_likelihood`.
     :returns: an :class:`AISResult`; estimates ``(N,)`` in nats.
 
     Example::
@@ -345,7 +345,7 @@ def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tenso
                           num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
                           step_size=step_size, adapt_step_size=adapt_step_size,
                           target_accept=target_accept, initial=initial, batch_size=batch_size,
-                          seed=seed, distributed=distributed)
+                          seed=seed, batches=batches)
     log_weights = whole["log_weights"]
     return AISResult(
         log_marginal_likelihood=torch.logsumexp(log_weights, 0) - math.log(num_chains),
@@ -378,7 +378,8 @@ def check_ais_settings(*, num_temperatures: int, num_chains: int, num_leapfrog_s
 def anneal_points(program: Program, args: tuple[torch.Tensor, ...], betas: torch.Tensor, *,
                   num_chains: int, num_leapfrog_steps: int, step_size: float,
                   adapt_step_size: bool, target_accept: float, initial: Initial,
-                  batch_size: int, seed: int | None = None, distributed: bool = False,
+                  batch_size: int, seed: int | None = None,
+                  batches: Sequence[int] | None = None,
                   start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The chains of every data point through ``betas``, in batches: the one loop behind
     forward AIS and the reverse AIS of :mod:`pyrovae.sandwich`.
@@ -398,7 +399,7 @@ def anneal_points(program: Program, args: tuple[torch.Tensor, ...], betas: torch
     # divergent trajectory (rejected below) would raise instead of being rejected
     with pyro.validation_enabled(False):
         for batch, draws in data_batches(batched, batch_size, program.device, seed=seed,
-                                         distributed=distributed):
+                                         batches=batches):
             first = None
             if start is not None:
                 batch, first = batch[:-1], batch[-1].expand(num_chains, *batch[-1].shape)
@@ -407,7 +408,6 @@ def anneal_points(program: Program, args: tuple[torch.Tensor, ...], betas: torch
                 if first is not None and first.shape != densities.z0.shape:
                     raise ValueError(f"start states of shape {tuple(first.shape[1:])} for "
                                      f"latents of shape {tuple(densities.z0.shape[1:])}")
-                latent_dim = densities.z0.shape[-1]
                 steps = torch.full((batch[0].shape[0],), float(step_size),
                                    device=densities.z0.device, dtype=densities.z0.dtype)
                 log_weights, rate, state, steps = _anneal(
@@ -419,12 +419,5 @@ def anneal_points(program: Program, args: tuple[torch.Tensor, ...], betas: torch
             parts["samples"].append(state.z.cpu())
             logger.debug("AIS batch of %d points: acceptance %.2f", batch[0].shape[0],
                          float(parts["rate"][-1].mean()))
-    empty = {"log_weights": torch.empty(num_chains, 0, dtype=torch.float64),
-             "rate": torch.empty(0, dtype=torch.float64), "step": torch.empty(0, dtype=torch.float64),
-             "samples": torch.empty(num_chains, 0, latent_dim, dtype=parts["samples"][0].dtype)}
-    # each part's data dimension: where the processes' results are put together
     data_dims = {"log_weights": 1, "rate": 0, "step": 0, "samples": 1}
-    return {name: gather_points(torch.cat([empty[name], *values], dim=data_dims[name]),
-                                args[0].shape[0], batch_size, distributed=distributed,
-                                dim=data_dims[name])
-            for name, values in parts.items()}
+    return {name: torch.cat(values, dim=data_dims[name]) for name, values in parts.items()}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import pyro
 import torch
 from torch import nn
@@ -38,3 +40,19 @@ def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for one that has neither)."""
     return first_device(itertools.chain(module.parameters(), module.buffers())) or \
         torch.device("cpu")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, *indices: int, device: torch.device | None = None) -> Iterator[None]:
+    """Draw from a torch RNG seeded by ``(seed, *indices)``; the global state is restored after.
+
+    The seed is mixed by numpy's ``SeedSequence``, so nearby seeds and indices give
+    unrelated streams.  Used to make a data batch's draws depend only on ``seed`` and the
+    batch index, whatever else ran before (or whichever process evaluates it).
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    mixed = int(np.random.SeedSequence([seed, *indices]).generate_state(2, dtype=np.uint32)
+                .astype(np.uint64).dot([1, 2**32]) % 2**63)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(mixed)
+        yield

@@ -16,6 +16,10 @@ inside the program's traces come from a per-rank seed taken off the shared strea
 (:func:`rank_seeded`), so a run agrees with one process in distribution, as
 ``DistributedDataParallel`` does, not bit for bit.
 
+Evaluation is sharded here too (:func:`sharded`): the estimators of
+:mod:`pyrovae.evaluation` evaluate the data batches they are given, and this module gives
+each rank its contiguous run of them and puts the per-point values back together.
+
 Backend: ``gloo`` on CPU, ``nccl`` on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``).
 """
 
@@ -28,11 +32,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pyrovae.devices import seeded
 from pyrovae.errors import ConfigError, PyrovaeError
+from pyrovae.programs import as_data
 
 if TYPE_CHECKING:
     from pyrovae.data import DataSplits
@@ -214,6 +219,35 @@ def batch_plan(num_points: int, batch_size: int) -> tuple[range, list[int]]:
     return mine, counts
 
 
+def sharded(estimator: Callable[..., torch.Tensor], program: Any,
+            x: torch.Tensor | Sequence[torch.Tensor], *args: Any, batch_size: int = 100,
+            seed: int | None = None, dim: int = 0, **options: Any) -> torch.Tensor:
+    """A per-data-point estimator evaluated by every process of the running group together.
+
+    Calls ``estimator(program, x, *args, batch_size=batch_size, seed=seed,
+    batches=mine, **options)`` with this rank's contiguous run of data batches
+    (:func:`batch_plan`) and gathers the values of every rank in order, so every process
+    gets the values of all points.  With a ``seed``, each batch draws from a stream of its
+    own and the values do not depend on the number of processes; without one, a seed is
+    drawn from the stream the ranks share.  Outside a group, this is ``estimator`` on every
+    batch.
+
+    :param estimator: a function taking ``batches`` (the indices of the data batches to
+        evaluate) and returning the values of their points along ``dim``:
+        :func:`~pyrovae.evaluation.log_marginal_likelihood`,
+        :func:`~pyrovae.evaluation.elbo`,
+        :func:`~pyrovae.labels.log_marginal_likelihood_over_labels`.
+    :param x: the data, or a tuple of the program's data arguments, points along dim 0.
+    :returns: the values of all ``N`` points, as ``estimator`` returns them for one process.
+    """
+    mine, counts = batch_plan(as_data(x)[0].shape[0], batch_size)
+    if seed is None and is_distributed():
+        seed = shared_seed()
+    local = estimator(program, x, *args, batch_size=batch_size, seed=seed, batches=mine,
+                      **options)
+    return gather_rows(local, counts, dim=dim)
+
+
 def gather_rows(local: torch.Tensor, counts: Sequence[int], dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's ``local`` along ``dim`` in rank order (all_gather with padding).
 
@@ -352,22 +386,6 @@ def share_rng_state(device: torch.device) -> None:
     if is_distributed():
         state, = broadcast_from_main([rng_state(device)])
         set_rng_state(state, device)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, *indices: int, device: torch.device | None = None) -> Iterator[None]:
-    """Draw from a torch RNG seeded by ``(seed, *indices)``; the global state is restored after.
-
-    The seed is mixed by numpy's ``SeedSequence``, so nearby seeds and indices give
-    unrelated streams.  Used to make a data batch's draws depend only on ``seed`` and the
-    batch index, whatever process evaluates it.
-    """
-    devices = [device] if device is not None and device.type == "cuda" else []
-    mixed = int(np.random.SeedSequence([seed, *indices]).generate_state(2, dtype=np.uint32)
-                .astype(np.uint64).dot([1, 2**32]) % 2**63)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(mixed)
-        yield
 
 
 def shared_seed() -> int:

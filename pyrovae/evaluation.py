@@ -35,7 +35,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from pyrovae.distributed import batch_plan, gather_rows, seeded, shared_seed
+from pyrovae.devices import seeded
 from pyrovae.programs import ProgramError, as_data, as_program, is_sample_site
 from pyrovae.sites import PARTICLE_PLATE
 
@@ -167,7 +167,7 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
                             num_samples: int = 5000, *,
                             batch_size: int = 100, chunk_size: int | None = None,
                             seed: int | None = None,
-                            distributed: bool = False) -> torch.Tensor:
+                            batches: Sequence[int] | None = None) -> torch.Tensor:
     """The K-sample importance-sampling estimate of log p(x) for each data point.
 
     log p_K(x_n) = log (1/K) sum_k p(x_n, z_k) / q(z_k | x_n),  z_k ~ q(z | x_n).
@@ -186,13 +186,12 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
     :param chunk_size: importance samples per trace; ``None``: :func:`default_chunk_size`
         for the program's device.  The draws, and so the estimate under a seed, depend on it.
     :param seed: draw each data batch's samples from a stream seeded by ``(seed, batch
-        index)`` (:func:`~pyrovae.distributed.seeded`), leaving the global RNG as it was, so
+        index)`` (:func:`~pyrovae.devices.seeded`), leaving the global RNG as it was, so
         a point's estimate depends only on ``seed``, ``batch_size`` and its batch, not on
-        what ran before or on the number of processes; ``None``: draw from the global RNG.
-    :param distributed: every process of the running ``torch.distributed`` group calls this
-        with the same arguments; the batches are split into contiguous runs, one per
-        process, and the results gathered in order on every process.  Without ``seed``, a
-        seed is drawn from the global RNG (which the processes share in training).
+        what ran before or on which process evaluates it; ``None``: draw from the global RNG.
+    :param batches: evaluate only these data batches (indices into the
+        ``ceil(N / batch_size)`` batches of ``x``), returning their points in order; ``None``:
+        all.  :func:`~pyrovae.distributed.sharded` gives each process its run of them.
     :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU; a lower bound in
         expectation (the IWAE bound), tight as K grows.
 
@@ -207,7 +206,7 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
 
     return _reduce_log_weights(program, x, num_samples, batch_size, chunk_size, combine,
                                lambda running: running - math.log(num_samples), seed=seed,
-                               distributed=distributed)
+                               batches=batches)
 
 
 def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
@@ -215,9 +214,11 @@ def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
                         chunk_size: int | None,
                         combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
                         finish: Callable[[torch.Tensor], torch.Tensor], *,
-                        seed: int | None = None, distributed: bool = False) -> torch.Tensor:
+                        seed: int | None = None,
+                        batches: Sequence[int] | None = None) -> torch.Tensor:
     """Fold the ``(chunk, batch)`` log weights of each data batch with ``combine``, then
-    ``finish``; returns ``(N,)`` on the CPU.  Memory: one ``chunk_size x batch_size`` trace."""
+    ``finish``; returns the points' values ``(N,)`` (those of ``batches``) on the CPU.
+    Memory: one ``chunk_size x batch_size`` trace."""
     program = as_program(program)
     if chunk_size is None:
         chunk_size = default_chunk_size(batch_size, program.device)
@@ -227,69 +228,59 @@ def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
     # the data were checked above; distribution argument checks would only cost time here
     with pyro.validation_enabled(False):
         for batch, draws in data_batches(args, batch_size, program.device, seed=seed,
-                                         distributed=distributed):
+                                         batches=batches):
             with draws:
                 state = None
                 for chunk in _sample_chunks(num_samples, chunk_size):
                     state = combine(state, importance_log_weights(program, *batch,
                                                                   num_samples=chunk))
             results.append(finish(state).cpu())
-    return gather_points(torch.cat(results), args[0].shape[0], batch_size,
-                         distributed=distributed)
+    return torch.cat(results)
 
 
 def data_batches(x: torch.Tensor | Sequence[torch.Tensor], batch_size: int,
-                 device: torch.device, *, seed: int | None = None, distributed: bool = False
+                 device: torch.device, *, seed: int | None = None,
+                 batches: Sequence[int] | None = None
                  ) -> Iterator[tuple[tuple[torch.Tensor, ...],
                                      contextlib.AbstractContextManager[None]]]:
-    """The data batches this process evaluates: ``(batch arguments on device, draws)``.
+    """The data batches to evaluate: ``(batch arguments on device, draws)``.
 
     ``draws`` is a context manager to draw the batch's random numbers in: seeded by
-    ``(seed, index)`` with a ``seed``, else the global RNG.  With ``distributed``, this
-    process's contiguous run of batches (:func:`~pyrovae.distributed.batch_plan`), and a
-    seed drawn from the global RNG where none is given, so that processes do not repeat
-    each other's draws.
+    ``(seed, index)`` with a ``seed``, else the global RNG.
+
+    :param batches: indices of the ``ceil(N / batch_size)`` batches to yield, in order;
+        ``None``: all of them.
     """
-    if distributed and seed is None:
-        seed = shared_seed()
     args = as_data(x)
-    num_points = args[0].shape[0]
-    indices = (batch_plan(num_points, batch_size)[0] if distributed
-               else range(-(-num_points // batch_size)))
+    num_batches = -(-args[0].shape[0] // batch_size)
+    indices = range(num_batches) if batches is None else batches
     for index in indices:
+        if not 0 <= index < num_batches:
+            raise ValueError(f"batch index {index} is outside the {num_batches} batches of "
+                             f"{args[0].shape[0]} points")
         batch = tuple(a[index * batch_size : (index + 1) * batch_size].to(device) for a in args)
         draws = seeded(seed, index, device=device) if seed is not None else contextlib.nullcontext()
         yield batch, draws
 
 
-def gather_points(local: torch.Tensor, num_points: int, batch_size: int, *,
-                  distributed: bool = False, dim: int = 0) -> torch.Tensor:
-    """Put the per-point results of every process's batches together in order (``dim`` is
-    the data dimension); a no-op unless ``distributed``."""
-    if not distributed:
-        return local
-    return gather_rows(local, batch_plan(num_points, batch_size)[1], dim=dim)
-
-
 def elbo(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_samples: int = 1, *,
          batch_size: int = 100,
          chunk_size: int | None = None, seed: int | None = None,
-         distributed: bool = False) -> torch.Tensor:
+         batches: Sequence[int] | None = None) -> torch.Tensor:
     """Monte Carlo ELBO per data point: the mean over K samples of log w_k.
 
     :param program: see :func:`log_marginal_likelihood`.
     :param x: the data, or a tuple of the model's data arguments.
     :param num_samples: samples per data point (more samples, less variance; same mean).
     :param seed: per-batch seeding, see :func:`log_marginal_likelihood`.
-    :param distributed: shard the batches over processes, see :func:`log_marginal_likelihood`.
+    :param batches: only these data batches, see :func:`log_marginal_likelihood`.
     :returns: ``(N,)`` ELBO estimates in nats, on the CPU.
     """
     def combine(total: torch.Tensor | None, log_w: torch.Tensor) -> torch.Tensor:
         return log_w.sum(0) if total is None else total + log_w.sum(0)
 
     return _reduce_log_weights(program, x, num_samples, batch_size, chunk_size, combine,
-                               lambda total: total / num_samples, seed=seed,
-                               distributed=distributed)
+                               lambda total: total / num_samples, seed=seed, batches=batches)
 
 
 def elbo_terms(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *, num_samples: int = 1,

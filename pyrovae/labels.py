@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
                                         num_samples: int = 5000, *, batch_size: int = 100,
                                         chunk_size: int | None = None,
                                         seed: int | None = None,
-                                        distributed: bool = False) -> torch.Tensor:
+                                        batches: Sequence[int] | None = None) -> torch.Tensor:
     """log p(x) = log sum_y p(x, y) for each data point, the label summed over its classes.
 
     Each point is paired with every class c, and one pass of
@@ -54,6 +55,8 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
     :param chunk_size: importance samples per trace; ``None``: chosen from the device for
         traces of ``batch_size * C`` rows (:func:`~pyrovae.evaluation.default_chunk_size`).
     :param seed: per-batch seeding, see :func:`~pyrovae.evaluation.log_marginal_likelihood`.
+    :param batches: only these batches of ``batch_size`` points (the estimates of their
+        points, in order), see :func:`~pyrovae.evaluation.log_marginal_likelihood`.
     :returns: ``(N,)`` estimates of log p(x_n) in nats, on the CPU.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -69,8 +72,8 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
     labels = torch.arange(num_classes, device=x.device).repeat(num_points)
     joint = log_marginal_likelihood(program, (pairs, labels), num_samples,
                                     batch_size=batch_size * num_classes, chunk_size=chunk_size,
-                                    seed=seed, distributed=distributed)
-    return torch.logsumexp(joint.reshape(num_points, num_classes), dim=-1)
+                                    seed=seed, batches=batches)
+    return torch.logsumexp(joint.reshape(-1, num_classes), dim=-1)
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, buil
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
+from pyrovae.distributed import sharded
 from pyrovae.errors import CheckpointError, ConfigError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
@@ -504,13 +505,12 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
                                          batch_size=batch_size, chunk_size=chunk_size,
                                          distributed=distributed)
     started = time.perf_counter()
-    test_elbo = mean_and_standard_error(elbo(vae, x_test, batch_size=batch_size,
-                                             distributed=distributed))
+    test_elbo = mean_and_standard_error(_estimate(elbo, vae, x_test, batch_size=batch_size,
+                                                  distributed=distributed))
     khat_fraction = None
     if distributed:
-        log_px_values = log_marginal_likelihood(
-            vae, x_test, num_samples, batch_size=batch_size, chunk_size=chunk_size,
-            distributed=True)
+        log_px_values = sharded(log_marginal_likelihood, vae, x_test, num_samples,
+                                batch_size=batch_size, chunk_size=chunk_size)
     else:
         # one pass in blocks of whole batches draws what log_marginal_likelihood draws
         block = max(1, _PROGRESS_POINTS // batch_size) * batch_size
@@ -535,6 +535,15 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
     }
 
 
+def _estimate(estimator: Any, program: Any, x: Any, *args: Any, distributed: bool,
+              **options: Any) -> torch.Tensor:
+    """A per-point estimator on this process alone, or shared by the processes of the
+    running group (:func:`pyrovae.distributed.sharded`)."""
+    if distributed:
+        return sharded(estimator, program, x, *args, **options)
+    return estimator(program, x, *args, **options)
+
+
 def _split(data: torch.Tensor | tuple[torch.Tensor, ...], size: int) -> list[Any]:
     """``data`` (a tensor, or a tuple of the program's data arguments) in blocks of ``size``
     points."""
@@ -550,11 +559,11 @@ def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_tes
     class), the ELBO of log p(x, y) on the labelled test points, and the test
     classification error of q(y | x)."""
     started = time.perf_counter()
-    test_elbo = mean_and_standard_error(elbo(m2, (x_test, y_test), batch_size=batch_size,
-                                             distributed=distributed))
-    log_px = mean_and_standard_error(log_marginal_likelihood_over_labels(
-        m2, x_test, m2.num_classes, num_samples, batch_size=batch_size, chunk_size=chunk_size,
-        distributed=distributed))
+    test_elbo = mean_and_standard_error(_estimate(elbo, m2, (x_test, y_test),
+                                                  batch_size=batch_size, distributed=distributed))
+    log_px = mean_and_standard_error(_estimate(
+        log_marginal_likelihood_over_labels, m2, x_test, m2.num_classes, num_samples,
+        batch_size=batch_size, chunk_size=chunk_size, distributed=distributed))
     return {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,

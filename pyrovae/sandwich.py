@@ -53,8 +53,8 @@ from pyrovae.ais import (
     flatten_latents,
     temperature_schedule,
 )
+from pyrovae.devices import seeded
 from pyrovae.diagnostics import log_mean_exp_standard_error
-from pyrovae.distributed import seeded
 from pyrovae.evaluation import mean_and_standard_error
 from pyrovae.programs import Program, ProgramError, as_data, as_program
 

@@ -49,7 +49,7 @@ from pyrovae.checkpoint import (
 )
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
-from pyrovae.devices import resolve_device, seed_everything  # noqa: F401  (re-exported)
+from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
@@ -750,7 +750,7 @@ class TrainingLoop:
             # draws exactly what an uninterrupted one does
             if self.is_main:
                 self.program.train(False)
-                with distributed.seeded(self.options.seed, epoch, device=self.program.device):
+                with seeded(self.options.seed, epoch, device=self.program.device):
                     test_elbo = elbo(self.program, self.data.test_inputs,
                                      batch_size=1000).mean().item()
                     if self.data.valid is not None:
@@ -828,11 +828,11 @@ class TrainingLoop:
         if not every or (epoch % every and epoch != self.options.epochs):
             return math.nan
         self.program.train(False)
-        log_px = log_marginal_likelihood(
-            self.program, tuple(argument[: self.options.log_px_size]
-                                for argument in _arguments(self.data.test_inputs)),
-            num_samples=self.options.log_px_samples,
-            seed=self.options.seed, distributed=distributed.is_distributed())
+        log_px = distributed.sharded(
+            log_marginal_likelihood, self.program,
+            tuple(argument[: self.options.log_px_size]
+                  for argument in _arguments(self.data.test_inputs)),
+            num_samples=self.options.log_px_samples, seed=self.options.seed)
         self.program.train()
         return log_px.mean().item()
 
@@ -849,7 +849,7 @@ class TrainingLoop:
                        for argument in _arguments(self.data.test_inputs))
         if self.is_main and points[0].shape[0] >= 2:
             self.program.train(False)
-            with distributed.seeded(self.options.seed, epoch, 1, device=self.program.device):
+            with seeded(self.options.seed, epoch, 1, device=self.program.device):
                 variances = posterior_mean_variances(self.program, points)
                 information = mutual_information(self.program, points)
             self.program.train()

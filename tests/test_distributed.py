@@ -25,7 +25,7 @@ from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from pyrovae.data import DataSplits, load_dataset
-from pyrovae.distributed import batch_plan, check_batch_size, local_batches, shard_of
+from pyrovae.distributed import batch_plan, check_batch_size, local_batches, shard_of, sharded
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.train import read_metrics
@@ -64,17 +64,23 @@ def train(case: str):
     return vae.state_dict(), [record.train_elbo for record in history]
 
 
+def _ais(vae, x, **options) -> torch.Tensor:
+    result = ais_log_marginal_likelihood(vae, x, num_temperatures=4, num_chains=3, **options)
+    return torch.cat([result.log_marginal_likelihood[:, None], result.step_size[:, None],
+                      result.samples.permute(1, 0, 2).flatten(1)], dim=1)
+
+
 def evaluate(vae) -> dict[str, torch.Tensor]:
+    """The estimators over the processes of the group (or in one process outside one)."""
     x = tiny_data().test
-    ais = ais_log_marginal_likelihood(vae, x, num_temperatures=4, num_chains=3, batch_size=EVAL_BATCH,
-                                      seed=11, distributed=dist.is_initialized())
+    ais = sharded(_ais, vae, x, batch_size=EVAL_BATCH, seed=11)
     return {
-        "log_px": log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, chunk_size=3,
-                                          seed=7, distributed=dist.is_initialized()),
-        "elbo": elbo(vae, x, batch_size=EVAL_BATCH, seed=7, distributed=dist.is_initialized()),
-        "ais": ais.log_marginal_likelihood,
-        "ais_samples": ais.samples,
-        "ais_step_size": ais.step_size,
+        "log_px": sharded(log_marginal_likelihood, vae, x, num_samples=8, batch_size=EVAL_BATCH,
+                          chunk_size=3, seed=7),
+        "elbo": sharded(elbo, vae, x, batch_size=EVAL_BATCH, seed=7),
+        "ais": ais[:, 0],
+        "ais_step_size": ais[:, 1],
+        "ais_samples": ais[:, 2:],
     }
 
 
@@ -133,6 +139,12 @@ def test_evaluation_with_a_seed_does_not_depend_on_the_global_rng():
     # each batch has its own stream: batch 0 of x[5:] is batch 1 of x, drawn differently
     tail = log_marginal_likelihood(vae, x[EVAL_BATCH:], num_samples=8, batch_size=EVAL_BATCH, seed=3)
     assert not torch.equal(tail, first[EVAL_BATCH:])
+    # the batches a process is given are those batches of the whole pass, bit for bit
+    last = log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, seed=3,
+                                   batches=[1])
+    assert torch.equal(last, first[EVAL_BATCH:2 * EVAL_BATCH])
+    with pytest.raises(ValueError, match="batch index 9"):
+        log_marginal_likelihood(vae, x, num_samples=8, batch_size=EVAL_BATCH, batches=[9])
 
 
 # --- pieces, in one process -------------------------------------------------------------------
