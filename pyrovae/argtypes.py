@@ -72,3 +72,14 @@ def seed(text: str) -> int:
     if value >= 2**32:
         raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {2**32}, got {value}")
     return value
+
+
+def init_gain(text: str) -> float | str:
+    """``text`` as an initialisation gain: ``activation``, or a number > 0."""
+    if text == "activation":
+        return text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'activation' or a positive number, got {text!r}") from None

@@ -11,14 +11,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pyrovae.argtypes import check_device_name
+from pyrovae.argtypes import check_device_name, init_gain
 from pyrovae.data import BINARIZATIONS, DATASETS, DataSplits, check_dataset_name
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE, paper_alpha
-from pyrovae.nets import ACTIVATIONS, NETWORKS, MLPDecoder, mlp
+from pyrovae.nets import ACTIVATION_GAIN, ACTIVATIONS, NETWORKS, MLPDecoder, check_init_gain, mlp
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS
@@ -43,10 +43,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Burda, Grosse, Salakhutdinov (2016), section 5 and the authors' code (yburda/iwae):
     # 59,600 training images (the last 400 held out), minibatch 20, Adam(0.99, 0.999, 1e-4)
     # with the second moment started at 1, 3280 epochs in 8 stages, output bias at the logit
-    # of the training mean, test log p(x) with K = 5000
+    # of the training mean, every weight Glorot-uniform with gain 1 (nnet.Linear.random),
+    # test log p(x) with K = 5000
     "burda2016": {
         "dataset": "mnist", "binarize": "dynamic", "valid_size": 400, "net": "mlp",
-        "hidden_dims": (200, 200), "activation": "tanh", "latent_dim": 50, "prior": "normal",
+        "hidden_dims": (200, 200), "activation": "tanh", "init_gain": 1.0, "latent_dim": 50,
+        "prior": "normal",
         "guide": "diagonal", "likelihood": "bernoulli", "epochs": 3280, "batch_size": 20,
         "lr": 1e-3, "lr_schedule": "burda2016", "adam_beta1": 0.99, "adam_beta2": 0.999,
         "adam_eps": 1e-4, "adam_second_moment_init": 1.0, "output_bias_init": "data_mean",
@@ -135,6 +137,11 @@ class TrainConfig:
         "hidden layer widths of the encoder (the decoder mirrors them)", type=int, nargs="+"))
     activation: str = field(default="tanh", metadata=_flag(
         "hidden-layer nonlinearity", choices=tuple(ACTIVATIONS)))
+    init_gain: float | str = field(default=ACTIVATION_GAIN, metadata=_flag(
+        "gain of the Glorot-uniform start of the networks' weights: activation, each layer "
+        "the gain of its activation (5/3 for tanh; 1 for heads and gated outputs, PyTorch's "
+        "default for the guide's heads), or a number for every layer, heads included (1: "
+        "the IWAE authors' code); convolutions keep PyTorch's default", type=init_gain))
     latent_dim: int = field(default=50, metadata=_flag("dimension of z", type=int))
     latent_dims: tuple[int, ...] | None = field(default=None, metadata=_flag(
         "a hierarchical VAE: widths of its stochastic layers z1 (next to x), z2, ... (Burda "
@@ -240,6 +247,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
+        if isinstance(self.init_gain, int) and not isinstance(self.init_gain, bool):
+            self.init_gain = float(self.init_gain)  # config.json records 1.0, not 1
         if self.latent_dims is not None:
             self.latent_dims = tuple(self.latent_dims)
             if self.latent_dims and min(self.latent_dims) >= 1:  # else refused by validate
@@ -273,6 +282,7 @@ class TrainConfig:
                     f"unknown {f.name} {value!r}; known: {', '.join(map(str, choices))}"
                 )
         check_dataset_name(self.dataset)
+        check_init_gain(self.init_gain)
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
@@ -507,7 +517,7 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
     encoder, decoder = NETWORKS[config.net](
         data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
-        activation=config.activation, image_shape=image_shape)
+        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain)
     feature_dim = encoder.feature_dim
     return VAE(
         encoder=encoder,
@@ -536,14 +546,17 @@ def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> Hierarchica
     assert config.latent_dims is not None
     hidden = hierarchical_hidden_dims(config)
     widths = (data_dim, *config.latent_dims)
-    guide_layers = gaussian_chain(widths, hidden, config.activation)
+    gain = config.init_gain
+    guide_layers = gaussian_chain(widths, hidden, config.activation, init_gain=gain)
     prior_layers = [ConditionalNormal(widths[i + 1], widths[i], tuple(reversed(hidden[i])),
-                                      config.activation) for i in range(1, len(widths) - 1)]
+                                      config.activation, init_gain=gain)
+                    for i in range(1, len(widths) - 1)]
     return HierarchicalVAE(
         guide_layers=list(guide_layers),
         prior_layers=prior_layers,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
-        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation),
+        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation,
+                           init_gain=gain),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )
@@ -558,7 +571,7 @@ def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tup
     """The encoder of ``[x, onehot(y)]`` and the decoder of ``[z, onehot(y)]`` of
     ``config.net``, the hidden widths of a VAE's."""
     options = {"hidden_dims": config.hidden_dims, "activation": config.activation,
-               "image_shape": None}
+               "image_shape": None, "init_gain": config.init_gain}
     encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
                                       latent_dim=config.latent_dim, **options)
     _, decoder = NETWORKS[config.net](data_dim=data_dim,
@@ -592,7 +605,8 @@ def build_semi_supervised_vae(config: TrainConfig, *, data_dim: int,
     encoder, decoder = _label_networks(config, data_dim, num_classes)
     return SemiSupervisedVAE(
         encoder=encoder, decoder=decoder,
-        classifier=mlp((data_dim, *config.hidden_dims, num_classes), config.activation),
+        classifier=mlp((data_dim, *config.hidden_dims, num_classes), config.activation,
+                       init_gain=config.init_gain),
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         guide=GUIDES[config.guide].from_config(config, feature_dim=encoder.feature_dim),

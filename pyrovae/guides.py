@@ -34,6 +34,23 @@ from torch.nn import functional as F
 MIN_SCALE = 1e-4
 
 
+def restart_heads(heads: list[nn.Linear], init_gain: float | None) -> None:
+    """Start ``heads`` Glorot-uniform with gain ``init_gain`` and zero biases; ``None`` keeps
+    PyTorch's default ``Linear`` initialisation."""
+    if init_gain is None:
+        return
+    for head in heads:
+        nn.init.xavier_uniform_(head.weight, gain=init_gain)
+        nn.init.zeros_(head.bias)
+
+
+def head_gain(config: Any) -> float | None:
+    """The heads' Glorot gain under ``config.init_gain``: ``None`` (PyTorch's default) for
+    ``"activation"``, else the number."""
+    init_gain = getattr(config, "init_gain", "activation")
+    return None if init_gain == "activation" else float(init_gain)
+
+
 class GuideFamily(PyroModule):
     """Base class of amortized variational families."""
 
@@ -69,16 +86,25 @@ class DiagonalNormalGuide(GuideFamily):
 
     ``z_scale = softplus(linear(h)) + MIN_SCALE``.
 
+    :param init_gain: start the heads Glorot-uniform with this gain and zero biases
+        (``None``: PyTorch's default ``Linear`` initialisation).
+
     Example::
 
         family = DiagonalNormalGuide(feature_dim=200, latent_dim=50)
         q = family(torch.randn(100, 200))  # batch (100,), event (50,)
     """
 
-    def __init__(self, feature_dim: int, latent_dim: int) -> None:
+    def __init__(self, feature_dim: int, latent_dim: int, *,
+                 init_gain: float | None = None) -> None:
         super().__init__(feature_dim, latent_dim)
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.scale_head = nn.Linear(feature_dim, latent_dim)
+        restart_heads([self.loc_head, self.scale_head], init_gain)
+
+    @classmethod
+    def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> DiagonalNormalGuide:
+        return cls(feature_dim, config.latent_dim, init_gain=head_gain(config))
 
     def z_loc_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:returns: ``(z_loc, z_scale)``, each ``(..., latent_dim)``."""
@@ -107,6 +133,8 @@ class FullCovarianceNormalGuide(GuideFamily):
 
     :param off_diagonal_scale: the strictly lower entries of L are this times the head's
         outputs.
+    :param init_gain: start the mean and diagonal heads Glorot-uniform with this gain and
+        zero biases (``None``: PyTorch's default ``Linear`` initialisation).
 
     Example::
 
@@ -121,7 +149,8 @@ class FullCovarianceNormalGuide(GuideFamily):
     _version = 2
 
     def __init__(self, feature_dim: int, latent_dim: int, *,
-                 off_diagonal_scale: float = OFF_DIAGONAL_SCALE) -> None:
+                 off_diagonal_scale: float = OFF_DIAGONAL_SCALE,
+                 init_gain: float | None = None) -> None:
         super().__init__(feature_dim, latent_dim)
         if not off_diagonal_scale > 0:
             raise ValueError(f"off_diagonal_scale must be positive, got {off_diagonal_scale}")
@@ -135,6 +164,12 @@ class FullCovarianceNormalGuide(GuideFamily):
         self.off_diagonal_head = nn.Linear(feature_dim, rows.numel())
         nn.init.zeros_(self.off_diagonal_head.weight)
         nn.init.zeros_(self.off_diagonal_head.bias)
+        restart_heads([self.loc_head, self.diagonal_head], init_gain)
+
+    @classmethod
+    def from_config(cls, config: Any, *, feature_dim: int,
+                    **context: Any) -> FullCovarianceNormalGuide:
+        return cls(feature_dim, config.latent_dim, init_gain=head_gain(config))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: dict[str, Any], *args: Any) -> None:
@@ -178,6 +213,8 @@ class LowRankNormalGuide(GuideFamily):
 
     :param rank: number of columns of W.
     :param factor_scale: W is this times the factor head's outputs.
+    :param init_gain: start the three heads Glorot-uniform with this gain and zero biases
+        (``None``: PyTorch's default ``Linear`` initialisation).
 
     Example::
 
@@ -196,7 +233,7 @@ class LowRankNormalGuide(GuideFamily):
     _version = 2
 
     def __init__(self, feature_dim: int, latent_dim: int, rank: int = 2, *,
-                 factor_scale: float = FACTOR_SCALE) -> None:
+                 factor_scale: float = FACTOR_SCALE, init_gain: float | None = None) -> None:
         super().__init__(feature_dim, latent_dim)
         if rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
@@ -208,10 +245,11 @@ class LowRankNormalGuide(GuideFamily):
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.scale_head = nn.Linear(feature_dim, latent_dim)
         self.factor_head = nn.Linear(feature_dim, latent_dim * rank)
+        restart_heads([self.loc_head, self.scale_head, self.factor_head], init_gain)
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> LowRankNormalGuide:
-        return cls(feature_dim, config.latent_dim, config.rank)
+        return cls(feature_dim, config.latent_dim, config.rank, init_gain=head_gain(config))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: dict[str, Any], *args: Any) -> None:
@@ -243,6 +281,8 @@ class IAFGuide(DiagonalNormalGuide):
     :param num_flows: number of IAF steps.
     :param hidden_dims: hidden widths of each autoregressive network (default
         ``(3 * latent_dim + 1,)``).
+    :param init_gain: the base heads' (:class:`DiagonalNormalGuide`); the autoregressive
+        networks keep Pyro's initialisation.
 
     Example::
 
@@ -257,8 +297,9 @@ class IAFGuide(DiagonalNormalGuide):
     """
 
     def __init__(self, feature_dim: int, latent_dim: int, num_flows: int = 2,
-                 hidden_dims: tuple[int, ...] | None = None) -> None:
-        super().__init__(feature_dim, latent_dim)
+                 hidden_dims: tuple[int, ...] | None = None, *,
+                 init_gain: float | None = None) -> None:
+        super().__init__(feature_dim, latent_dim, init_gain=init_gain)
         if num_flows < 0:
             raise ValueError(f"num_flows must be >= 0, got {num_flows}")
         if num_flows > 0 and latent_dim < 2:
@@ -275,7 +316,7 @@ class IAFGuide(DiagonalNormalGuide):
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> IAFGuide:
-        return cls(feature_dim, config.latent_dim, config.num_flows)
+        return cls(feature_dim, config.latent_dim, config.num_flows, init_gain=head_gain(config))
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         base = super().forward(h)

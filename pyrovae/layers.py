@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pyrovae.guides import MIN_SCALE
-from pyrovae.nets import mlp
+from pyrovae.nets import ACTIVATION_GAIN, glorot_gain, mlp
 
 
 class ConditionalNormal(nn.Module):
@@ -32,14 +32,16 @@ class ConditionalNormal(nn.Module):
     where f is a tanh (or other) MLP with widths ``hidden_dims`` and ``loc`` an affine head.
     The standard deviation is the exponential of an affine output, as in Burda et al.'s
     code; ``MIN_SCALE`` keeps log densities finite in float32.  The body is pyrovae's
-    :func:`~pyrovae.nets.mlp` (Glorot-uniform with the activation's gain); the two heads are
-    Glorot-uniform with gain 1 and zero biases, as in the authors' code.
+    :func:`~pyrovae.nets.mlp` (Glorot-uniform with the activation's gain by default); the two
+    heads are Glorot-uniform with gain 1 by default, as in the authors' code, and zero biases.
 
     :param in_dim: width of the input ``h`` (the data, or the latent layer below or above).
     :param out_dim: width of the latent the layer gives a distribution over.
     :param hidden_dims: widths of the hidden layers of f; empty: f is the identity, and the
         layer is linear-Gaussian (``loc`` and ``log scale`` affine in ``h``).
     :param activation: a key of :data:`~pyrovae.nets.ACTIVATIONS`.
+    :param init_gain: ``"activation"``, or the Glorot gain of every layer, heads included
+        (1: the authors' code).
 
     Example::
 
@@ -48,20 +50,21 @@ class ConditionalNormal(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dims: Sequence[int] = (),
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         if in_dim < 1 or out_dim < 1:
             raise ValueError(f"a layer needs positive widths, got in_dim={in_dim}, "
                              f"out_dim={out_dim}")
         self.in_dim, self.out_dim = in_dim, out_dim
         hidden = tuple(hidden_dims)
-        self.body = (mlp((in_dim, *hidden), activation, final_activation=True)
-                     if hidden else nn.Identity())
+        self.body = (mlp((in_dim, *hidden), activation, final_activation=True,
+                         init_gain=init_gain) if hidden else nn.Identity())
         feature_dim = hidden[-1] if hidden else in_dim
         self.loc_head = nn.Linear(feature_dim, out_dim)
         self.log_scale_head = nn.Linear(feature_dim, out_dim)
         for head in (self.loc_head, self.log_scale_head):
-            nn.init.xavier_uniform_(head.weight)
+            # no activation follows a head: gain 1 unless a number is given
+            nn.init.xavier_uniform_(head.weight, gain=glorot_gain("identity", init_gain))
             nn.init.zeros_(head.bias)
 
     def loc_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +79,13 @@ class ConditionalNormal(nn.Module):
 
 
 def gaussian_chain(widths: Sequence[int], hidden_dims: Sequence[Sequence[int]],
-                   activation: str = "tanh") -> nn.ModuleList:
+                   activation: str = "tanh", *,
+                   init_gain: float | str = ACTIVATION_GAIN) -> nn.ModuleList:
     """The layers ``widths[i] -> widths[i + 1]``, the i-th with hidden widths
     ``hidden_dims[i]``: ``len(widths) - 1`` :class:`ConditionalNormal` layers."""
     if len(hidden_dims) != len(widths) - 1:
         raise ValueError(f"{len(widths) - 1} layers need as many hidden-width lists, got "
                          f"{len(hidden_dims)}")
-    return nn.ModuleList(ConditionalNormal(n_in, n_out, hidden, activation)
+    return nn.ModuleList(ConditionalNormal(n_in, n_out, hidden, activation, init_gain=init_gain)
                          for n_in, n_out, hidden in zip(widths[:-1], widths[1:], hidden_dims,
                                                         strict=True))

@@ -31,6 +31,44 @@ _ACTIVATIONS_AND_GAINS: dict[str, tuple[type[nn.Module], float]] = {
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     name: module for name, (module, _) in _ACTIVATIONS_AND_GAINS.items()}
 GLOROT_GAINS: dict[str, float] = {name: gain for name, (_, gain) in _ACTIVATIONS_AND_GAINS.items()}
+#: the ``init_gain`` that scales each layer by the gain of the activation after it
+#: (:data:`GLOROT_GAINS`); any other value is a number, the gain of every layer
+ACTIVATION_GAIN = "activation"
+
+
+def check_init_gain(init_gain: float | str) -> float | str:
+    """``init_gain`` if it is :data:`ACTIVATION_GAIN` or a finite positive number (as a float).
+
+    :raises ~pyrovae.errors.ConfigError: any other value.
+    """
+    if init_gain == ACTIVATION_GAIN:
+        return ACTIVATION_GAIN
+    if isinstance(init_gain, int | float) and not isinstance(init_gain, bool) \
+            and math.isfinite(init_gain) and init_gain > 0:
+        return float(init_gain)
+    from pyrovae.errors import ConfigError
+
+    raise ConfigError(f"init_gain must be {ACTIVATION_GAIN!r} or a positive number, got "
+                      f"{init_gain!r}")
+
+
+def glorot_gain(activation: str, init_gain: float | str = ACTIVATION_GAIN) -> float:
+    """The Glorot gain of a layer followed by ``activation``: its :data:`GLOROT_GAINS` entry
+    under ``init_gain="activation"``, else the number ``init_gain``."""
+    init_gain = check_init_gain(init_gain)
+    if init_gain == ACTIVATION_GAIN:
+        _activation(activation)
+        return GLOROT_GAINS[activation]
+    return float(init_gain)
+
+
+def glorot_linear(in_features: int, out_features: int, gain: float = 1.0) -> nn.Linear:
+    """An ``nn.Linear`` with Glorot-uniform weights, bound ``gain * sqrt(6 / (in + out))``
+    (Glorot & Bengio 2010), and zero biases."""
+    linear = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(linear.weight, gain=gain)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -44,33 +82,28 @@ def _activation(name: str) -> type[nn.Module]:
         ) from None
 
 
-def mlp(sizes: Sequence[int], activation: str = "tanh", final_activation: bool = False) -> nn.Sequential:
+def mlp(sizes: Sequence[int], activation: str = "tanh", final_activation: bool = False, *,
+        init_gain: float | str = ACTIVATION_GAIN) -> nn.Sequential:
     """A stack of ``Linear`` layers with ``activation`` between them.
 
-    Weights start Glorot-uniform (Glorot & Bengio 2010, the initialisation of the IWAE
-    paper), every layer scaled by the activation's gain (:data:`GLOROT_GAINS`; 5/3 for tanh);
-    biases start at zero.  PyTorch's default ``Linear`` initialisation is about 2.5x smaller
-    for a tanh layer: with it the 784-200-200 tanh encoder contracted every code to one point
-    within the first epoch (under a learned prior such as the VampPrior, and even with the
-    KL weight at 0) and training stayed on the factorised-Bernoulli plateau (ELBO -206.5
-    nats on static MNIST).  With gain 1 on the last layer, 1 of 3 seeds of a VampPrior run
-    with 800 warm-up steps still collapsed; with the gain on every layer, none of 5 did.
+    Weights start Glorot-uniform (Glorot & Bengio 2010), every layer scaled by
+    :func:`glorot_gain`: by default the activation's gain (5/3 for tanh), the output layer
+    included, since smaller starts let a tanh encoder contract every code to one point;
+    biases start at zero.
 
     :param sizes: layer widths ``(in, hidden..., out)``; at least two entries.
     :param activation: a key of :data:`ACTIVATIONS`.
     :param final_activation: whether the last layer is followed by the activation too.
+    :param init_gain: ``"activation"``, or the gain of every layer (1: the IWAE authors' code).
     """
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
     act = _activation(activation)
+    gain = glorot_gain(activation, init_gain)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        linear = nn.Linear(n_in, n_out)
-        activated = i < len(sizes) - 2 or final_activation
-        nn.init.xavier_uniform_(linear.weight, gain=GLOROT_GAINS[activation])
-        nn.init.zeros_(linear.bias)
-        layers.append(linear)
-        if activated:
+        layers.append(glorot_linear(n_in, n_out, gain))
+        if i < len(sizes) - 2 or final_activation:
             layers.append(act())
     return nn.Sequential(*layers)
 
@@ -82,6 +115,7 @@ class MLPEncoder(nn.Module):
     :param hidden_dims: widths of the hidden layers; the last one is ``feature_dim``.
         An empty sequence makes the encoder the identity (features are the data).
     :param activation: a key of :data:`ACTIVATIONS`.
+    :param init_gain: ``"activation"``, or the Glorot gain of every layer (:func:`mlp`).
 
     Example::
 
@@ -90,12 +124,12 @@ class MLPEncoder(nn.Module):
     """
 
     def __init__(self, data_dim: int, hidden_dims: Sequence[int] = (200, 200),
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         self.data_dim = data_dim
         self.feature_dim = hidden_dims[-1] if hidden_dims else data_dim
         self.body = (
-            mlp((data_dim, *hidden_dims), activation, final_activation=True)
+            mlp((data_dim, *hidden_dims), activation, final_activation=True, init_gain=init_gain)
             if hidden_dims
             else nn.Identity()
         )
@@ -113,6 +147,7 @@ class MLPDecoder(nn.Module):
     :param hidden_dims: widths of the hidden layers, from z outwards. An empty sequence
         gives an affine decoder ``W z + b`` (the linear-Gaussian model).
     :param activation: a key of :data:`ACTIVATIONS`.
+    :param init_gain: ``"activation"``, or the Glorot gain of every layer (:func:`mlp`).
 
     Example::
 
@@ -121,11 +156,11 @@ class MLPDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, hidden_dims: Sequence[int] = (200, 200),
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.data_dim = data_dim
-        self.body = mlp((latent_dim, *hidden_dims, data_dim), activation)
+        self.body = mlp((latent_dim, *hidden_dims, data_dim), activation, init_gain=init_gain)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
@@ -134,10 +169,11 @@ class MLPDecoder(nn.Module):
 
 def mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (200, 200),
                  activation: str = "tanh", image_shape: Sequence[int] | None = None,
-                 ) -> tuple[MLPEncoder, MLPDecoder]:
+                 init_gain: float | str = ACTIVATION_GAIN) -> tuple[MLPEncoder, MLPDecoder]:
     """An MLP encoder and a mirror-image MLP decoder (hidden sizes reversed)."""
-    encoder = MLPEncoder(data_dim, hidden_dims, activation)
-    decoder = MLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation)
+    encoder = MLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain)
+    decoder = MLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation,
+                         init_gain=init_gain)
     return encoder, decoder
 
 
@@ -146,12 +182,14 @@ class GatedLinear(nn.Module):
 
     The gate ``sigmoid(V x + c)`` in (0, 1) scales each unit of the affine (or activated)
     path; with ``activation="identity"`` it is the layer of Tomczak & Welling's VampPrior
-    networks [1].  Both paths start Glorot-uniform, ``W`` with the gain of ``activation``
-    and ``V`` with gain 1 (sigmoid); biases start at zero.
+    networks [1].  Both paths start Glorot-uniform, by default ``W`` with the gain of
+    ``activation`` and ``V`` with gain 1 (sigmoid), or both with a number ``init_gain``;
+    biases start at zero.
 
     :param in_features: input width.
     :param out_features: output width.
     :param activation: a key of :data:`ACTIVATIONS`, applied to the ``W x + b`` path.
+    :param init_gain: ``"activation"``, or the Glorot gain of both paths.
 
     Example::
 
@@ -165,14 +203,17 @@ class GatedLinear(nn.Module):
        Networks. ICML.
     """
 
-    def __init__(self, in_features: int, out_features: int, activation: str = "identity") -> None:
+    def __init__(self, in_features: int, out_features: int, activation: str = "identity", *,
+                 init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.linear = nn.Linear(in_features, out_features)
         self.gate = nn.Linear(in_features, out_features)
         self.activation = _activation(activation)()
-        nn.init.xavier_uniform_(self.linear.weight, gain=GLOROT_GAINS[activation])
-        nn.init.xavier_uniform_(self.gate.weight, gain=nn.init.calculate_gain("sigmoid"))
+        gate_gain = nn.init.calculate_gain("sigmoid") if init_gain == ACTIVATION_GAIN \
+            else glorot_gain(activation, init_gain)
+        nn.init.xavier_uniform_(self.linear.weight, gain=glorot_gain(activation, init_gain))
+        nn.init.xavier_uniform_(self.gate.weight, gain=gate_gain)
         nn.init.zeros_(self.linear.bias)
         nn.init.zeros_(self.gate.bias)
 
@@ -181,11 +222,12 @@ class GatedLinear(nn.Module):
         return self.activation(self.linear(x)) * torch.sigmoid(self.gate(x))
 
 
-def gated_mlp(sizes: Sequence[int], activation: str = "identity") -> nn.Sequential:
+def gated_mlp(sizes: Sequence[int], activation: str = "identity", *,
+              init_gain: float | str = ACTIVATION_GAIN) -> nn.Sequential:
     """:class:`GatedLinear` layers of widths ``sizes`` ``(in, hidden..., out)``."""
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
-    return nn.Sequential(*(GatedLinear(n_in, n_out, activation)
+    return nn.Sequential(*(GatedLinear(n_in, n_out, activation, init_gain=init_gain)
                            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)))
 
 
@@ -196,6 +238,7 @@ class GatedMLPEncoder(nn.Module):
     :param hidden_dims: widths of the gated layers (at least one); the last one is
         ``feature_dim``.
     :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
+    :param init_gain: ``"activation"``, or the Glorot gain of every layer (:class:`GatedLinear`).
 
     Example::
 
@@ -204,13 +247,14 @@ class GatedMLPEncoder(nn.Module):
     """
 
     def __init__(self, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
-                 activation: str = "identity") -> None:
+                 activation: str = "identity", *,
+                 init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the gated encoder needs at least one hidden width")
         self.data_dim = data_dim
         self.feature_dim = hidden_dims[-1]
-        self.body = gated_mlp((data_dim, *hidden_dims), activation)
+        self.body = gated_mlp((data_dim, *hidden_dims), activation, init_gain=init_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
@@ -226,6 +270,8 @@ class GatedMLPDecoder(nn.Module):
     :param data_dim: size of a flattened data point.
     :param hidden_dims: widths of the gated layers, from z outwards (at least one).
     :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
+    :param init_gain: ``"activation"`` (the output layer: gain 1), or the Glorot gain of
+        every layer.
 
     Example::
 
@@ -234,16 +280,16 @@ class GatedMLPDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
-                 activation: str = "identity") -> None:
+                 activation: str = "identity", *,
+                 init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the gated decoder needs at least one hidden width")
         self.latent_dim = latent_dim
         self.data_dim = data_dim
-        output = nn.Linear(hidden_dims[-1], data_dim)
-        nn.init.xavier_uniform_(output.weight)
-        nn.init.zeros_(output.bias)
-        self.body = nn.Sequential(*gated_mlp((latent_dim, *hidden_dims), activation), output)
+        output = glorot_linear(hidden_dims[-1], data_dim, glorot_gain("identity", init_gain))
+        self.body = nn.Sequential(
+            *gated_mlp((latent_dim, *hidden_dims), activation, init_gain=init_gain), output)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
@@ -252,14 +298,16 @@ class GatedMLPDecoder(nn.Module):
 
 def gated_mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300),
                        activation: str = "identity", image_shape: Sequence[int] | None = None,
+                       init_gain: float | str = ACTIVATION_GAIN,
                        ) -> tuple[GatedMLPEncoder, GatedMLPDecoder]:
     """A gated encoder and its mirror-image gated decoder (hidden sizes reversed)."""
     from pyrovae.errors import ConfigError
 
     if not hidden_dims:
         raise ConfigError("the gated networks need at least one hidden width (--hidden-dims)")
-    encoder = GatedMLPEncoder(data_dim, hidden_dims, activation)
-    decoder = GatedMLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation)
+    encoder = GatedMLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain)
+    decoder = GatedMLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation,
+                              init_gain=init_gain)
     return encoder, decoder
 
 
@@ -299,6 +347,8 @@ class ConvEncoder(nn.Module):
         last one is ``feature_dim`` (at least one entry).
     :param activation: a key of :data:`ACTIVATIONS`.
     :param channels: output channels of the two convolutions.
+    :param init_gain: the fully connected layers' (:func:`mlp`); the convolutions keep
+        PyTorch's default initialisation.
 
     Example::
 
@@ -307,7 +357,8 @@ class ConvEncoder(nn.Module):
     """
 
     def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int] = (256,),
-                 activation: str = "relu", channels: tuple[int, int] = (32, 64)) -> None:
+                 activation: str = "relu", channels: tuple[int, int] = (32, 64), *,
+                 init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the convolutional encoder needs at least one hidden width")
@@ -321,7 +372,8 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), act(),
         )
         conv_dim = channels[1] * _halved(_halved(height)) * _halved(_halved(width))
-        self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True)
+        self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True,
+                        init_gain=init_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
@@ -346,6 +398,8 @@ class ConvDecoder(nn.Module):
     :param activation: a key of :data:`ACTIVATIONS`.
     :param channels: the encoder's convolution channels, traversed in reverse
         (64 -> 32 -> image channels by default).
+    :param init_gain: the fully connected layers' (:func:`mlp`); the transposed
+        convolutions keep PyTorch's default initialisation.
 
     Example::
 
@@ -355,7 +409,8 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int],
                  hidden_dims: Sequence[int] = (256,), activation: str = "relu",
-                 channels: tuple[int, int] = (32, 64)) -> None:
+                 channels: tuple[int, int] = (32, 64), *,
+                 init_gain: float | str = ACTIVATION_GAIN) -> None:
         super().__init__()
         self.image_shape = _channels_height_width(image_shape, math.prod(image_shape))
         out_channels, height, width = self.image_shape
@@ -363,7 +418,7 @@ class ConvDecoder(nn.Module):
         self.data_dim = out_channels * height * width
         self.grid = (channels[1], _halved(_halved(height)), _halved(_halved(width)))
         self.head = mlp((latent_dim, *hidden_dims, math.prod(self.grid)), activation,
-                        final_activation=True)
+                        final_activation=True, init_gain=init_gain)
         act = _activation(activation)
         # a transposed convolution (kernel 4, stride 2, padding 1) doubles a size; the output
         # padding adds the 1 that halving an odd size rounded off
@@ -384,15 +439,18 @@ class ConvDecoder(nn.Module):
 
 def conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (256,),
                   activation: str = "relu", image_shape: Sequence[int] | None = None,
-                  ) -> tuple[ConvEncoder, ConvDecoder]:
+                  init_gain: float | str = ACTIVATION_GAIN) -> tuple[ConvEncoder, ConvDecoder]:
     """A convolutional encoder and its mirror-image decoder for images of ``image_shape``."""
     shape = _channels_height_width(image_shape, data_dim)
-    encoder = ConvEncoder(shape, hidden_dims, activation)
-    decoder = ConvDecoder(latent_dim, shape, tuple(reversed(hidden_dims)), activation)
+    encoder = ConvEncoder(shape, hidden_dims, activation, init_gain=init_gain)
+    decoder = ConvDecoder(latent_dim, shape, tuple(reversed(hidden_dims)), activation,
+                          init_gain=init_gain)
     return encoder, decoder
 
 
-#: encoder/decoder pairs selectable by name from the CLI and config
+#: encoder/decoder pairs selectable by name from the CLI and config; each takes the keyword
+#: arguments ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``image_shape``
+#: and ``init_gain``
 NETWORKS = {
     "mlp": mlp_networks,
     "gated_mlp": gated_mlp_networks,

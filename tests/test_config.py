@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import fields
 
 import pytest
+import torch
+from torch import nn
 
 from pyrovae import TrainConfig, build_vae
 from pyrovae.errors import ConfigError
@@ -120,3 +123,49 @@ def test_a_learned_prior_warms_the_kl_up_by_default_and_records_it(tmp_path):
     assert TrainConfig(prior="mog", kl_warmup_epochs=0).kl_warmup_epochs == 0
     TrainConfig(prior="vamp").save(tmp_path / "config.json")
     assert '"kl_warmup_epochs": 10' in (tmp_path / "config.json").read_text()
+
+
+def _linears(module):
+    return [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+
+
+@pytest.mark.parametrize("values", [
+    {"net": "mlp"},
+    {"net": "gated_mlp", "activation": "identity"},
+    {"latent_dims": (16, 8)},
+    {"model": "conditional", "num_classes": 3},
+    {"model": "semi_supervised", "num_classes": 3, "alpha": 1.0},
+], ids=["vae", "gated", "hierarchical", "conditional", "semi_supervised"])
+def test_init_gain_reaches_every_linear_layer_a_config_builds(values):
+    vae = build_vae(TrainConfig(hidden_dims=(64,), latent_dim=8, init_gain=2.0, **values),
+                    data_dim=100)
+    linears = _linears(vae)
+    assert len(linears) >= 4
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        bound = 2.0 * math.sqrt(6 / (fan_in + fan_out))
+        assert 0.95 * bound < layer.weight.abs().max().item() <= bound, layer
+        assert torch.all(layer.bias == 0)
+
+
+def test_the_burda2016_preset_starts_every_weight_at_gain_one():
+    assert TrainConfig().init_gain == "activation"
+    config = TrainConfig.from_preset("burda2016")
+    assert config.init_gain == 1.0
+    for layer in _linears(build_vae(config, data_dim=784)):  # encoder, decoder, guide heads
+        fan_out, fan_in = layer.weight.shape
+        assert layer.weight.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out))
+    assert TrainConfig.from_preset("burda2016", init_gain="activation").init_gain == "activation"
+
+
+def test_init_gain_is_a_flag_and_round_trips_through_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    assert TrainConfig.from_args(parser.parse_args(["--init-gain", "1"])).init_gain == 1.0
+    assert TrainConfig.from_args(parser.parse_args([])).init_gain == "activation"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--init-gain", "-2"])
+    config = TrainConfig(init_gain=1)
+    config.save(tmp_path / "config.json")
+    assert '"init_gain": 1.0' in (tmp_path / "config.json").read_text()
+    assert TrainConfig.load(tmp_path / "config.json") == config

@@ -8,15 +8,19 @@ import pyro
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from torch import nn
 
 from pyrovae import TrainConfig, build_vae, log_marginal_likelihood
 from pyrovae.errors import ConfigError
+from pyrovae.guides import DiagonalNormalGuide
+from pyrovae.layers import ConditionalNormal
 from pyrovae.nets import (
     GLOROT_GAINS,
     NETWORKS,
     ConvDecoder,
     ConvEncoder,
     GatedLinear,
+    GatedMLPDecoder,
     MLPDecoder,
     conv_networks,
     mlp,
@@ -213,3 +217,67 @@ def test_gated_networks_from_the_registry_mirror_each_other_and_start_glorot():
     assert torch.all(first.linear.bias == 0) and torch.all(first.gate.bias == 0)
     with pytest.raises(ConfigError, match="at least one hidden width"):
         NETWORKS["gated_mlp"](data_dim=784, latent_dim=40, hidden_dims=())
+
+
+def _glorot_bound(linear: nn.Linear, gain: float) -> float:
+    fan_out, fan_in = linear.weight.shape
+    return gain * math.sqrt(6 / (fan_in + fan_out))
+
+
+def assert_glorot(linear: nn.Linear, gain: float) -> None:
+    """Weights uniform within ``gain * sqrt(6 / (n_in + n_out))`` (10,000+ draws come within
+    1% of the bound) and zero biases."""
+    bound = _glorot_bound(linear, gain)
+    assert 0.99 * bound < linear.weight.abs().max().item() <= bound
+    assert torch.all(linear.bias == 0)
+
+
+@pytest.mark.parametrize("init_gain, gain", [("activation", 5 / 3), (1.0, 1.0), (0.5, 0.5)])
+def test_init_gain_sets_the_glorot_bound_of_every_layer(init_gain, gain):
+    network = mlp((784, 200, 50), "tanh", init_gain=init_gain)
+    for layer in (network[0], network[2]):
+        assert_glorot(layer, gain)
+    gated = GatedLinear(784, 300, "tanh", init_gain=init_gain)
+    assert_glorot(gated.linear, gain)
+    # the gate's gain is the sigmoid's (1) unless a number is given
+    assert_glorot(gated.gate, 1.0 if init_gain == "activation" else gain)
+    decoder = GatedMLPDecoder(40, 784, (300,), init_gain=init_gain)
+    assert_glorot(decoder.body[-1], 1.0 if init_gain == "activation" else gain)
+
+
+@pytest.mark.parametrize("init_gain", ["activation", 1.0])
+def test_the_stochastic_layers_heads_take_init_gain(init_gain):
+    layer = ConditionalNormal(784, 100, hidden_dims=(200,), init_gain=init_gain)
+    assert_glorot(layer.body[0], 5 / 3 if init_gain == "activation" else 1.0)
+    for head in (layer.loc_head, layer.log_scale_head):
+        assert_glorot(head, 1.0)
+    guide = DiagonalNormalGuide(200, 50, init_gain=None if init_gain == "activation" else 1.0)
+    for head in (guide.loc_head, guide.scale_head):
+        if init_gain == "activation":  # PyTorch's default Linear start, 1 / sqrt(fan_in)
+            assert head.weight.abs().max().item() <= 1 / math.sqrt(200)
+        else:
+            assert_glorot(head, 1.0)
+
+
+def test_the_default_init_gain_draws_the_same_weights_as_before():
+    # "activation" is today's start, draw for draw: same seed, same weights
+    torch.manual_seed(0)
+    default = MLPDecoder(50, 784)
+    torch.manual_seed(0)
+    explicit = mlp((50, 200, 200, 784), "tanh")
+    torch.manual_seed(0)
+    reference = []
+    for n_in, n_out in ((50, 200), (200, 200), (200, 784)):
+        linear = nn.Linear(n_in, n_out)
+        nn.init.xavier_uniform_(linear.weight, gain=nn.init.calculate_gain("tanh"))
+        reference.append(linear.weight)
+    for first, second, third in zip(default.body[::2], explicit[::2], reference, strict=True):
+        assert torch.equal(first.weight, second.weight) and torch.equal(first.weight, third)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), "tanh", True])
+def test_a_bad_init_gain_is_refused(value):
+    with pytest.raises(ConfigError, match="init_gain must be 'activation' or a positive number"):
+        mlp((4, 3), init_gain=value)
+    with pytest.raises(ConfigError, match="init_gain"):
+        TrainConfig(init_gain=value)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -138,3 +139,16 @@ def test_a_tiny_cli_run_of_the_tomczak2018_preset_trains_and_records_it(tmp_path
     assert 1 <= results["evaluated_checkpoint_epoch"] <= results["epochs"] <= 3
     assert results["stopped_early"] == (results["epochs"] < 3)
     assert -550 < results["log_marginal_likelihood"] < 0
+
+
+def test_a_flag_beside_the_preset_overrides_its_init_gain_and_is_recorded(tmp_path):
+    np.savez(tmp_path / "grey.npz",
+             train=np.random.default_rng(0).random((500, 10), dtype=np.float32))
+    flags = ["train", "--preset", "burda2016", "--dataset", f"npz:{tmp_path / 'grey.npz'}",
+             "--hidden-dims", "8", "--latent-dim", "2", "--epochs", "1", "--batch-size", "40",
+             "--eval-samples", "0", "--no-progress"]
+    assert main([*flags, "--out-dir", str(tmp_path / "preset")]) == 0
+    assert json.loads((tmp_path / "preset" / "config.json").read_text())["init_gain"] == 1.0
+    assert main([*flags, "--init-gain", "activation", "--out-dir", str(tmp_path / "flag")]) == 0
+    saved = json.loads((tmp_path / "flag" / "config.json").read_text())
+    assert saved["init_gain"] == "activation" and saved["preset"] == "burda2016"

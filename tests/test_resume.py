@@ -3,6 +3,7 @@ run; NaN losses stop or roll back; the last N and the best checkpoints are kept.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.checkpoint import read_checkpoint
+from pyrovae.cli import main
 from pyrovae.data import DataSplits
 from pyrovae.train import TrainingDivergedError, TrainingLoop, read_metrics
 from tests.conftest import SHARED_DATA, requires_mnist
@@ -286,3 +289,25 @@ def test_a_signal_during_the_last_evaluation_is_honoured(tmp_path):
         patch.setattr(TrainingLoop, "_finish_epoch", signalled)
         fit(tiny_vae(), data, epochs=2, batch_size=16, progress=False, run_dir=tmp_path)
     assert read_checkpoint(tmp_path)["progress"]["epoch"] == 3  # both epochs are saved
+
+
+def test_a_run_saved_before_init_gain_existed_resumes_as_it_would_have(tmp_path):
+    np.savez(tmp_path / "grey.npz",
+             train=np.random.default_rng(0).random((120, 10), dtype=np.float32))
+    flags = ["--dataset", f"npz:{tmp_path / 'grey.npz'}", "--hidden-dims", "8",
+             "--latent-dim", "2", "--batch-size", "40", "--eval-samples", "0", "--no-progress"]
+    assert main(["train", *flags, "--epochs", "2", "--out-dir", str(tmp_path / "a")]) == 0
+    old = tmp_path / "old"
+    assert main(["train", *flags, "--epochs", "1", "--out-dir", str(old)]) == 0
+    # what an earlier pyrovae wrote: no init_gain in config.json or in the checkpoint
+    saved = json.loads((old / "config.json").read_text())
+    assert saved.pop("init_gain") == "activation"
+    (old / "config.json").write_text(json.dumps(saved))
+    checkpoint = torch.load(old / "checkpoint.pt", weights_only=False)
+    del checkpoint["config"]["init_gain"]
+    torch.save(checkpoint, old / "checkpoint.pt")
+
+    assert main(["train", "--resume", str(old), "--epochs", "2"]) == 0
+    assert_same_parameters(read_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"],
+                           read_checkpoint(old / "checkpoint.pt")["model"])
+    assert json.loads((old / "config.json").read_text())["init_gain"] == "activation"
