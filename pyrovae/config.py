@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from pyrovae.argtypes import check_device_name, init_gain
-from pyrovae.data import BINARIZATIONS, DATASETS, DataSplits, check_dataset_name
+from pyrovae.data import (
+    BINARIZATIONS,
+    DATASETS,
+    OWN_VALIDATION_DATASETS,
+    VALIDATION_SPLITS,
+    DataSplits,
+    check_dataset_name,
+)
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.layers import ConditionalNormal, gaussian_chain
@@ -59,13 +66,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 300-unit layers (no activation but the gate) each way, 40 latents, a VampPrior of 500
     # pseudo-inputs, Adam at lr 5e-4, batch 100, the KL weight raised linearly over 100
     # epochs, early stopping on the validation ELBO with a patience of 50 epochs (not
-    # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000.  The
-    # authors validate on the file's own 10,000 validation images and train on all 50,000:
-    # binarized_mnist here holds out the last 10,000 of its 50,000 training images instead;
-    # --dataset npz:DATA/binarized_mnist.npz appends the file's valid array after train, so
-    # that the preset's --valid-size 10000 holds out exactly it
+    # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000; trained
+    # on all 50,000 training images and validated on the file's own 10,000
     "tomczak2018": {
-        "dataset": "binarized_mnist", "binarize": "static", "valid_size": 10_000,
+        "dataset": "binarized_mnist", "binarize": "static", "valid_split": "dataset",
+        "valid_size": 10_000,
         "net": "gated_mlp", "hidden_dims": (300, 300), "activation": "identity",
         "latent_dim": 40, "prior": "vamp", "num_components": 500, "guide": "diagonal",
         "likelihood": "bernoulli", "objective": "trace_elbo", "num_particles": 1,
@@ -112,7 +117,12 @@ class TrainConfig:
         "use only the first N test images", type=int))
     valid_size: int = field(default=0, metadata=_flag(
         "hold out the last N training images for validation; the best checkpoint is chosen on "
-        "them (on the test set when 0)", type=int))
+        "them (on the test set when 0); with --valid-split dataset, the first N images of the "
+        "dataset's own validation split (all when 0)", type=int))
+    valid_split: str = field(default="last", metadata=_flag(
+        "where the validation images come from: last, the last --valid-size training images; "
+        "dataset, the dataset's own validation split, the training set left whole (" +
+        ", ".join(sorted(OWN_VALIDATION_DATASETS)) + ")", choices=VALIDATION_SPLITS))
     early_stopping_patience: int = field(default=0, metadata=_flag(
         "stop when the validation ELBO (the test ELBO without --valid-size) has not improved "
         "for N epochs, KL warm-up epochs not counted; the final evaluation then uses the best "
@@ -283,6 +293,11 @@ class TrainConfig:
                 )
         check_dataset_name(self.dataset)
         check_init_gain(self.init_gain)
+        if self.valid_split == "dataset" and self.dataset not in OWN_VALIDATION_DATASETS:
+            raise ConfigError(f"--valid-split dataset: {self.dataset!r} has no validation split "
+                              f"of its own (those that do: "
+                              f"{', '.join(sorted(OWN_VALIDATION_DATASETS))}); use --valid-split "
+                              f"last --valid-size N")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",

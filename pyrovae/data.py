@@ -51,6 +51,9 @@ DEFAULT_DATA_DIR = Path.home() / ".cache" / "pyrovae" / "data"
 #: seed of the fixed Bernoulli draw for static binarization and dynamic test sets
 BINARIZATION_SEED = 0
 BINARIZATIONS = ("dynamic", "static", "none")
+#: where a run's validation points come from: ``last``, the last ``--valid-size`` training
+#: points; ``dataset``, the dataset's own validation split (:data:`OWN_VALIDATION_DATASETS`)
+VALIDATION_SPLITS = ("last", "dataset")
 MNIST_RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -254,13 +257,29 @@ class DataSplits:
                        valid=move(self.valid), train_labels=move(self.train_labels),
                        test_labels=move(self.test_labels), valid_labels=move(self.valid_labels))
 
-    def with_validation(self, size: int) -> DataSplits:
-        """Hold out the last ``size`` training points as the validation set (0: none).
+    def with_validation(self, size: int, *, own: bool = False) -> DataSplits:
+        """Hold out the last ``size`` training points as the validation set (0: none), or
+        with ``own`` keep the dataset's own validation split, its first ``size`` points
+        (all with 0).
 
         For MNIST the last 10,000 training images are the usual validation split.  Under
         dynamic binarization the validation set is binarized once with a fixed seed, like
         the test set.
+
+        :raises ConfigError: ``size`` not smaller than the training set, or, with ``own``,
+            larger than the own split or data without one.
         """
+        if own:
+            if self.valid is None:
+                raise ConfigError("these data have no validation split of their own; hold out "
+                                  "training points instead (--valid-split last)")
+            if not 0 <= size <= self.valid.shape[0]:
+                raise ConfigError(f"validation size must be between 0 (all) and the size of the "
+                                  f"data's own validation split ({self.valid.shape[0]}), got {size}")
+            if size == 0:
+                return self
+            labels = {} if self.valid_labels is None else {"valid_labels": self.valid_labels[:size]}
+            return replace(self, valid=self.valid[:size], **labels)
         if size == 0:
             return replace(self, valid=None, valid_labels=None)
         if not 0 < size < self.train.shape[0]:
@@ -502,11 +521,13 @@ def _with_labels(data: DataSplits, targets: list[torch.Tensor] | None, num_class
 
 
 def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
-                         binarize: str = "static", download: bool = False) -> DataSplits:
-    """Statically binarized MNIST (Larochelle & Murray 2011): 50,000 train, 10,000 test.
+                         binarize: str = "static", download: bool = False,
+                         valid: bool = False) -> DataSplits:
+    """Statically binarized MNIST (Larochelle & Murray 2011): 50,000 train, 10,000 test, and
+    with ``valid`` the file's 10,000 validation images.
 
     Reads ``<data_dir>/binarized_mnist.npz`` with uint8 arrays ``train``, ``valid``, ``test``
-    of shape ``(N, 784)``.  The validation split is left out of ``train``; the test split
+    of shape ``(N, 784)``.  The validation split is never part of ``train``; the test split
     is shuffled once with a fixed seed, since the file stores it sorted by class.  The data are
     binary already, so ``binarize`` and ``download`` are accepted for a uniform signature
     and otherwise ignored (there is no canonical download of this file).
@@ -525,6 +546,7 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
         with open(path, "rb") as handle, np.load(handle) as arrays:
             train = torch.from_numpy(arrays["train"]).float()
             test = torch.from_numpy(arrays["test"]).float()
+            held_out = torch.from_numpy(arrays["valid"]).float() if valid else None
     except Exception as error:  # a damaged zip or array fails in zipfile, numpy or torch
         raise InvalidDataError(
             f"cannot read {path}: not an .npz of arrays train, valid, test "
@@ -533,11 +555,15 @@ def load_binarized_mnist(data_dir: str | os.PathLike[str] | None = None, *,
             or train.shape[1] != test.shape[1]:
         raise InvalidDataError(f"{path}: train and test must be non-empty (N, 784) arrays, got "
                                f"{tuple(train.shape)} and {tuple(test.shape)}")
+    if held_out is not None and (held_out.dim() != 2 or held_out.shape[0] == 0
+                                 or held_out.shape[1] != train.shape[1]):
+        raise InvalidDataError(f"{path}: valid must be a non-empty (N, {train.shape[1]}) array, "
+                               f"got {tuple(held_out.shape)}")
     # the file's test split is sorted by digit class (its first 1,000 images are zeros), so a
     # fixed shuffle makes the first N test images (--test-size N) a fair sample of the whole;
     # statistics over the full test set do not change
     test = test[torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(0))]
-    return DataSplits(train, test, MNIST_IMAGE_SHAPE)
+    return DataSplits(train, test, MNIST_IMAGE_SHAPE, valid=held_out)
 
 
 def _one_line(error: BaseException) -> str:
@@ -800,6 +826,8 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
 }
 #: the datasets of :data:`DATASETS` that come with class labels (``labels=True``)
 LABELLED_DATASETS = frozenset({"mnist", *IDX_DATASETS, "cifar10"})
+#: the datasets of :data:`DATASETS` with a validation split of their own (``valid=True``)
+OWN_VALIDATION_DATASETS = frozenset({"binarized_mnist"})
 
 
 # --- the user's own files: --dataset npz:PATH, npy:PATH, folder:PATH ---
@@ -1030,7 +1058,8 @@ def check_dataset_name(name: str) -> None:
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                  binarize: str = "dynamic", download: bool = True,
-                 test_fraction: float = 0.1, labels: bool = False) -> DataSplits:
+                 test_fraction: float = 0.1, labels: bool = False,
+                 own_validation: bool = False) -> DataSplits:
     """Load a dataset by name: a key of :data:`DATASETS` (read from ``data_dir``), or
     ``KIND:PATH`` with ``KIND`` in :data:`FILE_DATASETS` (``npz``, ``npy``, ``folder``;
     ``PATH`` relative to the working directory).
@@ -1039,7 +1068,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
         the test set (a fixed random choice).
     :param labels: attach the class labels (:data:`LABELLED_DATASETS`, ``npz:PATH`` with
         ``train_labels``/``test_labels`` arrays), for models conditioned on them.
-    :raises ConfigError: ``labels`` for a dataset without labels.
+    :param own_validation: attach the dataset's own validation split as ``valid``
+        (:data:`OWN_VALIDATION_DATASETS`; an npz file's ``valid`` array is appended after
+        ``train`` instead, for ``--valid-size`` to hold out).
+    :raises ConfigError: ``labels`` for a dataset without labels, ``own_validation`` for one
+        without a validation split.
     """
     check_dataset_name(name)
     kind, colon, path = name.partition(":")
@@ -1047,7 +1080,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
         raise ConfigError(f"dataset {name!r} has no class labels; a model conditioned on labels "
                           f"needs one of {', '.join(sorted(LABELLED_DATASETS))} or npz:PATH with "
                           f"train_labels and test_labels arrays")
-    options = {"labels": True} if labels else {}
+    if own_validation and name not in OWN_VALIDATION_DATASETS:
+        raise ConfigError(f"dataset {name!r} has no validation split of its own (those that do: "
+                          f"{', '.join(sorted(OWN_VALIDATION_DATASETS))}); hold out the last "
+                          f"training points instead (--valid-split last --valid-size N)")
+    options: dict[str, bool] = {"labels": True} if labels else {}
+    if own_validation:
+        options["valid"] = True
     if name not in DATASETS:
         return FILE_DATASETS[kind](path, binarize=binarize, test_fraction=test_fraction, **options)
     return DATASETS[name](data_dir, binarize=binarize, download=download, **options)

@@ -275,8 +275,10 @@ def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfi
     sees; with the config that data completes (:func:`~pyrovae.config.apply_label_settings`)."""
     data = load_dataset(config.dataset, config.data_dir, binarize=config.binarize,
                         download=config.download, test_fraction=config.test_fraction,
-                        labels=config.model in LABEL_MODELS)
-    data = data.subset(config.train_size, config.test_size).with_validation(config.valid_size)
+                        labels=config.model in LABEL_MODELS,
+                        own_validation=config.valid_split == "dataset")
+    data = data.subset(config.train_size, config.test_size).with_validation(
+        config.valid_size, own=config.valid_split == "dataset")
     config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
     return config, data.to(device)
 

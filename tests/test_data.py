@@ -525,3 +525,36 @@ def test_npz_labels_follow_their_points_through_the_split(tmp_path):
     np.savez(path, train=images, test=images[:2], train_labels=np.arange(10) % 5)
     with pytest.raises(InvalidDataError, match="has no test_labels"):
         load_dataset(f"npz:{path}", binarize="none", labels=True)
+
+
+def binarized_mnist_like(folder, *, train=30, valid=8, test=10):
+    """A small ``binarized_mnist.npz`` in the real file's format: uint8 0/1 arrays
+    ``train``, ``valid``, ``test`` of shape (N, 784); the validation images all ones, to
+    tell them apart."""
+    rng = np.random.default_rng(0)
+    np.savez(folder / "binarized_mnist.npz",
+             train=(rng.random((train, 784)) < 0.2).astype(np.uint8),
+             valid=np.ones((valid, 784), np.uint8),
+             test=(rng.random((test, 784)) < 0.2).astype(np.uint8))
+
+
+def test_binarized_mnists_own_validation_split_leaves_the_training_set_whole(tmp_path):
+    binarized_mnist_like(tmp_path)
+    plain = load_dataset("binarized_mnist", tmp_path)
+    assert plain.valid is None and plain.with_validation(0).valid is None
+    data = load_dataset("binarized_mnist", tmp_path, own_validation=True)
+    assert data.train.shape == (30, 784) and data.valid.shape == (8, 784)
+    assert torch.all(data.valid == 1) and data.valid.dtype == torch.float32
+    assert data.with_validation(0, own=True).valid.shape == (8, 784)  # 0: all of it
+    cut = data.subset(20, 5).with_validation(3, own=True)
+    assert cut.train.shape == (20, 784) and cut.valid.shape == (3, 784)
+    # the other way still holds out the last training images
+    held_out = plain.with_validation(5)
+    assert held_out.train.shape == (25, 784) and torch.equal(held_out.valid, plain.train[-5:])
+    with pytest.raises(ConfigError, match="own validation split \\(8\\)"):
+        data.with_validation(9, own=True)
+    with pytest.raises(ConfigError, match="no validation split of their own"):
+        plain.with_validation(3, own=True)
+    with pytest.raises(ConfigError, match="'mnist' has no validation split of its own"):
+        load_dataset("mnist", tmp_path, own_validation=True)
+

@@ -19,6 +19,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.nets import MLPDecoder
 from pyrovae.optim import AdamSettings, init_output_bias, logit_of_mean, make_adam
 from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
+from tests.test_data import binarized_mnist_like
 
 
 def _adam_by_hand(gradients, *, lr, beta1, beta2, eps, v0):
@@ -152,3 +153,24 @@ def test_a_flag_beside_the_preset_overrides_its_init_gain_and_is_recorded(tmp_pa
     assert main([*flags, "--init-gain", "activation", "--out-dir", str(tmp_path / "flag")]) == 0
     saved = json.loads((tmp_path / "flag" / "config.json").read_text())
     assert saved["init_gain"] == "activation" and saved["preset"] == "burda2016"
+
+
+def test_the_tomczak2018_preset_validates_on_the_files_own_split(tmp_path):
+    binarized_mnist_like(tmp_path, train=60, valid=12, test=20)
+    config = TrainConfig.from_preset("tomczak2018")
+    assert (config.valid_split, config.valid_size) == ("dataset", 10_000)
+    assert TrainConfig().valid_split == "last"
+    with pytest.raises(ConfigError, match="--valid-split dataset: 'mnist' has no validation"):
+        TrainConfig(valid_split="dataset")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tomczak2018", "--data-dir", str(tmp_path),
+                 "--valid-size", "0", "--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2",
+                 "--num-components", "2", "--kl-warmup-epochs", "0", "--batch-size", "20",
+                 "--eval-samples", "0", "--no-progress", "--out-dir", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["valid_split"] == "dataset" and saved["preset"] == "tomczak2018"
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    header, first = metrics[0].split(","), metrics[1].split(",")
+    assert float(first[header.index("valid_elbo")]) < 0  # validated on the 12 own images
+    # trained on all 60 training images: 3 steps of 20
+    assert int(first[header.index("step")]) == 3
