@@ -83,3 +83,15 @@ def init_gain(text: str) -> float | str:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected 'activation' or a positive number, got {text!r}") from None
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """``text`` as comma-separated integers >= 1, e.g. ``1,5,50``."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"every K must be positive, got {text!r}")
+    return values

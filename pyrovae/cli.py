@@ -22,12 +22,13 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyrovae import __version__, distributed, runs
-from pyrovae.argtypes import device_name, positive_int, seed
+from pyrovae.argtypes import device_name, non_negative_int, positive_int, positive_ints, seed
 from pyrovae.config import TrainConfig
-from pyrovae.devices import resolve_device, seed_everything
+from pyrovae.devices import resolve_device
 from pyrovae.errors import ConfigError, PyrovaeError
-from pyrovae.report import SANDWICH_NAME, add_report_arguments, report_command, sandwich_command
+from pyrovae.report import DEFAULT_AIS, DEFAULT_KS
 from pyrovae.rundir import describe_os_error
+from pyrovae.sandwich import DEFAULT_POINTS
 from pyrovae.train import TrainingInterrupted
 
 logger = logging.getLogger("pyrovae")
@@ -136,25 +137,53 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, device: torch.device) -> int:
+def _report(args: argparse.Namespace, device: torch.device) -> None:
     """``evaluate --report`` / ``--sandwich``: the bounds and diagnostics of :mod:`pyrovae.report`."""
-    if distributed.is_distributed():
-        raise ConfigError("evaluate --report and --sandwich run in one process; start them "
-                          "without torchrun")
-    vae, config, _ = runs.load_run_checkpoint(args.checkpoint, device)
-    run_dir = runs.run_dir_of(args.checkpoint)
-    if not args.report:
-        output = Path(args.output) if args.output else run_dir / SANDWICH_NAME
-        runs.check_output(output)  # before the long work, not after it
-    x_test = runs.load_test_points(config, device, data_dir=args.data_dir,
-                                   test_size=args.test_size)
-    if args.report and isinstance(x_test, tuple):
-        raise ConfigError(f"evaluate --report is for models of x alone; this run's model is "
-                          f"{config.model}: evaluate it without --report")
-    seed_everything(args.seed)
+    ais = {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
+           "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
+           "initial": args.ais_init}
+    where = {"checkpoint": args.checkpoint, "device": device, "batch_size": args.batch_size,
+             "test_size": args.test_size, "data_dir": args.data_dir, "seed": args.seed,
+             "output": args.output}
     if args.report:
-        return report_command(args, vae, x_test, Path(args.output or run_dir))
-    return sandwich_command(args, vae, x_test, output)
+        runs.report_checkpoint(**where, ks=args.ks, ais=ais, chunk_size=args.chunk_size,
+                               sandwich_points=args.sandwich_points if args.sandwich else 0)
+    else:
+        runs.sandwich_checkpoint(**where, ais=ais, sandwich_points=args.sandwich_points)
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--report`` and ``--sandwich`` flags of ``pyrovae evaluate``."""
+    group = parser.add_argument_group(
+        "report", "with --report: ELBO, IWAE_K for each K and AIS on the same test points, "
+                  "with k-hat/ESS diagnostics; writes bounds.csv, bounds.md, bounds.png, "
+                  "diagnostics.nc and report.json into the run directory or --output folder")
+    group.add_argument("--report", action="store_true",
+                       help="write the bound-curve report instead of evaluation.json")
+    group.add_argument("--ks", type=positive_ints, default=DEFAULT_KS,
+                       help="comma-separated Ks of the IWAE bound (default: 1,5,50,500,5000)")
+    group.add_argument("--ais-temperatures", type=non_negative_int,
+                       default=DEFAULT_AIS["num_temperatures"],
+                       help="AIS temperatures T; 0 skips AIS (default: %(default)s)")
+    group.add_argument("--ais-chains", type=positive_int, default=DEFAULT_AIS["num_chains"],
+                       help="AIS chains per test point (default: %(default)s)")
+    group.add_argument("--ais-leapfrog-steps", type=positive_int,
+                       default=DEFAULT_AIS["num_leapfrog_steps"],
+                       help="leapfrog steps per HMC transition (default: %(default)s)")
+    group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],
+                       help="initial leapfrog step size, adapted towards 0.65 acceptance "
+                            "(default: %(default)s)")
+    group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
+                       help="start AIS chains from q(z|x) or p(z) (default: %(default)s)")
+    group.add_argument("--sandwich", action="store_true",
+                       help="bidirectional Monte Carlo with the --ais-* settings: forward AIS "
+                            "(a lower bound) and reverse AIS from the exact latents (an upper "
+                            "bound) on points simulated from the model; in the report with "
+                            f"--report, else printed and written to {runs.SANDWICH_NAME} (or "
+                            f"--output)")
+    group.add_argument("--sandwich-points", type=positive_int, default=DEFAULT_POINTS,
+                       help="points simulated for --sandwich, at most the test points "
+                            "(default: %(default)s)")
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -219,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", "-o", default=None,
                           help="JSON file to write (default: evaluation.json in the run directory);"
                                " with --report, the folder to write into")
-    add_report_arguments(evaluate)
+    _add_report_arguments(evaluate)
     evaluate.set_defaults(handler=evaluate_command)
 
     sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")

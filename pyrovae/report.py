@@ -29,7 +29,6 @@ only where k-hat is small.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -46,14 +45,12 @@ import torch
 
 from pyrovae.activity import LatentUsage, latent_usage
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
-from pyrovae.argtypes import non_negative_int, positive_int
 from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_summary
-from pyrovae.errors import ConfigError
 from pyrovae.evaluation import default_chunk_size
 from pyrovae.programs import ProgramError, as_data, as_program
 from pyrovae.provenance import provenance
 from pyrovae.rundir import json_safe
-from pyrovae.sandwich import DEFAULT_POINTS, SandwichResult, bidirectional_monte_carlo
+from pyrovae.sandwich import SandwichResult, bidirectional_monte_carlo
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +66,6 @@ PLOT_NAME = "bounds.png"
 NETCDF_NAME = "diagnostics.nc"
 SUMMARY_NAME = "report.json"
 USAGE_PLOT_NAME = "kl_per_dimension.png"
-#: ``pyrovae evaluate --sandwich`` without ``--report`` writes this into the run directory
-SANDWICH_NAME = "sandwich.json"
 #: the table's estimators for the two bounds of bidirectional Monte Carlo
 SANDWICH_LOWER, SANDWICH_UPPER = "BDMC lower", "BDMC upper"
 
@@ -502,101 +497,3 @@ def _arviz_version() -> str:
     import arviz
 
     return arviz.__version__
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(k < 1 for k in ks):
-        raise argparse.ArgumentTypeError(f"every K must be positive, got {text!r}")
-    return ks
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--report`` flags of ``pyrovae evaluate``."""
-    group = parser.add_argument_group(
-        "report", "with --report: ELBO, IWAE_K for each K and AIS on the same test points, "
-                  "with k-hat/ESS diagnostics; writes bounds.csv, bounds.md, bounds.png, "
-                  "diagnostics.nc and report.json into the run directory or --output folder")
-    group.add_argument("--report", action="store_true",
-                       help="write the bound-curve report instead of evaluation.json")
-    group.add_argument("--ks", type=_ks, default=DEFAULT_KS,
-                       help="comma-separated Ks of the IWAE bound (default: 1,5,50,500,5000)")
-    group.add_argument("--ais-temperatures", type=non_negative_int,
-                       default=DEFAULT_AIS["num_temperatures"],
-                       help="AIS temperatures T; 0 skips AIS (default: %(default)s)")
-    group.add_argument("--ais-chains", type=positive_int, default=DEFAULT_AIS["num_chains"],
-                       help="AIS chains per test point (default: %(default)s)")
-    group.add_argument("--ais-leapfrog-steps", type=positive_int,
-                       default=DEFAULT_AIS["num_leapfrog_steps"],
-                       help="leapfrog steps per HMC transition (default: %(default)s)")
-    group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],
-                       help="initial leapfrog step size, adapted towards 0.65 acceptance "
-                            "(default: %(default)s)")
-    group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
-                       help="start AIS chains from q(z|x) or p(z) (default: %(default)s)")
-    group.add_argument("--sandwich", action="store_true",
-                       help="bidirectional Monte Carlo with the --ais-* settings: forward AIS "
-                            "(a lower bound) and reverse AIS from the exact latents (an upper "
-                            "bound) on points simulated from the model; in the report with "
-                            f"--report, else printed and written to {SANDWICH_NAME} (or --output)")
-    group.add_argument("--sandwich-points", type=positive_int, default=DEFAULT_POINTS,
-                       help="points simulated for --sandwich, at most the test points "
-                            "(default: %(default)s)")
-
-
-def report_command(args: argparse.Namespace, vae: Any, x_test: torch.Tensor,
-                   output_dir: Path) -> int:
-    """``pyrovae evaluate --report``: write the report and print its table."""
-    # arviz 0.x logs at INFO on import which optional packages are missing: noise here
-    logging.getLogger("arviz").setLevel(logging.WARNING)
-    summary = write_report(vae, x_test, output_dir, ks=args.ks, ais_kwargs=_ais_kwargs(args),
-                           ais=args.ais_temperatures > 0, batch_size=args.batch_size,
-                           chunk_size=args.chunk_size, seed=args.seed,
-                           extra={"checkpoint": str(args.checkpoint)},
-                           sandwich_points=_sandwich_points(args, x_test) if args.sandwich else 0)
-    print((output_dir / TABLE_MARKDOWN).read_text(), end="")
-    print(f"report written to {output_dir} ({summary['elapsed_seconds']:.1f} s)")
-    return 0
-
-
-def _ais_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"num_temperatures": args.ais_temperatures, "num_chains": args.ais_chains,
-            "num_leapfrog_steps": args.ais_leapfrog_steps, "step_size": args.ais_step_size,
-            "initial": args.ais_init}
-
-
-def _sandwich_points(args: argparse.Namespace, x_test: Any) -> int:
-    """``--sandwich-points``, at most the test points (the template of the simulation)."""
-    if args.ais_temperatures == 0:
-        raise ConfigError("--sandwich runs AIS both ways with the --ais-* settings: it needs "
-                          "--ais-temperatures of 1 or more")
-    available = as_data(x_test)[0].shape[0]
-    if args.sandwich_points > available:
-        logger.warning("--sandwich-points %d: the simulation takes its size from the %d test "
-                       "points; simulating %d", args.sandwich_points, available, available)
-    return min(args.sandwich_points, available)
-
-
-def sandwich_command(args: argparse.Namespace, vae: Any, x_test: Any, output: Path) -> int:
-    """``pyrovae evaluate --sandwich`` without ``--report``: print both bounds' means and
-    their gap, and write them with the per-point bounds into ``output`` (JSON)."""
-    points = _sandwich_points(args, x_test)
-    started = time.perf_counter()
-    result = bidirectional_monte_carlo(vae, x_test, points, **_ais_kwargs(args),
-                                       batch_size=args.batch_size, seed=args.seed)
-    summary = {**result.summary(), "seed": args.seed, "checkpoint": str(args.checkpoint),
-               "elapsed_seconds": time.perf_counter() - started,
-               "points": {"lower": result.lower.tolist(),
-                          "lower_standard_error": result.lower_standard_error.tolist(),
-                          "upper": result.upper.tolist(),
-                          "upper_standard_error": result.upper_standard_error.tolist()}}
-    summary.update(provenance(as_program(vae).device))
-    # printed before saving, so that a failed write does not lose them
-    print(f"{result}\n(points simulated from the model: log p(x) lies between the bounds up to "
-          f"Monte Carlo error; the gap bounds the error of AIS with these settings there)")
-    output.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
-    print(f"written to {output}")
-    return 0

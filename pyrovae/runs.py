@@ -52,17 +52,21 @@ from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
 from pyrovae.models import VAE, SemiSupervisedVAE
 from pyrovae.plotting import save_sample_grid
+from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
+from pyrovae.report import DEFAULT_AIS, DEFAULT_KS, TABLE_MARKDOWN, write_report
 from pyrovae.rundir import (
     LOCK_NAME,
     RunLock,
     check_run_dir_path,
     check_writable,
     clear_run,
+    json_safe,
     make_run_dir,
     remove_temporaries,
     write_json,
 )
+from pyrovae.sandwich import DEFAULT_POINTS, bidirectional_monte_carlo
 from pyrovae.train import (
     METRICS_NAME,
     EpochRecord,
@@ -78,6 +82,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.json"
+#: ``pyrovae evaluate --sandwich``'s bounds, without ``--report``
+SANDWICH_NAME = "sandwich.json"
 EVALUATION_NAME = "evaluation.json"
 SAMPLES_NAME = "samples.png"
 TENSORBOARD_NAME = "tensorboard"
@@ -725,3 +731,107 @@ def _numbered(path: Path) -> Path:
     return next(candidate for number in itertools.count(1)
                 if not (candidate := path.with_name(f"{path.stem}-{number}{path.suffix}"))
                 .exists())
+
+
+# --- the bound-curve report and the sandwich of one run -------------------------------------
+
+def _report_inputs(checkpoint: str | Path, device: torch.device, *, labelled_ok: bool,
+                   data_dir: str | None, test_size: int | None,
+                   ) -> tuple[VAE, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """The model of a run's checkpoint and its test points, in one process."""
+    if distributed.is_distributed():
+        raise ConfigError("evaluate --report and --sandwich run in one process; start them "
+                          "without torchrun")
+    vae, config, _ = load_run_checkpoint(checkpoint, device)
+    x_test = load_test_points(config, device, data_dir=data_dir, test_size=test_size)
+    if not labelled_ok and isinstance(x_test, tuple):
+        raise ConfigError(f"evaluate --report is for models of x alone; this run's model is "
+                          f"{config.model}: evaluate it without --report")
+    return vae, x_test
+
+
+def sandwich_size(requested: int, x_test: Any, *, ais_temperatures: int) -> int:
+    """The points the sandwich simulates: ``requested``, at most the test points (the
+    template of the simulation).
+
+    :raises ConfigError: AIS switched off (``ais_temperatures`` 0).
+    """
+    if ais_temperatures == 0:
+        raise ConfigError("--sandwich runs AIS both ways with the --ais-* settings: it needs "
+                          "--ais-temperatures of 1 or more")
+    available = as_data(x_test)[0].shape[0]
+    if requested > available:
+        logger.warning("--sandwich-points %d: the simulation takes its size from the %d test "
+                       "points; simulating %d", requested, available, available)
+    return min(requested, available)
+
+
+def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
+                      ks: tuple[int, ...] = DEFAULT_KS, ais: Mapping[str, Any] | None = None,
+                      sandwich_points: int = 0, batch_size: int = 100,
+                      chunk_size: int | None = None, test_size: int | None = None,
+                      data_dir: str | None = None, seed: int = 0,
+                      output: str | Path | None = None) -> dict[str, Any]:
+    """What ``pyrovae evaluate --report`` does: the bound-curve report
+    (:func:`~pyrovae.report.write_report`) of a run's checkpoint, written into ``output``
+    (default: the run directory), its table printed.
+
+    :param ais: AIS settings (:data:`~pyrovae.report.DEFAULT_AIS` keys); ``num_temperatures``
+        0 skips AIS.
+    :param sandwich_points: points of the bidirectional Monte Carlo sandwich in the report
+        (0: none).
+    :returns: the report's summary.
+    """
+    settings = {**DEFAULT_AIS, **(ais or {})}
+    vae, x_test = _report_inputs(checkpoint, device, labelled_ok=False, data_dir=data_dir,
+                                 test_size=test_size)
+    output_dir = Path(output) if output else run_dir_of(checkpoint)
+    points = sandwich_size(sandwich_points, x_test,
+                           ais_temperatures=settings["num_temperatures"]) if sandwich_points else 0
+    seed_everything(seed)
+    # arviz 0.x logs at INFO on import which optional packages are missing: noise here
+    logging.getLogger("arviz").setLevel(logging.WARNING)
+    summary = write_report(vae, x_test, output_dir, ks=ks, ais_kwargs=settings,
+                           ais=settings["num_temperatures"] > 0, batch_size=batch_size,
+                           chunk_size=chunk_size, seed=seed,
+                           extra={"checkpoint": str(checkpoint)}, sandwich_points=points)
+    print((output_dir / TABLE_MARKDOWN).read_text(), end="")
+    print(f"report written to {output_dir} ({summary['elapsed_seconds']:.1f} s)")
+    return summary
+
+
+def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
+                        ais: Mapping[str, Any] | None = None,
+                        sandwich_points: int = DEFAULT_POINTS, batch_size: int = 100,
+                        test_size: int | None = None, data_dir: str | None = None,
+                        seed: int = 0, output: str | Path | None = None) -> dict[str, Any]:
+    """What ``pyrovae evaluate --sandwich`` does without ``--report``: bidirectional Monte
+    Carlo (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`) on points simulated from a
+    run's checkpoint; both bounds' means and their gap printed, and written with the
+    per-point bounds as JSON to ``output`` (default ``sandwich.json`` in the run directory).
+
+    :returns: the numbers written.
+    """
+    settings = {**DEFAULT_AIS, **(ais or {})}
+    output = Path(output) if output else run_dir_of(checkpoint) / SANDWICH_NAME
+    vae, x_test = _report_inputs(checkpoint, device, labelled_ok=True, data_dir=data_dir,
+                                 test_size=test_size)
+    check_output(output)  # before the long work, not after it
+    points = sandwich_size(sandwich_points, x_test, ais_temperatures=settings["num_temperatures"])
+    seed_everything(seed)
+    started = time.perf_counter()
+    result = bidirectional_monte_carlo(vae, x_test, points, **settings, batch_size=batch_size,
+                                       seed=seed)
+    summary = {**result.summary(), "seed": seed, "checkpoint": str(checkpoint),
+               "elapsed_seconds": time.perf_counter() - started,
+               "points": {"lower": result.lower.tolist(),
+                          "lower_standard_error": result.lower_standard_error.tolist(),
+                          "upper": result.upper.tolist(),
+                          "upper_standard_error": result.upper_standard_error.tolist()}}
+    summary.update(provenance(as_program(vae).device))
+    # printed before saving, so that a failed write does not lose them
+    print(f"{result}\n(points simulated from the model: log p(x) lies between the bounds up to "
+          f"Monte Carlo error; the gap bounds the error of AIS with these settings there)")
+    output.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    print(f"written to {output}")
+    return summary

@@ -18,7 +18,6 @@ from pyrovae.evaluation import mean_and_standard_error
 from pyrovae.report import (
     NETCDF_NAME,
     PLOT_NAME,
-    SANDWICH_NAME,
     SUMMARY_NAME,
     TABLE_CSV,
     TABLE_MARKDOWN,
@@ -26,6 +25,7 @@ from pyrovae.report import (
     bound_curve,
     write_report,
 )
+from pyrovae.runs import SANDWICH_NAME
 from tests.conftest import SHARED_DATA, requires_mnist
 from tests.linear_gaussian import exact_log_marginal, sample_data
 from tests.test_evaluation import mismatched_vae
