@@ -1,5 +1,5 @@
-"""TensorBoard event files for a training run: ELBOs, their terms, the learning rate, log p(x)
-and sample grids per epoch.
+"""TensorBoard event files for a training run: ELBOs, their terms, the learning rate, log p(x),
+the latent usage and sample grids per epoch.
 
 Needs the ``tensorboard`` package (``pip install 'pyrovae[tensorboard]'``); ``metrics.csv``
 is written either way.  The KL and reconstruction terms are
@@ -31,7 +31,10 @@ TERMS_POINTS = 500
 class TensorBoardWriter:
     """An ``on_epoch_end`` callback of :func:`~pyrovae.train.fit` that writes TensorBoard
     scalars (``elbo/train``, ``elbo/test``, ``elbo/validation``, ``terms/reconstruction``,
-    ``terms/kl``, ``lr``, ``log_px/test``) and a grid of decoded prior samples per epoch.
+    ``terms/kl``, ``lr``, ``log_px/test``; with ``--activity-every``, ``activity/active_units``,
+    ``activity/active_units_<site>`` per latent site of a hierarchy and
+    ``activity/mutual_information``, nats) and a grid of decoded prior samples per epoch.
+    A scalar that is NaN in an epoch's record (not measured that epoch) is not written.
 
     :param log_dir: the folder of the event files.
     :param image_shape: ``(C, H, W)`` of the data, for the sample grid; ``None``: no grid.
@@ -54,7 +57,12 @@ class TensorBoardWriter:
         epoch = record.epoch
         scalars = {"elbo/train": record.train_elbo, "elbo/test": record.test_elbo,
                    "elbo/validation": record.valid_elbo, "log_px/test": record.test_log_px,
-                   "lr": loop.optimizer.param_groups[0]["lr"]}
+                   "lr": loop.optimizer.param_groups[0]["lr"],
+                   "activity/active_units": record.active_units,
+                   "activity/mutual_information": record.mutual_information}
+        if len(record.active_units_per_site or {}) > 1:  # a hierarchy's layers, as metrics.csv
+            scalars.update({f"activity/active_units_{site}": float(count)
+                            for site, count in record.active_units_per_site.items()})
         first = tuple(a[:TERMS_POINTS] for a in as_data(loop.data.test_inputs))
         loop.program.train(False)
         if not loop.program.structure(*first).enumerates:  # those terms do not split

@@ -39,3 +39,25 @@ def test_tensorboard_events_match_the_metrics(tmp_path):
     assert kl > 0 and reconstruction < 0
     assert reconstruction - kl == pytest.approx(float(rows[-1]["test_elbo"]), abs=15.0)
     assert events.Scalars("lr")[0].value == pytest.approx(1e-3)
+
+
+@requires_mnist
+def test_tensorboard_logs_the_activity_columns_when_measured(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data-dir", str(SHARED_DATA), "--train-size", "200", "--test-size",
+                 "40", "--epochs", "3", "--hidden-dims", "16", "--latent-dims", "4", "2",
+                 "--batch-size", "50", "--eval-samples", "0", "--no-progress", "--tensorboard",
+                 "--activity-every", "2", "--log-px-size", "40",
+                 "--out-dir", str(run_dir)]) == 0
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [name for name in rows[0] if name.startswith(("active_units", "mutual_information"))]
+    assert len(columns) == 4  # the total, one per layer, I(x; z)
+    for column in columns:
+        written = events.Scalars(f"activity/{column}")
+        # measured every 2 epochs and after the last: epochs 2 and 3, nan (not written) at 1
+        assert [event.step for event in written] == [2, 3]
+        for event in written:
+            assert event.value == pytest.approx(float(rows[event.step - 1][column]), rel=1e-6)
