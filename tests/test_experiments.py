@@ -121,6 +121,8 @@ def test_mnist_vae(tmp_path):
     assert runs["trace_elbo"]["published_log_marginal_likelihood"] == -86.76
     assert runs["iwae5"]["config"]["objective"] == "iwae"
     assert runs["iwae5"]["config"]["num_particles"] == 5
+    assert 0 <= runs["trace_elbo"]["active_units"] <= 3  # TINY has 3 latent dimensions
+    assert runs["iwae5"]["published_active_units"] == 22
     assert "elbo_curves.png" in results["figures"]
 
 
