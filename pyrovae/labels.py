@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from pyrovae.errors import InvalidDataError
-from pyrovae.evaluation import log_marginal_likelihood
+from pyrovae.evaluation import data_batches, log_marginal_likelihood
+from pyrovae.programs import as_program
 
 
 def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_classes: int,
@@ -44,7 +45,8 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
     every log p(x, y = c) (a lower bound in expectation); their log-sum-exp over c is the
     estimate of log p(x), again a lower bound in expectation.  A trace holds
     ``batch_size`` points with all C classes each, so the classes of a point go through the
-    networks together, and memory is that of one trace, whatever C is.
+    networks together; the pairs are made one batch at a time, so memory is that of one
+    trace whatever N is, and C times that of a trace of ``batch_size`` points.
 
     :param program: a program ``model(x, y)``, ``guide(x, y)`` in which y is a sample site of
         the model (M2); anything :func:`~pyrovae.programs.as_program` takes.
@@ -65,15 +67,20 @@ def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_class
         raise InvalidDataError("x must be a tensor of data points (N, ...)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    num_points = x.shape[0]
-    # point-major pairs (x_0, 0), (x_0, 1), ..., (x_0, C-1), (x_1, 0), ...: a batch of
-    # batch_size * C pairs is batch_size whole points
-    pairs = x.repeat_interleave(num_classes, dim=0)
-    labels = torch.arange(num_classes, device=x.device).repeat(num_points)
-    joint = log_marginal_likelihood(program, (pairs, labels), num_samples,
-                                    batch_size=batch_size * num_classes, chunk_size=chunk_size,
-                                    seed=seed, batches=batches)
-    return torch.logsumexp(joint.reshape(-1, num_classes), dim=-1)
+    program = as_program(program)
+    estimates = []
+    # one batch of points at a time, paired with every class point-major: (x_0, 0), (x_0, 1),
+    # ..., (x_0, C-1), (x_1, 0), ...; the pairs of only one batch exist at once, and each
+    # batch draws from its (seed, batch index) stream as log_marginal_likelihood's would
+    for points, draws in data_batches(x, batch_size, program.device, seed=seed,
+                                      batches=batches):
+        pairs = points[0].repeat_interleave(num_classes, dim=0)
+        labels = torch.arange(num_classes, device=pairs.device).repeat(points[0].shape[0])
+        with draws:
+            joint = log_marginal_likelihood(program, (pairs, labels), num_samples,
+                                            batch_size=pairs.shape[0], chunk_size=chunk_size)
+        estimates.append(torch.logsumexp(joint.reshape(-1, num_classes), dim=-1))
+    return torch.cat(estimates)
 
 
 @torch.no_grad()
