@@ -22,7 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyrovae.checkpoint import CHECKPOINT_NAME
 from pyrovae.provenance import provenance
+from pyrovae.report import SUMMARY_NAME
+from pyrovae.runs import EVALUATION_NAME
+from pyrovae.train import METRICS_NAME, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,10 +68,8 @@ def pyrovae(*arguments: str, threads: int = 1) -> None:
 
 def epochs_done(run_dir: Path) -> int:
     """Epochs recorded in ``run_dir/metrics.csv`` (0 for a run not started)."""
-    metrics = run_dir / "metrics.csv"
-    if not metrics.is_file():
-        return 0
-    return max(0, len(metrics.read_text().strip().splitlines()) - 1)
+    metrics = run_dir / METRICS_NAME
+    return len(read_metrics(metrics)) if metrics.is_file() else 0
 
 
 def train(run_dir: Path, flags: Sequence[str], args: argparse.Namespace, *,
@@ -84,7 +86,7 @@ def train(run_dir: Path, flags: Sequence[str], args: argparse.Namespace, *,
               "--no-progress", "--device", args.device]
     if done >= args.epochs:
         print(f"{run_dir.name}: {done} epochs already trained", flush=True)
-    elif (run_dir / "checkpoint.pt").is_file():
+    elif (run_dir / CHECKPOINT_NAME).is_file():
         pyrovae("train", "--resume", str(run_dir), *common, threads=args.threads)
     else:
         seed = args.seed if seed is None else seed
@@ -95,20 +97,18 @@ def train(run_dir: Path, flags: Sequence[str], args: argparse.Namespace, *,
 
 def training_seconds(run_dir: Path) -> float:
     """The sum of the epoch times in ``run_dir/metrics.csv``."""
-    lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
-    column = lines[0].split(",").index("epoch_seconds")
-    return sum(float(line.split(",")[column]) for line in lines[1:])
+    return sum(record.epoch_seconds for record in read_metrics(run_dir / METRICS_NAME))
 
 
 def _fresh(path: Path, run_dir: Path) -> bool:
     """Whether ``path`` was written after the run's latest checkpoint (so it describes it)."""
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
     return (path.is_file() and checkpoint.is_file()
             and path.stat().st_mtime >= checkpoint.stat().st_mtime)
 
 
 def evaluate(run_dir: Path, args: argparse.Namespace, *, num_samples: int | None = None,
-             test_size: int | None = None, name: str = "evaluation.json") -> dict[str, Any]:
+             test_size: int | None = None, name: str = EVALUATION_NAME) -> dict[str, Any]:
     """``pyrovae evaluate`` of ``run_dir`` with K = ``num_samples`` (default
     ``args.eval_samples``) on the first ``test_size`` (default ``args.eval_size``) test
     images into ``run_dir/name``, read back; reused when one with the same K and points was
@@ -136,7 +136,7 @@ def report(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     ``report.json``; reused when one with the same K and points was written after the run's
     latest checkpoint."""
     num_samples, test_size = args.eval_samples, args.eval_size
-    path = run_dir / "report.json"
+    path = run_dir / SUMMARY_NAME
     if _fresh(path, run_dir):
         previous = json.loads(path.read_text())
         if previous.get("ks") == [num_samples] and previous.get("num_points") == test_size:
