@@ -47,6 +47,7 @@ from pyrovae.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
@@ -189,6 +190,9 @@ class FitOptions:
         last checkpoint, halves the learning rate and carries on (up to
         :data:`MAX_ROLLBACKS` times).
     :param fused: use torch's fused Adam kernel where the device has one (same update).
+    :param compile: ``"off"``, or the ``torch.compile`` mode to compile the program's
+        networks with before training (:func:`~pyrovae.compilation.compile_networks`; the
+        Pyro program stays eager).
     :param max_minutes: a wall-clock budget for one call: stop at the end of the first
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
@@ -234,6 +238,7 @@ class FitOptions:
     clip_norm: float | None = None
     on_divergence: str = "stop"
     fused: bool = True
+    compile: str = "off"
     max_minutes: float | None = None
     lr_schedule: str = "constant"
     log_px_every: int = 0
@@ -252,6 +257,9 @@ class FitOptions:
                                f"got {self.on_divergence!r}")
         # an unknown schedule stops here, before training
         scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule)
+        if self.compile not in ("off", *COMPILE_MODES):
+            raise PyrovaeError(f"compile must be off or one of {', '.join(COMPILE_MODES)}, "
+                               f"got {self.compile!r}")
         if self.output_bias_init not in OUTPUT_BIAS_INITS:
             raise PyrovaeError(f"output_bias_init must be one of {', '.join(OUTPUT_BIAS_INITS)}, "
                                f"got {self.output_bias_init!r}")
@@ -456,6 +464,13 @@ class TrainingLoop:
                                  if id(p) not in owned and store.param_name(p) is not None}
         self.optimizer = make_adam(self.parameters, lr=options.lr, settings=options.adam,
                                    fused=options.fused and self.program.device.type in ("cpu", "cuda"))
+        if options.compile != "off":
+            if self.program.module is None:
+                raise ConfigError("compile needs the program's networks: pass a VAE or a module "
+                                  "with model and guide methods, not two functions")
+            compiled = compile_networks(self.program.module, options.compile)
+            logger.info("compiled %s (torch.compile, mode %s)", ", ".join(compiled) or "nothing",
+                        options.compile)
         self.kl_scale = LatentScale(kl_weight(1, beta=options.beta,
                                               warmup_epochs=options.kl_warmup_epochs))
         self.elbo = make_objective(options.objective, options.num_particles, structure=structure)

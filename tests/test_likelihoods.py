@@ -18,6 +18,7 @@ from pyrovae.likelihoods import (
     ContinuousBernoulli,
     ContinuousBernoulliLikelihood,
     PixelGaussianLikelihood,
+    bernoulli_log_prob,
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
 )
@@ -27,6 +28,29 @@ LOGITS = torch.tensor([-6.0, -2.0, -0.3, 0.0, 1e-4, 0.7, 3.0, 8.0], dtype=torch.
 
 def unit_interval(points: int = 20001) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_the_bernoulli_log_density_equals_torchs_cross_entropy(dtype, atol):
+    # logits from -80 to 80 (exp(-|l|) underflows at the ends), binary and grey-level values
+    logits = (torch.linspace(-80.0, 80.0, 4001, dtype=dtype) ** 3 / 6400.0).reshape(1, -1)
+    logits = logits.expand(3, -1).clone().requires_grad_()
+    value = torch.stack([torch.zeros(4001), torch.ones(4001), torch.rand(4001)]).to(dtype)
+    ours = bernoulli_log_prob(logits, value)
+    torchs = -torch.nn.functional.binary_cross_entropy_with_logits(logits, value, reduction="none")
+    assert ((ours - torchs).abs() <= atol * (1 + logits.detach().abs())).all()
+    (ours_grad,) = torch.autograd.grad(ours.sum(), logits)
+    (torchs_grad,) = torch.autograd.grad(torchs.sum(), logits)
+    assert torch.allclose(ours_grad, torchs_grad, atol=atol)
+    assert torch.equal(bernoulli_log_prob(torch.tensor([0.0]), torch.tensor([1.0])),
+                       torch.tensor([-math.log(2.0)]))
+
+
+def test_the_bernoulli_log_density_has_exact_gradients_in_logits_and_value():
+    logits = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    value = torch.rand(5, dtype=torch.float64, requires_grad=True)  # broadcast over rows
+    assert torch.autograd.gradcheck(bernoulli_log_prob, (logits, value))
+    assert torch.autograd.gradgradcheck(bernoulli_log_prob, (logits, value))
 
 
 def test_the_continuous_bernoulli_is_a_density_on_the_unit_interval():
