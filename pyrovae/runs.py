@@ -158,7 +158,7 @@ def _remove_if_unused(run_dir: Path) -> None:
 RESUME_OVERRIDES = frozenset({"epochs", "device", "progress", "data_dir", "download",
                               "eval_samples", "checkpoint_every", "keep_last",
                               "max_minutes", "log_px_every", "log_px_samples", "log_px_size",
-                              "activity_every", "tensorboard"})
+                              "activity_every", "tensorboard", "compile"})
 #: fields that never make another run: where it is written, and whether it replaced another
 _ALWAYS_FREE = frozenset({"out_dir", "overwrite"})
 
