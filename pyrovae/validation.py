@@ -41,8 +41,9 @@ def check_data(x: object, data_dim: int | None = None, likelihood: Likelihood | 
             f"{name} has {x.shape[1]} values per data point but the model expects {data_dim}: "
             f"shape {tuple(x.shape)}"
         )
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
+    # a NaN or an infinity makes the sum non-finite, so a finite sum clears the data in one
+    # pass without a mask of its size; a non-finite sum (or an overflow) looks element-wise
+    if not bool(torch.isfinite(x.sum())) and not bool((finite := torch.isfinite(x)).all()):
         bad = int((~finite).sum())
         kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
         raise InvalidDataError(f"{name} contains {bad} non-finite values ({kind})")
