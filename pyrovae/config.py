@@ -29,7 +29,7 @@ from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedV
 from pyrovae.nets import ACTIVATION_GAIN, ACTIVATIONS, NETWORKS, MLPDecoder, check_init_gain, mlp
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
-from pyrovae.priors import PRIORS
+from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.rundir import write_json
 from pyrovae.schedules import LR_SCHEDULES
 
@@ -67,7 +67,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 300-unit layers (no activation but the gate) each way, 40 latents, a VampPrior of 500
     # pseudo-inputs, Adam at lr 5e-4, batch 100, the KL weight raised linearly over 100
     # epochs, early stopping on the validation ELBO with a patience of 50 epochs (not
-    # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000; trained
+    # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000; Adam on
+    # gradients divided by their norms (utils/optimizer.py: AdamNormGrad), pseudo-inputs the
+    # sigmoid of logits started at N(-0.05, 0.01) (models/Model.py); trained
     # on all 50,000 training images and validated on the file's own 10,000
     "tomczak2018": {
         "dataset": "binarized_mnist", "binarize": "static", "valid_split": "dataset",
@@ -79,6 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
         "adam_second_moment_init": 0.0, "output_bias_init": "zero", "eval_samples": 5000,
         "kl_warmup_epochs": 100, "beta": 1.0, "early_stopping_patience": 50,
+        "pseudo_inputs_from_data": False, "pseudo_input_link": "sigmoid",
+        "adam_normalize_gradients": True,
     },
 }
 PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
@@ -167,6 +171,11 @@ class TrainConfig:
         "mog prior: mixture components; vamp prior: pseudo-inputs", type=int))
     pseudo_inputs_from_data: bool = field(default=True, metadata=_flag(
         "vamp prior: start the pseudo-inputs at random training points"))
+    pseudo_input_link: str = field(default="identity", metadata=_flag(
+        "VampPrior: identity, the pseudo-inputs are free parameters; sigmoid, they are the "
+        "sigmoid of free logits, inside (0, 1) (Tomczak & Welling's parameterisation; "
+        "started at logits N(-0.05, 0.01) unless --pseudo-inputs-from-data)",
+        choices=PSEUDO_INPUT_LINKS))
     prior_flows: int = field(default=2, metadata=_flag(
         "flow prior: autoregressive flow steps", type=int))
     num_flows: int = field(default=2, metadata=_flag(
@@ -205,6 +214,9 @@ class TrainConfig:
         "Adam's epsilon, added to the square root of the second moment", type=float))
     adam_second_moment_init: float = field(default=0.0, metadata=_flag(
         "the value Adam's second moment starts at (Burda et al. 2016: 1)", type=float))
+    adam_normalize_gradients: bool = field(default=False, metadata=_flag(
+        "divide each parameter tensor's gradient by its L2 norm before the Adam update "
+        "(Tomczak & Welling 2018's AdamNormGrad)"))
     output_bias_init: str = field(default="zero", metadata=_flag(
         "start of the decoder's output bias: zero, or data_mean (the logit of the training "
         "set's mean pixel for a Bernoulli likelihood, the mean itself for a Gaussian one)",
@@ -285,7 +297,8 @@ class TrainConfig:
     def adam(self) -> AdamSettings:
         """Adam's settings other than the learning rate."""
         return AdamSettings(betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_eps,
-                            second_moment_init=self.adam_second_moment_init)
+                            second_moment_init=self.adam_second_moment_init,
+                            normalize_gradients=self.adam_normalize_gradients)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value and the allowed ones."""

@@ -2,13 +2,16 @@
 
 Burda et al. (2016) train with Adam at beta1 = 0.99, beta2 = 0.999, epsilon = 1e-4 and the
 second moment started at 1 instead of 0; with the bias correction this makes the first
-steps small (an implicit warm-up).  :class:`AdamSettings` holds those choices and
+steps small (an implicit warm-up).  Tomczak & Welling (2018) train with "AdamNormGrad":
+Adam on each parameter tensor's gradient divided by its L2 norm
+(:func:`normalize_gradients_`).  :class:`AdamSettings` holds those choices and
 :func:`make_adam` builds a ``torch.optim.Adam`` that follows them.
 
 References:
 
 1. Kingma, Ba (2015). Adam: A Method for Stochastic Optimization. ICLR.
 2. Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
+3. Tomczak, Welling (2018). VAE with a VampPrior. AISTATS.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ class AdamSettings:
     :param eps: added to the square root of the bias-corrected second moment.
     :param second_moment_init: the value the second moment starts at (torch and the Adam
         paper: 0; Burda et al.: 1).
+    :param normalize_gradients: divide each parameter tensor's gradient by its L2 norm
+        before the update (:func:`normalize_gradients_`; Tomczak & Welling's AdamNormGrad).
     """
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     second_moment_init: float = 0.0
+    normalize_gradients: bool = False
 
     def __post_init__(self) -> None:
         for name, beta in zip(("beta1", "beta2"), self.betas, strict=True):
@@ -47,6 +53,23 @@ class AdamSettings:
             raise ConfigError(f"adam eps must be positive, got {self.eps}")
         if not self.second_moment_init >= 0:
             raise ConfigError(f"adam second_moment_init must be >= 0, got {self.second_moment_init}")
+
+
+#: added to each gradient's norm before dividing by it, as the VampPrior authors' code does
+GRADIENT_NORM_EPS = 1e-7
+
+
+@torch.no_grad()
+def normalize_gradients_(parameters: Iterable[torch.Tensor], eps: float = GRADIENT_NORM_EPS) -> None:
+    """Divide each parameter's gradient, in place, by its own L2 norm plus ``eps``: every
+    tensor then moves by a step whose size Adam alone decides, however large its raw
+    gradient.  Parameters without a gradient are left alone."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    torch._foreach_add_(norms, eps)
+    torch._foreach_div_(grads, norms)
 
 
 def make_adam(parameters: Iterable[torch.Tensor], *, lr: float,

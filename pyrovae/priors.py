@@ -454,6 +454,15 @@ class MixtureOfGaussiansPrior(Prior):
         return _BroadcastingMixture(dist.Categorical(logits=self.logits), components)
 
 
+#: how the VampPrior's parameters map to its pseudo-inputs (:class:`VampPrior`)
+PSEUDO_INPUT_LINKS = ("identity", "sigmoid")
+#: the sigmoid link's initial logits, N(mean, std^2): the VampPrior authors' defaults
+#: (``pseudoinputs_mean``, ``pseudoinputs_std`` in jmtomczak/vae_vampprior)
+SIGMOID_LOGIT_MEAN, SIGMOID_LOGIT_STD = -0.05, 0.01
+#: data points started through the sigmoid link are clamped to [c, 1 - c] first
+SIGMOID_DATA_CLAMP = 1e-3
+
+
 class VampPrior(Prior):
     """The variational mixture of posteriors: p(z) = (1/K) sum_k q(z | u_k).
 
@@ -472,7 +481,13 @@ class VampPrior(Prior):
     :param data_dim: size of a flattened data point; the pseudo-inputs are ``(K, data_dim)``.
     :param num_components: K, the number of pseudo-inputs.
     :param pseudo_inputs_from_data: whether :meth:`init_from_data` sets the pseudo-inputs to
-        K random training points (otherwise they keep their uniform(0, 1) initial values).
+        K random training points (otherwise they keep their initial values: uniform(0, 1),
+        or with the sigmoid link logits from N(-0.05, 0.01), grey images near 0.49).
+    :param pseudo_input_link: ``"identity"``: the parameter ``pseudo_inputs`` is the
+        pseudo-inputs themselves, free to leave the data's range; ``"sigmoid"``: it holds their
+        logits and the pseudo-inputs are ``sigmoid(pseudo_inputs)``, inside (0, 1) like
+        binary data's means (the VampPrior authors' parameterisation, a sigmoid layer on an
+        identity input).  :meth:`inputs` gives the pseudo-inputs either way.
     :param chunk_bytes: autograd graph that one chunk of elementwise-scored components may
         keep.
 
@@ -490,10 +505,14 @@ class VampPrior(Prior):
 
     def __init__(self, latent_dim: int, data_dim: int, num_components: int = 10,
                  pseudo_inputs_from_data: bool = True, *,
+                 pseudo_input_link: str = "identity",
                  chunk_bytes: int = LOG_PROB_CHUNK_BYTES) -> None:
         super().__init__(latent_dim)
         if num_components < 1:
             raise ValueError(f"num_components must be positive, got {num_components}")
+        if pseudo_input_link not in PSEUDO_INPUT_LINKS:
+            raise ValueError(f"pseudo_input_link must be one of {', '.join(PSEUDO_INPUT_LINKS)}, "
+                             f"got {pseudo_input_link!r}")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.num_components = num_components
@@ -502,14 +521,24 @@ class VampPrior(Prior):
         self._cost_cache: dict[Any, tuple[float, float]] = {}
         self.data_dim = data_dim
         self.pseudo_inputs_from_data = pseudo_inputs_from_data
-        self.pseudo_inputs = nn.Parameter(torch.rand(num_components, data_dim))
+        self.pseudo_input_link = pseudo_input_link
+        if pseudo_input_link == "sigmoid":
+            start = SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim)
+        else:
+            start = torch.rand(num_components, data_dim)
+        self.pseudo_inputs = nn.Parameter(start)
         # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
         self.register_buffer("initialized_from_data", torch.tensor(False))
 
     @classmethod
     def from_config(cls, config: Any, *, data_dim: int, **context: Any) -> VampPrior:
         return cls(config.latent_dim, data_dim, config.num_components,
-                   config.pseudo_inputs_from_data)
+                   config.pseudo_inputs_from_data, pseudo_input_link=config.pseudo_input_link)
+
+    def inputs(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The pseudo-inputs ``start:stop`` in data space, ``(stop - start, data_dim)``."""
+        free = self.pseudo_inputs[start:stop]
+        return torch.sigmoid(free) if self.pseudo_input_link == "sigmoid" else free
 
     @torch.no_grad()
     def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -523,7 +552,10 @@ class VampPrior(Prior):
             index = torch.randperm(x.shape[0], generator=generator)[: self.num_components]
         else:
             index = torch.randint(x.shape[0], (self.num_components,), generator=generator)
-        self.pseudo_inputs.copy_(x[index.to(x.device)])
+        chosen = x[index.to(x.device)]
+        if self.pseudo_input_link == "sigmoid":  # logits of the points, kept finite
+            chosen = torch.logit(chosen.clamp(SIGMOID_DATA_CLAMP, 1 - SIGMOID_DATA_CLAMP))
+        self.pseudo_inputs.copy_(chosen)
         self.initialized_from_data.fill_(True)
 
     def init_from_data(self, x: torch.Tensor) -> None:
@@ -533,12 +565,12 @@ class VampPrior(Prior):
     def forward(self, posterior: Posterior | None = None) -> dist.Distribution:
         if posterior is None:
             raise ValueError("the VampPrior needs the VAE's posterior q(z|x) to build p(z)")
-        components = posterior(self.pseudo_inputs)  # batch (K,), event (latent_dim,)
+        components = posterior(self.inputs())  # batch (K,), event (latent_dim,)
         logits = torch.zeros(self.num_components, dtype=self.pseudo_inputs.dtype,
                              device=self.pseudo_inputs.device)
 
         def component_chunks(start: int, stop: int) -> dist.Distribution:
-            return posterior(self.pseudo_inputs[start:stop])
+            return posterior(self.inputs(start, stop))
 
         return _BroadcastingMixture(dist.Categorical(logits=logits), components,
                                     component_chunks=component_chunks,

@@ -56,7 +56,14 @@ from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, Pyrov
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, kl_weight, make_objective
-from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings, init_output_bias, logit_of_mean, make_adam
+from pyrovae.optim import (
+    OUTPUT_BIAS_INITS,
+    AdamSettings,
+    init_output_bias,
+    logit_of_mean,
+    make_adam,
+    normalize_gradients_,
+)
 from pyrovae.programs import Program, as_program, program_parameters
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
 from pyrovae.schedules import scheduled_lr
@@ -574,6 +581,8 @@ class TrainingLoop:
                 f"or --clip-norm")
 
     def _clip_and_update(self, epoch: int) -> None:
+        if self.options.adam is not None and self.options.adam.normalize_gradients:
+            normalize_gradients_(self.parameters)
         if self.options.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.options.clip_norm)
             if not bool(torch.isfinite(norm)):

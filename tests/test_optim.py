@@ -17,7 +17,13 @@ from pyrovae.cli import main
 from pyrovae.config import PRESETS, TrainConfig
 from pyrovae.errors import ConfigError
 from pyrovae.nets import MLPDecoder
-from pyrovae.optim import AdamSettings, init_output_bias, logit_of_mean, make_adam
+from pyrovae.optim import (
+    AdamSettings,
+    init_output_bias,
+    logit_of_mean,
+    make_adam,
+    normalize_gradients_,
+)
 from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
 from tests.test_data import binarized_mnist_like
 
@@ -67,6 +73,36 @@ def test_bad_adam_settings_are_named(settings, message):
         AdamSettings(**settings)
 
 
+def test_normalized_gradients_have_unit_norm_per_tensor():
+    big, small, unused = (torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True),
+                          torch.zeros(2, requires_grad=True))
+    big.grad, small.grad = torch.full((3, 4), 30.0), torch.tensor([0.0, 1e-3, 0.0, 0.0, 0.0])
+    normalize_gradients_([big, small, unused])
+    torch.testing.assert_close(big.grad, torch.full((3, 4), 30.0) / (math.sqrt(12 * 900.0) + 1e-7))
+    torch.testing.assert_close(small.grad, torch.tensor([0.0, 1e-3 / (1e-3 + 1e-7), 0, 0, 0]))
+    assert unused.grad is None
+
+
+def test_the_training_loop_steps_on_normalized_gradients_when_asked():
+    from pyrovae import build_vae
+    from pyrovae.data import DataSplits
+    from pyrovae.train import FitOptions, TrainingLoop
+
+    x = torch.bernoulli(torch.full((40, 6), 0.3))
+    norms = {}
+    for normalize in (False, True):
+        torch.manual_seed(0)
+        vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=6)
+        loop = TrainingLoop(vae, DataSplits.from_tensors(x[:30], x[30:]),
+                            FitOptions(epochs=1, batch_size=10, progress=False,
+                                       adam=AdamSettings(normalize_gradients=normalize)))
+        loop.train_step(x[:10])
+        norms[normalize] = [p.grad.norm().item() for p in loop.parameters if p.grad is not None]
+    assert all(abs(norm - 1.0) < 1e-5 for norm in norms[True])
+    assert not all(abs(norm - 1.0) < 1e-2 for norm in norms[False])
+    assert TrainConfig(adam_normalize_gradients=True).adam.normalize_gradients
+
+
 def test_the_output_bias_starts_at_the_logit_of_the_mean_pixel():
     x = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.3]])
     bias = logit_of_mean(x)
@@ -112,6 +148,9 @@ def test_the_tomczak2018_preset_sets_the_vampprior_protocol_and_records_an_overr
     assert (config.dataset, config.valid_size) == ("binarized_mnist", 10_000)
     assert config.early_stopping_patience == 7 and config.preset == "tomczak2018"
     assert TrainConfig.from_preset("tomczak2018").early_stopping_patience == 50
+    # the authors' AdamNormGrad and sigmoid-of-logits pseudo-inputs, started off the data
+    assert config.adam.normalize_gradients and config.pseudo_input_link == "sigmoid"
+    assert not config.pseudo_inputs_from_data
     assert set(PRESETS["tomczak2018"]) <= {f for f in TrainConfig().to_dict()}
     # every value the preset names is one TrainConfig accepts as it is
     assert all(getattr(TrainConfig.from_preset("tomczak2018"), name) == value

@@ -159,6 +159,32 @@ def test_pseudo_inputs_can_be_left_alone_or_drawn_with_replacement():
         prior.init_pseudo_inputs(torch.rand(3, DATA_DIM + 1))
 
 
+def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_logits():
+    torch.manual_seed(0)
+    prior = VampPrior(2, DATA_DIM, num_components=200, pseudo_inputs_from_data=False,
+                      pseudo_input_link="sigmoid")
+    logits = prior.pseudo_inputs.detach()  # the parameter holds logits ~ N(-0.05, 0.01)
+    assert abs(logits.mean().item() + 0.05) < 2e-3 and abs(logits.std().item() - 0.01) < 1e-3
+    torch.testing.assert_close(prior.inputs(), torch.sigmoid(logits))
+    torch.testing.assert_close(prior.inputs(3, 7), torch.sigmoid(logits[3:7]))
+    assert list(prior.state_dict()) == list(VampPrior(2, DATA_DIM).state_dict())
+    x = torch.bernoulli(torch.full((50, DATA_DIM), 0.5))
+    prior.init_pseudo_inputs(x)  # binary points, clamped to [1e-3, 1 - 1e-3] before the logit
+    inputs = prior.inputs().detach()
+    assert ((inputs - 1e-3).abs() < 1e-6).logical_or((inputs - (1 - 1e-3)).abs() < 1e-6).all()
+    # the prior scores z through q(z | sigmoid(logits)): gradients reach the logits
+    encoder = torch.nn.Linear(DATA_DIM, 4)
+
+    def posterior(u):
+        loc, scale = encoder(u).chunk(2, -1)
+        return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
+
+    prior(posterior).log_prob(torch.randn(5, 2)).sum().backward()
+    assert prior.pseudo_inputs.grad is not None and prior.pseudo_inputs.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pseudo_input_link"):
+        VampPrior(2, DATA_DIM, pseudo_input_link="tanh")
+
+
 def test_fit_initialises_the_pseudo_inputs_from_the_training_data():
     vae = build_vae(TrainConfig(hidden_dims=(5,), latent_dim=2, prior="vamp", num_components=3,
                                 likelihood="gaussian"), data_dim=DATA_DIM)
