@@ -391,6 +391,29 @@ def test_compare_pythae_without_pythae_says_why_in_one_line():
     assert len(result.stdout.strip().splitlines()) == 1
 
 
+@requires_binarized_mnist
+def test_tomczak2018_trains_banks_and_says_how_far_its_early_stopping_has_got(tmp_path):
+    run_dir, bank_dir = tmp_path / "run", tmp_path / "bank"
+    paths = ["--run-dir", str(run_dir), "--bank-dir", str(bank_dir)]
+    tiny = ["--train-size", "200", "--test-size", "50", "--valid-size", "50", "--epochs", "3",
+            "--kl-warmup-epochs", "1", "--early-stopping-patience", "1", "--hidden-dims", "16",
+            "16", "--num-components", "5", "--log-px-every", "1", "--log-px-samples", "5",
+            "--log-px-size", "20"]
+    run_script("tomczak2018.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
+               *paths, *tiny)
+    run_script("tomczak2018.py", "bank", *paths)
+    results = json.loads((bank_dir / "results.json").read_text())
+    config = results["config"]
+    assert config["preset"] == "tomczak2018" and config["adam_normalize_gradients"]
+    assert config["pseudo_input_link"] == "sigmoid" and not config["pseudo_inputs_from_data"]
+    assert results["epochs_of_protocol"] == 2000 and results["epochs_done"] >= 2
+    assert results["best_valid_epoch"] >= 2  # the warm-up epoch does not count
+    # stopped early (patience 1 here) or still going
+    assert results["finished"] == (results["epochs_since_best"] >= 1)
+    assert all(point["test_log_px"] < 0 for point in results["learning_curve"])
+    assert (bank_dir / "checkpoint.pt").is_file() and (bank_dir / "checkpoint_best.pt").is_file()
+
+
 @requires_mnist
 def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     run_dir, bank_dir = tmp_path / "run", tmp_path / "bank"
@@ -403,7 +426,7 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     results = json.loads((bank_dir / "results.json").read_text())
     assert results["epochs_done"] == 1 and results["updates_done"] == 1  # 40 images left
     assert results["config"]["preset"] == "burda2016" and not results["finished"]
-    assert results["learning_curve"][0]["test_log_px_k1000_n1000"] < 0
+    assert results["learning_curve"][0]["test_log_px"] < 0
     assert (bank_dir / "checkpoint.pt").is_file() and results["commit"]
     # a fresh machine: no run directory, the bank only
     import shutil
