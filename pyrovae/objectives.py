@@ -1,13 +1,18 @@
 """Training objectives: Pyro ELBO implementations selectable by name, and the KL weight.
 
 - ``trace_elbo``: :class:`pyro.infer.Trace_ELBO`, the Monte Carlo ELBO with the
-  reparameterisation trick;
+  reparameterisation trick (score-function terms for sites that are not reparameterised);
 - ``meanfield_elbo``: :class:`pyro.infer.TraceMeanField_ELBO`, which uses the analytic
   KL(q(z|x) || p(z)) where the pair has one and falls back to Monte Carlo otherwise
   (mixture, VampPrior and flow priors; full-covariance, low-rank and IAF guides against
   a diagonal prior);
 - ``iwae``: :class:`ImportanceWeightedELBO`, the K-sample importance-weighted bound per
   data point, K = ``num_particles``.
+
+The training loop takes them as :class:`LoopTrace_ELBO` and :class:`LoopTraceMeanField_ELBO`:
+Pyro's classes, whose loss and gradient they compute with Pyro's own per-particle code,
+without the NaN-warning hooks and the host synchronisation Pyro adds to every call (the loop
+checks every loss itself).
 
 KL warm-up and beta-VAE weighting multiply the log densities of every latent site by a
 weight beta (:class:`LatentScale`), leaving the likelihood term alone:
@@ -167,10 +172,42 @@ def kl_weight(epoch: int, *, beta: float = 1.0, warmup_epochs: int = 0) -> float
     return beta * min(1.0, epoch / warmup_epochs)
 
 
+class _LossCheckedByTheLoop:
+    """``differentiable_loss`` from Pyro's per-particle losses (``_get_traces`` and
+    ``_differentiable_loss_particle`` of the Pyro class it is mixed into), minus two costs of
+    Pyro's own: a NaN check that registers a backward hook and synchronises with the device
+    on every call, and ``loss + (surrogate - surrogate.item())``, another synchronisation,
+    written here as ``loss + (surrogate - surrogate.detach())``: the same value (the ELBO)
+    and the same gradient (the surrogate's).  For a loop that checks each loss itself."""
+
+    num_particles: int
+
+    def differentiable_loss(self, model: Callable[..., object], guide: Callable[..., object],
+                            *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss: Any = 0.0
+        surrogate: Any = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):  # type: ignore[attr-defined]
+            particle, surrogate_particle = self._differentiable_loss_particle(  # type: ignore[attr-defined]
+                model_trace, guide_trace)
+            loss = loss + particle / self.num_particles
+            surrogate = surrogate + surrogate_particle / self.num_particles
+        if not torch.is_tensor(surrogate):  # a program without sample sites
+            return torch.as_tensor(loss)
+        return loss + (surrogate - surrogate.detach())
+
+
+class LoopTrace_ELBO(_LossCheckedByTheLoop, Trace_ELBO):
+    """:class:`pyro.infer.Trace_ELBO` for pyrovae's training loop (see the module doc)."""
+
+
+class LoopTraceMeanField_ELBO(_LossCheckedByTheLoop, TraceMeanField_ELBO):
+    """:class:`pyro.infer.TraceMeanField_ELBO` for pyrovae's training loop."""
+
+
 #: objectives selectable by name from the CLI and config
 OBJECTIVES: dict[str, type[ELBO]] = {
-    "trace_elbo": Trace_ELBO,
-    "meanfield_elbo": TraceMeanField_ELBO,
+    "trace_elbo": LoopTrace_ELBO,
+    "meanfield_elbo": LoopTraceMeanField_ELBO,
     "iwae": ImportanceWeightedELBO,
 }
 

@@ -15,7 +15,14 @@ from pyrovae import DataSplits, TrainConfig, build_vae, fit
 from pyrovae import train as train_module
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import log_weights, mean_and_standard_error
-from pyrovae.objectives import ImportanceWeightedELBO, LatentScale, kl_weight, make_objective
+from pyrovae.objectives import (
+    ImportanceWeightedELBO,
+    LatentScale,
+    LoopTrace_ELBO,
+    LoopTraceMeanField_ELBO,
+    kl_weight,
+    make_objective,
+)
 from pyrovae.sites import LATENT_SITE, OBSERVED_SITE
 from tests.linear_gaussian import exact_log_marginal, linear_gaussian_vae, sample_data
 from tests.test_evaluation import mismatched_vae
@@ -175,3 +182,52 @@ def test_fit_follows_the_warm_up_schedule_of_its_config(monkeypatch):
     fit(vae, data, epochs=1, batch_size=10, beta=0.5, kl_warmup_epochs=0, config=config,
         progress=False)  # explicit arguments win over the config
     assert used == pytest.approx([0.5, 0.5])
+
+
+def _score_function_program(discrete: bool = True):
+    """A reparameterised Gaussian latent, and with ``discrete`` a Bernoulli one that Pyro
+    scores by REINFORCE."""
+    loc = torch.nn.Parameter(torch.tensor([0.3, -0.2]))
+    logit = torch.nn.Parameter(torch.tensor(0.4))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+            b = pyro.sample("b", pyro.distributions.Bernoulli(0.5)) if discrete else 0.0
+            pyro.sample("x", pyro.distributions.Normal(z.sum(-1) + b, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", pyro.distributions.Normal(loc, 1.0).to_event(1))
+            if discrete:
+                pyro.sample("b", pyro.distributions.Bernoulli(logits=logit))
+
+    return model, guide, [loc, logit] if discrete else [loc]
+
+
+@pytest.mark.parametrize("ours, pyros, num_particles", [
+    (LoopTrace_ELBO, Trace_ELBO, 1), (LoopTrace_ELBO, Trace_ELBO, 3),
+    (LoopTraceMeanField_ELBO, TraceMeanField_ELBO, 1)])
+def test_the_loop_objectives_give_pyros_loss_and_gradient(ours, pyros, num_particles):
+    x = torch.randn(7)
+    # TraceMeanField_ELBO takes reparameterised sites only
+    discrete = pyros is not TraceMeanField_ELBO
+    model, guide, params = _score_function_program(discrete)
+    values, grads = [], []
+    for objective in (ours, pyros):
+        pyro.set_rng_seed(3)
+        elbo = objective(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                         max_plate_nesting=1)
+        loss = elbo.differentiable_loss(model, guide, x)
+        values.append(loss.item())
+        grads.append(torch.autograd.grad(loss, params))
+    assert values[0] == values[1]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    if discrete:  # the score-function term reaches the discrete site's logit
+        assert grads[0][1].abs() > 0
+
+
+def test_the_named_objectives_are_the_loop_variants():
+    assert isinstance(make_objective("trace_elbo"), LoopTrace_ELBO)
+    assert isinstance(make_objective("meanfield_elbo"), LoopTraceMeanField_ELBO)
