@@ -29,15 +29,25 @@ def _is_pyro(module: nn.Module) -> bool:
     return any(isinstance(part, PyroModule) for part in module.modules())
 
 
+def _called_as_a_module(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs ``nn.Module.__call__`` into its own ``forward``: what
+    ``nn.Module.compile`` replaces.  Containers (``ModuleList``, ``ModuleDict``) are never
+    called; Pyro's transforms (flows) are called through ``Transform.__call__`` or
+    ``.condition(...)``, so their compiled forward would never run."""
+    return (type(module).__call__ is nn.Module.__call__
+            and type(module).forward is not nn.Module.forward
+            and not isinstance(module, (nn.ModuleList, nn.ModuleDict)))
+
+
 def compilable_networks(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The largest called submodules of ``module`` that hold parameters and no
-    ``PyroModule`` (the members of a ``ModuleList``/``ModuleDict``, not the container), as
+    """The largest submodules of ``module`` (never ``module`` itself, whose ``model`` and
+    ``guide`` are what run) that hold parameters and no ``PyroModule`` and are called as
+    modules (inside a flow, its networks; inside a container, its members), as
     ``(qualified name, module)`` in registration order."""
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, part: nn.Module) -> None:
-        # a ModuleList or ModuleDict is never called: its members are
-        if not _is_pyro(part) and not isinstance(part, (nn.ModuleList, nn.ModuleDict)):
+        if prefix and not _is_pyro(part) and _called_as_a_module(part):
             if any(True for _ in part.parameters()):
                 found.append((prefix, part))
             return

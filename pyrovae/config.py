@@ -69,7 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # epochs, early stopping on the validation ELBO with a patience of 50 epochs (not
     # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000; Adam on
     # gradients divided by their norms (utils/optimizer.py: AdamNormGrad), pseudo-inputs the
-    # sigmoid of logits started at N(-0.05, 0.01) (models/Model.py); trained
+    # sigmoid of logits started at N(-0.05, 0.01) (models/Model.py before it switched to a
+    # Hardtanh(0, 1), under which that start would get no gradient); trained
     # on all 50,000 training images and validated on the file's own 10,000
     "tomczak2018": {
         "dataset": "binarized_mnist", "binarize": "static", "valid_split": "dataset",

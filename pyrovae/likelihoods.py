@@ -65,7 +65,9 @@ class _BernoulliLogDensity(torch.autograd.Function):
     value written as ``value * l - max(l, 0) - log(1 + exp(-|l|))`` uses the vectorised
     ``exp`` and ``log`` and runs several times faster on the ``K x N x D`` decoder outputs
     of importance sampling.  ``log(1 + t)`` for t in (0, 1] is within one float rounding of
-    ``log1p(t)``.  The gradient is written out: d/dl = value - sigmoid(l), d/dvalue = l.
+    ``log1p(t)`` in absolute terms (its relative precision goes for |l| beyond ~17 in
+    float32, where the term is below the rounding of the rest).  The gradient is written
+    out: d/dl = value - sigmoid(l), d/dvalue = l.
     """
 
     @staticmethod

@@ -11,8 +11,9 @@
 
 The training loop takes them as :class:`LoopTrace_ELBO` and :class:`LoopTraceMeanField_ELBO`:
 Pyro's classes, whose loss and gradient they compute with Pyro's own per-particle code,
-without the NaN-warning hooks and the host synchronisation Pyro adds to every call (the loop
-checks every loss itself).
+without the NaN check (a backward hook and a synchronisation) and the ``.item()`` that Pyro's
+``differentiable_loss`` adds to every call; the loop checks every loss itself, and the gradient
+wherever it measures its norm (``--clip-norm``, ``--adam-normalize-gradients``).
 
 KL warm-up and beta-VAE weighting multiply the log densities of every latent site by a
 weight beta (:class:`LatentScale`), leaving the likelihood term alone:
@@ -175,10 +176,11 @@ def kl_weight(epoch: int, *, beta: float = 1.0, warmup_epochs: int = 0) -> float
 class _LossCheckedByTheLoop:
     """``differentiable_loss`` from Pyro's per-particle losses (``_get_traces`` and
     ``_differentiable_loss_particle`` of the Pyro class it is mixed into), minus two costs of
-    Pyro's own: a NaN check that registers a backward hook and synchronises with the device
-    on every call, and ``loss + (surrogate - surrogate.item())``, another synchronisation,
-    written here as ``loss + (surrogate - surrogate.detach())``: the same value (the ELBO)
-    and the same gradient (the surrogate's).  For a loop that checks each loss itself."""
+    Pyro's own wrapper: a NaN check that registers a backward hook and synchronises with the
+    device, and ``loss + (surrogate - surrogate.item())``, another synchronisation, written
+    here as ``loss + (surrogate - surrogate.detach())``: the same value (the ELBO) and the
+    same gradient (the surrogate's).  For a loop that checks each loss itself; a NaN gradient
+    of a finite loss no longer warns."""
 
     num_particles: int
 

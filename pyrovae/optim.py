@@ -60,16 +60,24 @@ GRADIENT_NORM_EPS = 1e-7
 
 
 @torch.no_grad()
-def normalize_gradients_(parameters: Iterable[torch.Tensor], eps: float = GRADIENT_NORM_EPS) -> None:
+def normalize_gradients_(parameters: Iterable[torch.Tensor],
+                         eps: float = GRADIENT_NORM_EPS) -> torch.Tensor | None:
     """Divide each parameter's gradient, in place, by its own L2 norm plus ``eps``: every
     tensor then moves by a step whose size Adam alone decides, however large its raw
-    gradient.  Parameters without a gradient are left alone."""
+    gradient.  Parameters without a gradient are left alone.
+
+    :returns: the norms before dividing, one per gradient (``None`` without gradients), so
+        the caller can refuse a non-finite one: a NaN or infinite gradient would otherwise
+        become NaN (or, past the float range, silently 0).
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return
+        return None
     norms = torch._foreach_norm(grads)
+    found = torch.stack(norms)
     torch._foreach_add_(norms, eps)
     torch._foreach_div_(grads, norms)
+    return found
 
 
 def make_adam(parameters: Iterable[torch.Tensor], *, lr: float,

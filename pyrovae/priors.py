@@ -484,10 +484,12 @@ class VampPrior(Prior):
         K random training points (otherwise they keep their initial values: uniform(0, 1),
         or with the sigmoid link logits from N(-0.05, 0.01), grey images near 0.49).
     :param pseudo_input_link: ``"identity"``: the parameter ``pseudo_inputs`` is the
-        pseudo-inputs themselves, free to leave the data's range; ``"sigmoid"``: it holds their
-        logits and the pseudo-inputs are ``sigmoid(pseudo_inputs)``, inside (0, 1) like
-        binary data's means (the VampPrior authors' parameterisation, a sigmoid layer on an
-        identity input).  :meth:`inputs` gives the pseudo-inputs either way.
+        pseudo-inputs themselves, free to leave the data's range; ``"sigmoid"``: the parameter
+        ``pseudo_input_logits`` holds their logits and the pseudo-inputs are its sigmoid,
+        inside (0, 1) like binary data's means (a sigmoid layer on an identity input, as an
+        earlier version of the VampPrior authors' code has it).  The two names keep a
+        checkpoint of one link from loading into the other.  :meth:`inputs` gives the
+        pseudo-inputs either way.
     :param chunk_bytes: autograd graph that one chunk of elementwise-scored components may
         keep.
 
@@ -526,7 +528,10 @@ class VampPrior(Prior):
             start = SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim)
         else:
             start = torch.rand(num_components, data_dim)
-        self.pseudo_inputs = nn.Parameter(start)
+        if pseudo_input_link == "sigmoid":
+            self.pseudo_input_logits = nn.Parameter(start)
+        else:
+            self.pseudo_inputs = nn.Parameter(start)
         # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
         self.register_buffer("initialized_from_data", torch.tensor(False))
 
@@ -537,8 +542,13 @@ class VampPrior(Prior):
 
     def inputs(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The pseudo-inputs ``start:stop`` in data space, ``(stop - start, data_dim)``."""
-        free = self.pseudo_inputs[start:stop]
+        free = self._free_parameter()[start:stop]
         return torch.sigmoid(free) if self.pseudo_input_link == "sigmoid" else free
+
+    def _free_parameter(self) -> nn.Parameter:
+        """The parameter the pseudo-inputs are made from (themselves, or their logits)."""
+        return self.pseudo_input_logits if self.pseudo_input_link == "sigmoid" \
+            else self.pseudo_inputs
 
     @torch.no_grad()
     def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -554,8 +564,12 @@ class VampPrior(Prior):
             index = torch.randint(x.shape[0], (self.num_components,), generator=generator)
         chosen = x[index.to(x.device)]
         if self.pseudo_input_link == "sigmoid":  # logits of the points, kept finite
+            if bool(((chosen < 0) | (chosen > 1)).any()):
+                raise ValueError("the sigmoid link keeps pseudo-inputs inside (0, 1); these "
+                                 "data points lie outside [0, 1]: use pseudo_input_link="
+                                 "'identity'")
             chosen = torch.logit(chosen.clamp(SIGMOID_DATA_CLAMP, 1 - SIGMOID_DATA_CLAMP))
-        self.pseudo_inputs.copy_(chosen)
+        self._free_parameter().copy_(chosen)
         self.initialized_from_data.fill_(True)
 
     def init_from_data(self, x: torch.Tensor) -> None:
@@ -566,8 +580,8 @@ class VampPrior(Prior):
         if posterior is None:
             raise ValueError("the VampPrior needs the VAE's posterior q(z|x) to build p(z)")
         components = posterior(self.inputs())  # batch (K,), event (latent_dim,)
-        logits = torch.zeros(self.num_components, dtype=self.pseudo_inputs.dtype,
-                             device=self.pseudo_inputs.device)
+        free = self._free_parameter()
+        logits = torch.zeros(self.num_components, dtype=free.dtype, device=free.device)
 
         def component_chunks(start: int, stop: int) -> dist.Distribution:
             return posterior(self.inputs(start, stop))
@@ -607,7 +621,7 @@ class VampPrior(Prior):
         """
         cost = self.log_prob_cost(posterior, batch_shape, requires_grad=requires_grad)
         if available_bytes is None:
-            available_bytes = available_memory_bytes(device or self.pseudo_inputs.device)
+            available_bytes = available_memory_bytes(device or self._free_parameter().device)
         if available_bytes is None or cost.peak_bytes <= available_bytes:
             return cost
         if cost.minimum_bytes > available_bytes:

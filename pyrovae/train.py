@@ -582,18 +582,25 @@ class TrainingLoop:
 
     def _clip_and_update(self, epoch: int) -> None:
         if self.options.adam is not None and self.options.adam.normalize_gradients:
-            normalize_gradients_(self.parameters)
+            norms = normalize_gradients_(self.parameters)
+            if norms is not None:
+                self._refuse_non_finite_gradient(norms.max(), epoch)
         if self.options.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.options.clip_norm)
-            if not bool(torch.isfinite(norm)):
-                kept = ("the last good checkpoint is kept" if self.run_dir is not None
-                        and (self.run_dir / CHECKPOINT_NAME).exists()
-                        else "no checkpoint was written")
-                raise TrainingDivergedError(
-                    f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
-                    f"{kept}; try a lower learning rate (--lr)"
-                )
+            self._refuse_non_finite_gradient(norm, epoch)
         self.optimizer.step()
+
+    def _refuse_non_finite_gradient(self, norm: torch.Tensor, epoch: int) -> None:
+        """Stop the run like a NaN loss when the gradient's norm (measured anyway, to clip
+        or normalise it) is not finite."""
+        if not bool(torch.isfinite(norm)):
+            kept = ("the last good checkpoint is kept" if self.run_dir is not None
+                    and (self.run_dir / CHECKPOINT_NAME).exists()
+                    else "no checkpoint was written")
+            raise TrainingDivergedError(
+                f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
+                f"{kept}; try a lower learning rate (--lr)"
+            )
 
     # --- starting and resuming -------------------------------------------------------
     def start(self, resume: bool) -> None:

@@ -31,6 +31,26 @@ def test_the_networks_are_compiled_and_the_pyro_parts_are_not():
         compile_networks(vae, mode="fastest")
 
 
+def test_the_networks_inside_flows_and_a_plain_module_are_found():
+    flow = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=3, prior="flow", guide="iaf"),
+                     data_dim=12)
+    names = [name for name, _ in compilable_networks(flow)]
+    # a flow is called through Pyro's Transform.__call__ or .condition(): its networks are
+    assert "prior.flows.0.arn" in names and "guide_family.flows.0.nn" in names
+    assert not any(name.endswith(("flows.0", "flows.1")) for name in names)
+
+    class Program(torch.nn.Module):  # model and guide methods: the root itself never runs
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+
+        def model(self, x): ...
+
+        def guide(self, x): ...
+
+    assert [name for name, _ in compilable_networks(Program())] == ["encoder", "decoder"]
+
+
 # dynamo reads .grad of non-leaf inputs while it traces (a torch-internal warning)
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_compiled_training_gives_the_eager_losses_and_a_checkpoint_eager_code_loads(tmp_path):

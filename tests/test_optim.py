@@ -77,7 +77,8 @@ def test_normalized_gradients_have_unit_norm_per_tensor():
     big, small, unused = (torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True),
                           torch.zeros(2, requires_grad=True))
     big.grad, small.grad = torch.full((3, 4), 30.0), torch.tensor([0.0, 1e-3, 0.0, 0.0, 0.0])
-    normalize_gradients_([big, small, unused])
+    norms = normalize_gradients_([big, small, unused])
+    torch.testing.assert_close(norms, torch.tensor([math.sqrt(12 * 900.0), 1e-3]))
     torch.testing.assert_close(big.grad, torch.full((3, 4), 30.0) / (math.sqrt(12 * 900.0) + 1e-7))
     torch.testing.assert_close(small.grad, torch.tensor([0.0, 1e-3 / (1e-3 + 1e-7), 0, 0, 0]))
     assert unused.grad is None
@@ -101,6 +102,16 @@ def test_the_training_loop_steps_on_normalized_gradients_when_asked():
     assert all(abs(norm - 1.0) < 1e-5 for norm in norms[True])
     assert not all(abs(norm - 1.0) < 1e-2 for norm in norms[False])
     assert TrainConfig(adam_normalize_gradients=True).adam.normalize_gradients
+    # a non-finite gradient stops the run (divided by its norm it would be NaN or 0)
+    from pyrovae.train import TrainingDivergedError
+
+    first = loop.parameters[0]
+    before = first.detach().clone()
+    loop.optimizer.zero_grad()
+    first.grad = torch.full_like(first, float("inf"))
+    with pytest.raises(TrainingDivergedError, match="gradient norm is inf"):
+        loop._clip_and_update(epoch=1)
+    assert torch.equal(first.detach(), before)  # nothing was updated
 
 
 def test_the_output_bias_starts_at_the_logit_of_the_mean_pixel():

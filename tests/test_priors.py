@@ -163,11 +163,14 @@ def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_log
     torch.manual_seed(0)
     prior = VampPrior(2, DATA_DIM, num_components=200, pseudo_inputs_from_data=False,
                       pseudo_input_link="sigmoid")
-    logits = prior.pseudo_inputs.detach()  # the parameter holds logits ~ N(-0.05, 0.01)
+    logits = prior.pseudo_input_logits.detach()  # logits ~ N(-0.05, 0.01)
     assert abs(logits.mean().item() + 0.05) < 2e-3 and abs(logits.std().item() - 0.01) < 1e-3
     torch.testing.assert_close(prior.inputs(), torch.sigmoid(logits))
     torch.testing.assert_close(prior.inputs(3, 7), torch.sigmoid(logits[3:7]))
-    assert list(prior.state_dict()) == list(VampPrior(2, DATA_DIM).state_dict())
+    # its own key: a checkpoint of the other link does not load into it
+    assert "pseudo_input_logits" in prior.state_dict() and not hasattr(prior, "pseudo_inputs")
+    with pytest.raises(RuntimeError, match="pseudo_input"):
+        prior.load_state_dict(VampPrior(2, DATA_DIM, num_components=200).state_dict())
     x = torch.bernoulli(torch.full((50, DATA_DIM), 0.5))
     prior.init_pseudo_inputs(x)  # binary points, clamped to [1e-3, 1 - 1e-3] before the logit
     inputs = prior.inputs().detach()
@@ -180,7 +183,10 @@ def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_log
         return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
 
     prior(posterior).log_prob(torch.randn(5, 2)).sum().backward()
-    assert prior.pseudo_inputs.grad is not None and prior.pseudo_inputs.grad.abs().sum() > 0
+    assert prior.pseudo_input_logits.grad is not None
+    assert prior.pseudo_input_logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        prior.init_pseudo_inputs(torch.full((50, DATA_DIM), 2.0))
     with pytest.raises(ValueError, match="pseudo_input_link"):
         VampPrior(2, DATA_DIM, pseudo_input_link="tanh")
 
