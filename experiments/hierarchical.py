@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import arviz
+import cli_runs
 import numpy as np
 
-import cli_runs
 from pyrovae.report import NETCDF_NAME
 
 #: Burda et al. (2016), Table 1: test log p(x) (K = 5000) and active units (their counts)

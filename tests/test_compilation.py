@@ -65,7 +65,7 @@ def test_compiled_training_gives_the_eager_losses_and_a_checkpoint_eager_code_lo
         runs[mode] = (history, vae, run_dir)
     eager, compiled = runs["off"][0], runs["default"][0]
     assert is_compiled(runs["default"][1]) and not is_compiled(runs["off"][1])
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=True):
         assert b.train_elbo == pytest.approx(a.train_elbo, rel=1e-5)
         assert b.test_elbo == pytest.approx(a.test_elbo, rel=1e-5)
     eager_state = runs["off"][1].state_dict()

@@ -222,7 +222,7 @@ def test_the_loop_objectives_give_pyros_loss_and_gradient(ours, pyros, num_parti
         values.append(loss.item())
         grads.append(torch.autograd.grad(loss, params))
     assert values[0] == values[1]
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
     if discrete:  # the score-function term reaches the discrete site's logit
         assert grads[0][1].abs() > 0
