@@ -15,6 +15,7 @@ how far the protocol has got, and provenance.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import os
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: the files a resumed run needs, and the learning curve
 BANKED_FILES = ("checkpoint.pt", "checkpoint_best.pt", "config.json", METRICS_NAME,
                 "training_sessions.jsonl")
+#: the best checkpoint, banked only where it differs from the latest (a copy of it otherwise)
+BEST_NAME = "checkpoint_best.pt"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ def train(protocol: Protocol, data_dir: str, minutes: float, run_dir: Path, bank
         for name in BANKED_FILES:
             if (bank_dir / name).is_file():
                 shutil.copy2(bank_dir / name, run_dir / name)
+        results = bank_dir / "results.json"
+        if results.is_file() and json.loads(results.read_text()).get("best_is_latest"):
+            shutil.copy2(run_dir / "checkpoint.pt", run_dir / BEST_NAME)
     common = ["--data-dir", data_dir, "--max-minutes", str(minutes), "--eval-samples", "0",
               "--no-progress"]
     if (run_dir / "checkpoint.pt").is_file():
@@ -116,8 +122,12 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
         print(f"{script}: error: no run in {run_dir} to bank", file=sys.stderr)
         return 2
     bank_dir.mkdir(parents=True, exist_ok=True)
+    best = run_dir / BEST_NAME
+    best_is_latest = best.is_file() and filecmp.cmp(best, run_dir / "checkpoint.pt", shallow=False)
     for name in BANKED_FILES:
-        if (run_dir / name).is_file():
+        if name == BEST_NAME and best_is_latest:
+            (bank_dir / name).unlink(missing_ok=True)  # the latest checkpoint stands for it
+        elif (run_dir / name).is_file():
             shutil.copy2(run_dir / name, bank_dir / name)
     rows = [asdict(record) for record in read_metrics(run_dir / METRICS_NAME)]
     config = json.loads((run_dir / "config.json").read_text())
@@ -134,6 +144,7 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
         "notes": kept_notes + list(notes or []),
         "seed": config["seed"],
         **progress(protocol, rows, config),
+        "best_is_latest": best_is_latest,
         "last_test_elbo": rows[-1]["test_elbo"],
         "learning_curve": curve,
         "learning_curve_estimator": "test log p(x), IWAE bound with --log-px-samples samples "

@@ -411,7 +411,15 @@ def test_tomczak2018_trains_banks_and_says_how_far_its_early_stopping_has_got(tm
     # stopped early (patience 1 here) or still going
     assert results["finished"] == (results["epochs_since_best"] >= 1)
     assert all(point["test_log_px"] < 0 for point in results["learning_curve"])
-    assert (bank_dir / "checkpoint.pt").is_file() and (bank_dir / "checkpoint_best.pt").is_file()
+    assert (bank_dir / "checkpoint.pt").is_file()
+    # the best checkpoint is banked where it differs from the latest, and restored from it
+    assert (bank_dir / "checkpoint_best.pt").is_file() != results["best_is_latest"]
+    import shutil
+
+    shutil.rmtree(run_dir)
+    run_script("tomczak2018.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
+               *paths, "--epochs", "4")
+    assert (run_dir / "checkpoint_best.pt").is_file()
 
 
 @requires_mnist
