@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
+from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME
 from pyrovae.provenance import provenance
+from pyrovae.runs import CONFIG_NAME, SESSIONS_NAME
 from pyrovae.train import METRICS_NAME, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-#: the files a resumed run needs, and the learning curve
-BANKED_FILES = ("checkpoint.pt", "checkpoint_best.pt", "config.json", METRICS_NAME,
-                "training_sessions.jsonl")
-#: the best checkpoint, banked only where it differs from the latest (a copy of it otherwise)
-BEST_NAME = "checkpoint_best.pt"
+#: the files a resumed run needs, and the learning curve; the best checkpoint is banked only
+#: where it differs from the latest (which stands for it otherwise)
+BANKED_FILES = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SESSIONS_NAME)
 
 
 @dataclass(frozen=True)
@@ -71,17 +71,17 @@ def train(protocol: Protocol, data_dir: str, minutes: float, run_dir: Path, bank
     """Start or continue the run for at most ``minutes`` of wall clock, one thread;
     ``extra`` flags go to ``pyrovae train`` (a resumed run takes only those that may change,
     such as ``--epochs``)."""
-    if not (run_dir / "checkpoint.pt").is_file() and (bank_dir / "checkpoint.pt").is_file():
+    if not (run_dir / CHECKPOINT_NAME).is_file() and (bank_dir / CHECKPOINT_NAME).is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in BANKED_FILES:
             if (bank_dir / name).is_file():
                 shutil.copy2(bank_dir / name, run_dir / name)
         results = bank_dir / "results.json"
         if results.is_file() and json.loads(results.read_text()).get("best_is_latest"):
-            shutil.copy2(run_dir / "checkpoint.pt", run_dir / BEST_NAME)
+            shutil.copy2(run_dir / CHECKPOINT_NAME, run_dir / BEST_CHECKPOINT_NAME)
     common = ["--data-dir", data_dir, "--max-minutes", str(minutes), "--eval-samples", "0",
               "--no-progress"]
-    if (run_dir / "checkpoint.pt").is_file():
+    if (run_dir / CHECKPOINT_NAME).is_file():
         command = ["train", "--resume", str(run_dir), *common, *extra]
     else:
         command = ["train", "--preset", protocol.preset, "--seed", "0", *protocol.start_flags,
@@ -118,19 +118,19 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
     """Copy the run's checkpoint, config and metrics into ``bank_dir`` and write
     ``results.json`` there (epochs and updates done, the learning curve, provenance)."""
     script = f"{protocol.preset}.py"
-    if not (run_dir / "checkpoint.pt").is_file():
+    if not (run_dir / CHECKPOINT_NAME).is_file():
         print(f"{script}: error: no run in {run_dir} to bank", file=sys.stderr)
         return 2
     bank_dir.mkdir(parents=True, exist_ok=True)
-    best = run_dir / BEST_NAME
-    best_is_latest = best.is_file() and filecmp.cmp(best, run_dir / "checkpoint.pt", shallow=False)
+    best = run_dir / BEST_CHECKPOINT_NAME
+    best_is_latest = best.is_file() and filecmp.cmp(best, run_dir / CHECKPOINT_NAME, shallow=False)
     for name in BANKED_FILES:
-        if name == BEST_NAME and best_is_latest:
+        if name == BEST_CHECKPOINT_NAME and best_is_latest:
             (bank_dir / name).unlink(missing_ok=True)  # the latest checkpoint stands for it
         elif (run_dir / name).is_file():
             shutil.copy2(run_dir / name, bank_dir / name)
     rows = [asdict(record) for record in read_metrics(run_dir / METRICS_NAME)]
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
     curve = [{"epoch": int(row["epoch"]), "updates": int(row["step"]),
               "test_log_px": row["test_log_px"], "test_elbo": row["test_elbo"]}
              for row in rows if not math.isnan(row.get("test_log_px", math.nan))]

@@ -525,13 +525,10 @@ class VampPrior(Prior):
         self.pseudo_inputs_from_data = pseudo_inputs_from_data
         self.pseudo_input_link = pseudo_input_link
         if pseudo_input_link == "sigmoid":
-            start = SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim)
+            self.pseudo_input_logits = nn.Parameter(
+                SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim))
         else:
-            start = torch.rand(num_components, data_dim)
-        if pseudo_input_link == "sigmoid":
-            self.pseudo_input_logits = nn.Parameter(start)
-        else:
-            self.pseudo_inputs = nn.Parameter(start)
+            self.pseudo_inputs = nn.Parameter(torch.rand(num_components, data_dim))
         # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
         self.register_buffer("initialized_from_data", torch.tensor(False))
 

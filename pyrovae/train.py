@@ -562,12 +562,10 @@ class TrainingLoop:
         past :data:`DIVERGED_LOSS_FACTOR` times its scale at this call's first step (a finite
         divergence: a working model's loss falls from its start)."""
         where = f"at epoch {epoch}, step {self.step + 1}"
-        kept = ("the last good checkpoint is kept" if self.run_dir is not None
-                and (self.run_dir / CHECKPOINT_NAME).exists() else "no checkpoint was written")
         if not math.isfinite(value):
             raise TrainingDivergedError(
-                f"loss is {value} {where}; {kept}; try a lower learning rate (--lr) or "
-                f"--clip-norm")
+                f"loss is {value} {where}; {self._kept_checkpoint()}; try a lower learning "
+                f"rate (--lr) or --clip-norm")
         per_point = value / self.options.batch_size
         first = getattr(self, "_first_loss", None)
         if first is None:
@@ -577,8 +575,8 @@ class TrainingLoop:
         if per_point > first + DIVERGED_LOSS_FACTOR * scale:
             raise TrainingDivergedError(
                 f"loss is {per_point:.4g} nats per data point {where}, up from {first:.4g} at "
-                f"the first step: training diverged; {kept}; try a lower learning rate (--lr) "
-                f"or --clip-norm")
+                f"the first step: training diverged; {self._kept_checkpoint()}; try a lower "
+                f"learning rate (--lr) or --clip-norm")
 
     def _clip_and_update(self, epoch: int) -> None:
         if self.options.adam is not None and self.options.adam.normalize_gradients:
@@ -594,13 +592,15 @@ class TrainingLoop:
         """Stop the run like a NaN loss when the gradient's norm (measured anyway, to clip
         or normalise it) is not finite."""
         if not bool(torch.isfinite(norm)):
-            kept = ("the last good checkpoint is kept" if self.run_dir is not None
-                    and (self.run_dir / CHECKPOINT_NAME).exists()
-                    else "no checkpoint was written")
             raise TrainingDivergedError(
                 f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
-                f"{kept}; try a lower learning rate (--lr)"
+                f"{self._kept_checkpoint()}; try a lower learning rate (--lr)"
             )
+
+    def _kept_checkpoint(self) -> str:
+        """What a run stopped now leaves behind, for its error message."""
+        kept = self.run_dir is not None and (self.run_dir / CHECKPOINT_NAME).exists()
+        return "the last good checkpoint is kept" if kept else "no checkpoint was written"
 
     # --- starting and resuming -------------------------------------------------------
     def start(self, resume: bool) -> None:
