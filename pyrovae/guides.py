@@ -26,9 +26,11 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
-from pyro.nn import ConditionalAutoRegressiveNN, PyroModule
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
+
+from pyrovae.registration import LeanPyroModule
 
 #: lower bound on posterior standard deviations; keeps log q finite in float32
 MIN_SCALE = 1e-4
@@ -51,7 +53,7 @@ def head_gain(config: Any) -> float | None:
     return None if init_gain == "activation" else float(init_gain)
 
 
-class GuideFamily(PyroModule):
+class GuideFamily(LeanPyroModule):
     """Base class of amortized variational families."""
 
     def __init__(self, feature_dim: int, latent_dim: int) -> None:

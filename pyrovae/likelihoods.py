@@ -22,11 +22,12 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
 from pyrovae.errors import InvalidDataError
+from pyrovae.registration import LeanPyroModule
 
 
 def _refuse_outside(x: torch.Tensor, outside: torch.Tensor, requirement: str, advice: str) -> None:
@@ -37,7 +38,7 @@ def _refuse_outside(x: torch.Tensor, outside: torch.Tensor, requirement: str, ad
                                f"e.g. {example:g}; {advice}")
 
 
-class Likelihood(PyroModule):
+class Likelihood(LeanPyroModule):
     """Base class of observation models."""
 
     @classmethod

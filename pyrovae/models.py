@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, pyro_method
+from pyro.nn import pyro_method
 from torch import nn
 
 from pyrovae import sites
@@ -29,6 +29,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.guides import GuideFamily
 from pyrovae.likelihoods import Likelihood
 from pyrovae.priors import Prior
+from pyrovae.registration import LeanPyroModule
 from pyrovae.sites import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, layer_site
 from pyrovae.validation import check_data
 
@@ -42,7 +43,7 @@ def _unique_name() -> str:
     return "vae" if index == 0 else f"vae_{index}"
 
 
-class VAE(PyroModule):
+class VAE(LeanPyroModule):
     """A variational autoencoder as a Pyro model/guide pair.
 
     :param encoder: ``nn.Module`` mapping x ``(..., data_dim)`` to features ``(..., feature_dim)``.
@@ -95,15 +96,19 @@ class VAE(PyroModule):
     @pyro_method
     def model(self, x: torch.Tensor) -> None:
         """The generative model p(x, z) = p(z) p(x|z), conditioned on ``x`` of shape ``(N, D)``."""
+        # the networks are read outside the plate: their parameters are global, so their
+        # param messages (and poutine.lift's draws of them) belong to no data point
+        prior, decoder, likelihood = self.prior(self.posterior), self.decoder, self.likelihood
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            z = pyro.sample(LATENT_SITE, self.prior(self.posterior))
-            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)
+            z = pyro.sample(LATENT_SITE, prior)
+            pyro.sample(OBSERVED_SITE, likelihood(decoder(z)), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor) -> None:
         """The amortized guide q(z|x) for ``x`` of shape ``(N, D)``."""
+        posterior = self.posterior(x)  # outside the plate, as in the model
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            pyro.sample(LATENT_SITE, self.posterior(x))
+            pyro.sample(LATENT_SITE, posterior)
 
     @pyro_method
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
@@ -168,7 +173,7 @@ def _width(layer: nn.Module, names: tuple[str, ...]) -> int | None:
 _IN, _OUT = ("in_dim", "data_dim", "feature_dim"), ("out_dim", "latent_dim")
 
 
-class HierarchicalVAE(PyroModule):
+class HierarchicalVAE(LeanPyroModule):
     """A VAE with L stochastic layers z_1 (next to x), ..., z_L, as a Pyro model/guide pair::
 
         model:  z_L ~ p(z_L)                          (prior, site "zL")
@@ -271,8 +276,8 @@ class HierarchicalVAE(PyroModule):
     def model(self, x: torch.Tensor) -> None:
         """p(x, z_1..z_L) = p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1), conditioned on ``x``
         of shape ``(N, D)``."""
-        # reading a plain nn.Module child of a PyroModule registers its parameters, one param
-        # message each: read once, and outside the plate, so those skip its messengers
+        # the networks are read once, outside the plate: their parameters are global (see
+        # VAE.model)
         prior, layers, decoder, likelihood = (self.prior, self.prior_layers, self.decoder,
                                               self.likelihood)
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
@@ -356,7 +361,7 @@ class LabelConcat(nn.Module):
         return self.network(torch.cat([inputs.expand(*shape, -1), code.expand(*shape, -1)], -1))
 
 
-class _LabelModel(PyroModule):
+class _LabelModel(LeanPyroModule):
     """What the models of labelled data share: the parts, their checks, data checks and
     sampling with a chosen label.  Not a model on its own."""
 
@@ -486,15 +491,18 @@ class ConditionalVAE(_LabelModel):
     @pyro_method
     def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """p(x, z | y) = p(z) p(x | z, y) for ``x`` ``(N, D)`` and labels ``y`` ``(N,)``."""
+        # the networks are read outside the plate: their parameters are global (see VAE.model)
+        prior, decoder, likelihood = self.prior(), self.decoder, self.likelihood
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            z = pyro.sample(LATENT_SITE, self.prior())
-            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z, y)), obs=x)
+            z = pyro.sample(LATENT_SITE, prior)
+            pyro.sample(OBSERVED_SITE, likelihood(decoder(z, y)), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """q(z | x, y) for ``x`` ``(N, D)`` and labels ``y`` ``(N,)``."""
+        posterior = self.guide_family(self.encoder(x, y))  # outside the plate (see model)
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            pyro.sample(LATENT_SITE, self.guide_family(self.encoder(x, y)))
+            pyro.sample(LATENT_SITE, posterior)
 
 
 def _masked(mask: torch.Tensor, needed: bool) -> contextlib.AbstractContextManager[None]:
@@ -585,6 +593,10 @@ class SemiSupervisedVAE(_LabelModel):
         labelled = y >= 0
         num_labelled, num_points = int(labelled.sum()), x.shape[0]
         mixed = 0 < num_labelled < num_points
+        classified = self.training and num_labelled and self.alpha > 0
+        # the networks are read outside the plate: their parameters are global (see VAE.model)
+        prior, decoder, likelihood = self.prior(), self.decoder, self.likelihood
+        classifier = self.classifier if classified else None
         with pyro.plate(DATA_PLATE, num_points, dim=-1):
             label = y
             if num_labelled:
@@ -594,11 +606,11 @@ class SemiSupervisedVAE(_LabelModel):
                 with _masked(~labelled, mixed):
                     hidden = pyro.sample(sites.UNLABELLED_SITE, self._label_prior(x))
                 label = torch.where(labelled, label, hidden) if mixed else hidden
-            z = pyro.sample(LATENT_SITE, self.prior())
-            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z, label)), obs=x)
-            if self.training and num_labelled and self.alpha > 0:
+            z = pyro.sample(LATENT_SITE, prior)
+            pyro.sample(OBSERVED_SITE, likelihood(decoder(z, label)), obs=x)
+            if classifier is not None:
                 with _masked(labelled, mixed), pyro.poutine.scale(scale=self.alpha):
-                    pyro.sample(sites.CLASSIFIED_SITE, dist.Categorical(logits=self.classifier(x)),
+                    pyro.sample(sites.CLASSIFIED_SITE, dist.Categorical(logits=classifier(x)),
                                 obs=y.clamp(min=0))
 
     @pyro_method
@@ -607,15 +619,18 @@ class SemiSupervisedVAE(_LabelModel):
         labelled = y >= 0
         num_labelled, num_points = int(labelled.sum()), x.shape[0]
         mixed = 0 < num_labelled < num_points
+        # the networks are read outside the plate (see model)
+        classifier = self.classifier if num_labelled < num_points else None
+        encoder, guide_family = self.encoder, self.guide_family
         with pyro.plate(DATA_PLATE, num_points, dim=-1):
             label = y
-            if num_labelled < num_points:
+            if classifier is not None:
                 with _masked(~labelled, mixed):
                     hidden = pyro.sample(sites.UNLABELLED_SITE,
-                                         dist.Categorical(logits=self.classifier(x)),
+                                         dist.Categorical(logits=classifier(x)),
                                          infer={"enumerate": "parallel"})
                 label = torch.where(labelled, y, hidden) if mixed else hidden
-            pyro.sample(LATENT_SITE, self.guide_family(self.encoder(x, label)))
+            pyro.sample(LATENT_SITE, guide_family(encoder(x, label)))
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from pyro.poutine.messenger import Messenger
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import log_weights, particle_traces
 from pyrovae.programs import Program, ProgramError, Structure
+from pyrovae.registration import ignores_module_parameters
 
 
 class ImportanceWeightedELBO(ELBO):
@@ -132,6 +133,7 @@ class ImportanceWeightedELBO(ELBO):
         return loss.item()
 
 
+@ignores_module_parameters  # it scales sample sites only
 class LatentScale(Messenger):
     """Multiply the log densities of every latent site (model and guide) by ``beta``.
 

@@ -32,11 +32,12 @@ import torch
 import torch.utils.checkpoint
 from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineAutoregressive
-from pyro.nn import AutoRegressiveNN, PyroModule, PyroParam
+from pyro.nn import AutoRegressiveNN, PyroParam
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyrovae.errors import ConfigError
+from pyrovae.registration import LeanPyroModule
 
 Posterior = Callable[[torch.Tensor], dist.Distribution]
 #: ``(start, stop) -> `` the mixture components ``start:stop``, batch shape ``(stop - start,)``
@@ -46,7 +47,7 @@ ComponentChunks = Callable[[int, int], dist.Distribution]
 LOG_PROB_CHUNK_BYTES = 2**28
 
 
-class Prior(PyroModule):
+class Prior(LeanPyroModule):
     """Base class of priors over a ``latent_dim``-dimensional z."""
 
     def __init__(self, latent_dim: int) -> None:

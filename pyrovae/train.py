@@ -65,6 +65,7 @@ from pyrovae.optim import (
     normalize_gradients_,
 )
 from pyrovae.programs import Program, as_program, program_parameters
+from pyrovae.registration import parameters_owned
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
 from pyrovae.schedules import scheduled_lr
 from pyrovae.validation import check_data
@@ -511,11 +512,14 @@ class TrainingLoop:
         # a NaN loss is caught and named by _check_loss; Pyro's own warning would only repeat it
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            if shard is None:
-                return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
-            # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
-            with distributed.rank_seeded(self.program.device):
-                return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
+            # self.optimizer holds the parameters: re-registering them every step is not needed
+            with parameters_owned():
+                if shard is None:
+                    return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
+                # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
+                with distributed.rank_seeded(self.program.device):
+                    return self.elbo.differentiable_loss(self.model, self.guide,
+                                                         *_arguments(x))
 
     def train_step(self, x: torch.Tensor, epoch: int = 1, *, global_rows: int | None = None) -> float:
         """One gradient step; raises before updating if the loss or gradient is not finite.
