@@ -22,11 +22,21 @@ from pyrovae.data import (
     check_dataset_name,
 )
 from pyrovae.errors import ConfigError
-from pyrovae.guides import GUIDES
+from pyrovae.guides import GUIDES, SCALE_LINKS
 from pyrovae.layers import ConditionalNormal, gaussian_chain
-from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.likelihoods import LIKELIHOODS, logit_clip_of_probability_clip
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE, paper_alpha
-from pyrovae.nets import ACTIVATION_GAIN, ACTIVATIONS, NETWORKS, MLPDecoder, check_init_gain, mlp
+from pyrovae.nets import (
+    ACTIVATION_GAIN,
+    ACTIVATIONS,
+    GLOROT_UNIFORM,
+    INIT_SCHEMES,
+    NETWORKS,
+    MLPDecoder,
+    check_init_gain,
+    check_init_scheme,
+    mlp,
+)
 from pyrovae.objectives import OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
@@ -44,6 +54,16 @@ MAX_LR = 1.0
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
     return {"help": help, **argparse_options}
+
+
+def _float_or_none(text: str) -> float | None:
+    """A flag's number, or ``none`` for ``None``: how a flag that a preset sets is turned off."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
 #: published training protocols: the TrainConfig fields each one sets
@@ -71,7 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # gradients divided by their norms (utils/optimizer.py: AdamNormGrad), pseudo-inputs the
     # sigmoid of logits started at N(-0.05, 0.01) (models/Model.py before it switched to a
     # Hardtanh(0, 1), under which that start would get no gradient); trained
-    # on all 50,000 training images and validated on the file's own 10,000
+    # on all 50,000 training images and validated on the file's own 10,000; the guide's
+    # scale a log-variance clipped to [-6, 2] (models/VAE.py: Hardtanh(-6, 2)); every Linear
+    # weight He-normal, N(0, 2 / fan_in), with nn.Linear's own biases, the decoder's output
+    # bias among them, which output_bias_init "zero" leaves as the networks start it
+    # (utils/nn.py: he_init); the Bernoulli probability clamped to [1e-5, 1 - 1e-5] in
+    # training and evaluation (utils/distributions.py: log_Bernoulli)
     "tomczak2018": {
         "dataset": "binarized_mnist", "binarize": "static", "valid_split": "dataset",
         "valid_size": 10_000,
@@ -83,7 +108,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_second_moment_init": 0.0, "output_bias_init": "zero", "eval_samples": 5000,
         "kl_warmup_epochs": 100, "beta": 1.0, "early_stopping_patience": 50,
         "pseudo_inputs_from_data": False, "pseudo_input_link": "sigmoid",
-        "adam_normalize_gradients": True,
+        "adam_normalize_gradients": True, "guide_scale": "clipped_log_variance",
+        "init_scheme": "he_normal", "bernoulli_logit_clip": logit_clip_of_probability_clip(1e-5),
     },
 }
 PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
@@ -158,6 +184,13 @@ class TrainConfig:
         "the gain of its activation (5/3 for tanh; 1 for heads and gated outputs, PyTorch's "
         "default for the guide's heads), or a number for every layer, heads included (1: "
         "the IWAE authors' code); convolutions keep PyTorch's default", type=init_gain))
+    init_scheme: str = field(default=GLOROT_UNIFORM, metadata=_flag(
+        "how the Linear layers of the networks and the guide's heads start: glorot_uniform, "
+        "as --init-gain says; he_normal, weights N(0, 2 / fan_in) (He et al. 2015; Tomczak & "
+        "Welling's code) and PyTorch's default biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the "
+        "decoder's output bias included; convolutions and the flows' autoregressive networks "
+        "keep their own start either way",
+        choices=INIT_SCHEMES))
     latent_dim: int = field(default=50, metadata=_flag("dimension of z", type=int))
     latent_dims: tuple[int, ...] | None = field(default=None, metadata=_flag(
         "a hierarchical VAE: widths of its stochastic layers z1 (next to x), z2, ... (Burda "
@@ -168,6 +201,11 @@ class TrainConfig:
     prior: str = field(default="normal", metadata=_flag("prior p(z)", choices=tuple(PRIORS)))
     guide: str = field(default="diagonal", metadata=_flag(
         "variational family q(z|x)", choices=tuple(GUIDES)))
+    guide_scale: str = field(default="softplus", metadata=_flag(
+        "diagonal, iaf, lowrank guides: how the scale head gives the standard deviations: "
+        "softplus, softplus(head) + 1e-4; clipped_log_variance, exp(clip(head, -6, 2) / 2), "
+        "the head a log-variance (Tomczak & Welling's Hardtanh(-6, 2))",
+        choices=tuple(SCALE_LINKS)))
     num_components: int = field(default=10, metadata=_flag(
         "mog prior: mixture components; vamp prior: pseudo-inputs", type=int))
     pseudo_inputs_from_data: bool = field(default=True, metadata=_flag(
@@ -189,6 +227,11 @@ class TrainConfig:
         "Gaussian likelihoods: noise standard deviation (initial value if learned)", type=float))
     learn_sigma: bool = field(default=False, metadata=_flag(
         "Gaussian likelihood: learn sigma (one global scalar)"))
+    bernoulli_logit_clip: float | None = field(default=None, metadata=_flag(
+        "Bernoulli likelihood: clamp the decoder's logits to [-C, C] in training, evaluation "
+        "and sampling, no gradient beyond (Tomczak & Welling's probabilities in [1e-5, "
+        "1 - 1e-5]: C = log((1 - 1e-5) / 1e-5) = 11.5129); none (the default): no clamp",
+        type=_float_or_none))
     objective: str = field(default="trace_elbo", metadata=_flag(
         "training objective", choices=tuple(OBJECTIVES)))
     num_particles: int = field(default=1, metadata=_flag(
@@ -219,9 +262,10 @@ class TrainConfig:
         "divide each parameter tensor's gradient by its L2 norm before the Adam update "
         "(Tomczak & Welling 2018's AdamNormGrad)"))
     output_bias_init: str = field(default="zero", metadata=_flag(
-        "start of the decoder's output bias: zero, or data_mean (the logit of the training "
-        "set's mean pixel for a Bernoulli likelihood, the mean itself for a Gaussian one)",
-        choices=OUTPUT_BIAS_INITS))
+        "start of the decoder's output bias: zero, as the networks start it (zero under "
+        "--init-scheme glorot_uniform, PyTorch's default under he_normal); or data_mean (the "
+        "logit of the training set's mean pixel for a Bernoulli likelihood, the mean itself "
+        "for a Gaussian one)", choices=OUTPUT_BIAS_INITS))
     preset: str | None = field(default=None, metadata=_flag(
         "a published protocol whose settings become the defaults (flags given beside it "
         "override them): " + ", ".join(f"{name} ({text})" for name, text in PRESET_HELP.items()),
@@ -277,6 +321,9 @@ class TrainConfig:
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
         if isinstance(self.init_gain, int) and not isinstance(self.init_gain, bool):
             self.init_gain = float(self.init_gain)  # config.json records 1.0, not 1
+        if isinstance(self.bernoulli_logit_clip, int) and \
+                not isinstance(self.bernoulli_logit_clip, bool):
+            self.bernoulli_logit_clip = float(self.bernoulli_logit_clip)
         if self.latent_dims is not None:
             self.latent_dims = tuple(self.latent_dims)
             if self.latent_dims and min(self.latent_dims) >= 1:  # else refused by validate
@@ -312,6 +359,21 @@ class TrainConfig:
                 )
         check_dataset_name(self.dataset)
         check_init_gain(self.init_gain)
+        check_init_scheme(self.init_scheme, self.init_gain)
+        if self.guide_scale not in GUIDES[self.guide].scale_links:
+            takers = [name for name, family in GUIDES.items()
+                      if self.guide_scale in family.scale_links]
+            raise ConfigError(f"--guide-scale {self.guide_scale} is not available with --guide "
+                              f"{self.guide}; the guides that take it: {', '.join(takers)} "
+                              f"(the others: --guide-scale softplus)")
+        if self.bernoulli_logit_clip is not None:
+            if self.likelihood != "bernoulli":
+                raise ConfigError(f"--bernoulli-logit-clip is for --likelihood bernoulli, not "
+                                  f"--likelihood {self.likelihood} (--bernoulli-logit-clip none "
+                                  f"turns it off)")
+            if not (math.isfinite(self.bernoulli_logit_clip) and self.bernoulli_logit_clip > 0):
+                raise ConfigError(f"bernoulli_logit_clip must be a positive number, got "
+                                  f"{self.bernoulli_logit_clip}")
         if self.valid_split == "dataset" and self.dataset not in OWN_VALIDATION_DATASETS:
             raise ConfigError(f"--valid-split dataset: {self.dataset!r} has no validation split "
                               f"of its own (those that do: "
@@ -391,6 +453,15 @@ class TrainConfig:
             if value != allowed:
                 raise ConfigError(f"latent_dims builds {allowed} layers; --{name} {value} is "
                                   f"not available with it")
+        # its stochastic layers (pyrovae.layers) have Glorot-uniform heads and exp(head) scales
+        if self.init_scheme != GLOROT_UNIFORM:
+            raise ConfigError(f"latent_dims: the stochastic layers start Glorot-uniform; "
+                              f"--init-scheme {self.init_scheme} is not available with them "
+                              f"(--init-scheme {GLOROT_UNIFORM})")
+        if self.guide_scale != "softplus":
+            raise ConfigError(f"latent_dims: the stochastic layers' scales are exp(linear); "
+                              f"--guide-scale {self.guide_scale} is not available with them "
+                              f"(--guide-scale softplus)")
         if self.objective == "meanfield_elbo" and len(self.latent_dims) > 1:
             raise ConfigError("latent_dims: meanfield_elbo's analytic KL needs every layer's "
                               "prior parents drawn before it in the guide, and z2 ~ q(z2|z1) "
@@ -551,7 +622,8 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
     encoder, decoder = NETWORKS[config.net](
         data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
-        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain)
+        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain,
+        init_scheme=config.init_scheme)
     feature_dim = encoder.feature_dim
     return VAE(
         encoder=encoder,
@@ -605,7 +677,8 @@ def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tup
     """The encoder of ``[x, onehot(y)]`` and the decoder of ``[z, onehot(y)]`` of
     ``config.net``, the hidden widths of a VAE's."""
     options = {"hidden_dims": config.hidden_dims, "activation": config.activation,
-               "image_shape": None, "init_gain": config.init_gain}
+               "image_shape": None, "init_gain": config.init_gain,
+               "init_scheme": config.init_scheme}
     encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
                                       latent_dim=config.latent_dim, **options)
     _, decoder = NETWORKS[config.net](data_dim=data_dim,
@@ -640,7 +713,7 @@ def build_semi_supervised_vae(config: TrainConfig, *, data_dim: int,
     return SemiSupervisedVAE(
         encoder=encoder, decoder=decoder,
         classifier=mlp((data_dim, *config.hidden_dims, num_classes), config.activation,
-                       init_gain=config.init_gain),
+                       init_gain=config.init_gain, init_scheme=config.init_scheme),
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         guide=GUIDES[config.guide].from_config(config, feature_dim=encoder.feature_dim),

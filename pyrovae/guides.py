@@ -16,11 +16,13 @@ References:
    Inference with Inverse Autoregressive Flow. NeurIPS.
 2. Rezende, Mohamed, Wierstra (2014). Stochastic Backpropagation and Approximate Inference
    in Deep Generative Models. ICML (low-rank plus diagonal covariance).
+3. Tomczak, Welling (2018). VAE with a VampPrior. AISTATS (the clipped log-variance).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pyro.distributions as dist
@@ -30,15 +32,55 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
 
+from pyrovae.nets import GLOROT_UNIFORM, HE_NORMAL, check_init_scheme, he_normal_
 from pyrovae.registration import LeanPyroModule
 
 #: lower bound on posterior standard deviations; keeps log q finite in float32
 MIN_SCALE = 1e-4
+#: the bounds of the clipped log-variance (Tomczak & Welling's ``Hardtanh(-6, 2)``):
+#: standard deviations from exp(-3) = 0.050 to exp(1) = 2.7
+LOG_VARIANCE_MIN, LOG_VARIANCE_MAX = -6.0, 2.0
 
 
-def restart_heads(heads: list[nn.Linear], init_gain: float | None) -> None:
+def softplus_scale(raw: torch.Tensor) -> torch.Tensor:
+    """Standard deviations ``softplus(raw) + MIN_SCALE`` from a scale head's outputs ``raw``
+    (any shape)."""
+    return F.softplus(raw) + MIN_SCALE
+
+
+def clipped_log_variance_scale(raw: torch.Tensor) -> torch.Tensor:
+    """Standard deviations ``exp(hardtanh(raw, -6, 2) / 2)``: ``raw`` (any shape) is a
+    log-variance, clipped as by Tomczak & Welling's ``Hardtanh``, so a head output outside
+    [-6, 2] gets no gradient."""
+    return torch.exp(0.5 * F.hardtanh(raw, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
+
+
+#: how a guide's scale head gives standard deviations, by name (``scale_link``, the
+#: ``--guide-scale`` flag)
+SCALE_LINKS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softplus": softplus_scale,
+    "clipped_log_variance": clipped_log_variance_scale,
+}
+
+
+def _check_scale_link(scale_link: str) -> str:
+    if scale_link not in SCALE_LINKS:
+        raise ValueError(f"unknown scale_link {scale_link!r}; known: {', '.join(SCALE_LINKS)}")
+    return scale_link
+
+
+def restart_heads(heads: list[nn.Linear], init_gain: float | None,
+                  init_scheme: str = GLOROT_UNIFORM) -> None:
     """Start ``heads`` Glorot-uniform with gain ``init_gain`` and zero biases; ``None`` keeps
-    PyTorch's default ``Linear`` initialisation."""
+    PyTorch's default ``Linear`` initialisation.  ``init_scheme="he_normal"`` draws their
+    weights He-normal instead and keeps ``Linear``'s biases (:func:`~pyrovae.nets.he_normal_`).
+
+    :raises ~pyrovae.errors.ConfigError: an unknown scheme, or ``he_normal`` with a gain.
+    """
+    if check_init_scheme(init_scheme, init_gain) == HE_NORMAL:
+        for head in heads:
+            he_normal_(head)
+        return
     if init_gain is None:
         return
     for head in heads:
@@ -53,8 +95,18 @@ def head_gain(config: Any) -> float | None:
     return None if init_gain == "activation" else float(init_gain)
 
 
+def head_init(config: Any) -> dict[str, Any]:
+    """The ``init_gain`` (:func:`head_gain`) and ``init_scheme`` a family's heads take from
+    ``config``; a config without ``init_scheme`` gets the Glorot-uniform one."""
+    return {"init_gain": head_gain(config),
+            "init_scheme": getattr(config, "init_scheme", GLOROT_UNIFORM)}
+
+
 class GuideFamily(LeanPyroModule):
     """Base class of amortized variational families."""
+
+    #: the :data:`SCALE_LINKS` the family takes (``--guide-scale``)
+    scale_links: tuple[str, ...] = ("softplus",)
 
     def __init__(self, feature_dim: int, latent_dim: int) -> None:
         super().__init__()
@@ -86,10 +138,14 @@ def _fill_legacy_scale(state_dict: dict[str, Any], prefix: str, local_metadata: 
 class DiagonalNormalGuide(GuideFamily):
     """q(z|x) = N(z_loc(h), diag z_scale(h)^2) with affine heads on the encoder features.
 
-    ``z_scale = softplus(linear(h)) + MIN_SCALE``.
+    ``z_scale = softplus(linear(h)) + MIN_SCALE`` by default; with
+    ``scale_link="clipped_log_variance"``, ``z_scale = exp(clip(linear(h), -6, 2) / 2)``,
+    the linear head a log-variance (Tomczak & Welling's guide).
 
     :param init_gain: start the heads Glorot-uniform with this gain and zero biases
         (``None``: PyTorch's default ``Linear`` initialisation).
+    :param init_scheme: ``"he_normal"`` starts the heads He-normal (:func:`restart_heads`).
+    :param scale_link: a key of :data:`SCALE_LINKS`: how the scale head gives z_scale.
 
     Example::
 
@@ -97,20 +153,26 @@ class DiagonalNormalGuide(GuideFamily):
         q = family(torch.randn(100, 200))  # batch (100,), event (50,)
     """
 
+    scale_links = tuple(SCALE_LINKS)
+
     def __init__(self, feature_dim: int, latent_dim: int, *,
-                 init_gain: float | None = None) -> None:
+                 init_gain: float | None = None, init_scheme: str = GLOROT_UNIFORM,
+                 scale_link: str = "softplus") -> None:
         super().__init__(feature_dim, latent_dim)
+        self.scale_link = _check_scale_link(scale_link)
+        self._scale = SCALE_LINKS[scale_link]
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.scale_head = nn.Linear(feature_dim, latent_dim)
-        restart_heads([self.loc_head, self.scale_head], init_gain)
+        restart_heads([self.loc_head, self.scale_head], init_gain, init_scheme)
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> DiagonalNormalGuide:
-        return cls(feature_dim, config.latent_dim, init_gain=head_gain(config))
+        return cls(feature_dim, config.latent_dim, **head_init(config),
+                   scale_link=getattr(config, "guide_scale", "softplus"))
 
     def z_loc_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:returns: ``(z_loc, z_scale)``, each ``(..., latent_dim)``."""
-        return self.loc_head(h), F.softplus(self.scale_head(h)) + MIN_SCALE
+        return self.loc_head(h), self._scale(self.scale_head(h))
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         z_loc, z_scale = self.z_loc_scale(h)
@@ -133,10 +195,15 @@ class FullCovarianceNormalGuide(GuideFamily):
     to ``L[i, j]`` is ``L[j, j] E[d^2 f / dz_i dz_j]`` (Stein's lemma), non-zero wherever the
     likelihood couples latents.
 
+    The diagonal of L is no standard deviation (the variance of z_i is the sum of row i of
+    L squared), so the family has no ``scale_link`` but softplus.
+
     :param off_diagonal_scale: the strictly lower entries of L are this times the head's
         outputs.
     :param init_gain: start the mean and diagonal heads Glorot-uniform with this gain and
         zero biases (``None``: PyTorch's default ``Linear`` initialisation).
+    :param init_scheme: ``"he_normal"`` starts the mean and diagonal heads He-normal
+        (:func:`restart_heads`); the off-diagonal head starts at zero either way.
 
     Example::
 
@@ -152,7 +219,7 @@ class FullCovarianceNormalGuide(GuideFamily):
 
     def __init__(self, feature_dim: int, latent_dim: int, *,
                  off_diagonal_scale: float = OFF_DIAGONAL_SCALE,
-                 init_gain: float | None = None) -> None:
+                 init_gain: float | None = None, init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__(feature_dim, latent_dim)
         if not off_diagonal_scale > 0:
             raise ValueError(f"off_diagonal_scale must be positive, got {off_diagonal_scale}")
@@ -166,12 +233,12 @@ class FullCovarianceNormalGuide(GuideFamily):
         self.off_diagonal_head = nn.Linear(feature_dim, rows.numel())
         nn.init.zeros_(self.off_diagonal_head.weight)
         nn.init.zeros_(self.off_diagonal_head.bias)
-        restart_heads([self.loc_head, self.diagonal_head], init_gain)
+        restart_heads([self.loc_head, self.diagonal_head], init_gain, init_scheme)
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int,
                     **context: Any) -> FullCovarianceNormalGuide:
-        return cls(feature_dim, config.latent_dim, init_gain=head_gain(config))
+        return cls(feature_dim, config.latent_dim, **head_init(config))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: dict[str, Any], *args: Any) -> None:
@@ -204,9 +271,10 @@ class FullCovarianceNormalGuide(GuideFamily):
 class LowRankNormalGuide(GuideFamily):
     """q(z|x) = N(z_loc(h), W(h) W(h)^T + diag d(h)) with a ``rank``-column factor W.
 
-    ``d = (softplus(linear(h)) + MIN_SCALE)^2``; W is ``factor_scale`` (0.1) times a free
-    affine function of h. Costs O(latent_dim * rank^2) per density instead of the full
-    covariance's O(latent_dim^3).
+    ``d = z_scale(h)^2`` with the scale of :class:`DiagonalNormalGuide` (``scale_link``:
+    ``softplus(linear(h)) + MIN_SCALE`` by default, or ``log d`` a clipped affine function);
+    W is ``factor_scale`` (0.1) times a free affine function of h. Costs
+    O(latent_dim * rank^2) per density instead of the full covariance's O(latent_dim^3).
 
     The scale matters for the reason given in :class:`FullCovarianceNormalGuide`: Adam moves
     the factor head's weights by up to ``lr`` per step, mostly on Monte Carlo noise.  Unlike
@@ -217,6 +285,8 @@ class LowRankNormalGuide(GuideFamily):
     :param factor_scale: W is this times the factor head's outputs.
     :param init_gain: start the three heads Glorot-uniform with this gain and zero biases
         (``None``: PyTorch's default ``Linear`` initialisation).
+    :param init_scheme: ``"he_normal"`` starts the three heads He-normal (:func:`restart_heads`).
+    :param scale_link: a key of :data:`SCALE_LINKS`: how the scale head gives sqrt(d).
 
     Example::
 
@@ -234,24 +304,31 @@ class LowRankNormalGuide(GuideFamily):
     #: state-dict version: 2 stores ``factor_scale`` (see :func:`_fill_legacy_scale`)
     _version = 2
 
+    scale_links = tuple(SCALE_LINKS)
+
     def __init__(self, feature_dim: int, latent_dim: int, rank: int = 2, *,
-                 factor_scale: float = FACTOR_SCALE, init_gain: float | None = None) -> None:
+                 factor_scale: float = FACTOR_SCALE, init_gain: float | None = None,
+                 init_scheme: str = GLOROT_UNIFORM, scale_link: str = "softplus") -> None:
         super().__init__(feature_dim, latent_dim)
         if rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
         if not factor_scale > 0:
             raise ValueError(f"factor_scale must be positive, got {factor_scale}")
         self.rank = rank
+        self.scale_link = _check_scale_link(scale_link)
+        self._scale = SCALE_LINKS[scale_link]
         # a buffer, so that a checkpoint keeps the meaning of its weights
         self.register_buffer("factor_scale", torch.tensor(float(factor_scale)))
         self.loc_head = nn.Linear(feature_dim, latent_dim)
         self.scale_head = nn.Linear(feature_dim, latent_dim)
         self.factor_head = nn.Linear(feature_dim, latent_dim * rank)
-        restart_heads([self.loc_head, self.scale_head, self.factor_head], init_gain)
+        restart_heads([self.loc_head, self.scale_head, self.factor_head], init_gain,
+                      init_scheme)
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> LowRankNormalGuide:
-        return cls(feature_dim, config.latent_dim, config.rank, init_gain=head_gain(config))
+        return cls(feature_dim, config.latent_dim, config.rank, **head_init(config),
+                   scale_link=getattr(config, "guide_scale", "softplus"))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: dict[str, Any], *args: Any) -> None:
@@ -263,7 +340,7 @@ class LowRankNormalGuide(GuideFamily):
         z_loc = self.loc_head(h)
         cov_factor = (self.factor_scale * self.factor_head(h)).unflatten(
             -1, (self.latent_dim, self.rank))
-        cov_diag = (F.softplus(self.scale_head(h)) + MIN_SCALE) ** 2
+        cov_diag = self._scale(self.scale_head(h)) ** 2
         return dist.LowRankMultivariateNormal(z_loc, cov_factor, cov_diag)
 
 
@@ -285,6 +362,9 @@ class IAFGuide(DiagonalNormalGuide):
         ``(3 * latent_dim + 1,)``).
     :param init_gain: the base heads' (:class:`DiagonalNormalGuide`); the autoregressive
         networks keep Pyro's initialisation.
+    :param init_scheme: the base heads' (:class:`DiagonalNormalGuide`), not the
+        autoregressive networks'.
+    :param scale_link: the base's (:class:`DiagonalNormalGuide`).
 
     Example::
 
@@ -300,8 +380,10 @@ class IAFGuide(DiagonalNormalGuide):
 
     def __init__(self, feature_dim: int, latent_dim: int, num_flows: int = 2,
                  hidden_dims: tuple[int, ...] | None = None, *,
-                 init_gain: float | None = None) -> None:
-        super().__init__(feature_dim, latent_dim, init_gain=init_gain)
+                 init_gain: float | None = None, init_scheme: str = GLOROT_UNIFORM,
+                 scale_link: str = "softplus") -> None:
+        super().__init__(feature_dim, latent_dim, init_gain=init_gain, init_scheme=init_scheme,
+                         scale_link=scale_link)
         if num_flows < 0:
             raise ValueError(f"num_flows must be >= 0, got {num_flows}")
         if num_flows > 0 and latent_dim < 2:
@@ -318,7 +400,8 @@ class IAFGuide(DiagonalNormalGuide):
 
     @classmethod
     def from_config(cls, config: Any, *, feature_dim: int, **context: Any) -> IAFGuide:
-        return cls(feature_dim, config.latent_dim, config.num_flows, init_gain=head_gain(config))
+        return cls(feature_dim, config.latent_dim, config.num_flows, **head_init(config),
+                   scale_link=getattr(config, "guide_scale", "softplus"))
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         base = super().forward(h)

@@ -6,6 +6,13 @@ latents ``z`` of shape ``(..., latent_dim)`` to the parameters of p(x|z), shape
 ``(..., data_dim)``; a likelihood turns those into a distribution.  Leading
 dimensions are arbitrary, so the same network serves a minibatch ``(N, D)`` and a
 stack of importance samples ``(K, N, D)``.
+
+References:
+
+1. Glorot, Bengio (2010). Understanding the difficulty of training deep feedforward neural
+   networks. AISTATS.
+2. He, Zhang, Ren, Sun (2015). Delving Deep into Rectifiers: Surpassing Human-Level
+   Performance on ImageNet Classification. ICCV.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ GLOROT_GAINS: dict[str, float] = {name: gain for name, (_, gain) in _ACTIVATIONS
 #: the ``init_gain`` that scales each layer by the gain of the activation after it
 #: (:data:`GLOROT_GAINS`); any other value is a number, the gain of every layer
 ACTIVATION_GAIN = "activation"
+#: Glorot-uniform weights with the gain :func:`glorot_gain` and zero biases (the default)
+GLOROT_UNIFORM = "glorot_uniform"
+#: He-normal weights, N(0, 2 / fan_in) whatever the activation, and ``nn.Linear``'s own
+#: biases (Tomczak & Welling's ``he_init``)
+HE_NORMAL = "he_normal"
+#: how the ``Linear`` layers of the networks and guide heads start (``init_scheme``)
+INIT_SCHEMES = (GLOROT_UNIFORM, HE_NORMAL)
 
 
 def check_init_gain(init_gain: float | str) -> float | str:
@@ -52,6 +66,51 @@ def check_init_gain(init_gain: float | str) -> float | str:
                       f"{init_gain!r}")
 
 
+def check_init_scheme(init_scheme: str, init_gain: float | str | None = ACTIVATION_GAIN) -> str:
+    """``init_scheme`` if it is one of :data:`INIT_SCHEMES` and fits ``init_gain``.
+
+    :param init_gain: the Glorot gain asked for beside it (``None``: PyTorch's default
+        start, as a guide's heads take it); He-normal has none of its own, so it takes
+        only :data:`ACTIVATION_GAIN` or ``None``.
+    :raises ~pyrovae.errors.ConfigError: an unknown scheme, or ``he_normal`` with a gain.
+    """
+    from pyrovae.errors import ConfigError
+
+    if init_scheme not in INIT_SCHEMES:
+        raise ConfigError(f"unknown init_scheme {init_scheme!r}; known: {', '.join(INIT_SCHEMES)}")
+    if init_scheme == HE_NORMAL and init_gain not in (ACTIVATION_GAIN, None):
+        raise ConfigError(f"init_gain {init_gain!r} is the gain of the Glorot-uniform start; "
+                          f"init_scheme {HE_NORMAL!r} draws every weight from N(0, 2 / fan_in): "
+                          f"leave init_gain at {ACTIVATION_GAIN!r}, or choose init_scheme "
+                          f"{GLOROT_UNIFORM!r}")
+    return init_scheme
+
+
+def he_normal_(linear: nn.Linear) -> nn.Linear:
+    """Draw the weights of ``linear`` from N(0, 2 / fan_in) (He et al. 2015), in place; its
+    bias is left as it is, for a new ``nn.Linear`` U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)).
+
+    :returns: ``linear``.
+    """
+    with torch.no_grad():
+        linear.weight.normal_(0.0, math.sqrt(2.0 / linear.in_features))
+    return linear
+
+
+def start_linear_(linear: nn.Linear, gain: float = 1.0,
+                  init_scheme: str = GLOROT_UNIFORM) -> nn.Linear:
+    """Restart ``linear`` in place under ``init_scheme``: Glorot-uniform weights with
+    ``gain`` and zero biases, or :func:`he_normal_` (which has no gain).
+
+    :returns: ``linear``.
+    """
+    if init_scheme == HE_NORMAL:
+        return he_normal_(linear)
+    nn.init.xavier_uniform_(linear.weight, gain=gain)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
 def glorot_gain(activation: str, init_gain: float | str = ACTIVATION_GAIN) -> float:
     """The Glorot gain of a layer followed by ``activation``: its :data:`GLOROT_GAINS` entry
     under ``init_gain="activation"``, else the number ``init_gain``."""
@@ -65,10 +124,14 @@ def glorot_gain(activation: str, init_gain: float | str = ACTIVATION_GAIN) -> fl
 def glorot_linear(in_features: int, out_features: int, gain: float = 1.0) -> nn.Linear:
     """An ``nn.Linear`` with Glorot-uniform weights, bound ``gain * sqrt(6 / (in + out))``
     (Glorot & Bengio 2010), and zero biases."""
-    linear = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(linear.weight, gain=gain)
-    nn.init.zeros_(linear.bias)
-    return linear
+    return start_linear_(nn.Linear(in_features, out_features), gain)
+
+
+def init_linear(in_features: int, out_features: int, gain: float = 1.0,
+                init_scheme: str = GLOROT_UNIFORM) -> nn.Linear:
+    """An ``nn.Linear`` started under ``init_scheme`` (:func:`start_linear_`): Glorot-uniform
+    with ``gain`` (:func:`glorot_linear`), or He-normal, where ``gain`` is unused."""
+    return start_linear_(nn.Linear(in_features, out_features), gain, init_scheme)
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -83,26 +146,30 @@ def _activation(name: str) -> type[nn.Module]:
 
 
 def mlp(sizes: Sequence[int], activation: str = "tanh", final_activation: bool = False, *,
-        init_gain: float | str = ACTIVATION_GAIN) -> nn.Sequential:
+        init_gain: float | str = ACTIVATION_GAIN,
+        init_scheme: str = GLOROT_UNIFORM) -> nn.Sequential:
     """A stack of ``Linear`` layers with ``activation`` between them.
 
     Weights start Glorot-uniform (Glorot & Bengio 2010), every layer scaled by
     :func:`glorot_gain`: by default the activation's gain (5/3 for tanh), the output layer
     included, since smaller starts let a tanh encoder contract every code to one point;
-    biases start at zero.
+    biases start at zero.  ``init_scheme="he_normal"`` starts every layer with
+    :func:`he_normal_` instead.
 
     :param sizes: layer widths ``(in, hidden..., out)``; at least two entries.
     :param activation: a key of :data:`ACTIVATIONS`.
     :param final_activation: whether the last layer is followed by the activation too.
     :param init_gain: ``"activation"``, or the gain of every layer (1: the IWAE authors' code).
+    :param init_scheme: a key of :data:`INIT_SCHEMES`.
     """
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
     act = _activation(activation)
     gain = glorot_gain(activation, init_gain)
+    check_init_scheme(init_scheme, init_gain)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(glorot_linear(n_in, n_out, gain))
+        layers.append(init_linear(n_in, n_out, gain, init_scheme))
         if i < len(sizes) - 2 or final_activation:
             layers.append(act())
     return nn.Sequential(*layers)
@@ -116,6 +183,7 @@ class MLPEncoder(nn.Module):
         An empty sequence makes the encoder the identity (features are the data).
     :param activation: a key of :data:`ACTIVATIONS`.
     :param init_gain: ``"activation"``, or the Glorot gain of every layer (:func:`mlp`).
+    :param init_scheme: a key of :data:`INIT_SCHEMES` (:func:`mlp`).
 
     Example::
 
@@ -124,12 +192,14 @@ class MLPEncoder(nn.Module):
     """
 
     def __init__(self, data_dim: int, hidden_dims: Sequence[int] = (200, 200),
-                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         self.data_dim = data_dim
         self.feature_dim = hidden_dims[-1] if hidden_dims else data_dim
         self.body = (
-            mlp((data_dim, *hidden_dims), activation, final_activation=True, init_gain=init_gain)
+            mlp((data_dim, *hidden_dims), activation, final_activation=True, init_gain=init_gain,
+                init_scheme=init_scheme)
             if hidden_dims
             else nn.Identity()
         )
@@ -148,6 +218,7 @@ class MLPDecoder(nn.Module):
         gives an affine decoder ``W z + b`` (the linear-Gaussian model).
     :param activation: a key of :data:`ACTIVATIONS`.
     :param init_gain: ``"activation"``, or the Glorot gain of every layer (:func:`mlp`).
+    :param init_scheme: a key of :data:`INIT_SCHEMES` (:func:`mlp`).
 
     Example::
 
@@ -156,11 +227,13 @@ class MLPDecoder(nn.Module):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, hidden_dims: Sequence[int] = (200, 200),
-                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 activation: str = "tanh", *, init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.data_dim = data_dim
-        self.body = mlp((latent_dim, *hidden_dims, data_dim), activation, init_gain=init_gain)
+        self.body = mlp((latent_dim, *hidden_dims, data_dim), activation, init_gain=init_gain,
+                        init_scheme=init_scheme)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
@@ -169,11 +242,13 @@ class MLPDecoder(nn.Module):
 
 def mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (200, 200),
                  activation: str = "tanh", image_shape: Sequence[int] | None = None,
-                 init_gain: float | str = ACTIVATION_GAIN) -> tuple[MLPEncoder, MLPDecoder]:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> tuple[MLPEncoder, MLPDecoder]:
     """An MLP encoder and a mirror-image MLP decoder (hidden sizes reversed)."""
-    encoder = MLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain)
+    encoder = MLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain,
+                         init_scheme=init_scheme)
     decoder = MLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation,
-                         init_gain=init_gain)
+                         init_gain=init_gain, init_scheme=init_scheme)
     return encoder, decoder
 
 
@@ -184,12 +259,14 @@ class GatedLinear(nn.Module):
     path; with ``activation="identity"`` it is the layer of Tomczak & Welling's VampPrior
     networks [1].  Both paths start Glorot-uniform, by default ``W`` with the gain of
     ``activation`` and ``V`` with gain 1 (sigmoid), or both with a number ``init_gain``;
-    biases start at zero.
+    biases start at zero.  ``init_scheme="he_normal"`` starts both with :func:`he_normal_`
+    (the authors' code).
 
     :param in_features: input width.
     :param out_features: output width.
     :param activation: a key of :data:`ACTIVATIONS`, applied to the ``W x + b`` path.
     :param init_gain: ``"activation"``, or the Glorot gain of both paths.
+    :param init_scheme: a key of :data:`INIT_SCHEMES`.
 
     Example::
 
@@ -204,15 +281,20 @@ class GatedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, activation: str = "identity", *,
-                 init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.linear = nn.Linear(in_features, out_features)
         self.gate = nn.Linear(in_features, out_features)
         self.activation = _activation(activation)()
-        gate_gain = nn.init.calculate_gain("sigmoid") if init_gain == ACTIVATION_GAIN \
-            else glorot_gain(activation, init_gain)
-        nn.init.xavier_uniform_(self.linear.weight, gain=glorot_gain(activation, init_gain))
+        gain = glorot_gain(activation, init_gain)
+        if check_init_scheme(init_scheme, init_gain) == HE_NORMAL:
+            he_normal_(self.linear)
+            he_normal_(self.gate)
+            return
+        gate_gain = nn.init.calculate_gain("sigmoid") if init_gain == ACTIVATION_GAIN else gain
+        nn.init.xavier_uniform_(self.linear.weight, gain=gain)
         nn.init.xavier_uniform_(self.gate.weight, gain=gate_gain)
         nn.init.zeros_(self.linear.bias)
         nn.init.zeros_(self.gate.bias)
@@ -223,11 +305,13 @@ class GatedLinear(nn.Module):
 
 
 def gated_mlp(sizes: Sequence[int], activation: str = "identity", *,
-              init_gain: float | str = ACTIVATION_GAIN) -> nn.Sequential:
+              init_gain: float | str = ACTIVATION_GAIN,
+              init_scheme: str = GLOROT_UNIFORM) -> nn.Sequential:
     """:class:`GatedLinear` layers of widths ``sizes`` ``(in, hidden..., out)``."""
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
-    return nn.Sequential(*(GatedLinear(n_in, n_out, activation, init_gain=init_gain)
+    return nn.Sequential(*(GatedLinear(n_in, n_out, activation, init_gain=init_gain,
+                                       init_scheme=init_scheme)
                            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)))
 
 
@@ -239,6 +323,7 @@ class GatedMLPEncoder(nn.Module):
         ``feature_dim``.
     :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
     :param init_gain: ``"activation"``, or the Glorot gain of every layer (:class:`GatedLinear`).
+    :param init_scheme: a key of :data:`INIT_SCHEMES` (:class:`GatedLinear`).
 
     Example::
 
@@ -248,13 +333,15 @@ class GatedMLPEncoder(nn.Module):
 
     def __init__(self, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
                  activation: str = "identity", *,
-                 init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the gated encoder needs at least one hidden width")
         self.data_dim = data_dim
         self.feature_dim = hidden_dims[-1]
-        self.body = gated_mlp((data_dim, *hidden_dims), activation, init_gain=init_gain)
+        self.body = gated_mlp((data_dim, *hidden_dims), activation, init_gain=init_gain,
+                              init_scheme=init_scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
@@ -272,6 +359,8 @@ class GatedMLPDecoder(nn.Module):
     :param activation: a key of :data:`ACTIVATIONS`, on each layer's ungated path.
     :param init_gain: ``"activation"`` (the output layer: gain 1), or the Glorot gain of
         every layer.
+    :param init_scheme: a key of :data:`INIT_SCHEMES`; under ``"he_normal"`` the output
+        layer's bias keeps ``nn.Linear``'s start, as in Tomczak & Welling's code.
 
     Example::
 
@@ -281,15 +370,19 @@ class GatedMLPDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, data_dim: int, hidden_dims: Sequence[int] = (300, 300),
                  activation: str = "identity", *,
-                 init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the gated decoder needs at least one hidden width")
         self.latent_dim = latent_dim
         self.data_dim = data_dim
-        output = glorot_linear(hidden_dims[-1], data_dim, glorot_gain("identity", init_gain))
+        check_init_scheme(init_scheme, init_gain)
+        output = init_linear(hidden_dims[-1], data_dim, glorot_gain("identity", init_gain),
+                             init_scheme)
         self.body = nn.Sequential(
-            *gated_mlp((latent_dim, *hidden_dims), activation, init_gain=init_gain), output)
+            *gated_mlp((latent_dim, *hidden_dims), activation, init_gain=init_gain,
+                       init_scheme=init_scheme), output)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """:param z: ``(..., latent_dim)``. :returns: ``(..., data_dim)``."""
@@ -299,15 +392,17 @@ class GatedMLPDecoder(nn.Module):
 def gated_mlp_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (300, 300),
                        activation: str = "identity", image_shape: Sequence[int] | None = None,
                        init_gain: float | str = ACTIVATION_GAIN,
+                       init_scheme: str = GLOROT_UNIFORM,
                        ) -> tuple[GatedMLPEncoder, GatedMLPDecoder]:
     """A gated encoder and its mirror-image gated decoder (hidden sizes reversed)."""
     from pyrovae.errors import ConfigError
 
     if not hidden_dims:
         raise ConfigError("the gated networks need at least one hidden width (--hidden-dims)")
-    encoder = GatedMLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain)
+    encoder = GatedMLPEncoder(data_dim, hidden_dims, activation, init_gain=init_gain,
+                              init_scheme=init_scheme)
     decoder = GatedMLPDecoder(latent_dim, data_dim, tuple(reversed(hidden_dims)), activation,
-                              init_gain=init_gain)
+                              init_gain=init_gain, init_scheme=init_scheme)
     return encoder, decoder
 
 
@@ -349,6 +444,7 @@ class ConvEncoder(nn.Module):
     :param channels: output channels of the two convolutions.
     :param init_gain: the fully connected layers' (:func:`mlp`); the convolutions keep
         PyTorch's default initialisation.
+    :param init_scheme: the fully connected layers' (:func:`mlp`); not the convolutions'.
 
     Example::
 
@@ -358,7 +454,8 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int] = (256,),
                  activation: str = "relu", channels: tuple[int, int] = (32, 64), *,
-                 init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the convolutional encoder needs at least one hidden width")
@@ -373,7 +470,7 @@ class ConvEncoder(nn.Module):
         )
         conv_dim = channels[1] * _halved(_halved(height)) * _halved(_halved(width))
         self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True,
-                        init_gain=init_gain)
+                        init_gain=init_gain, init_scheme=init_scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: ``(..., data_dim)``. :returns: features ``(..., feature_dim)``."""
@@ -400,6 +497,7 @@ class ConvDecoder(nn.Module):
         (64 -> 32 -> image channels by default).
     :param init_gain: the fully connected layers' (:func:`mlp`); the transposed
         convolutions keep PyTorch's default initialisation.
+    :param init_scheme: the fully connected layers' (:func:`mlp`); not the convolutions'.
 
     Example::
 
@@ -410,7 +508,8 @@ class ConvDecoder(nn.Module):
     def __init__(self, latent_dim: int, image_shape: Sequence[int],
                  hidden_dims: Sequence[int] = (256,), activation: str = "relu",
                  channels: tuple[int, int] = (32, 64), *,
-                 init_gain: float | str = ACTIVATION_GAIN) -> None:
+                 init_gain: float | str = ACTIVATION_GAIN,
+                 init_scheme: str = GLOROT_UNIFORM) -> None:
         super().__init__()
         self.image_shape = _channels_height_width(image_shape, math.prod(image_shape))
         out_channels, height, width = self.image_shape
@@ -418,7 +517,7 @@ class ConvDecoder(nn.Module):
         self.data_dim = out_channels * height * width
         self.grid = (channels[1], _halved(_halved(height)), _halved(_halved(width)))
         self.head = mlp((latent_dim, *hidden_dims, math.prod(self.grid)), activation,
-                        final_activation=True, init_gain=init_gain)
+                        final_activation=True, init_gain=init_gain, init_scheme=init_scheme)
         act = _activation(activation)
         # a transposed convolution (kernel 4, stride 2, padding 1) doubles a size; the output
         # padding adds the 1 that halving an odd size rounded off
@@ -439,18 +538,20 @@ class ConvDecoder(nn.Module):
 
 def conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (256,),
                   activation: str = "relu", image_shape: Sequence[int] | None = None,
-                  init_gain: float | str = ACTIVATION_GAIN) -> tuple[ConvEncoder, ConvDecoder]:
+                  init_gain: float | str = ACTIVATION_GAIN,
+                  init_scheme: str = GLOROT_UNIFORM) -> tuple[ConvEncoder, ConvDecoder]:
     """A convolutional encoder and its mirror-image decoder for images of ``image_shape``."""
     shape = _channels_height_width(image_shape, data_dim)
-    encoder = ConvEncoder(shape, hidden_dims, activation, init_gain=init_gain)
+    encoder = ConvEncoder(shape, hidden_dims, activation, init_gain=init_gain,
+                          init_scheme=init_scheme)
     decoder = ConvDecoder(latent_dim, shape, tuple(reversed(hidden_dims)), activation,
-                          init_gain=init_gain)
+                          init_gain=init_gain, init_scheme=init_scheme)
     return encoder, decoder
 
 
 #: encoder/decoder pairs selectable by name from the CLI and config; each takes the keyword
-#: arguments ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``image_shape``
-#: and ``init_gain``
+#: arguments ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``image_shape``,
+#: ``init_gain`` and ``init_scheme``
 NETWORKS = {
     "mlp": mlp_networks,
     "gated_mlp": gated_mlp_networks,

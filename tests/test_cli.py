@@ -128,6 +128,17 @@ def test_unknown_prior_lists_the_known_ones(capsys):
     (["--latent-dim", "0"], "latent_dim must be positive"),
     (["--clip-norm", "0"], "clip_norm must be positive"),
     (["--sigma", "0", "--likelihood", "gaussian"], "sigma must be positive"),
+    (["--init-scheme", "he_normal", "--init-gain", "1"],
+     "init_gain 1.0 is the gain of the Glorot-uniform start"),
+    (["--guide", "fullcov", "--guide-scale", "clipped_log_variance"],
+     "--guide-scale clipped_log_variance is not available with --guide fullcov"),
+    (["--bernoulli-logit-clip", "-1"], "bernoulli_logit_clip must be a positive number"),
+    (["--likelihood", "gaussian", "--bernoulli-logit-clip", "5"],
+     "--bernoulli-logit-clip is for --likelihood bernoulli"),
+    (["--preset", "tomczak2018", "--init-gain", "1"],
+     "init_gain 1.0 is the gain of the Glorot-uniform start"),
+    (["--preset", "tomczak2018", "--likelihood", "gaussian"],
+     "--bernoulli-logit-clip none turns it off"),
 ])
 def test_bad_values_are_one_clear_line(capsys, tmp_path, flags, message):
     line = one_line_error(capsys, ["train", "--out-dir", str(tmp_path / "run"), *flags])
@@ -138,6 +149,10 @@ def test_bad_values_are_one_clear_line(capsys, tmp_path, flags, message):
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (["--guide", "nope"], "argument --guide: invalid choice: 'nope' (choose from"),
     (["--likelihood", "poisson"], "argument --likelihood: invalid choice: 'poisson'"),
+    (["--init-scheme", "lecun"], "argument --init-scheme: invalid choice: 'lecun'"),
+    (["--guide-scale", "exp"], "argument --guide-scale: invalid choice: 'exp'"),
+    (["--bernoulli-logit-clip", "big"],
+     "argument --bernoulli-logit-clip: expected a number or none, got 'big'"),
 ])
 def test_unparseable_flags_are_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -163,6 +178,20 @@ def test_the_lr_schedule_cannot_change_on_resume(capsys, tmp_path):
     (tmp_path / "checkpoint.pt").touch()  # refused before it is read
     line = one_line_error(capsys, ["train", "--resume", str(tmp_path), "--lr-schedule", "iwae"])
     assert "--lr-schedule cannot change when resuming" in line
+
+
+@pytest.mark.parametrize("flags", [["--init-scheme", "he_normal"],
+                                   ["--guide-scale", "clipped_log_variance"],
+                                   ["--bernoulli-logit-clip", "11.5"]])
+def test_the_start_scale_and_clip_cannot_change_on_resume(capsys, tmp_path, flags):
+    # a run saved before these fields existed: its config.json has none of them
+    values = TrainConfig(out_dir=str(tmp_path)).to_dict()
+    for name in ("init_scheme", "guide_scale", "bernoulli_logit_clip"):
+        del values[name]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    (tmp_path / "checkpoint.pt").touch()  # refused before it is read
+    line = one_line_error(capsys, ["train", "--resume", str(tmp_path), *flags])
+    assert f"{flags[0]} cannot change when resuming" in line
 
 
 @requires_mnist

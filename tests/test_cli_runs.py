@@ -9,6 +9,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,3 +279,32 @@ def test_activity_every_writes_latent_usage_columns_and_may_change_on_resume(tmp
     assert all(0 <= record.active_units <= 2 for record in records)
     # a Monte Carlo estimate: near 0 it may fall a little below
     assert all(math.isfinite(record.mutual_information) for record in records)
+
+
+def test_a_run_saved_before_the_scheme_scale_and_clip_existed_resumes_as_it_would_have(
+        tmp_path):
+    np.savez(tmp_path / "binary.npz", train=(np.random.default_rng(0).random((120, 10))
+                                             < 0.3).astype(np.float32))
+    flags = ["--dataset", f"npz:{tmp_path / 'binary.npz'}", "--binarize", "none",
+             "--hidden-dims", "8", "--latent-dim", "2", "--batch-size", "40",
+             "--eval-samples", "0", "--no-progress"]
+    assert main(["train", *flags, "--epochs", "2", "--out-dir", str(tmp_path / "a")]) == 0
+    old = tmp_path / "old"
+    assert main(["train", *flags, "--epochs", "1", "--out-dir", str(old)]) == 0
+    # what an earlier pyrovae wrote: none of the three fields in config.json or the checkpoint
+    new_fields = ("init_scheme", "guide_scale", "bernoulli_logit_clip")
+    saved = json.loads((old / "config.json").read_text())
+    assert [saved.pop(name) for name in new_fields] == ["glorot_uniform", "softplus", None]
+    (old / "config.json").write_text(json.dumps(saved))
+    checkpoint = torch.load(old / "checkpoint.pt", weights_only=False)
+    for name in new_fields:
+        del checkpoint["config"][name]
+    torch.save(checkpoint, old / "checkpoint.pt")
+
+    assert main(["train", "--resume", str(old), "--epochs", "2"]) == 0
+    reference = read_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    resumed = read_checkpoint(old / "checkpoint.pt")["model"]
+    for (name, value), other in zip(reference.items(), resumed.values(), strict=True):
+        assert torch.equal(value, other), name
+    saved = json.loads((old / "config.json").read_text())
+    assert [saved[name] for name in new_fields] == ["glorot_uniform", "softplus", None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import fields
 
@@ -169,3 +170,129 @@ def test_init_gain_is_a_flag_and_round_trips_through_json(tmp_path):
     config.save(tmp_path / "config.json")
     assert '"init_gain": 1.0' in (tmp_path / "config.json").read_text()
     assert TrainConfig.load(tmp_path / "config.json") == config
+
+
+def test_the_tomczak2018_preset_starts_and_scales_as_the_authors_code(tmp_path):
+    from pyrovae.likelihoods import logit_clip_of_probability_clip
+
+    config = TrainConfig.from_preset("tomczak2018", num_components=5)
+    assert (config.init_scheme, config.guide_scale) == ("he_normal", "clipped_log_variance")
+    assert config.bernoulli_logit_clip == pytest.approx(11.5129155, abs=1e-7)
+    assert config.bernoulli_logit_clip == logit_clip_of_probability_clip(1e-5)
+    assert config.output_bias_init == "zero"  # leaves the output bias at nn.Linear's start
+    vae = build_vae(config, data_dim=784)
+    assert vae.guide_family.scale_link == "clipped_log_variance"
+    assert vae.likelihood.logit_clip == config.bernoulli_logit_clip
+    linears = _linears(vae)
+    assert len(linears) == 11  # 2 x 2 gated layers each way, the decoder output, 2 heads
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        # 12,000+ draws: the std of N(0, 2 / fan_in) to within 5 standard errors
+        assert layer.weight.std().item() == pytest.approx(
+            math.sqrt(2 / fan_in), rel=5 / math.sqrt(2 * layer.weight.numel())), layer
+        assert 0 < layer.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == config
+
+
+def test_a_config_saved_before_the_scheme_scale_and_clip_existed_loads_with_the_old_start(
+        tmp_path):
+    # what an earlier pyrovae wrote for the same preset: none of the three keys
+    values = TrainConfig.from_preset("tomczak2018").to_dict()
+    for name in ("init_scheme", "guide_scale", "bernoulli_logit_clip"):
+        del values[name]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config = TrainConfig.load(tmp_path / "config.json")
+    assert config.preset == "tomczak2018" and config.net == "gated_mlp"
+    assert (config.init_scheme, config.guide_scale, config.bernoulli_logit_clip) == (
+        "glorot_uniform", "softplus", None)
+    vae = build_vae(config, data_dim=784)
+    assert vae.guide_family.scale_link == "softplus" and vae.likelihood.logit_clip is None
+    assert torch.all(vae.decoder.body[-1].bias == 0)
+
+
+def test_the_defaults_build_the_same_model_as_before():
+    defaults = TrainConfig()
+    assert (defaults.init_scheme, defaults.guide_scale, defaults.bernoulli_logit_clip) == (
+        "glorot_uniform", "softplus", None)
+    for values in ({}, {"net": "gated_mlp", "activation": "identity", "prior": "vamp",
+                        "num_components": 3}):
+        torch.manual_seed(0)
+        default = build_vae(TrainConfig(hidden_dims=(32,), latent_dim=4, **values), data_dim=50)
+        torch.manual_seed(0)
+        explicit = build_vae(TrainConfig(hidden_dims=(32,), latent_dim=4, **values,
+                                         init_scheme="glorot_uniform", guide_scale="softplus"),
+                             data_dim=50)
+        for (name, a), b in zip(default.state_dict().items(), explicit.state_dict().values(),
+                                strict=True):
+            assert torch.equal(a, b), name
+        # the networks' biases start at zero; the guide's heads keep PyTorch's start
+        assert all(torch.all(layer.bias == 0)
+                   for layer in _linears(default.encoder) + _linears(default.decoder))
+
+
+@pytest.mark.parametrize("values", [
+    {"net": "mlp"},
+    {"net": "gated_mlp", "activation": "identity"},
+    {"guide": "lowrank"},
+    {"guide": "fullcov"},
+    {"model": "conditional", "num_classes": 3},
+    {"model": "semi_supervised", "num_classes": 3, "alpha": 1.0},
+], ids=["vae", "gated", "lowrank", "fullcov", "conditional", "semi_supervised"])
+def test_he_normal_reaches_every_linear_layer_a_config_builds(values):
+    vae = build_vae(TrainConfig(hidden_dims=(256,), latent_dim=8, init_scheme="he_normal",
+                                **values), data_dim=300)
+    linears = [layer for name, layer in vae.named_modules() if isinstance(layer, nn.Linear)
+               and not name.endswith("off_diagonal_head")]  # which starts at zero
+    assert len(linears) >= 4
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        assert layer.weight.std().item() == pytest.approx(
+            math.sqrt(2 / fan_in), rel=5 / math.sqrt(2 * layer.weight.numel())), layer
+        assert 0 < layer.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"init_scheme": "lecun"}, "unknown init_scheme 'lecun'; known: glorot_uniform, he_normal"),
+    ({"init_scheme": "he_normal", "init_gain": 1.0},
+     "init_gain 1.0 is the gain of the Glorot-uniform start"),
+    ({"guide_scale": "exp"}, "unknown guide_scale 'exp'; known: softplus, clipped_log_variance"),
+    ({"guide": "fullcov", "guide_scale": "clipped_log_variance"},
+     "--guide-scale clipped_log_variance is not available with --guide fullcov; the guides "
+     "that take it: diagonal, lowrank, iaf"),
+    ({"latent_dims": (8, 4), "init_scheme": "he_normal"},
+     "latent_dims: the stochastic layers start Glorot-uniform"),
+    ({"latent_dims": (8, 4), "guide_scale": "clipped_log_variance"},
+     "latent_dims: the stochastic layers' scales are exp\\(linear\\)"),
+    ({"likelihood": "gaussian", "bernoulli_logit_clip": 5.0},
+     "--bernoulli-logit-clip is for --likelihood bernoulli, not --likelihood gaussian"),
+    ({"bernoulli_logit_clip": 0.0}, "bernoulli_logit_clip must be a positive number, got 0.0"),
+    ({"bernoulli_logit_clip": -3.0}, "bernoulli_logit_clip must be a positive number"),
+    ({"bernoulli_logit_clip": float("inf")}, "bernoulli_logit_clip must be a positive number"),
+])
+def test_bad_schemes_scales_and_clips_are_one_line(values, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        TrainConfig(**values)
+    assert "\n" not in str(error.value)
+
+
+def test_the_scheme_scale_and_clip_are_flags_and_round_trip_through_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    TrainConfig.add_arguments(parser)
+    config = TrainConfig.from_args(parser.parse_args([
+        "--init-scheme", "he_normal", "--guide-scale", "clipped_log_variance",
+        "--bernoulli-logit-clip", "11.5"]))
+    assert (config.init_scheme, config.guide_scale, config.bernoulli_logit_clip) == (
+        "he_normal", "clipped_log_variance", 11.5)
+    for flags in (["--init-scheme", "lecun"], ["--guide-scale", "exp"],
+                  ["--bernoulli-logit-clip", "big"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(flags)
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == config
+    assert TrainConfig(bernoulli_logit_clip=10).bernoulli_logit_clip == 10.0  # as JSON 10.0
+    # a preset's clip is turned off with none, as another likelihood needs
+    off = parser.parse_args(["--bernoulli-logit-clip", "none"]).bernoulli_logit_clip
+    assert off is None
+    assert TrainConfig.from_preset("tomczak2018", likelihood="gaussian",
+                                   bernoulli_logit_clip=off).bernoulli_logit_clip is None

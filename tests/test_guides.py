@@ -13,13 +13,16 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyrovae import elbo, importance_log_weights, log_marginal_likelihood
+from pyrovae.errors import ConfigError
 from pyrovae.guides import (
     GUIDES,
     MIN_SCALE,
+    SCALE_LINKS,
     DiagonalNormalGuide,
     FullCovarianceNormalGuide,
     IAFGuide,
     LowRankNormalGuide,
+    clipped_log_variance_scale,
 )
 from pyrovae.likelihoods import BernoulliLikelihood
 from pyrovae.models import VAE
@@ -280,3 +283,88 @@ def test_bad_ranks_and_flow_counts_are_refused():
         IAFGuide(FEATURE_DIM, 3, num_flows=-1)
     with pytest.raises(ValueError, match="latent_dim >= 2"):
         IAFGuide(FEATURE_DIM, 1, num_flows=1)
+
+
+def test_the_clipped_log_variance_scale_is_exp_of_half_the_clipped_head():
+    raw = torch.tensor([-9.0, -6.5, -3.0, 0.0, 1.5, 2.5, 7.0], dtype=torch.float64,
+                       requires_grad=True)
+    scale = clipped_log_variance_scale(raw)
+    # the log-variance is clipped to [-6, 2]: scales exp(-3), exp(-3), exp(-1.5), 1,
+    # exp(0.75), e, e
+    expected = torch.tensor([-3.0, -3.0, -1.5, 0.0, 0.75, 1.0, 1.0], dtype=torch.float64).exp()
+    torch.testing.assert_close(scale, expected, rtol=1e-15, atol=0)
+    (gradient,) = torch.autograd.grad(scale.sum(), raw)
+    # d exp(l / 2) / dl = exp(l / 2) / 2 inside the clip, 0 outside it (as Hardtanh's)
+    inside = torch.tensor([False, False, True, True, True, False, False])
+    torch.testing.assert_close(gradient[inside], expected[inside] / 2, rtol=1e-15, atol=0)
+    assert torch.all(gradient[~inside] == 0)
+
+
+def test_the_diagonal_guide_takes_its_scale_from_a_clipped_log_variance_head():
+    guide = DiagonalNormalGuide(FEATURE_DIM, 3, scale_link="clipped_log_variance").double()
+    perturb(guide, std=3.0)  # head outputs of several units, some beyond the clip
+    h = torch.randn(50, FEATURE_DIM, dtype=torch.float64)
+    log_variance = guide.scale_head(h)
+    assert (log_variance < -6).any() and (log_variance > 2).any()
+    q = guide(h)
+    torch.testing.assert_close(q.base_dist.scale, (log_variance.clamp(-6, 2) / 2).exp())
+    torch.testing.assert_close(q.base_dist.loc, guide.loc_head(h))
+    # no gradient reaches the head through a clipped unit: only the unclipped ones count
+    (bias_gradient,) = torch.autograd.grad(q.base_dist.scale.sum(), guide.scale_head.bias)
+    inside = (log_variance > -6) & (log_variance < 2)
+    expected = torch.where(inside, (log_variance / 2).exp() / 2, 0.0).sum(0)
+    torch.testing.assert_close(bias_gradient, expected)
+
+
+def test_the_default_scale_is_softplus_plus_min_scale_as_before():
+    guide = DiagonalNormalGuide(FEATURE_DIM, 3)
+    assert guide.scale_link == "softplus"
+    perturb(guide)
+    h = torch.randn(6, FEATURE_DIM)
+    expected = torch.nn.functional.softplus(guide.scale_head(h)) + MIN_SCALE
+    assert torch.equal(guide(h).base_dist.scale, expected)
+
+
+def test_the_low_rank_and_iaf_guides_take_the_clipped_log_variance_too():
+    h = torch.randn(6, FEATURE_DIM, dtype=torch.float64)
+    low_rank = LowRankNormalGuide(FEATURE_DIM, 3, rank=1,
+                                  scale_link="clipped_log_variance").double()
+    perturb(low_rank, std=3.0)
+    # the diagonal part of the covariance is the variance exp(clip(head, -6, 2))
+    torch.testing.assert_close(low_rank(h).cov_diag, low_rank.scale_head(h).clamp(-6, 2).exp())
+    diagonal = DiagonalNormalGuide(FEATURE_DIM, 3, scale_link="clipped_log_variance").double()
+    iaf = IAFGuide(FEATURE_DIM, 3, num_flows=0, scale_link="clipped_log_variance").double()
+    perturb(diagonal, std=3.0)
+    iaf.load_state_dict(diagonal.state_dict())
+    z = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(iaf(h).log_prob(z), diagonal(h).log_prob(z), rtol=0, atol=0)
+    assert set(SCALE_LINKS) == {"softplus", "clipped_log_variance"}
+    assert FullCovarianceNormalGuide.scale_links == ("softplus",)
+    with pytest.raises(ValueError, match="unknown scale_link 'exp'; known: softplus, "
+                                         "clipped_log_variance"):
+        DiagonalNormalGuide(FEATURE_DIM, 3, scale_link="exp")
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_he_normal_starts_every_guide_head_with_pytorchs_default_biases(name):
+    feature_dim, latent_dim = 2000, 40
+    family = GUIDES[name]
+    options = {"rank": 2} if name == "lowrank" else {}
+    guide = family(feature_dim, latent_dim, init_scheme="he_normal", **options)
+    heads = [module for module_name, module in guide.named_children()
+             if module_name.endswith("_head")]
+    restarted = [head for head in heads if head is not getattr(guide, "off_diagonal_head", None)]
+    assert len(restarted) == (3 if name == "lowrank" else 2)
+    for head in restarted:
+        # 80,000+ draws of N(0, 2 / 2000): the sample std is within 1% (the relative standard
+        # error is 0.25%)
+        std = math.sqrt(2 / feature_dim)
+        assert head.weight.std().item() == pytest.approx(std, rel=0.01)
+        # nn.Linear's bias, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std bound / sqrt(3)
+        bound = 1 / math.sqrt(feature_dim)
+        assert head.bias.abs().max().item() <= bound
+        assert head.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+    if name == "fullcov":  # the full-covariance guide starts as the diagonal one either way
+        assert torch.all(guide.off_diagonal_head.weight == 0)
+    with pytest.raises(ConfigError, match="init_gain 1.0 is the gain of the Glorot-uniform"):
+        family(feature_dim, latent_dim, init_scheme="he_normal", init_gain=1.0, **options)

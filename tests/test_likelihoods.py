@@ -21,6 +21,7 @@ from pyrovae.likelihoods import (
     bernoulli_log_prob,
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
+    logit_clip_of_probability_clip,
 )
 
 LOGITS = torch.tensor([-6.0, -2.0, -0.3, 0.0, 1e-4, 0.7, 3.0, 8.0], dtype=torch.float64)
@@ -241,3 +242,63 @@ def test_every_likelihood_has_the_event_shape_of_a_data_point(name):
     p = likelihood(torch.zeros(3, 2, 5))
     assert p.event_shape == (5,) and p.batch_shape == (3, 2)
     assert likelihood.mean(torch.zeros(3, 2, 5)).shape == (3, 2, 5)
+
+
+#: logits on both sides of Tomczak & Welling's clip, log((1 - 1e-5) / 1e-5) = 11.5129
+CLIP_LOGITS = torch.tensor([-40.0, -12.0, -11.0, -3.0, 0.0, 2.5, 11.0, 12.0, 40.0],
+                           dtype=torch.float64)
+
+
+def test_the_logit_clip_is_the_authors_clamp_of_the_probability():
+    clip = logit_clip_of_probability_clip(1e-5)
+    assert clip == pytest.approx(11.512915464920228, abs=1e-12)
+    likelihood = BernoulliLikelihood(logit_clip=clip)
+    logits = CLIP_LOGITS.expand(2, -1)
+    x = torch.stack([torch.zeros(9), torch.ones(9)]).double()
+    # Tomczak & Welling's log_Bernoulli: x log p + (1 - x) log(1 - p), p in [1e-5, 1 - 1e-5]
+    # (1 - p) clamped is sigmoid(-l) clamped, which does not cancel at p near 1
+    probability = torch.sigmoid(logits).clamp(1e-5, 1 - 1e-5)
+    complement = torch.sigmoid(-logits).clamp(1e-5, 1 - 1e-5)
+    expected = x * probability.log() + (1 - x) * complement.log()
+    ours = likelihood(logits.unsqueeze(-1)).log_prob(x.unsqueeze(-1))  # one pixel each
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-15)
+    # a pixel never costs more than -log(1e-5) = 11.51 nats
+    assert ours.min().item() == pytest.approx(math.log(1e-5), rel=1e-9)
+    torch.testing.assert_close(likelihood.mean(CLIP_LOGITS), torch.sigmoid(CLIP_LOGITS).clamp(
+        1e-5, 1 - 1e-5), rtol=1e-12, atol=0)
+
+
+def test_the_clipped_bernoulli_gets_no_gradient_beyond_the_clip():
+    likelihood = BernoulliLikelihood(logit_clip=logit_clip_of_probability_clip(1e-5))
+    logits = CLIP_LOGITS.clone().requires_grad_()
+    x = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.float64)
+    (gradient,) = torch.autograd.grad(likelihood(logits).log_prob(x), logits)
+    inside = CLIP_LOGITS.abs() < 11.5
+    # inside: d/dl [x l - softplus(l)] = x - sigmoid(l); outside: 0
+    torch.testing.assert_close(gradient[inside], (x - torch.sigmoid(CLIP_LOGITS))[inside])
+    assert torch.all(gradient[~inside] == 0)
+
+
+def test_the_default_bernoulli_is_unclipped_and_scores_as_before():
+    likelihood = BernoulliLikelihood()
+    assert likelihood.logit_clip is None
+    logits = torch.randn(3, 784) * 20  # many logits beyond any clip
+    x = torch.bernoulli(torch.full((3, 784), 0.5))
+    assert torch.equal(likelihood(logits).log_prob(x), bernoulli_log_prob(logits, x).sum(-1))
+    assert torch.equal(likelihood.mean(logits), torch.sigmoid(logits))
+    assert likelihood(torch.tensor([-40.0])).log_prob(torch.ones(1)).item() == pytest.approx(-40.0)
+
+
+def test_the_logit_clip_comes_from_the_config_and_bad_ones_are_refused():
+    clip = logit_clip_of_probability_clip(1e-5)
+    vae = build_vae(TrainConfig(bernoulli_logit_clip=clip, hidden_dims=(8,), latent_dim=2),
+                    data_dim=10)
+    assert vae.likelihood.logit_clip == clip
+    assert build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2), data_dim=10) \
+        .likelihood.logit_clip is None
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="logit_clip must be a positive number"):
+            BernoulliLikelihood(logit_clip=bad)
+    for bad in (0.0, 0.5, 1.0):
+        with pytest.raises(ValueError, match="epsilon must be in \\(0, 1/2\\)"):
+            logit_clip_of_probability_clip(bad)

@@ -16,6 +16,7 @@ from pyrovae.guides import DiagonalNormalGuide
 from pyrovae.layers import ConditionalNormal
 from pyrovae.nets import (
     GLOROT_GAINS,
+    INIT_SCHEMES,
     NETWORKS,
     ConvDecoder,
     ConvEncoder,
@@ -23,6 +24,7 @@ from pyrovae.nets import (
     GatedMLPDecoder,
     MLPDecoder,
     conv_networks,
+    he_normal_,
     mlp,
 )
 from tests.conftest import SHARED_DATA, requires_binarized_mnist, requires_mnist
@@ -281,3 +283,109 @@ def test_a_bad_init_gain_is_refused(value):
         mlp((4, 3), init_gain=value)
     with pytest.raises(ConfigError, match="init_gain"):
         TrainConfig(init_gain=value)
+
+
+def assert_he_normal(linear: nn.Linear) -> None:
+    """Weights N(0, 2 / fan_in) and nn.Linear's own biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    With n weights, the sample std is within 5 / sqrt(2 n) of its value (five standard
+    errors), and the share within one std of 0 is a normal's 0.683 (a uniform's would be
+    0.577) to within 5 sqrt(0.683 * 0.317 / n); the biases' std is the uniform's,
+    bound / sqrt(3), to within 25%.
+    """
+    fan_out, fan_in = linear.weight.shape
+    weights, n = linear.weight.detach().flatten(), linear.weight.numel()
+    std = math.sqrt(2 / fan_in)
+    assert abs(weights.std().item() / std - 1) < 5 / math.sqrt(2 * n), linear
+    assert abs(weights.mean().item()) < 5 * std / math.sqrt(n)
+    within_one_std = (weights.abs() < std).double().mean().item()
+    assert abs(within_one_std - 0.6827) < 5 * math.sqrt(0.6827 * 0.3173 / n)
+    bound = 1 / math.sqrt(fan_in)
+    assert linear.bias.abs().max().item() <= bound
+    assert linear.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+
+
+def test_he_normal_draws_every_mlp_weight_from_n_0_2_over_fan_in():
+    network = mlp((1000, 800, 50), "tanh", init_scheme="he_normal")
+    for layer in (network[0], network[2]):  # 800,000 and 40,000 draws
+        assert_he_normal(layer)
+    # the same draws whatever the activation: He-normal has no gain of its own
+    torch.manual_seed(0)
+    tanh = mlp((300, 200), "tanh", init_scheme="he_normal")
+    torch.manual_seed(0)
+    identity = mlp((300, 200), "identity", init_scheme="he_normal")
+    assert torch.equal(tanh[0].weight, identity[0].weight)
+    assert torch.equal(tanh[0].bias, identity[0].bias)
+
+
+def test_he_normal_reaches_both_paths_of_a_gated_layer_and_the_decoder_output():
+    gated = GatedLinear(784, 300, init_scheme="he_normal")
+    assert_he_normal(gated.linear)
+    assert_he_normal(gated.gate)
+    decoder = GatedMLPDecoder(40, 784, (300, 300), init_scheme="he_normal")
+    output = decoder.body[-1]
+    # the output layer's bias keeps nn.Linear's start, not zero (Tomczak & Welling's code)
+    assert_he_normal(output)
+    assert output.bias.abs().min().item() > 0
+
+
+def test_he_normal_leaves_the_convolutions_at_pytorchs_default():
+    torch.manual_seed(0)
+    glorot = ConvEncoder(IMAGE_SHAPE, (256,))
+    torch.manual_seed(0)
+    he = ConvEncoder(IMAGE_SHAPE, (256,), init_scheme="he_normal")
+    for before, after in zip(glorot.conv.parameters(), he.conv.parameters(), strict=True):
+        assert torch.equal(before, after)
+    assert_he_normal(he.head[0])  # 256 x 3136
+
+
+def test_he_normal_restarts_a_layer_in_place_and_keeps_its_bias():
+    layer = nn.Linear(500, 400)
+    bias = layer.bias.detach().clone()
+    assert he_normal_(layer) is layer
+    assert torch.equal(layer.bias, bias)
+    assert_he_normal(layer)
+
+
+def test_every_network_takes_init_scheme_and_the_default_draws_as_before():
+    assert INIT_SCHEMES == ("glorot_uniform", "he_normal")
+    for net in sorted(NETWORKS):
+        options = {"data_dim": 784, "latent_dim": 8, "hidden_dims": (64,),
+                   "activation": "identity" if net == "gated_mlp" else "tanh",
+                   "image_shape": IMAGE_SHAPE}
+        torch.manual_seed(0)
+        default = NETWORKS[net](**options)
+        torch.manual_seed(0)
+        explicit = NETWORKS[net](**options, init_scheme="glorot_uniform")
+        for first, second in zip(default, explicit, strict=True):
+            for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                            strict=True):
+                assert torch.equal(a, b)
+        for network in NETWORKS[net](**options, init_scheme="he_normal"):
+            for layer in network.modules():
+                if isinstance(layer, nn.Linear):
+                    assert not torch.all(layer.bias == 0), (net, layer)
+
+
+def test_the_default_gated_layer_draws_the_same_weights_as_before():
+    torch.manual_seed(0)
+    layer = GatedLinear(784, 300)
+    torch.manual_seed(0)
+    linear, gate = nn.Linear(784, 300), nn.Linear(784, 300)
+    nn.init.xavier_uniform_(linear.weight, gain=1.0)
+    nn.init.xavier_uniform_(gate.weight, gain=1.0)
+    assert torch.equal(layer.linear.weight, linear.weight)
+    assert torch.equal(layer.gate.weight, gate.weight)
+    assert torch.all(layer.linear.bias == 0) and torch.all(layer.gate.bias == 0)
+
+
+@pytest.mark.parametrize("init_gain", [1.0, 2.0])
+def test_he_normal_refuses_a_glorot_gain(init_gain):
+    with pytest.raises(ConfigError, match=f"init_gain {init_gain} is the gain of the "
+                                          f"Glorot-uniform start; init_scheme 'he_normal'"):
+        mlp((4, 3), init_gain=init_gain, init_scheme="he_normal")
+    with pytest.raises(ConfigError, match="init_gain"):
+        GatedLinear(4, 3, init_gain=init_gain, init_scheme="he_normal")
+    with pytest.raises(ConfigError, match="unknown init_scheme 'lecun'; known: glorot_uniform, "
+                                          "he_normal"):
+        mlp((4, 3), init_scheme="lecun")
