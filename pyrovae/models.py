@@ -97,7 +97,7 @@ class VAE(LeanPyroModule):
     def model(self, x: torch.Tensor) -> None:
         """The generative model p(x, z) = p(z) p(x|z), conditioned on ``x`` of shape ``(N, D)``."""
         # the networks are read outside the plate: their parameters are global, so their
-        # param messages (and poutine.lift's draws of them) belong to no data point
+        # param messages belong to no data point
         prior, decoder, likelihood = self.prior(self.posterior), self.decoder, self.likelihood
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
             z = pyro.sample(LATENT_SITE, prior)
