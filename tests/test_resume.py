@@ -197,12 +197,13 @@ def interrupted_then_resumed(run_dir, signal_number: int, rng: random.Random) ->
         time.sleep(rng.uniform(0.0, 1.0))
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=120)
-        if process.returncode != 0:  # it was interrupted before finishing
+        progress = read_checkpoint(run_dir)["progress"]
+        # A signal that lands after the last checkpoint but before the process exits
+        # interrupts nothing: the run is complete on disk, so try again.
+        if process.returncode != 0 and progress["step"] < 3 * 150:
             break
     else:
         pytest.fail("the run finished before every interruption")
-    progress = read_checkpoint(run_dir)["progress"]
-    assert progress["epoch"] <= 3 and progress["step"] < 3 * 150
     resumed = pyrovae_train("--resume", str(run_dir), "--no-progress")
     _, resume_err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, resume_err
