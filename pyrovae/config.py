@@ -88,9 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pseudo-inputs, Adam at lr 5e-4, batch 100, the KL weight raised linearly over 100
     # epochs, early stopping on the validation ELBO with a patience of 50 epochs (not
     # counted during the warm-up), at most 2000 epochs, test log p(x) with K = 5000; Adam on
-    # gradients divided by their norms (utils/optimizer.py: AdamNormGrad), pseudo-inputs the
-    # sigmoid of logits started at N(-0.05, 0.01) (models/Model.py before it switched to a
-    # Hardtanh(0, 1), under which that start would get no gradient); trained
+    # gradients divided by their norms (utils/optimizer.py: AdamNormGrad), pseudo-inputs
+    # free values clipped to [0, 1] and started at N(0.05, 0.01) (models/Model.py:
+    # Hardtanh(0, 1); utils/load_data.py: load_static_mnist's start); trained
     # on all 50,000 training images and validated on the file's own 10,000; the guide's
     # scale a log-variance clipped to [-6, 2] (models/VAE.py: Hardtanh(-6, 2)); every Linear
     # weight He-normal, N(0, 2 / fan_in), with nn.Linear's own biases, the decoder's output
@@ -107,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
         "adam_second_moment_init": 0.0, "output_bias_init": "zero", "eval_samples": 5000,
         "kl_warmup_epochs": 100, "beta": 1.0, "early_stopping_patience": 50,
-        "pseudo_inputs_from_data": False, "pseudo_input_link": "sigmoid",
+        "pseudo_inputs_from_data": False, "pseudo_input_link": "hardtanh",
         "adam_normalize_gradients": True, "guide_scale": "clipped_log_variance",
         "init_scheme": "he_normal", "bernoulli_logit_clip": logit_clip_of_probability_clip(1e-5),
     },
@@ -212,8 +212,9 @@ class TrainConfig:
         "vamp prior: start the pseudo-inputs at random training points"))
     pseudo_input_link: str = field(default="identity", metadata=_flag(
         "VampPrior: identity, the pseudo-inputs are free parameters; sigmoid, they are the "
-        "sigmoid of free logits, inside (0, 1) (Tomczak & Welling's parameterisation; "
-        "started at logits N(-0.05, 0.01) unless --pseudo-inputs-from-data)",
+        "sigmoid of free logits, inside (0, 1), started at logits N(-0.05, 0.01); hardtanh, "
+        "free values clipped to [0, 1] (Tomczak & Welling's final code), started at "
+        "N(0.05, 0.01); either starts off the data unless --pseudo-inputs-from-data",
         choices=PSEUDO_INPUT_LINKS))
     prior_flows: int = field(default=2, metadata=_flag(
         "flow prior: autoregressive flow steps", type=int))

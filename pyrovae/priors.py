@@ -34,6 +34,7 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineAutoregressive
 from pyro.nn import AutoRegressiveNN, PyroParam
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pyrovae.errors import ConfigError
@@ -456,10 +457,14 @@ class MixtureOfGaussiansPrior(Prior):
 
 
 #: how the VampPrior's parameters map to its pseudo-inputs (:class:`VampPrior`)
-PSEUDO_INPUT_LINKS = ("identity", "sigmoid")
-#: the sigmoid link's initial logits, N(mean, std^2): the VampPrior authors' defaults
-#: (``pseudoinputs_mean``, ``pseudoinputs_std`` in jmtomczak/vae_vampprior)
+PSEUDO_INPUT_LINKS = ("identity", "sigmoid", "hardtanh")
+#: the sigmoid link's initial logits, N(mean, std^2): the VampPrior authors' command-line
+#: defaults (``pseudoinputs_mean``, ``pseudoinputs_std`` in jmtomczak/vae_vampprior)
 SIGMOID_LOGIT_MEAN, SIGMOID_LOGIT_STD = -0.05, 0.01
+#: the hardtanh link's initial values, N(mean, std^2): dark images, the start the VampPrior
+#: authors' loaders set for binary MNIST (``load_static_mnist``), inside [0, 1] where the
+#: clip passes gradients
+HARDTANH_START_MEAN, HARDTANH_START_STD = 0.05, 0.01
 #: data points started through the sigmoid link are clamped to [c, 1 - c] first
 SIGMOID_DATA_CLAMP = 1e-3
 
@@ -483,14 +488,17 @@ class VampPrior(Prior):
     :param num_components: K, the number of pseudo-inputs.
     :param pseudo_inputs_from_data: whether :meth:`init_from_data` sets the pseudo-inputs to
         K random training points (otherwise they keep their initial values: uniform(0, 1),
-        or with the sigmoid link logits from N(-0.05, 0.01), grey images near 0.49).
+        with the sigmoid link logits from N(-0.05, 0.01), grey images near 0.49, with the
+        hardtanh link values from N(0.05, 0.01), dark images).
     :param pseudo_input_link: ``"identity"``: the parameter ``pseudo_inputs`` is the
         pseudo-inputs themselves, free to leave the data's range; ``"sigmoid"``: the parameter
         ``pseudo_input_logits`` holds their logits and the pseudo-inputs are its sigmoid,
         inside (0, 1) like binary data's means (a sigmoid layer on an identity input, as an
-        earlier version of the VampPrior authors' code has it).  The two names keep a
-        checkpoint of one link from loading into the other.  :meth:`inputs` gives the
-        pseudo-inputs either way.
+        earlier version of the VampPrior authors' code has it); ``"hardtanh"``: the
+        parameter ``pseudo_inputs_unclipped`` clipped to [0, 1], with no gradient where it
+        lies outside (``Hardtanh(0, 1)`` on an identity input, the authors' final code).
+        Each link's parameter has its own name, so that a checkpoint of one link does not
+        load into another.  :meth:`inputs` gives the pseudo-inputs whichever the link.
     :param chunk_bytes: autograd graph that one chunk of elementwise-scored components may
         keep.
 
@@ -528,6 +536,9 @@ class VampPrior(Prior):
         if pseudo_input_link == "sigmoid":
             self.pseudo_input_logits = nn.Parameter(
                 SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim))
+        elif pseudo_input_link == "hardtanh":
+            self.pseudo_inputs_unclipped = nn.Parameter(
+                HARDTANH_START_MEAN + HARDTANH_START_STD * torch.randn(num_components, data_dim))
         else:
             self.pseudo_inputs = nn.Parameter(torch.rand(num_components, data_dim))
         # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
@@ -541,12 +552,20 @@ class VampPrior(Prior):
     def inputs(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The pseudo-inputs ``start:stop`` in data space, ``(stop - start, data_dim)``."""
         free = self._free_parameter()[start:stop]
-        return torch.sigmoid(free) if self.pseudo_input_link == "sigmoid" else free
+        if self.pseudo_input_link == "sigmoid":
+            return torch.sigmoid(free)
+        if self.pseudo_input_link == "hardtanh":
+            return F.hardtanh(free, 0.0, 1.0)
+        return free
 
     def _free_parameter(self) -> nn.Parameter:
-        """The parameter the pseudo-inputs are made from (themselves, or their logits)."""
-        return self.pseudo_input_logits if self.pseudo_input_link == "sigmoid" \
-            else self.pseudo_inputs
+        """The parameter the pseudo-inputs are made from (themselves, their logits, or their
+        values before the clip)."""
+        if self.pseudo_input_link == "sigmoid":
+            return self.pseudo_input_logits
+        if self.pseudo_input_link == "hardtanh":
+            return self.pseudo_inputs_unclipped
+        return self.pseudo_inputs
 
     @torch.no_grad()
     def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -561,11 +580,11 @@ class VampPrior(Prior):
         else:
             index = torch.randint(x.shape[0], (self.num_components,), generator=generator)
         chosen = x[index.to(x.device)]
+        if self.pseudo_input_link != "identity" and bool(((chosen < 0) | (chosen > 1)).any()):
+            raise ValueError(f"the {self.pseudo_input_link} link keeps pseudo-inputs inside "
+                             "[0, 1], and these data points lie outside [0, 1]: use "
+                             "pseudo_input_link='identity'")
         if self.pseudo_input_link == "sigmoid":  # logits of the points, kept finite
-            if bool(((chosen < 0) | (chosen > 1)).any()):
-                raise ValueError("the sigmoid link keeps pseudo-inputs inside (0, 1); these "
-                                 "data points lie outside [0, 1]: use pseudo_input_link="
-                                 "'identity'")
             chosen = torch.logit(chosen.clamp(SIGMOID_DATA_CLAMP, 1 - SIGMOID_DATA_CLAMP))
         self._free_parameter().copy_(chosen)
         self.initialized_from_data.fill_(True)

@@ -405,7 +405,7 @@ def test_tomczak2018_trains_banks_and_says_how_far_its_early_stopping_has_got(tm
     results = json.loads((bank_dir / "results.json").read_text())
     config = results["config"]
     assert config["preset"] == "tomczak2018" and config["adam_normalize_gradients"]
-    assert config["pseudo_input_link"] == "sigmoid" and not config["pseudo_inputs_from_data"]
+    assert config["pseudo_input_link"] == "hardtanh" and not config["pseudo_inputs_from_data"]
     assert results["epochs_of_protocol"] == 2000 and results["epochs_done"] >= 2
     assert results["best_valid_epoch"] >= 2  # the warm-up epoch does not count
     # stopped early (patience 1 here) or still going

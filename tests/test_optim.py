@@ -159,8 +159,8 @@ def test_the_tomczak2018_preset_sets_the_vampprior_protocol_and_records_an_overr
     assert (config.dataset, config.valid_size) == ("binarized_mnist", 10_000)
     assert config.early_stopping_patience == 7 and config.preset == "tomczak2018"
     assert TrainConfig.from_preset("tomczak2018").early_stopping_patience == 50
-    # the authors' AdamNormGrad and sigmoid-of-logits pseudo-inputs, started off the data
-    assert config.adam.normalize_gradients and config.pseudo_input_link == "sigmoid"
+    # the authors' AdamNormGrad and clipped pseudo-inputs, started off the data
+    assert config.adam.normalize_gradients and config.pseudo_input_link == "hardtanh"
     assert not config.pseudo_inputs_from_data
     assert set(PRESETS["tomczak2018"]) <= {f for f in TrainConfig().to_dict()}
     # every value the preset names is one TrainConfig accepts as it is

@@ -191,6 +191,36 @@ def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_log
         VampPrior(2, DATA_DIM, pseudo_input_link="tanh")
 
 
+def test_the_hardtanh_link_clips_pseudo_inputs_to_the_unit_interval_with_no_gradient_outside():
+    torch.manual_seed(0)
+    prior = VampPrior(2, DATA_DIM, num_components=200, pseudo_inputs_from_data=False,
+                      pseudo_input_link="hardtanh")
+    values = prior.pseudo_inputs_unclipped.detach()  # ~ N(0.05, 0.01): dark images
+    assert abs(values.mean().item() - 0.05) < 2e-3 and abs(values.std().item() - 0.01) < 1e-3
+    torch.testing.assert_close(prior.inputs(), values.clamp(0, 1))
+    assert "pseudo_inputs_unclipped" in prior.state_dict() and not hasattr(prior, "pseudo_inputs")
+    with pytest.raises(RuntimeError, match="pseudo_input"):
+        prior.load_state_dict(VampPrior(2, DATA_DIM, num_components=200,
+                                        pseudo_input_link="sigmoid").state_dict())
+    with torch.no_grad():  # three values outside [0, 1], one inside
+        prior.pseudo_inputs_unclipped[0, :4] = torch.tensor([-0.5, 1.5, 0.25, 7.0])
+    torch.testing.assert_close(prior.inputs()[0, :4], torch.tensor([0.0, 1.0, 0.25, 1.0]))
+    encoder = torch.nn.Linear(DATA_DIM, 4)
+
+    def posterior(u):
+        loc, scale = encoder(u).chunk(2, -1)
+        return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
+
+    prior(posterior).log_prob(torch.randn(5, 2)).sum().backward()
+    grad = prior.pseudo_inputs_unclipped.grad[0, :4]
+    assert (grad[[0, 1, 3]] == 0).all() and grad[2] != 0  # the clip passes gradient inside only
+    x = torch.bernoulli(torch.full((50, DATA_DIM), 0.5))
+    prior.init_pseudo_inputs(x)  # data points are taken as they are
+    assert (prior.inputs().detach()[:, None, :] == x[None]).all(-1).any(1).all()
+    with pytest.raises(ValueError, match="hardtanh link .* outside \\[0, 1\\]"):
+        prior.init_pseudo_inputs(torch.full((50, DATA_DIM), -1.0))
+
+
 def test_fit_initialises_the_pseudo_inputs_from_the_training_data():
     vae = build_vae(TrainConfig(hidden_dims=(5,), latent_dim=2, prior="vamp", num_components=3,
                                 likelihood="gaussian"), data_dim=DATA_DIM)
