@@ -6,8 +6,10 @@ likelihood, N(0, I) prior, diagonal Gaussian q(z|x)) on dynamically binarized MN
 training image redrawn x ~ Bernoulli(intensity) whenever it is used; the test images binarized
 once with pyrovae's fixed seed), trained for the same epochs with the same batch size and the
 same Adam (torch's, lr ``--lr``, betas 0.9/0.999, eps 1e-8).  pyrovae trains with
-:func:`pyrovae.fit`; pythae with its own ``BaseTrainer`` (``pythae.models.VAE``, BCE
-reconstruction loss), fed by a dataset that redraws each image as it is loaded.  The two start
+:func:`pyrovae.fit` on Pyro's ``Trace_ELBO`` (a Monte Carlo KL), or with ``--objective
+meanfield_elbo`` on ``TraceMeanField_ELBO`` (the analytic KL, as pythae's loss has it);
+pythae with its own ``BaseTrainer`` (``pythae.models.VAE``, BCE reconstruction loss plus the
+analytic KL), fed by a dataset that redraws each image as it is loaded.  The two start
 from the same weights except q's scale head: pyrovae's is ``softplus(W h + b) + 1e-4``,
 pythae's ``exp(0.5 * (W h + b))`` (its log-variance convention), each at its own default start.
 
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--latent-dim", type=int, default=50, help="dimension of z (default: %(default)s)")
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     add("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    add("--objective", default="trace_elbo", choices=("trace_elbo", "meanfield_elbo"),
+        help="pyrovae's ELBO: trace_elbo, the Monte Carlo KL of Pyro's Trace_ELBO; "
+             "meanfield_elbo, the analytic KL of TraceMeanField_ELBO, as pythae's VAE loss "
+             "computes it (default: %(default)s)")
     return parser
 
 
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     x_test = data.test
 
     config = TrainConfig(dataset="mnist", binarize="dynamic", hidden_dims=tuple(args.hidden_dims),
-                         latent_dim=args.latent_dim, epochs=args.epochs,
+                         latent_dim=args.latent_dim, epochs=args.epochs, objective=args.objective,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="cpu",
                          progress=False)
     torch.manual_seed(args.seed)
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     history = fit(vae, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   seed=args.seed, test_every=args.epochs, progress=False, config=config,
-                  fused=False)
+                  fused=False, objective=args.objective)
     pyrovae_seconds = time.perf_counter() - started
     vae.train(False)
 
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": "MNIST, dynamically binarized training images; test images binarized once",
         "budget": {"epochs": args.epochs, "updates": updates, "batch_size": args.batch_size,
                    "optimizer": f"Adam lr {args.lr} betas (0.9, 0.999) eps 1e-8",
+                   "pyrovae_objective": args.objective,
+                   "pythae_objective": "BCE reconstruction + analytic KL (pythae VAE loss)",
                    "num_train": int(data.train.shape[0]), "num_test_points": int(x_test.shape[0]),
                    "eval_samples": args.eval_samples},
         "seed": args.seed,

@@ -6,9 +6,9 @@ images validated on the file's own 10,000, two gated 300-unit layers each way, 4
 a VampPrior of 500 pseudo-inputs (free values clipped to [0, 1], started at
 N(0.05, 0.01)), Adam at lr 5e-4 on gradients divided by their norms (AdamNormGrad), batch
 100, the KL weight raised linearly over 100 epochs, early stopping once 50 epochs after the
-warm-up bring no better validation ELBO, at most 2000 epochs, test log p(x) with K = 5000.  Hours on a CPU, so it is
-trained a budget at a time and banked in ``experiments/results/tomczak2018_vamp/``, from
-which any machine resumes it.
+warm-up bring no better validation ELBO, at most 2000 epochs, test log p(x) with K = 5000.
+Hours on a CPU, so it is trained a budget at a time and banked in
+``experiments/results/tomczak2018_vamp/``, from which any machine resumes it.
 
 Commands::
 

@@ -369,12 +369,14 @@ def test_compare_pythae(tmp_path):
     result = subprocess.run(
         [_python_with_pythae(), str(EXPERIMENTS / "compare_pythae.py"), "--data-dir",
          str(SHARED_DATA), "--epochs", "1", "--train-size", "300", "--test-size", "20",
-         "--eval-samples", "10", "--hidden-dims", "16", "--latent-dim", "3", "--output",
+         "--eval-samples", "10", "--hidden-dims", "16", "--latent-dim", "3",
+         "--objective", "meanfield_elbo", "--output",
          str(output)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     results = json.loads(output.read_text())
     assert results["budget"]["updates"] == 3 and results["budget"]["num_test_points"] == 20
     assert results["commit"] and results["seed"] == 0 and results["hardware"]
+    assert results["budget"]["pyrovae_objective"] == "meanfield_elbo"
     for name in ("pyrovae", "pythae"):
         row = results[name]
         # one model, two estimators with K = 10 on 20 images: within a few nats
