@@ -377,6 +377,9 @@ def test_compare_pythae(tmp_path):
     assert results["budget"]["updates"] == 3 and results["budget"]["num_test_points"] == 20
     assert results["commit"] and results["seed"] == 0 and results["hardware"]
     assert results["budget"]["pyrovae_objective"] == "meanfield_elbo"
+    means = [results[name]["log_px_pyrovae_estimator"] for name in ("pyrovae", "pythae")]
+    assert results["pyrovae_minus_pythae_log_px"] == pytest.approx(means[0] - means[1], abs=1e-3)
+    assert 0 < results["pyrovae_minus_pythae_log_px_standard_error"] < 5
     for name in ("pyrovae", "pythae"):
         row = results[name]
         # one model, two estimators with K = 10 on 20 images: within a few nats
