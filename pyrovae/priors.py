@@ -456,8 +456,12 @@ class MixtureOfGaussiansPrior(Prior):
         return _BroadcastingMixture(dist.Categorical(logits=self.logits), components)
 
 
-#: how the VampPrior's parameters map to its pseudo-inputs (:class:`VampPrior`)
-PSEUDO_INPUT_LINKS = ("identity", "sigmoid", "hardtanh")
+#: how the VampPrior's parameters map to its pseudo-inputs (:class:`VampPrior`), each link
+#: with the name of the parameter it keeps (its own, so that a checkpoint of one link does
+#: not load into another)
+PSEUDO_INPUT_PARAMETERS = {"identity": "pseudo_inputs", "sigmoid": "pseudo_input_logits",
+                           "hardtanh": "pseudo_inputs_unclipped"}
+PSEUDO_INPUT_LINKS = tuple(PSEUDO_INPUT_PARAMETERS)
 #: the sigmoid link's initial logits, N(mean, std^2): the VampPrior authors' command-line
 #: defaults (``pseudoinputs_mean``, ``pseudoinputs_std`` in jmtomczak/vae_vampprior)
 SIGMOID_LOGIT_MEAN, SIGMOID_LOGIT_STD = -0.05, 0.01
@@ -533,14 +537,14 @@ class VampPrior(Prior):
         self.data_dim = data_dim
         self.pseudo_inputs_from_data = pseudo_inputs_from_data
         self.pseudo_input_link = pseudo_input_link
+        shape = (num_components, data_dim)
         if pseudo_input_link == "sigmoid":
-            self.pseudo_input_logits = nn.Parameter(
-                SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(num_components, data_dim))
+            start = SIGMOID_LOGIT_MEAN + SIGMOID_LOGIT_STD * torch.randn(shape)
         elif pseudo_input_link == "hardtanh":
-            self.pseudo_inputs_unclipped = nn.Parameter(
-                HARDTANH_START_MEAN + HARDTANH_START_STD * torch.randn(num_components, data_dim))
+            start = HARDTANH_START_MEAN + HARDTANH_START_STD * torch.randn(shape)
         else:
-            self.pseudo_inputs = nn.Parameter(torch.rand(num_components, data_dim))
+            start = torch.rand(shape)
+        setattr(self, PSEUDO_INPUT_PARAMETERS[pseudo_input_link], nn.Parameter(start))
         # a buffer, so that a reloaded checkpoint remembers and is not re-initialised
         self.register_buffer("initialized_from_data", torch.tensor(False))
 
@@ -561,11 +565,7 @@ class VampPrior(Prior):
     def _free_parameter(self) -> nn.Parameter:
         """The parameter the pseudo-inputs are made from (themselves, their logits, or their
         values before the clip)."""
-        if self.pseudo_input_link == "sigmoid":
-            return self.pseudo_input_logits
-        if self.pseudo_input_link == "hardtanh":
-            return self.pseudo_inputs_unclipped
-        return self.pseudo_inputs
+        return getattr(self, PSEUDO_INPUT_PARAMETERS[self.pseudo_input_link])
 
     @torch.no_grad()
     def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:

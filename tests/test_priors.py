@@ -159,6 +159,17 @@ def test_pseudo_inputs_can_be_left_alone_or_drawn_with_replacement():
         prior.init_pseudo_inputs(torch.rand(3, DATA_DIM + 1))
 
 
+def linear_posterior(data_dim: int, latent_dim: int):
+    """q(z|u) = N(loc, softplus(scale)) from one random linear layer of u ``(..., data_dim)``."""
+    encoder = torch.nn.Linear(data_dim, 2 * latent_dim)
+
+    def posterior(u):
+        loc, scale = encoder(u).chunk(2, -1)
+        return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
+
+    return posterior
+
+
 def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_logits():
     torch.manual_seed(0)
     prior = VampPrior(2, DATA_DIM, num_components=200, pseudo_inputs_from_data=False,
@@ -176,13 +187,7 @@ def test_the_sigmoid_link_keeps_pseudo_inputs_in_the_unit_interval_under_its_log
     inputs = prior.inputs().detach()
     assert ((inputs - 1e-3).abs() < 1e-6).logical_or((inputs - (1 - 1e-3)).abs() < 1e-6).all()
     # the prior scores z through q(z | sigmoid(logits)): gradients reach the logits
-    encoder = torch.nn.Linear(DATA_DIM, 4)
-
-    def posterior(u):
-        loc, scale = encoder(u).chunk(2, -1)
-        return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
-
-    prior(posterior).log_prob(torch.randn(5, 2)).sum().backward()
+    prior(linear_posterior(DATA_DIM, 2)).log_prob(torch.randn(5, 2)).sum().backward()
     assert prior.pseudo_input_logits.grad is not None
     assert prior.pseudo_input_logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
@@ -205,13 +210,7 @@ def test_the_hardtanh_link_clips_pseudo_inputs_to_the_unit_interval_with_no_grad
     with torch.no_grad():  # three values outside [0, 1], one inside
         prior.pseudo_inputs_unclipped[0, :4] = torch.tensor([-0.5, 1.5, 0.25, 7.0])
     torch.testing.assert_close(prior.inputs()[0, :4], torch.tensor([0.0, 1.0, 0.25, 1.0]))
-    encoder = torch.nn.Linear(DATA_DIM, 4)
-
-    def posterior(u):
-        loc, scale = encoder(u).chunk(2, -1)
-        return dist.Normal(loc, torch.nn.functional.softplus(scale)).to_event(1)
-
-    prior(posterior).log_prob(torch.randn(5, 2)).sum().backward()
+    prior(linear_posterior(DATA_DIM, 2)).log_prob(torch.randn(5, 2)).sum().backward()
     grad = prior.pseudo_inputs_unclipped.grad[0, :4]
     assert (grad[[0, 1, 3]] == 0).all() and grad[2] != 0  # the clip passes gradient inside only
     x = torch.bernoulli(torch.full((50, DATA_DIM), 0.5))
