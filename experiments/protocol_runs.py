@@ -7,9 +7,12 @@ latest checkpoint, config and metrics are copied ("banked") into
 ``burda2016.py`` and ``tomczak2018.py`` are this module for one protocol each.
 
 ``train`` starts from the bank when the run directory has no checkpoint and the bank has
-one; ``bank`` copies the run and writes ``results.json`` with the learning curve (the
-``test_log_px`` column of ``metrics.csv``: test log p(x) every ``log_px_every`` epochs),
-how far the protocol has got, and provenance.
+one; ``final`` runs the protocol's own evaluation (``pyrovae evaluate`` with K = 5000 on
+every test image) once the run has finished, on the checkpoint the paper reports (the best
+validation ELBO where the run stops early, the last one otherwise); ``bank`` copies the run
+and writes ``results.json`` with the learning curve (the ``test_log_px`` column of
+``metrics.csv``: test log p(x) every ``log_px_every`` epochs), how far the protocol has got,
+the final evaluation where there is one, and provenance.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 #: the files a resumed run needs, and the learning curve; the best checkpoint is banked only
 #: where it differs from the latest (which stands for it otherwise)
 BANKED_FILES = (CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SESSIONS_NAME)
+#: ``final``'s output (``pyrovae evaluate``'s JSON), in the run and, once banked, the bank
+FINAL_EVALUATION_NAME = "final_evaluation.json"
+#: the published protocols' test estimate: K importance samples on every test image
+FINAL_NUM_SAMPLES = 5000
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,66 @@ def progress(protocol: Protocol, rows: list[dict[str, float]],
     return done
 
 
+def reported_checkpoint(run_dir: Path, config: dict[str, object]) -> Path:
+    """The checkpoint a paper reports: the best validation ELBO's where the run stops early
+    (``early_stopping_patience``), the last one otherwise."""
+    best = run_dir / BEST_CHECKPOINT_NAME
+    if config.get("early_stopping_patience") and best.is_file():
+        return best
+    return run_dir / CHECKPOINT_NAME
+
+
+def final(protocol: Protocol, run_dir: Path, num_samples: int, before_the_end: bool,
+          extra: list[str]) -> int:
+    """Evaluate the finished run as its paper did (:func:`reported_checkpoint`, ``pyrovae
+    evaluate`` with ``num_samples`` importance samples on every test image, one thread)
+    into ``run_dir/final_evaluation.json``; a run that has not finished is refused unless
+    ``before_the_end``.  ``extra`` flags go to ``pyrovae evaluate``."""
+    script = f"{protocol.preset}.py"
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        print(f"{script}: error: no run in {run_dir} to evaluate", file=sys.stderr)
+        return 2
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    done = progress(protocol, [asdict(row) for row in read_metrics(run_dir / METRICS_NAME)],
+                    config)
+    if not done["finished"] and not before_the_end:
+        since = (f", {done['epochs_since_best']} since its best validation ELBO"
+                 if "epochs_since_best" in done else "")
+        print(f"{script}: error: the run is at epoch {done['epochs_done']} of "
+              f"{protocol.epochs}{since} and has not finished its protocol; train it on, or "
+              f"pass --before-the-end to evaluate it now", file=sys.stderr)
+        return 2
+    output = run_dir / FINAL_EVALUATION_NAME
+    output.unlink(missing_ok=True)  # an earlier one would be kept beside it under another name
+    command = ["evaluate", str(reported_checkpoint(run_dir, config)), "--num-samples",
+               str(num_samples), "--no-progress", "--output", str(output), *extra]
+    code = subprocess.call([sys.executable, "-m", "pyrovae", *command],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if code == 0:  # where the run stood when it was evaluated, for the bank to say
+        evaluation = json.loads(output.read_text())
+        evaluation.update(epochs_trained=done["epochs_done"], run_finished=done["finished"])
+        output.write_text(json.dumps(evaluation, indent=2) + "\n")
+    return code
+
+
+def final_summary(evaluation: dict[str, object], done: dict[str, object]) -> dict[str, object]:
+    """The final evaluation's numbers for ``results.json``: log p(x) ± SE in nats, K, the test
+    images, the checkpoint's epoch, whether the run had finished when it was evaluated, and
+    whether it has trained on since (``stale``)."""
+    return {"log_marginal_likelihood": evaluation["log_marginal_likelihood"],
+            "log_marginal_likelihood_standard_error":
+                evaluation["log_marginal_likelihood_standard_error"],
+            "test_elbo": evaluation["test_elbo"],
+            "num_samples": evaluation["num_samples"],
+            "num_test_points": evaluation["num_test_points"],
+            "checkpoint_epoch": evaluation["checkpoint_epoch"],
+            "epochs_trained": evaluation["epochs_trained"],
+            "run_finished": evaluation["run_finished"],
+            # trained on since: the numbers are of an earlier checkpoint than the bank's
+            "stale": evaluation["epochs_trained"] != done["epochs_done"],
+            "commit": evaluation.get("commit")}
+
+
 def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
          notes: list[str] | None = None) -> int:
     """Copy the run's checkpoint, config and metrics into ``bank_dir`` and write
@@ -138,17 +205,24 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
     torch.set_num_threads(1)
     previous = bank_dir / "results.json"
     kept_notes = json.loads(previous.read_text()).get("notes", []) if previous.is_file() else []
+    done = progress(protocol, rows, config)
+    # the run's own, or the one banked before (a run resumed from the bank has none)
+    final_evaluation = bank_dir / FINAL_EVALUATION_NAME
+    if (run_dir / FINAL_EVALUATION_NAME).is_file():
+        shutil.copy2(run_dir / FINAL_EVALUATION_NAME, final_evaluation)
     results = {
         "protocol": f"{protocol.preset} (pyrovae train --preset {protocol.preset})",
         # what a later reader needs beside the numbers (which code trained which epochs)
         "notes": kept_notes + list(notes or []),
         "seed": config["seed"],
-        **progress(protocol, rows, config),
+        **done,
         "best_is_latest": best_is_latest,
         "last_test_elbo": rows[-1]["test_elbo"],
         "learning_curve": curve,
         "learning_curve_estimator": "test log p(x), IWAE bound with --log-px-samples samples "
                                     "on the first --log-px-size test images (see config)",
+        "final_evaluation": (final_summary(json.loads(final_evaluation.read_text()), done)
+                             if final_evaluation.is_file() else None),
         "published_log_marginal_likelihood": protocol.published,
         "published_source": protocol.published_source,
         "train_seconds": sum(row["epoch_seconds"] for row in rows),
@@ -156,24 +230,34 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
         **provenance("cpu"),
     }
     (bank_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    latest = curve[-1] if curve else None
+    latest, last = curve[-1] if curve else None, results["final_evaluation"]
     print(f"banked epoch {results['epochs_done']} of {protocol.epochs} "
           f"({results['updates_done']} updates) in {bank_dir}"
           + (f"; test log p(x) {latest['test_log_px']:.2f} at epoch {latest['epoch']}"
-             if latest else ""))
+             if latest else "")
+          + (f"; final log p(x) {last['log_marginal_likelihood']:.2f} ± "
+             f"{last['log_marginal_likelihood_standard_error']:.2f} (K={last['num_samples']}, "
+             f"{last['num_test_points']} test images, epoch {last['checkpoint_epoch']})"
+             if last else ""))
     return 0
 
 
 def main(protocol: Protocol, argv: list[str] | None = None, description: str = "") -> int:
-    """``train`` / ``bank`` for ``protocol``; unknown flags of ``train`` go to ``pyrovae
-    train``."""
+    """``train`` / ``final`` / ``bank`` for ``protocol``; unknown flags of ``train`` go to
+    ``pyrovae train``, those of ``final`` to ``pyrovae evaluate``."""
     parser = argparse.ArgumentParser(description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="start or continue the run")
     train_parser.add_argument("--data-dir", required=True)
     train_parser.add_argument("--minutes", type=float, required=True)
+    final_parser = commands.add_parser(
+        "final", help="evaluate the finished run as the paper did (K=5000, every test image)")
+    final_parser.add_argument("--num-samples", type=int, default=FINAL_NUM_SAMPLES,
+                              help=f"importance samples K (default: {FINAL_NUM_SAMPLES})")
+    final_parser.add_argument("--before-the-end", action="store_true",
+                              help="evaluate a run that has not finished its protocol")
     bank_parser = commands.add_parser("bank", help="copy the run into the repository")
-    for sub in (train_parser, bank_parser):
+    for sub in (train_parser, final_parser, bank_parser):
         sub.add_argument("--run-dir", type=Path, default=protocol.run_dir)
         sub.add_argument("--bank-dir", type=Path, default=protocol.bank_dir)
     bank_parser.add_argument("--note", action="append", default=[],
@@ -181,6 +265,8 @@ def main(protocol: Protocol, argv: list[str] | None = None, description: str = "
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         return train(protocol, args.data_dir, args.minutes, args.run_dir, args.bank_dir, extra)
+    if args.command == "final":
+        return final(protocol, args.run_dir, args.num_samples, args.before_the_end, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return bank(protocol, args.run_dir, args.bank_dir, args.note)

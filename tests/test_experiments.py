@@ -406,8 +406,15 @@ def test_tomczak2018_trains_banks_and_says_how_far_its_early_stopping_has_got(tm
             "--log-px-size", "20"]
     run_script("tomczak2018.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
                *paths, *tiny)
+    if run_script("tomczak2018.py", "final", "--run-dir", str(run_dir), "--num-samples", "5",
+                  "--test-size", "20", check=False).returncode == 2:  # not stopped yet
+        run_script("tomczak2018.py", "final", "--run-dir", str(run_dir), "--num-samples", "5",
+                   "--test-size", "20", "--before-the-end")
     run_script("tomczak2018.py", "bank", *paths)
     results = json.loads((bank_dir / "results.json").read_text())
+    # the reported checkpoint is the best validation ELBO's, not the last
+    assert results["final_evaluation"]["checkpoint_epoch"] == results["best_valid_epoch"]
+    assert results["final_evaluation"]["run_finished"] == results["finished"]
     config = results["config"]
     assert config["preset"] == "tomczak2018" and config["adam_normalize_gradients"]
     assert config["pseudo_input_link"] == "hardtanh" and not config["pseudo_inputs_from_data"]
@@ -441,6 +448,20 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     assert results["config"]["preset"] == "burda2016" and not results["finished"]
     assert results["learning_curve"][0]["test_log_px"] < 0
     assert (bank_dir / "checkpoint.pt").is_file() and results["commit"]
+    assert results["final_evaluation"] is None
+    # the final evaluation waits for the end of the protocol, unless told otherwise
+    refused = run_script("burda2016.py", "final", "--run-dir", str(run_dir), check=False)
+    assert refused.returncode == 2 and not (run_dir / "final_evaluation.json").exists()
+    assert refused.stderr.count("\n") == 1 and "epoch 1 of 3280" in refused.stderr
+    run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
+               "--num-samples", "5", "--test-size", "20")
+    run_script("burda2016.py", "bank", *paths)
+    final = json.loads((bank_dir / "results.json").read_text())["final_evaluation"]
+    assert final["num_samples"] == 5 and final["num_test_points"] == 20
+    assert final["checkpoint_epoch"] == 1 and not final["run_finished"] and not final["stale"]
+    # the IWAE bound with K = 5 is above the ELBO of the same model on the same images
+    assert final["test_elbo"] < final["log_marginal_likelihood"] < 0
+    assert (bank_dir / "final_evaluation.json").is_file()
     # a fresh machine: no run directory, the bank only
     import shutil
 
@@ -448,3 +469,6 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     run_script("burda2016.py", "train", "--data-dir", str(SHARED_DATA), "--minutes", "5",
                *paths, "--epochs", "2")
     assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # header and 2 epochs
+    # the evaluation of epoch 1 is not restored into the run; the bank marks it stale
+    run_script("burda2016.py", "bank", *paths)
+    assert json.loads((bank_dir / "results.json").read_text())["final_evaluation"]["stale"]
