@@ -149,16 +149,19 @@ def final(protocol: Protocol, run_dir: Path, num_samples: int, before_the_end: b
               f"{protocol.epochs}{since} and has not finished its protocol; train it on, or "
               f"pass --before-the-end to evaluate it now", file=sys.stderr)
         return 2
-    output = run_dir / FINAL_EVALUATION_NAME
-    output.unlink(missing_ok=True)  # an earlier one would be kept beside it under another name
+    # written beside the last one and put in its place only once complete: a failed or
+    # interrupted evaluation leaves the earlier one as it was
+    partial = run_dir / f"{FINAL_EVALUATION_NAME}.partial"
+    partial.unlink(missing_ok=True)
     command = ["evaluate", str(reported_checkpoint(run_dir, config)), "--num-samples",
-               str(num_samples), "--no-progress", "--output", str(output), *extra]
+               str(num_samples), "--no-progress", "--output", str(partial), *extra]
     code = subprocess.call([sys.executable, "-m", "pyrovae", *command],
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     if code == 0:  # where the run stood when it was evaluated, for the bank to say
-        evaluation = json.loads(output.read_text())
+        evaluation = json.loads(partial.read_text())
         evaluation.update(epochs_trained=done["epochs_done"], run_finished=done["finished"])
-        output.write_text(json.dumps(evaluation, indent=2) + "\n")
+        partial.write_text(json.dumps(evaluation, indent=2) + "\n")
+        partial.replace(run_dir / FINAL_EVALUATION_NAME)
     return code
 
 

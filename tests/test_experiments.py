@@ -455,6 +455,10 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     assert refused.stderr.count("\n") == 1 and "epoch 1 of 3280" in refused.stderr
     run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
                "--num-samples", "5", "--test-size", "20")
+    kept = (run_dir / "final_evaluation.json").read_text()
+    failed = run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
+                        "--num-samples", "5", "--test-size", "-3", check=False)
+    assert failed.returncode == 2 and (run_dir / "final_evaluation.json").read_text() == kept
     run_script("burda2016.py", "bank", *paths)
     final = json.loads((bank_dir / "results.json").read_text())["final_evaluation"]
     assert final["num_samples"] == 5 and final["num_test_points"] == 20
