@@ -120,6 +120,12 @@ def progress(protocol: Protocol, rows: list[dict[str, float]],
     return done
 
 
+def read_run(run_dir: Path) -> tuple[list[dict[str, float]], dict[str, object]]:
+    """The run's ``metrics.csv`` rows (one dict an epoch) and its ``config.json``."""
+    rows = [asdict(record) for record in read_metrics(run_dir / METRICS_NAME)]
+    return rows, json.loads((run_dir / CONFIG_NAME).read_text())
+
+
 def reported_checkpoint(run_dir: Path, config: dict[str, object]) -> Path:
     """The checkpoint a paper reports: the best validation ELBO's where the run stops early
     (``early_stopping_patience``), the last one otherwise."""
@@ -139,9 +145,8 @@ def final(protocol: Protocol, run_dir: Path, num_samples: int, before_the_end: b
     if not (run_dir / CHECKPOINT_NAME).is_file():
         print(f"{script}: error: no run in {run_dir} to evaluate", file=sys.stderr)
         return 2
-    config = json.loads((run_dir / CONFIG_NAME).read_text())
-    done = progress(protocol, [asdict(row) for row in read_metrics(run_dir / METRICS_NAME)],
-                    config)
+    rows, config = read_run(run_dir)
+    done = progress(protocol, rows, config)
     if not done["finished"] and not before_the_end:
         since = (f", {done['epochs_since_best']} since its best validation ELBO"
                  if "epochs_since_best" in done else "")
@@ -199,8 +204,7 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
             (bank_dir / name).unlink(missing_ok=True)  # the latest checkpoint stands for it
         elif (run_dir / name).is_file():
             shutil.copy2(run_dir / name, bank_dir / name)
-    rows = [asdict(record) for record in read_metrics(run_dir / METRICS_NAME)]
-    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    rows, config = read_run(run_dir)
     curve = [{"epoch": int(row["epoch"]), "updates": int(row["step"]),
               "test_log_px": row["test_log_px"], "test_elbo": row["test_elbo"]}
              for row in rows if not math.isnan(row.get("test_log_px", math.nan))]
