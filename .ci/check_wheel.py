@@ -1,6 +1,7 @@
 """Check an installed pyrovae as users get it; run by .ci/run with the fresh virtualenv's Python.
 
-Fails (exit 1) if pyrovae is imported from anywhere but that virtualenv's site-packages, if a
+Fails (exit 1) if pyrovae is imported from anywhere but that virtualenv's site-packages, if its
+license (MIT, with the LICENSE file) is not in the wheel's metadata, if a
 name of ``pyrovae.__all__`` or a submodule does not import, if a third-party module that
 pyrovae's own code imports belongs to no distribution the wheel declares, or if a tiny
 ``pyrovae train`` on an npz file fails.
@@ -39,6 +40,12 @@ def main(work: Path) -> int:
         return 1
     if not (location.parent / "py.typed").is_file():
         print("py.typed is missing from the wheel", file=sys.stderr)
+        return 1
+    distribution = metadata.distribution("pyrovae")
+    if distribution.metadata.get("License-Expression") != "MIT" or not any(
+            Path(str(file)).name == "LICENSE" for file in distribution.files or []):
+        print("the wheel does not declare License-Expression MIT with its LICENSE file",
+              file=sys.stderr)
         return 1
     for name in pyrovae.__all__:
         getattr(pyrovae, name)

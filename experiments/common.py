@@ -35,7 +35,7 @@ from pyrovae.devices import resolve_device, seed_everything  # noqa: E402
 from pyrovae.errors import ConfigError, PyrovaeError  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 from pyrovae.priors import diagonal_normal_components  # noqa: E402
-from pyrovae.provenance import provenance  # noqa: E402
+from pyrovae.provenance import git_commit, provenance  # noqa: E402
 from pyrovae.rundir import json_safe, write_json  # noqa: E402
 from pyrovae.runs import RESULTS_NAME, Run  # noqa: E402
 from pyrovae.schedules import LR_SCHEDULES  # noqa: E402
@@ -306,6 +306,7 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    git_commit()  # the commit this script runs, for results.json, however long it runs
     try:
         return body(args)
     except TrainingInterrupted as error:

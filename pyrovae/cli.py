@@ -26,6 +26,7 @@ from pyrovae.argtypes import device_name, non_negative_int, positive_int, positi
 from pyrovae.config import TrainConfig
 from pyrovae.devices import resolve_device
 from pyrovae.errors import ConfigError, PyrovaeError
+from pyrovae.provenance import git_commit
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS
 from pyrovae.rundir import describe_os_error
 from pyrovae.sandwich import DEFAULT_POINTS
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     prefix = f"pyrovae (rank {rank})" if rank else "pyrovae"
+    git_commit()  # the commit this process runs, for its results files, however long it runs
     try:
         # log lines go above the progress bar instead of through it
         with logging_redirect_tqdm():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from datetime import UTC, datetime
@@ -12,8 +13,14 @@ import pyro
 import torch
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the pyrovae source tree, with ``-dirty`` if it has local changes."""
+    """The commit of the pyrovae source tree, with ``-dirty`` if it has local changes, as it
+    stood at the first call in this process.
+
+    Asked once and kept: a results file names the code the process imported, not a commit
+    the checkout moved on to while a long run or evaluation was going (entry points call this
+    as they start, to pin it)."""
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
