@@ -453,8 +453,10 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     refused = run_script("burda2016.py", "final", "--run-dir", str(run_dir), check=False)
     assert refused.returncode == 2 and not (run_dir / "final_evaluation.json").exists()
     assert refused.stderr.count("\n") == 1 and "epoch 1 of 3280" in refused.stderr
-    run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
-               "--num-samples", "5", "--test-size", "20")
+    done = run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
+                      "--num-samples", "5", "--test-size", "20")
+    assert done.stdout.splitlines()[-1].startswith(
+        f"burda2016.py: final evaluation in {run_dir / 'final_evaluation.json'}")
     kept = (run_dir / "final_evaluation.json").read_text()
     failed = run_script("burda2016.py", "final", "--run-dir", str(run_dir), "--before-the-end",
                         "--num-samples", "5", "--test-size", "-3", check=False)
