@@ -166,10 +166,10 @@ def final(protocol: Protocol, run_dir: Path, num_samples: int, before_the_end: b
         evaluation = json.loads(partial.read_text())
         evaluation.update(epochs_trained=done["epochs_done"], run_finished=done["finished"])
         partial.write_text(json.dumps(evaluation, indent=2) + "\n")
-        partial.replace(run_dir / FINAL_EVALUATION_NAME)
+        destination = run_dir / FINAL_EVALUATION_NAME
+        partial.replace(destination)
         # evaluate names the partial file it wrote; this is where the evaluation now is
-        print(f"{script}: final evaluation in {run_dir / FINAL_EVALUATION_NAME} "
-              f"(`{script} bank` records it)")
+        print(f"{script}: final evaluation in {destination} (`{script} bank` records it)")
     return code
 
 
