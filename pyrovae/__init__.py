@@ -34,7 +34,13 @@ from pyrovae.likelihoods import (
 )
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE
 from pyrovae.nets import NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from pyrovae.objectives import ImportanceWeightedELBO, LatentScale, kl_weight
+from pyrovae.objectives import (
+    DoublyReparameterizedIWAE,
+    ImportanceWeightedELBO,
+    LatentScale,
+    PathDerivativeELBO,
+    kl_weight,
+)
 from pyrovae.priors import (
     PRIORS,
     DiagonalNormalPrior,
@@ -63,6 +69,7 @@ __all__ = [
     "DataSplits",
     "DiagonalNormalGuide",
     "DiagonalNormalPrior",
+    "DoublyReparameterizedIWAE",
     "FlowPrior",
     "FullCovarianceNormalGuide",
     "GaussianLikelihood",
@@ -75,6 +82,7 @@ __all__ = [
     "MLPDecoder",
     "MLPEncoder",
     "MixtureOfGaussiansPrior",
+    "PathDerivativeELBO",
     "PixelGaussianLikelihood",
     "Prior",
     "StandardNormalPrior",

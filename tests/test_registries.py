@@ -41,7 +41,7 @@ def test_the_registries_hold_the_families():
     assert set(PRIORS) == {"normal", "diagonal", "mog", "vamp", "flow"}
     assert set(GUIDES) == {"diagonal", "fullcov", "lowrank", "iaf"}
     assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian", "gaussian_pixel"}
-    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae"}
+    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae", "stl_elbo", "iwae_dreg"}
 
 
 @pytest.mark.parametrize("prior, guide, likelihood", COMBINATIONS)
