@@ -233,6 +233,9 @@ class TrainConfig:
         "and sampling, no gradient beyond (Tomczak & Welling's probabilities in [1e-5, "
         "1 - 1e-5]: C = log((1 - 1e-5) / 1e-5) = 11.5129); none (the default): no clamp",
         type=_float_or_none))
+    logistic_components: int = field(default=10, metadata=_flag(
+        "discretized_logistic_mixture likelihood: mixture components K per data value (the "
+        "decoder gives 3K numbers per value; PixelCNN++: 10)", type=int))
     objective: str = field(default="trace_elbo", metadata=_flag(
         "training objective", choices=tuple(OBJECTIVES)))
     num_particles: int = field(default=1, metadata=_flag(
@@ -383,7 +386,8 @@ class TrainConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
-                    "num_components", "rank", "log_px_samples", "log_px_size")
+                    "num_components", "rank", "log_px_samples", "log_px_size",
+                    "logistic_components")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -627,10 +631,17 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         return build_hierarchical_vae(config, data_dim=data_dim)
     if config.model in LABEL_MODELS:  # a model of labelled data (--model)
         return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
-    encoder, decoder = NETWORKS[config.net](
-        data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
-        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain,
-        init_scheme=config.init_scheme)
+    options = {"latent_dim": config.latent_dim, "hidden_dims": config.hidden_dims,
+               "activation": config.activation, "init_gain": config.init_gain,
+               "init_scheme": config.init_scheme}
+    encoder, decoder = NETWORKS[config.net](data_dim=data_dim, image_shape=image_shape,
+                                            **options)
+    per_value = params_per_value(config, data_dim)
+    if per_value > 1:  # a decoder of P numbers per data value, P blocks of channels
+        wide = None if image_shape is None else (per_value * _channels(image_shape),
+                                                  *image_shape[-2:])
+        _, decoder = NETWORKS[config.net](data_dim=per_value * data_dim, image_shape=wide,
+                                          **options)
     feature_dim = encoder.feature_dim
     return VAE(
         encoder=encoder,
@@ -640,6 +651,16 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
         data_dim=data_dim,
     )
+
+
+def params_per_value(config: TrainConfig, data_dim: int) -> int:
+    """How many decoder outputs ``config``'s likelihood reads per data value
+    (:attr:`~pyrovae.likelihoods.Likelihood.params_per_value`)."""
+    return LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim).params_per_value
+
+
+def _channels(image_shape: tuple[int, ...]) -> int:
+    return int(image_shape[0]) if len(image_shape) == 3 else 1
 
 
 def hierarchical_hidden_dims(config: TrainConfig) -> list[tuple[int, ...]]:
@@ -668,8 +689,8 @@ def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> Hierarchica
         guide_layers=list(guide_layers),
         prior_layers=prior_layers,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
-        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation,
-                           init_gain=gain),
+        decoder=MLPDecoder(widths[1], params_per_value(config, data_dim) * data_dim,
+                           tuple(reversed(hidden[0])), config.activation, init_gain=gain),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )
@@ -688,7 +709,7 @@ def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tup
                "init_scheme": config.init_scheme}
     encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
                                       latent_dim=config.latent_dim, **options)
-    _, decoder = NETWORKS[config.net](data_dim=data_dim,
+    _, decoder = NETWORKS[config.net](data_dim=params_per_value(config, data_dim) * data_dim,
                                       latent_dim=config.latent_dim + num_classes, **options)
     return encoder, decoder
 
