@@ -37,7 +37,7 @@ from pyrovae.nets import (
     check_init_scheme,
     mlp,
 )
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.rundir import write_json
@@ -504,9 +504,10 @@ class TrainConfig:
         if self.prior == "vamp":
             raise ConfigError(f"--model {self.model}: the vamp prior needs q(z|x) without a "
                               f"label; choose another --prior")
-        if self.model == "semi_supervised" and self.objective == "iwae":
-            raise ConfigError("--model semi_supervised sums the discrete label out of the ELBO; "
-                              "the iwae objective needs reparameterised sites: use trace_elbo")
+        if self.model == "semi_supervised" and self.objective in REPARAMETERIZED_OBJECTIVES:
+            raise ConfigError(f"--model semi_supervised sums the discrete label out of the "
+                              f"ELBO; the {self.objective} objective needs reparameterised "
+                              f"sites: use trace_elbo")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
