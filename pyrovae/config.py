@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pyrovae.argtypes import check_device_name, init_gain
+from pyrovae.argtypes import MAX_INT, check_device_name, init_gain
 from pyrovae.compilation import COMPILE_MODES
 from pyrovae.data import (
     BINARIZATIONS,
@@ -38,7 +38,7 @@ from pyrovae.nets import (
     check_init_scheme,
     mlp,
 )
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.rundir import write_json
@@ -441,9 +441,12 @@ class TrainConfig:
                               f"{self.lr}; typical values are 1e-4 to 1e-2")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" \
-                    and value >= 2**31:
-                raise ConfigError(f"{f.name} {value} is too large (at most {2**31 - 1})")
+            if f.name == "seed":
+                continue
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+                    shown = list(value) if isinstance(value, tuple) else value
+                    raise ConfigError(f"{f.name} {shown} is too large (at most {MAX_INT})")
         try:
             check_device_name(self.device)
         except ValueError as error:
@@ -550,9 +553,10 @@ class TrainConfig:
         if self.prior == "vamp":
             raise ConfigError(f"--model {self.model}: the vamp prior needs q(z|x) without a "
                               f"label; choose another --prior")
-        if self.model == "semi_supervised" and self.objective == "iwae":
-            raise ConfigError("--model semi_supervised sums the discrete label out of the ELBO; "
-                              "the iwae objective needs reparameterised sites: use trace_elbo")
+        if self.model == "semi_supervised" and self.objective in REPARAMETERIZED_OBJECTIVES:
+            raise ConfigError(f"--model semi_supervised sums the discrete label out of the "
+                              f"ELBO; the {self.objective} objective needs reparameterised "
+                              f"sites: use trace_elbo")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
@@ -607,6 +611,9 @@ class TrainConfig:
             values = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error})") from None
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise ConfigError(f"{path} nests lists or objects too deeply to be a config (a "
+                              f"config is one object of plain values)") from None
         try:
             return cls.from_dict(values)
         except ConfigError as error:
