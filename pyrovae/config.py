@@ -42,7 +42,7 @@ from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.rundir import write_json
-from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles
+from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles, check_plateau
 
 #: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
 #: from the first step, a learned prior follows the encoder's early contraction of every
@@ -272,7 +272,19 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata=_flag(
         "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
         "i = 0..7 (3280 epochs, later ones at lr/10); burda2016: the same with the factors "
-        "rounded to one decimal, as the authors' code has them", choices=LR_SCHEDULES))
+        "rounded to one decimal, as the authors' code has them; cosine: from lr down to "
+        "--lr-min over --epochs, lr_min + (lr - lr_min) (1 + cos(pi (epoch - 1) / epochs)) / 2 "
+        "(Loshchilov & Hutter 2017); plateau: lr times --lr-plateau-factor each time the "
+        "validation ELBO (the test ELBO without --valid-size) has not improved on its best for "
+        "--lr-plateau-patience evaluated epochs, never below --lr-min", choices=LR_SCHEDULES))
+    lr_min: float = field(default=0.0, metadata=_flag(
+        "--lr-schedule cosine: the rate it ends at; plateau: the rate it stops reducing at",
+        type=float))
+    lr_plateau_factor: float = field(default=0.5, metadata=_flag(
+        "--lr-schedule plateau: the factor of each reduction", type=float))
+    lr_plateau_patience: int = field(default=10, metadata=_flag(
+        "--lr-schedule plateau: evaluated epochs without a new best held-out ELBO before a "
+        "reduction", type=int))
     adam_beta1: float = field(default=0.9, metadata=_flag(
         "Adam's decay rate of the first moment", type=float))
     adam_beta2: float = field(default=0.999, metadata=_flag(
@@ -436,6 +448,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        check_plateau(self.lr_plateau_factor, self.lr_plateau_patience, self.lr_min)
+        if self.lr_schedule in ("cosine", "plateau") and not self.lr_min < self.lr:
+            raise ConfigError(f"--lr-min {self.lr_min:g} must be below --lr {self.lr:g}")
         if not self.lr <= MAX_LR:
             raise ConfigError(f"lr must be at most {MAX_LR} (Adam diverges long before), got "
                               f"{self.lr}; typical values are 1e-4 to 1e-2")
