@@ -45,7 +45,12 @@ from pyrovae.nets import (
     MLPDecoder,
     MLPEncoder,
 )
-from pyrovae.objectives import OBJECTIVES, ImportanceWeightedELBO
+from pyrovae.objectives import (
+    OBJECTIVES,
+    DoublyReparameterizedIWAE,
+    ImportanceWeightedELBO,
+    PathDerivativeELBO,
+)
 from pyrovae.priors import (
     PRIORS,
     DiagonalNormalPrior,
@@ -108,6 +113,8 @@ __all__ = [
     # training
     "OBJECTIVES",
     "ImportanceWeightedELBO",
+    "PathDerivativeELBO",
+    "DoublyReparameterizedIWAE",
     "FitOptions",
     "fit",
     "TrainConfig",

@@ -32,7 +32,8 @@ def test_what_a_user_needs_is_at_the_top():
     for name in ("write_report", "importance_summary", "OBJECTIVES", "GatedLinear",
                  "GatedMLPEncoder", "GatedMLPDecoder", "load_vae", "mutual_information"):
         assert name in pyrovae.__all__, name
-    assert set(pyrovae.OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae"}
+    assert set(pyrovae.OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae", "stl_elbo",
+                                       "iwae_dreg"}
     assert pyrovae.NETWORKS["gated_mlp"].__module__ == pyrovae.GatedMLPEncoder.__module__
 
 

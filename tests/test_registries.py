@@ -52,7 +52,7 @@ def test_the_registries_hold_the_families():
     assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian", "gaussian_pixel",
                                 "discretized_logistic", "discretized_logistic_mixture",
                                 "discretized_gaussian"}
-    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae"}
+    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae", "stl_elbo", "iwae_dreg"}
 
 
 @pytest.mark.parametrize("prior, guide, likelihood", COMBINATIONS)
