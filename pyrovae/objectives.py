@@ -417,7 +417,8 @@ REPARAMETERIZED_OBJECTIVES = ("iwae", "stl_elbo", "iwae_dreg")
 
 
 def make_objective(name: str, num_particles: int = 1, *,
-                   structure: Structure | None = None) -> ELBO:
+                   structure: Structure | None = None, free_bits: float = 0.0,
+                   free_bits_group: str = "dimension") -> ELBO:
     """An objective from :data:`OBJECTIVES` that draws ``num_particles`` z per data point, vectorized.
 
     The loss it returns is minus the objective summed over the minibatch, in nats.
@@ -426,7 +427,12 @@ def make_objective(name: str, num_particles: int = 1, *,
         and enumerated sites).  A program with enumerated sites trains ``trace_elbo`` and
         ``meanfield_elbo`` with :class:`pyro.infer.TraceEnum_ELBO`, which sums those sites out
         exactly (the same ELBO, with the Monte Carlo KL of the continuous sites).
+    :param free_bits: positive: the ELBO with a floor of this many nats under the KL of each
+        ``free_bits_group`` (:class:`~pyrovae.free_bits.FreeBitsELBO`; its analytic KL
+        where torch has one under ``meanfield_elbo``).
     """
+    if free_bits:
+        return _free_bits_objective(name, num_particles, structure, free_bits, free_bits_group)
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
     if num_particles < 1:
@@ -442,3 +448,20 @@ def make_objective(name: str, num_particles: int = 1, *,
         objective = TraceEnum_ELBO  # the importance-weighted log weights sum them out
     return objective(num_particles=num_particles, vectorize_particles=num_particles > 1,
                      max_plate_nesting=nesting)
+
+
+def _free_bits_objective(name: str, num_particles: int, structure: Structure | None,
+                         free_bits: float, group: str) -> ELBO:
+    """:func:`make_objective` with free bits, or one line saying why it cannot apply."""
+    from pyrovae.free_bits import FreeBitsELBO
+
+    if name not in ("trace_elbo", "meanfield_elbo"):
+        raise ConfigError(f"free bits floors the KL term of the ELBO, which the {name} "
+                          f"objective does not have: use trace_elbo or meanfield_elbo")
+    if structure is not None and structure.enumerates:
+        summed = structure.enumerated_sites + structure.guide_enumerated_sites
+        raise ConfigError(f"free bits needs every latent site drawn by the guide; this program "
+                          f"sums {', '.join(summed)} out")
+    nesting = structure.max_plate_nesting if structure is not None else 1
+    return FreeBitsELBO(free_bits, group, analytic=name == "meanfield_elbo",
+                        num_particles=num_particles, max_plate_nesting=nesting)
