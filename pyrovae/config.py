@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -44,6 +45,8 @@ from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.rundir import write_json
 from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles, check_plateau
+
+logger = logging.getLogger(__name__)
 
 #: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
 #: from the first step, a learned prior follows the encoder's early contraction of every
@@ -888,3 +891,14 @@ def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainCo
     if config.label_batches == "interleaved":
         data = interleave_labels(data)
     return replace(config, **values), data
+
+
+def fit_batch_to_data(config: TrainConfig, num_train: int) -> TrainConfig:
+    """``config`` with ``batch_size`` at most ``num_train``: a batch larger than a small
+    training set becomes the whole set (one step per epoch), with a warning that says so;
+    ``config.json`` then records the batch size that ran."""
+    if config.batch_size <= num_train:
+        return config
+    logger.warning("batch size %d is larger than the training set (%d points): training with "
+                   "batches of %d", config.batch_size, num_train, num_train)
+    return replace(config, batch_size=num_train)

@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 from pyrovae import distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
 from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
-from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
+from pyrovae.config import (
+    LABEL_MODELS,
+    TrainConfig,
+    apply_label_settings,
+    build_vae,
+    fit_batch_to_data,
+)
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
@@ -287,6 +293,7 @@ def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfi
     data = data.subset(config.train_size, config.test_size).with_validation(
         config.valid_size, own=config.valid_split == "dataset")
     config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
+    config = fit_batch_to_data(config, data.train.shape[0])
     return config, data.to(device)
 
 

@@ -49,7 +49,7 @@ from pyrovae.checkpoint import (
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
-from pyrovae.data import DataSplits
+from pyrovae.data import DataSplits, outside_unit_interval
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
@@ -116,8 +116,9 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
     if data.dynamic_binarization:
         # the stored grey levels are Bernoulli probabilities; batches are draws from them
         check_data(data.train, vae.data_dim, name="training data")
-        if float(data.train.min()) < 0 or float(data.train.max()) > 1:
-            raise InvalidDataError("dynamic binarization needs training data in [0, 1]")
+        problem = outside_unit_interval(data.train, "training data", "for dynamic binarization")
+        if problem:
+            raise InvalidDataError(problem)
     else:
         vae.check_data(data.train, name="training data")
     vae.check_data(data.test, name="test data")
