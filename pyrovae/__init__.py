@@ -7,6 +7,7 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 
 from pyrovae.activity import latent_usage
 from pyrovae.ais import ais_log_marginal_likelihood
+from pyrovae.checkpoint import load_program_state
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.evaluation import (
@@ -90,6 +91,7 @@ __all__ = [
     "as_program",
     "kl_weight",
     "load_dataset",
+    "load_program_state",
     "log_marginal_likelihood",
     "mean_and_standard_error",
     "ConditionalNormal",

@@ -36,22 +36,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
 from pyrovae import distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
-from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
+from pyrovae.checkpoint import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    check_checkpoint,
+    check_param_store,
+    check_resumable,
+    check_state_dict,
+    load_program_state,
+    load_vae,
+    read_checkpoint,
+)
 from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
 from pyrovae.distributed import sharded
-from pyrovae.errors import CheckpointError, ConfigError
+from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
 from pyrovae.models import VAE, SemiSupervisedVAE
-from pyrovae.plotting import save_sample_grid
+from pyrovae.plotting import save_program_samples, save_sample_grid
+from pyrovae.program_spec import canonical_spec, load_program
 from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS, TABLE_MARKDOWN, write_report
@@ -214,7 +226,12 @@ def check_resume(run_dir: Path, config: TrainConfig, vae: VAE) -> None:
     """Everything a resume of ``run_dir`` needs, checked before its config is rewritten:
     a checkpoint ``vae`` can continue, trained with ``config`` (aside from
     :data:`RESUME_OVERRIDES`), with no more epochs than ``config.epochs``."""
-    checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    if config.program is None:
+        checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    else:
+        # the optimizer state also covers the program's pyro.param sites, which the
+        # training loop finds and checks (TrainingLoop._load)
+        checkpoint = _check_program_resumable(run_dir / CHECKPOINT_NAME, vae)
     if checkpoint.get("config") is not None:
         refuse_foreign(run_dir / CHECKPOINT_NAME, TrainConfig.from_dict(checkpoint["config"]),
                        config, run_dir / CONFIG_NAME)
@@ -240,16 +257,94 @@ def refuse_foreign(checkpoint_path: Path, embedded: TrainConfig, config: TrainCo
             + "; use the checkpoint with its own run directory")
 
 
-def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool) -> dict[str, Any]:
+def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool,
+              program: bool = False) -> dict[str, Any]:
     """Load ``checkpoint_best.pt``'s parameters into ``vae`` for the final evaluation (early
-    stopping selects the model on the held-out ELBO); what the results record of it."""
+    stopping selects the model on the held-out ELBO); what the results record of it.
+
+    :param program: ``vae`` is your own program: its ``pyro.param`` sites are loaded too
+        (:func:`~pyrovae.checkpoint.load_program_state`).
+    """
     path = run_dir / BEST_CHECKPOINT_NAME
-    checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
-    vae.load_state_dict(checkpoint["model"])
+    if program:
+        checkpoint = load_program_state(vae, path)
+    else:
+        checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
+        vae.load_state_dict(checkpoint["model"])
     logger.info("final evaluation with the best checkpoint (epoch %d)%s", checkpoint["epoch"],
                 ", early stopping ended training" if stopped_early else "")
     return {"stopped_early": stopped_early, "evaluated_checkpoint": BEST_CHECKPOINT_NAME,
             "evaluated_checkpoint_epoch": checkpoint["epoch"]}
+
+
+# --- your own program ------------------------------------------------------------------------
+# A run of a user's program records its spec in config.json; the spec is only ever imported
+# when the user names it again on the command line (check_program_named), never because a
+# run directory names it: a config.json is data anyone may have edited.
+
+def check_program_named(run_dir: Path, given: str | None, config: TrainConfig | None, *,
+                        command: str) -> None:
+    """Refuse, before anything is imported, a ``--program`` that is not the one ``config``
+    (the run's) records, or none where it records one.
+
+    :param given: the ``--program`` of the command line, or ``None``.
+    :param command: the command for the message (``"evaluate"``).
+    :raises ConfigError: one line naming both programs.
+    """
+    recorded = config.program if config is not None else None
+    if recorded is None:
+        if given is not None:
+            raise ConfigError(f"--program {given}: {run_dir} holds a run of the built-in "
+                              f"model, not of a program; leave --program out")
+        return
+    if given is None:
+        raise ConfigError(f"{run_dir} holds a run of your program {recorded}; pyrovae imports "
+                          f"no code that a run directory names: name it again, pyrovae "
+                          f"{command} {run_dir} --program {recorded}")
+    if canonical_spec(given) != recorded:
+        raise ConfigError(f"--program {canonical_spec(given)} is not the program {run_dir} was "
+                          f"trained with ({recorded}); name that one")
+
+
+def build_user_program(config: TrainConfig, device: torch.device) -> Any:
+    """Import and build ``config.program`` with ``config.program_args``
+    (:func:`~pyrovae.program_spec.load_program`), on ``device``.  Only for a spec the user
+    named on the command line (:func:`check_program_named` first, for a recorded one)."""
+    assert config.program is not None
+    # a run starts from an empty parameter store: pyro.module would otherwise hand this
+    # program the tensors an earlier program in this process registered under its names
+    pyro.clear_param_store()
+    program = load_program(config.program, config.program_args)
+    if isinstance(program, torch.nn.Module):
+        program = program.to(device)
+    return program
+
+
+def _check_program_resumable(path: Path, program: Any) -> dict[str, Any]:
+    """:func:`~pyrovae.checkpoint.check_resumable` of a user's program, the optimizer aside."""
+    checkpoint = read_checkpoint(path)
+    check_checkpoint(checkpoint, path, resumable=True)
+    module = as_program(program).module
+    check_state_dict(module if module is not None else torch.nn.Module(), checkpoint["model"],
+                     path, "this program")
+    check_param_store(checkpoint, path)
+    return checkpoint
+
+
+def _user_program_figures(program: Any, run_dir: Path, data: DataSplits) -> dict[str, Any]:
+    """``samples.png`` where the program can draw x, and the active units where its guide
+    allows counting them; what it cannot do is logged, not fatal, at the end of training."""
+    if data.image_shape is not None:
+        try:
+            save_program_samples(program, run_dir / SAMPLES_NAME, data.image_shape,
+                                 data.data_dim)
+        except PyrovaeError as error:
+            logger.warning("no %s: %s", SAMPLES_NAME, error)
+    try:
+        return posterior_activity(program, data.test)
+    except (PyrovaeError, ValueError, RuntimeError) as error:
+        logger.warning("active units not counted: %s", error)
+        return {"active_units": None, "posterior_collapsed": False}
 
 
 # --- training one run -----------------------------------------------------------------------
@@ -327,9 +422,12 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
         distributed.rank0_call(lambda: check_out_dir(config))
     seed_everything(config.seed)
     device = data.train.device
-    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
-    check_training_data(vae, data, config.batch_size)
-    check_prior_cost(vae, config)
+    if config.program is None:
+        vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
+        check_training_data(vae, data, config.batch_size)
+        check_prior_cost(vae, config)
+    else:
+        vae = build_user_program(config, device)
     with contextlib.ExitStack() as own:
         # rank 0 creates and locks the folder, checks the checkpoint to resume, then writes
         # the config; every rank learns its verdict
@@ -352,7 +450,7 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
         finally:
             if writer is not None:
                 writer.close()
-    vae.eval()
+    as_program(vae).train(False)
     return Run(run_dir, config, vae, history)
 
 
@@ -433,15 +531,19 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
         "config": config.to_dict(),
     }
     if config.early_stopping_patience:
-        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early))
+        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early,
+                                 program=config.program is not None))
     # the final evaluation has no steps to stop between: a signal stops it at once
     with _StopSignals(message=f"during the final evaluation: training is complete and "
                               f"checkpointed; pyrovae train --resume {run_dir} evaluates it"):
         if main_process:
-            if data.image_shape is not None:
-                save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
-            results.update(posterior_activity(vae, data.test) if not data.has_labels else
-                           {"active_units": None, "posterior_collapsed": False})
+            if config.program is not None:
+                results.update(_user_program_figures(vae, run_dir, data))
+            else:
+                if data.image_shape is not None:
+                    save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
+                results.update(posterior_activity(vae, data.test) if not data.has_labels else
+                               {"active_units": None, "posterior_collapsed": False})
         if config.eval_samples > 0:
             seed_everything(config.seed)
             results.update(evaluate_vae(vae, data.test_inputs, num_samples=config.eval_samples,
@@ -616,15 +718,35 @@ def log_px_line(results: Mapping[str, Any]) -> str:
     return line
 
 
-def load_run_checkpoint(path: str | Path, device: torch.device
-                        ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+def load_run_checkpoint(path: str | Path, device: torch.device, *, program: str | None = None,
+                        command: str = "evaluate") -> tuple[Any, TrainConfig, dict[str, Any]]:
     """:func:`~pyrovae.checkpoint.load_vae`, refusing a checkpoint that its run directory's
-    ``config.json`` (where there is one) does not describe."""
-    vae, config, checkpoint = load_vae(path, device)
+    ``config.json`` (where there is one) does not describe.
+
+    A run of your own program needs ``program``, the spec given again on the command line
+    and equal to the recorded one (:func:`check_program_named`): only then is it imported,
+    built with the recorded ``program_args`` and loaded
+    (:func:`~pyrovae.checkpoint.load_program_state`).
+
+    :returns: ``(model, config, checkpoint)``: a VAE, or the user's program object.
+    """
     config_path = run_dir_of(path) / CONFIG_NAME
-    if config_path.is_file():
-        refuse_foreign(Path(path), config, TrainConfig.load(config_path), config_path)
-    return vae, config, checkpoint
+    saved = TrainConfig.load(config_path) if config_path.is_file() else None
+    checkpoint = read_checkpoint(path)
+    embedded = check_checkpoint(checkpoint, path)
+    recorded = saved if saved is not None else embedded
+    check_program_named(run_dir_of(path), program, recorded, command=command)
+    if recorded is None or recorded.program is None:
+        vae, config, checkpoint = load_vae(path, device)
+        if saved is not None:
+            refuse_foreign(Path(path), config, saved, config_path)
+        return vae, config, checkpoint
+    if saved is not None and embedded is not None:
+        refuse_foreign(Path(path), embedded, saved, config_path)
+    config = embedded if embedded is not None else recorded
+    user_program = build_user_program(config, device)
+    load_program_state(user_program, path)
+    return user_program, config, checkpoint
 
 
 def load_test_points(config: TrainConfig, device: torch.device, *, data_dir: str | None = None,
@@ -648,7 +770,8 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
                         batch_size: int = 100, chunk_size: int | None = None,
                         test_size: int | None = None, data_dir: str | None = None,
                         seed: int = 0, progress: bool = True,
-                        output: str | Path | None = None) -> dict[str, Any]:
+                        output: str | Path | None = None,
+                        program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate`` does: the test ELBO and log p(x) (:func:`evaluate_vae`) of a
     run's checkpoint, printed and written as JSON to ``output`` (default
     ``evaluation.json`` beside it; an existing file is kept under the next free
@@ -656,10 +779,11 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
     rank 0 writes.
 
     :param checkpoint: a checkpoint file or the run directory holding ``checkpoint.pt``.
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the numbers written.
     """
     parallel = distributed.is_distributed()
-    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program)
     output = Path(output) if output else run_dir_of(checkpoint) / EVALUATION_NAME
     if distributed.is_main_process():
         check_output(output)  # before the long work, not after it
@@ -687,19 +811,30 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
 
 def sample_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int = 64,
                       seed: int = 0, label: int | None = None,
-                      output: str | Path | None = None) -> Path:
+                      output: str | Path | None = None, program: str | None = None) -> Path:
     """What ``pyrovae sample`` does: decode ``num_samples`` prior samples of a run's
-    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`).
+    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`; for your own
+    program, :func:`~pyrovae.plotting.save_program_samples`: its ``sample`` method or its
+    model run without observations).
 
     :param output: the PNG; by default ``samples.png`` beside the checkpoint, or the next
         free ``samples-N.png`` (the grid training drew is kept).
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the file written.
+    :raises ProgramError: your program cannot draw x (one line saying how it could).
     """
-    vae, _, saved = load_run_checkpoint(checkpoint, device)
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program,
+                                             command="sample")
     output = Path(output) if output else free_name(run_dir_of(checkpoint) / SAMPLES_NAME)
     check_output(output)
     seed_everything(seed)
-    save_sample_grid(vae, output, saved.get("image_shape"), num_samples, label=label)
+    if config.program is None:
+        save_sample_grid(vae, output, saved.get("image_shape"), num_samples, label=label)
+        return output
+    if label is not None:
+        raise ConfigError("--label is for the built-in models of labelled data; this run "
+                          "trained your program")
+    save_program_samples(vae, output, saved.get("image_shape"), saved["data_dim"], num_samples)
     return output
 
 
@@ -736,13 +871,13 @@ def _numbered(path: Path) -> Path:
 # --- the bound-curve report and the sandwich of one run -------------------------------------
 
 def _report_inputs(checkpoint: str | Path, device: torch.device, *, labelled_ok: bool,
-                   data_dir: str | None, test_size: int | None,
+                   data_dir: str | None, test_size: int | None, program: str | None = None,
                    ) -> tuple[VAE, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """The model of a run's checkpoint and its test points, in one process."""
     if distributed.is_distributed():
         raise ConfigError("evaluate --report and --sandwich run in one process; start them "
                           "without torchrun")
-    vae, config, _ = load_run_checkpoint(checkpoint, device)
+    vae, config, _ = load_run_checkpoint(checkpoint, device, program=program)
     x_test = load_test_points(config, device, data_dir=data_dir, test_size=test_size)
     if not labelled_ok and isinstance(x_test, tuple):
         raise ConfigError(f"evaluate --report is for models of x alone; this run's model is "
@@ -771,7 +906,8 @@ def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
                       sandwich_points: int = 0, batch_size: int = 100,
                       chunk_size: int | None = None, test_size: int | None = None,
                       data_dir: str | None = None, seed: int = 0,
-                      output: str | Path | None = None) -> dict[str, Any]:
+                      output: str | Path | None = None,
+                      program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --report`` does: the bound-curve report
     (:func:`~pyrovae.report.write_report`) of a run's checkpoint, written into ``output``
     (default: the run directory), its table printed.
@@ -784,7 +920,7 @@ def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
     """
     settings = {**DEFAULT_AIS, **(ais or {})}
     vae, x_test = _report_inputs(checkpoint, device, labelled_ok=False, data_dir=data_dir,
-                                 test_size=test_size)
+                                 test_size=test_size, program=program)
     output_dir = Path(output) if output else run_dir_of(checkpoint)
     points = sandwich_size(sandwich_points, x_test,
                            ais_temperatures=settings["num_temperatures"]) if sandwich_points else 0
@@ -804,7 +940,8 @@ def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
                         ais: Mapping[str, Any] | None = None,
                         sandwich_points: int = DEFAULT_POINTS, batch_size: int = 100,
                         test_size: int | None = None, data_dir: str | None = None,
-                        seed: int = 0, output: str | Path | None = None) -> dict[str, Any]:
+                        seed: int = 0, output: str | Path | None = None,
+                        program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --sandwich`` does without ``--report``: bidirectional Monte
     Carlo (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`) on points simulated from a
     run's checkpoint; both bounds' means and their gap printed, and written with the
@@ -815,7 +952,7 @@ def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
     settings = {**DEFAULT_AIS, **(ais or {})}
     output = Path(output) if output else run_dir_of(checkpoint) / SANDWICH_NAME
     vae, x_test = _report_inputs(checkpoint, device, labelled_ok=True, data_dir=data_dir,
-                                 test_size=test_size)
+                                 test_size=test_size, program=program)
     check_output(output)  # before the long work, not after it
     points = sandwich_size(sandwich_points, x_test, ais_temperatures=settings["num_temperatures"])
     seed_everything(seed)
