@@ -22,7 +22,15 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyrovae import __version__, distributed, runs
-from pyrovae.argtypes import device_name, non_negative_int, positive_int, positive_ints, seed
+from pyrovae.argtypes import (
+    device_name,
+    integer,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_ints,
+    seed,
+)
 from pyrovae.config import BUILT_IN_MODEL_FIELDS, TrainConfig
 from pyrovae.devices import resolve_device
 from pyrovae.errors import ConfigError, PyrovaeError
@@ -195,7 +203,7 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ais-leapfrog-steps", type=positive_int,
                        default=DEFAULT_AIS["num_leapfrog_steps"],
                        help="leapfrog steps per HMC transition (default: %(default)s)")
-    group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],
+    group.add_argument("--ais-step-size", type=positive_float, default=DEFAULT_AIS["step_size"],
                        help="initial leapfrog step size, adapted towards 0.65 acceptance "
                             "(default: %(default)s)")
     group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
@@ -294,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:N or auto (default: auto)")
     sample.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
-    sample.add_argument("--label", type=int, default=None, metavar="CLASS",
+    sample.add_argument("--label", type=integer, default=None, metavar="CLASS",
                         help="a model of labelled data (train --model conditional or "
                              "semi_supervised): draw this class, 0..C-1 (default: every class "
                              "in turn)")

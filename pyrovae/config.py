@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pyrovae.argtypes import check_device_name, init_gain
+from pyrovae.argtypes import MAX_INT, check_device_name, init_gain
 from pyrovae.compilation import COMPILE_MODES
 from pyrovae.data import (
     BINARIZATIONS,
@@ -22,6 +22,7 @@ from pyrovae.data import (
     check_dataset_name,
 )
 from pyrovae.errors import ConfigError
+from pyrovae.free_bits import FREE_BITS_GROUPS
 from pyrovae.guides import GUIDES, SCALE_LINKS
 from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS, logit_clip_of_probability_clip
@@ -37,12 +38,12 @@ from pyrovae.nets import (
     check_init_scheme,
     mlp,
 )
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
 from pyrovae.program_spec import ProgramSpec, canonical_spec, program_args_json
 from pyrovae.rundir import write_json
-from pyrovae.schedules import LR_SCHEDULES
+from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles
 
 #: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
 #: from the first step, a learned prior follows the encoder's early contraction of every
@@ -252,6 +253,9 @@ class TrainConfig:
         "and sampling, no gradient beyond (Tomczak & Welling's probabilities in [1e-5, "
         "1 - 1e-5]: C = log((1 - 1e-5) / 1e-5) = 11.5129); none (the default): no clamp",
         type=_float_or_none))
+    logistic_components: int = field(default=10, metadata=_flag(
+        "discretized_logistic_mixture likelihood: mixture components K per data value (the "
+        "decoder gives 3K numbers per value; PixelCNN++: 10)", type=int))
     objective: str = field(default="trace_elbo", metadata=_flag(
         "training objective", choices=tuple(OBJECTIVES)))
     num_particles: int = field(default=1, metadata=_flag(
@@ -263,6 +267,24 @@ class TrainConfig:
         "raise the KL weight linearly from beta/N to beta over the first N epochs (0: none); "
         f"default: {LEARNED_PRIOR_WARMUP_EPOCHS} (at most --epochs) for a learned prior, whose "
         "posterior collapses without it, 0 for the standard normal one", type=int))
+    kl_schedule: str = field(default="linear", metadata=_flag(
+        "the KL weight per epoch: linear, the --kl-warmup-epochs warm-up; cyclical, Fu et al. "
+        "2019's cyclical annealing: --kl-cycles cycles over --epochs, the weight rising "
+        "linearly from beta/(R C) to beta over the first R = --kl-cycle-ratio of each cycle "
+        "of C epochs, then held", choices=KL_SCHEDULES))
+    kl_cycles: int = field(default=4, metadata=_flag(
+        "--kl-schedule cyclical: the number of cycles", type=int))
+    kl_cycle_ratio: float = field(default=0.5, metadata=_flag(
+        "--kl-schedule cyclical: the share of each cycle spent rising", type=float))
+    free_bits: float = field(default=0.0, metadata=_flag(
+        "free bits (Kingma et al. 2016): a floor of this many nats under the minibatch-mean "
+        "KL of each latent dimension (or site, --free-bits-group), which then gets no "
+        "gradient below it (0: the plain ELBO); trace_elbo and meanfield_elbo (its analytic "
+        "KL per dimension)", type=float))
+    free_bits_group: str = field(default="dimension", metadata=_flag(
+        "--free-bits: dimension, a floor per latent dimension (needs q(z|x) and p(z) that "
+        "factorize over them: the diagonal guide, the normal or diagonal prior); site, one "
+        "per latent site", choices=FREE_BITS_GROUPS))
     epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
     batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
@@ -350,6 +372,8 @@ class TrainConfig:
             self.latent_dims = tuple(self.latent_dims)
             if self.latent_dims and min(self.latent_dims) >= 1:  # else refused by validate
                 self.latent_dim = self.latent_dims[-1]  # the prior's layer
+        if self.kl_warmup_epochs is None and self.kl_schedule == "cyclical":
+            self.kl_warmup_epochs = 0  # the cycles rise on their own
         if self.kl_warmup_epochs is None:  # resolved once, so config.json records the value
             learned = self.prior != "normal" and isinstance(self.epochs, int)
             self.kl_warmup_epochs = min(LEARNED_PRIOR_WARMUP_EPOCHS, self.epochs) if learned else 0
@@ -404,7 +428,8 @@ class TrainConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
-                    "num_components", "rank", "log_px_samples", "log_px_size")
+                    "num_components", "rank", "log_px_samples", "log_px_size",
+                    "logistic_components")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -414,6 +439,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.beta > 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        self._validate_kl_controls()
         flows = {"prior_flows": self.prior_flows if self.prior == "flow" else 0,
                  "num_flows": self.num_flows if self.guide == "iaf" else 0}
         for name, steps in flows.items():
@@ -436,9 +462,12 @@ class TrainConfig:
                               f"{self.lr}; typical values are 1e-4 to 1e-2")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" \
-                    and value >= 2**31:
-                raise ConfigError(f"{f.name} {value} is too large (at most {2**31 - 1})")
+            if f.name == "seed":
+                continue
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+                    shown = list(value) if isinstance(value, tuple) else value
+                    raise ConfigError(f"{f.name} {shown} is too large (at most {MAX_INT})")
         try:
             check_device_name(self.device)
         except ValueError as error:
@@ -481,6 +510,33 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} chooses a built-in model; with "
                                   f"--program the program is the model (its settings go in "
                                   f"--program-args)")
+
+    def _validate_kl_controls(self) -> None:
+        """The KL schedule and free bits, and what they cannot apply to."""
+        if self.kl_schedule == "cyclical":
+            if self.kl_warmup_epochs:
+                raise ConfigError(f"--kl-warmup-epochs {self.kl_warmup_epochs} is the linear "
+                                  f"schedule's; --kl-schedule cyclical rises within each of its "
+                                  f"--kl-cycles cycles (--kl-warmup-epochs 0)")
+            check_kl_cycles(self.kl_cycles, self.kl_cycle_ratio, self.epochs)
+        if not self.free_bits >= 0:
+            raise ConfigError(f"free_bits must be >= 0, got {self.free_bits}")
+        if not self.free_bits:
+            return
+        if self.objective not in ("trace_elbo", "meanfield_elbo"):
+            raise ConfigError(f"--free-bits floors the KL term of the ELBO, which the "
+                              f"{self.objective} objective does not have: use trace_elbo or "
+                              f"meanfield_elbo")
+        if self.model == "semi_supervised":
+            raise ConfigError("--free-bits needs every latent site drawn by the guide; "
+                              "--model semi_supervised sums the label out")
+        if self.free_bits_group == "dimension":
+            for part, name, factorizing in (("guide", self.guide, ("diagonal",)),
+                                            ("prior", self.prior, ("normal", "diagonal"))):
+                if name not in factorizing:
+                    raise ConfigError(f"--free-bits per dimension needs q(z|x) and p(z) that "
+                                      f"factorize over the latent dimensions; --{part} {name} "
+                                      f"does not: use --free-bits-group site")
 
     def _validate_layers(self) -> None:
         """The settings a hierarchical VAE (``latent_dims``) cannot take."""
@@ -537,9 +593,10 @@ class TrainConfig:
         if self.prior == "vamp":
             raise ConfigError(f"--model {self.model}: the vamp prior needs q(z|x) without a "
                               f"label; choose another --prior")
-        if self.model == "semi_supervised" and self.objective == "iwae":
-            raise ConfigError("--model semi_supervised sums the discrete label out of the ELBO; "
-                              "the iwae objective needs reparameterised sites: use trace_elbo")
+        if self.model == "semi_supervised" and self.objective in REPARAMETERIZED_OBJECTIVES:
+            raise ConfigError(f"--model semi_supervised sums the discrete label out of the "
+                              f"ELBO; the {self.objective} objective needs reparameterised "
+                              f"sites: use trace_elbo")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
@@ -594,6 +651,9 @@ class TrainConfig:
             values = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error})") from None
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise ConfigError(f"{path} nests lists or objects too deeply to be a config (a "
+                              f"config is one object of plain values)") from None
         try:
             return cls.from_dict(values)
         except ConfigError as error:
@@ -661,10 +721,17 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         return build_hierarchical_vae(config, data_dim=data_dim)
     if config.model in LABEL_MODELS:  # a model of labelled data (--model)
         return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
-    encoder, decoder = NETWORKS[config.net](
-        data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
-        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain,
-        init_scheme=config.init_scheme)
+    options = {"latent_dim": config.latent_dim, "hidden_dims": config.hidden_dims,
+               "activation": config.activation, "init_gain": config.init_gain,
+               "init_scheme": config.init_scheme}
+    encoder, decoder = NETWORKS[config.net](data_dim=data_dim, image_shape=image_shape,
+                                            **options)
+    per_value = params_per_value(config, data_dim)
+    if per_value > 1:  # a decoder of P numbers per data value, P blocks of channels
+        wide = None if image_shape is None else (per_value * _channels(image_shape),
+                                                  *image_shape[-2:])
+        _, decoder = NETWORKS[config.net](data_dim=per_value * data_dim, image_shape=wide,
+                                          **options)
     feature_dim = encoder.feature_dim
     return VAE(
         encoder=encoder,
@@ -674,6 +741,16 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
         data_dim=data_dim,
     )
+
+
+def params_per_value(config: TrainConfig, data_dim: int) -> int:
+    """How many decoder outputs ``config``'s likelihood reads per data value
+    (:attr:`~pyrovae.likelihoods.Likelihood.params_per_value`)."""
+    return LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim).params_per_value
+
+
+def _channels(image_shape: tuple[int, ...]) -> int:
+    return int(image_shape[0]) if len(image_shape) == 3 else 1
 
 
 def hierarchical_hidden_dims(config: TrainConfig) -> list[tuple[int, ...]]:
@@ -702,8 +779,8 @@ def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> Hierarchica
         guide_layers=list(guide_layers),
         prior_layers=prior_layers,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
-        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation,
-                           init_gain=gain),
+        decoder=MLPDecoder(widths[1], params_per_value(config, data_dim) * data_dim,
+                           tuple(reversed(hidden[0])), config.activation, init_gain=gain),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )
@@ -722,7 +799,7 @@ def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tup
                "init_scheme": config.init_scheme}
     encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
                                       latent_dim=config.latent_dim, **options)
-    _, decoder = NETWORKS[config.net](data_dim=data_dim,
+    _, decoder = NETWORKS[config.net](data_dim=params_per_value(config, data_dim) * data_dim,
                                       latent_dim=config.latent_dim + num_classes, **options)
     return encoder, decoder
 

@@ -30,9 +30,10 @@ import torch
 
 from pyrovae.errors import InvalidDataError
 from pyrovae.evaluation import data_batches, log_marginal_likelihood
-from pyrovae.programs import as_program
+from pyrovae.programs import as_program, evaluates
 
 
+@evaluates
 def log_marginal_likelihood_over_labels(program: Any, x: torch.Tensor, num_classes: int,
                                         num_samples: int = 5000, *, batch_size: int = 100,
                                         chunk_size: int | None = None,

@@ -61,6 +61,7 @@ from pyrovae.distributed import sharded
 from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
+from pyrovae.likelihoods import bits_per_dim
 from pyrovae.models import VAE, SemiSupervisedVAE
 from pyrovae.plotting import save_program_samples, save_sample_grid
 from pyrovae.program_spec import canonical_spec, load_program
@@ -556,7 +557,7 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
     # printed before saving, so that a failed write does not lose them
     if config.eval_samples > 0:
         print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f}"
-              f" nats; {log_px_line(results)}")
+              f" nats{_bits(results, 'test_elbo')}; {log_px_line(results)}")
     if results["posterior_collapsed"]:
         print(f"warning: the posterior collapsed: no latent unit is active (the variance over "
               f"test points of every E[z_d|x] is below {ACTIVE_UNIT_THRESHOLD}); q(z|x) ignores "
@@ -631,7 +632,7 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
         log_px_values = torch.cat([summary.log_marginal_likelihood for summary in summaries])
         khat_fraction = _unreliable_fraction(torch.cat([s.pareto_k for s in summaries]))
     log_px = mean_and_standard_error(log_px_values)
-    return {
+    results = {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,
         "log_marginal_likelihood": log_px.mean,
@@ -643,6 +644,34 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
         "evaluation_seconds": time.perf_counter() - started,
         **({"log_marginal_likelihood_of": "log p(x | y)"} if isinstance(x_test, tuple) else {}),
     }
+    results.update(bits_per_dim_of(results, vae, as_data(x_test)[0].shape[1]))
+    return results
+
+
+def bits_per_dim_of(results: Mapping[str, Any], vae: Any, data_dim: int) -> dict[str, Any]:
+    """The test ELBO and log p(x) of ``results`` (nats per data point) in bits per dimension,
+    ``-value / (D log 2)``, with their standard errors, where the model's likelihood is a
+    probability mass function over data of known bit depth (``num_levels``: binary data,
+    8-bit images under a discretized likelihood); ``{}`` for a density."""
+    levels = getattr(getattr(vae, "likelihood", None), "num_levels", None)
+    if levels is None:
+        return {}
+    scale = 1 / (data_dim * math.log(2))
+    values: dict[str, Any] = {"bits_per_dim_levels": levels}
+    for name in ("test_elbo", "log_marginal_likelihood"):
+        if results.get(name) is not None:
+            values[f"{name}_bits_per_dim"] = bits_per_dim(results[name], data_dim)
+            values[f"{name}_bits_per_dim_standard_error"] = \
+                results[f"{name}_standard_error"] * scale
+    return values
+
+
+def _bits(results: Mapping[str, Any], name: str) -> str:
+    """`` (B ± E bits/dim)`` of ``results[name]`` where it was reported in bits, else ``""``."""
+    if results.get(f"{name}_bits_per_dim") is None:
+        return ""
+    return (f" ({results[f'{name}_bits_per_dim']:.4f} ± "
+            f"{results[f'{name}_bits_per_dim_standard_error']:.4f} bits/dim)")
 
 
 def _estimate(estimator: Any, program: Any, x: Any, *args: Any, distributed: bool,
@@ -674,7 +703,7 @@ def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_tes
     log_px = mean_and_standard_error(_estimate(
         log_marginal_likelihood_over_labels, m2, x_test, m2.num_classes, num_samples,
         batch_size=batch_size, chunk_size=chunk_size, distributed=distributed))
-    return {
+    results: dict[str, Any] = {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,
         "test_elbo_of": "log p(x, y)",
@@ -688,6 +717,8 @@ def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_tes
         "fraction_khat_above_threshold": None,
         "evaluation_seconds": time.perf_counter() - started,
     }
+    results.update(bits_per_dim_of(results, m2, x_test.shape[1]))
+    return results
 
 
 def _unreliable_fraction(khat: torch.Tensor) -> float | None:
@@ -702,7 +733,8 @@ def log_px_line(results: Mapping[str, Any]) -> str:
     diagnostic (and a warning where it is unreliable for many points)."""
     line = (f"{results.get('log_marginal_likelihood_of', 'log p(x)')} (K={results['num_samples']}) "
             f"{results['log_marginal_likelihood']:.2f} ± "
-            f"{results['log_marginal_likelihood_standard_error']:.2f} nats over "
+            f"{results['log_marginal_likelihood_standard_error']:.2f} nats"
+            f"{_bits(results, 'log_marginal_likelihood')} over "
             f"{results['num_test_points']} test points")
     if results.get("test_classification_error") is not None:
         line += (f"; test classification error of q(y|x) "
@@ -801,7 +833,7 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
     results.update(provenance(device))
     # printed before saving, so that a failed write does not lose them
     print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f} "
-          f"nats (checkpoint of epoch {saved['epoch']})")
+          f"nats{_bits(results, 'test_elbo')} (checkpoint of epoch {saved['epoch']})")
     print(log_px_line(results))
     kept = _keep_previous(output)
     write_json(output, results)

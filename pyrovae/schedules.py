@@ -1,6 +1,8 @@
-"""Learning-rate schedules: the rate of each epoch, by name."""
+"""Schedules by name: the learning rate of each epoch, and the KL weight of each epoch."""
 
 from __future__ import annotations
+
+import math
 
 from pyrovae.errors import ConfigError
 
@@ -43,3 +45,63 @@ def scheduled_lr(epoch: int, *, lr: float, schedule: str = "constant") -> float:
     if schedule == "burda2016":
         return lr * round(10 ** (1 - stage / 7), 1) / 10
     return lr * 10 ** (-stage / 7)
+
+
+#: KL weight schedules by name (:func:`scheduled_kl_weight`)
+KL_SCHEDULES = ("linear", "cyclical")
+
+
+def cyclical_kl_weight(epoch: int, *, epochs: int, beta: float = 1.0, cycles: int = 4,
+                       ratio: float = 0.5) -> float:
+    """The KL weight of cyclical annealing (Fu et al. [1]) during ``epoch``.
+
+    The ``epochs`` are cut into ``cycles`` cycles of C = ceil(epochs / cycles) epochs; within
+    each, the weight rises linearly over the first ``ratio`` of the cycle and then holds
+    ``beta``.  As the linear warm-up, each epoch takes the value at its end: epoch j of a
+    cycle (j = 1..C) has ``beta * min(1, j / (ratio * C))``, so the first epoch of every
+    cycle has a small positive weight and the last ones the full one.
+
+    :param epoch: the epoch about to run, counted from 1.
+    :param epochs: the run's length, over which the cycles are spread.
+    :param beta: the weight each cycle rises to.
+    :param cycles: M, the number of cycles, 1..``epochs``.
+    :param ratio: R, the share of each cycle spent rising, in (0, 1].
+    :returns: the weight, in [0, ``beta``].
+
+    References:
+
+    1. H. Fu, C. Li, X. Liu, J. Gao, A. Celikyilmaz, L. Carin. *Cyclical Annealing Schedule:
+       A Simple Approach to Mitigating KL Vanishing*. NAACL 2019.
+    """
+    if epoch < 1:
+        raise ValueError(f"epochs count from 1, got {epoch}")
+    check_kl_cycles(cycles, ratio, epochs)
+    length = math.ceil(epochs / cycles)
+    position = (epoch - 1) % length + 1
+    return beta * min(1.0, position / (ratio * length))
+
+
+def check_kl_cycles(cycles: int, ratio: float, epochs: int) -> None:
+    """Raise :class:`ConfigError` for cycles that do not fit ``epochs`` or a ratio outside (0, 1]."""
+    if not 1 <= cycles <= epochs:
+        raise ConfigError(f"kl_cycles must be between 1 and the {epochs} epochs, got {cycles}")
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"kl_cycle_ratio must be in (0, 1], got {ratio}")
+
+
+def scheduled_kl_weight(epoch: int, *, beta: float = 1.0, schedule: str = "linear",
+                        warmup_epochs: int = 0, epochs: int = 1, cycles: int = 4,
+                        ratio: float = 0.5) -> float:
+    """The KL weight during ``epoch`` under ``schedule``: ``"linear"``, the warm-up
+    ``beta * min(1, epoch / warmup_epochs)`` (:func:`~pyrovae.objectives.kl_weight`);
+    ``"cyclical"``, :func:`cyclical_kl_weight` over ``epochs``.
+
+    :raises ConfigError: ``schedule`` is not a name in :data:`KL_SCHEDULES`.
+    """
+    if schedule == "linear":
+        from pyrovae.objectives import kl_weight
+
+        return kl_weight(epoch, beta=beta, warmup_epochs=warmup_epochs)
+    if schedule == "cyclical":
+        return cyclical_kl_weight(epoch, epochs=epochs, beta=beta, cycles=cycles, ratio=ratio)
+    raise ConfigError(f"unknown kl_schedule {schedule!r}; known: {', '.join(KL_SCHEDULES)}")

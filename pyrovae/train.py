@@ -58,7 +58,7 @@ from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.models import VAE
-from pyrovae.objectives import LatentScale, kl_weight, make_objective
+from pyrovae.objectives import LatentScale, make_objective
 from pyrovae.optim import (
     OUTPUT_BIAS_INITS,
     AdamSettings,
@@ -70,7 +70,7 @@ from pyrovae.optim import (
 from pyrovae.programs import Program, as_program, program_parameters
 from pyrovae.registration import parameters_owned
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
-from pyrovae.schedules import scheduled_lr
+from pyrovae.schedules import scheduled_kl_weight, scheduled_lr
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -227,6 +227,13 @@ class FitOptions:
         warm-up do not count, since the ELBO they train is not yet the one evaluated.  The
         parameters are then the last epoch's; ``checkpoint_best.pt`` holds the best ones.
         0: train all ``epochs``.
+    :param kl_schedule: the KL weight of each epoch
+        (:func:`~pyrovae.schedules.scheduled_kl_weight`): ``"linear"``, the
+        ``kl_warmup_epochs`` warm-up; ``"cyclical"``, ``kl_cycles`` cycles over ``epochs``,
+        each rising over its first ``kl_cycle_ratio`` (Fu et al. 2019).
+    :param free_bits: positive: train the ELBO with a floor of this many nats under the
+        minibatch-mean KL of each ``free_bits_group`` (``"dimension"`` or ``"site"``;
+        :class:`~pyrovae.free_bits.FreeBitsELBO`).
 
     Example::
 
@@ -259,6 +266,11 @@ class FitOptions:
     adam: AdamSettings | None = None
     output_bias_init: str = "zero"
     early_stopping_patience: int = 0
+    kl_schedule: str = "linear"
+    kl_cycles: int = 4
+    kl_cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+    free_bits_group: str = "dimension"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -268,6 +280,8 @@ class FitOptions:
                                f"got {self.on_divergence!r}")
         # an unknown schedule stops here, before training
         scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule)
+        scheduled_kl_weight(1, schedule=self.kl_schedule, epochs=self.epochs,
+                            cycles=self.kl_cycles, ratio=self.kl_cycle_ratio)
         if self.compile not in ("off", *COMPILE_MODES):
             raise PyrovaeError(f"compile must be off or one of {', '.join(COMPILE_MODES)}, "
                                f"got {self.compile!r}")
@@ -484,9 +498,10 @@ class TrainingLoop:
             compiled = compile_networks(self.program.module, options.compile)
             logger.info("compiled %s (torch.compile, mode %s)", ", ".join(compiled) or "nothing",
                         options.compile)
-        self.kl_scale = LatentScale(kl_weight(1, beta=options.beta,
-                                              warmup_epochs=options.kl_warmup_epochs))
-        self.elbo = make_objective(options.objective, options.num_particles, structure=structure)
+        self.kl_scale = LatentScale(self.kl_weight(1))
+        self.elbo = make_objective(options.objective, options.num_particles, structure=structure,
+                                   free_bits=options.free_bits,
+                                   free_bits_group=options.free_bits_group)
         self.model = self.kl_scale(self.program.model)
         self.guide = self.kl_scale(self.program.guide)
         self.generator = torch.Generator()
@@ -507,6 +522,13 @@ class TrainingLoop:
         #: the stop signal all processes agreed on at the last step (multi-process runs)
         self.agreed_stop: int | None = None
         self._stop: _StopSignals | None = None
+
+    def kl_weight(self, epoch: int) -> float:
+        """The KL weight of ``epoch`` under the options' schedule."""
+        options = self.options
+        return scheduled_kl_weight(epoch, beta=options.beta, schedule=options.kl_schedule,
+                                   warmup_epochs=options.kl_warmup_epochs, epochs=options.epochs,
+                                   cycles=options.kl_cycles, ratio=options.kl_cycle_ratio)
 
     def _loss(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         """Minus the (KL-weighted) objective of the program summed over the minibatch,
@@ -753,8 +775,7 @@ class TrainingLoop:
 
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch
-        self.kl_scale.beta = kl_weight(epoch, beta=self.options.beta,
-                                       warmup_epochs=self.options.kl_warmup_epochs)
+        self.kl_scale.beta = self.kl_weight(epoch)
         self._apply_lr()
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)

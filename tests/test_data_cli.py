@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +65,34 @@ def test_nan_in_a_file_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["train", "--dataset", f"npy:{tmp_path / 'nan.npy'}",
                  "--out-dir", str(tmp_path / "run"), *TINY])
     assert code == 2 and "non-finite values (NaN)" in one_line_error(capsys)
+
+
+def _readme_command(marker: str) -> list[str]:
+    """The flags after ``pyrovae train`` on the README's command line holding ``marker``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if marker in line]
+    words = shlex.split(line, comments=True)
+    assert words[:2] == ["pyrovae", "train"], line
+    return words[2:]
+
+
+def test_the_readmes_image_folder_line_trains_on_grey_images(tmp_path, monkeypatch, capsys):
+    """The README's ``folder:photos`` flags, run as written on a tiny ImageFolder of grey
+    PNGs (only the run's size added): grey levels need a likelihood for them."""
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for kind in ("cats", "dogs"):
+        (tmp_path / "photos" / kind).mkdir(parents=True)
+        for i in range(12):
+            grey = (rng.random((12, 12)) * 255).astype(np.uint8)
+            image.fromarray(grey, mode="L").save(tmp_path / "photos" / kind / f"{i}.png")
+    flags = _readme_command("--dataset folder:photos")
+    monkeypatch.chdir(tmp_path)  # the README's path is relative to the working directory
+    code = main(["train", *flags, "--epochs", "1", "--batch-size", "10", "--latent-dim", "2",
+                 "--eval-samples", "2", "--no-progress", "--out-dir", "run"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["dataset"], config["binarize"], config["net"]) == ("folder:photos", "none", "conv")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["num_test_points"] == 2  # the default test fraction, 0.1 of 24 images
+    assert np.isfinite(results["test_elbo"])
