@@ -1,4 +1,5 @@
-"""The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyrovae`` command: ``train``, ``evaluate``, ``sample``, and ``encode`` and
+``reconstruct`` (:mod:`pyrovae.encoding`).
 
 Errors caused by input (bad flags, data, files) print one line and exit with status 2.
 
@@ -33,6 +34,7 @@ from pyrovae.argtypes import (
 )
 from pyrovae.config import BUILT_IN_MODEL_FIELDS, TrainConfig
 from pyrovae.devices import resolve_device
+from pyrovae.encoding import add_commands as add_encoding_commands
 from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.provenance import git_commit
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS
@@ -310,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PNG file to write (default: samples.png in the run directory)")
     _add_program_argument(sample)
     sample.set_defaults(handler=sample_command)
+    add_encoding_commands(commands)  # encode, reconstruct
     return parser
 
 

@@ -32,18 +32,37 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int, *,
     return make_grid(images, nrow=nrow, padding=2, pad_value=pad_value)
 
 
+#: the pixels each image of a sample grid spans at least, on its longer side: small images
+#: are enlarged by a whole factor (a 28x28 digit to 84x84, an 8x8 one to 80x80), so an 8x8
+#: grid of digits is 726 pixels wide instead of 242
+MIN_IMAGE_PIXELS = 80
+
+
+def display_scale(image_shape: Sequence[int]) -> int:
+    """The whole factor that enlarges an image of ``image_shape`` ``(channels, height,
+    width)`` to at least :data:`MIN_IMAGE_PIXELS` on its longer side (1 for larger ones)."""
+    return max(1, math.ceil(MIN_IMAGE_PIXELS / max(image_shape[1:])))
+
+
 def save_image_grid(images: torch.Tensor, path: str | Path, image_shape: Sequence[int],
-                    nrow: int, *, pad_value: float = 1.0) -> None:
-    """Save ``images`` ``(N, D)`` with values in [0, 1] as a PNG grid of ``nrow`` per row."""
+                    nrow: int, *, pad_value: float = 1.0, scale: int = 1) -> None:
+    """Save ``images`` ``(N, D)`` with values in [0, 1] as a PNG grid of ``nrow`` per row.
+
+    :param scale: enlarge the grid by this whole factor, each pixel a ``scale x scale``
+        block (nearest neighbour: no blur between pixels).
+    """
     from torchvision.utils import save_image
 
     grid = image_grid(images, image_shape, nrow, pad_value=pad_value)
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     write_atomically(path, lambda handle: save_image(grid, handle, format="png"))
 
 
 def save_sample_grid(vae: Any, path: str | Path, image_shape: Sequence[int] | None,
                      num_samples: int = 64, label: int | None = None) -> None:
-    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG.
+    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG, small images
+    enlarged to be seen (:func:`display_scale`).
 
     :param vae: a :class:`~pyrovae.models.VAE` or any model with ``sample(n)`` and
         ``data_dim`` (a model of labelled data also has ``num_classes`` and ``check_label``).
@@ -71,7 +90,8 @@ def save_sample_grid(vae: Any, path: str | Path, image_shape: Sequence[int] | No
     else:
         images = vae.sample(num_samples, label=vae.check_label(label))
     # black between images, as torchvision draws by default
-    save_image_grid(images.reshape(num_samples, -1), path, shape, nrow, pad_value=0.0)
+    save_image_grid(images.reshape(num_samples, -1), path, shape, nrow, pad_value=0.0,
+                    scale=display_scale(shape))
 
 
 def program_samples(program: Any, num_samples: int, data_dim: int) -> torch.Tensor:

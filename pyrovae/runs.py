@@ -53,7 +53,13 @@ from pyrovae.checkpoint import (
     load_vae,
     read_checkpoint,
 )
-from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
+from pyrovae.config import (
+    LABEL_MODELS,
+    TrainConfig,
+    apply_label_settings,
+    build_vae,
+    fit_batch_to_data,
+)
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
@@ -382,6 +388,7 @@ def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfi
     data = data.subset(config.train_size, config.test_size).with_validation(
         config.valid_size, own=config.valid_split == "dataset")
     config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
+    config = fit_batch_to_data(config, data.train.shape[0])
     return config, data.to(device)
 
 

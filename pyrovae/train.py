@@ -52,7 +52,7 @@ from pyrovae.checkpoint import (
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
-from pyrovae.data import DataSplits
+from pyrovae.data import DataSplits, outside_unit_interval
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
@@ -70,7 +70,7 @@ from pyrovae.optim import (
 from pyrovae.programs import Program, as_program, program_parameters
 from pyrovae.registration import parameters_owned
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
-from pyrovae.schedules import scheduled_kl_weight, scheduled_lr
+from pyrovae.schedules import check_plateau, plateau_step, scheduled_kl_weight, scheduled_lr
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
     if data.dynamic_binarization:
         # the stored grey levels are Bernoulli probabilities; batches are draws from them
         check_data(data.train, vae.data_dim, name="training data")
-        if float(data.train.min()) < 0 or float(data.train.max()) > 1:
-            raise InvalidDataError("dynamic binarization needs training data in [0, 1]")
+        problem = outside_unit_interval(data.train, "training data", "for dynamic binarization")
+        if problem:
+            raise InvalidDataError(problem)
     else:
         vae.check_data(data.train, name="training data")
     vae.check_data(data.test, name="test data")
@@ -208,8 +209,11 @@ class FitOptions:
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
     :param lr_schedule: the learning rate of each epoch, :func:`scheduled_lr` of ``lr``
-        (halved once per rollback), set at the start of every epoch: ``"constant"`` or
-        ``"iwae"`` (Burda et al. 2016).
+        (halved once per rollback), set at the start of every epoch: ``"constant"``,
+        ``"iwae"`` (Burda et al. 2016), ``"cosine"`` (to ``lr_min`` over ``epochs``) or
+        ``"plateau"``: ``lr`` times ``lr_plateau_factor`` whenever the held-out ELBO (the
+        one early stopping watches) has not improved for ``lr_plateau_patience`` evaluated
+        epochs, never below ``lr_min`` (:func:`~pyrovae.schedules.plateau_step`).
     :param log_px_every: every this many epochs (and after the last) estimate the test
         log p(x) of the first ``log_px_size`` test points with ``log_px_samples`` importance
         samples (the ``test_log_px`` column); 0: never.
@@ -271,6 +275,9 @@ class FitOptions:
     kl_cycle_ratio: float = 0.5
     free_bits: float = 0.0
     free_bits_group: str = "dimension"
+    lr_min: float = 0.0
+    lr_plateau_factor: float = 0.5
+    lr_plateau_patience: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -279,7 +286,9 @@ class FitOptions:
             raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
                                f"got {self.on_divergence!r}")
         # an unknown schedule stops here, before training
-        scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule)
+        scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule, epochs=self.epochs,
+                     lr_min=self.lr_min)
+        check_plateau(self.lr_plateau_factor, self.lr_plateau_patience, self.lr_min)
         scheduled_kl_weight(1, schedule=self.kl_schedule, epochs=self.epochs,
                             cycles=self.kl_cycles, ratio=self.kl_cycle_ratio)
         if self.compile not in ("off", *COMPILE_MODES):
@@ -513,6 +522,8 @@ class TrainingLoop:
         self.best_elbo = -math.inf
         # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
         self.epochs_without_improvement = 0
+        # evaluated epochs since the held-out ELBO last improved or the rate was reduced
+        self.plateau_epochs = 0
         self.history: list[EpochRecord] = []
         #: the latent sites whose active units ``activity_every`` counts (None: off)
         self.activity_sites = guide_sites(self.program, *first) if options.activity_every \
@@ -677,6 +688,7 @@ class TrainingLoop:
             "epoch_generator_state": self.epoch_generator_state,
             "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "plateau_epochs": self.plateau_epochs,
             "history": [asdict(record) for record in self.history],
         }
 
@@ -730,6 +742,7 @@ class TrainingLoop:
         self.epoch_generator_state = position["epoch_generator_state"]
         self.best_elbo = position["best_elbo"]
         self.epochs_without_improvement = position.get("epochs_without_improvement", 0)
+        self.plateau_epochs = position.get("plateau_epochs", 0)
         self.history = history
         restore_rng_state(checkpoint["rng"])
         # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
@@ -842,6 +855,8 @@ class TrainingLoop:
         if improved:
             self.best_elbo = held_out
         self._count_for_early_stopping(record, improved, evaluated=not math.isnan(held_out))
+        if self.options.lr_schedule == "plateau" and not math.isnan(held_out):
+            self._reduce_on_plateau(improved)
         if self.on_epoch_end is not None and self.is_main:
             self.on_epoch_end(record, self)
         # the next epoch starts from the generator state this one left
@@ -860,6 +875,18 @@ class TrainingLoop:
         if self._stop is not None and self.world_size == 1 and \
                 self._stop.signal_number is not None:
             self._interrupt(self._stop.signal_number)
+
+    def _reduce_on_plateau(self, improved: bool) -> None:
+        """Count this evaluated epoch towards a reduction of the base rate (``lr_schedule``
+        ``"plateau"``); the next epoch starts at the reduced rate."""
+        options = self.options
+        lr, self.plateau_epochs = plateau_step(
+            self.lr, self.plateau_epochs, improved, factor=options.lr_plateau_factor,
+            patience=options.lr_plateau_patience, lr_min=options.lr_min)
+        if lr != self.lr and self.is_main:
+            logger.info("the held-out ELBO has not improved for %d evaluated epochs: learning "
+                        "rate %.3g -> %.3g", options.lr_plateau_patience, self.lr, lr)
+        self.lr = lr
 
     @property
     def stopped_early(self) -> bool:
@@ -959,7 +986,8 @@ class TrainingLoop:
 
     def _apply_lr(self) -> float:
         """Set the optimizer to the scheduled rate of the epoch under way; return it."""
-        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule)
+        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule,
+                          epochs=self.options.epochs, lr_min=self.options.lr_min)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
