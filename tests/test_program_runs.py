@@ -247,6 +247,21 @@ def test_classes_factories_and_objects_build_the_program(files):
         user_program(files, "Missing")
 
 
+def test_an_importable_module_names_a_program_and_import_errors_are_one_line(files,
+                                                                             monkeypatch):
+    monkeypatch.syspath_prepend(str(files))
+    model, guide = load_program("prog:make_pair", {"x_dim": 4})
+    assert model.__qualname__ == "make_pair.<locals>.model"
+    (files / "broken.py").write_text("import torch\n\nraise ValueError('no data here')\n")
+    with pytest.raises(ProgramError, match=rf"^--program: importing {files / 'broken.py'} "
+                                           r"failed at line 3: ValueError: no data here$"):
+        load_program(f"{files / 'broken.py'}:VAE")
+    with pytest.raises(ProgramError, match="no module named 'no_such_package'"):
+        load_program("no_such_package.models:VAE")
+    with pytest.raises(ProgramError, match="no such file"):
+        load_program(f"{files / 'missing.py'}:VAE")
+
+
 def test_a_program_draws_x_from_its_model_or_its_sample_method(files):
     vae = user_program(files)
     # E[x | z] of the Bernoulli observation: probabilities, one row per draw
@@ -355,7 +370,10 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
     return files, read_checkpoint(files / "whole")
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+# SIGTERM's checkpoint-and-exit is the built-in runs' own path (tests/test_resume.py); a
+# program's run differs in what the checkpoint holds, which kill -9 tests on every default run
+@pytest.mark.parametrize("signal_number", [
+    signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_killed_program_run_resumes_bit_identical(uninterrupted, signal_number, capsys):
     files, expected = uninterrupted
     run = files / f"run-{signal_number}"
