@@ -61,6 +61,7 @@ from pyrovae.programs import (
     ProgramError,
     as_data,
     as_program,
+    evaluates,
     is_real_support,
     is_sample_site,
 )
@@ -122,6 +123,7 @@ def _batches(program: Program, x: torch.Tensor | Sequence[torch.Tensor],
 
 
 @torch.no_grad()
+@evaluates
 def posterior_mean_variances(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                              batch_size: int = 100,
                              num_samples: int = MEAN_SAMPLES) -> dict[str, torch.Tensor]:
@@ -212,6 +214,7 @@ def _factor_kl(q_fn: Any, p_fn: Any) -> tuple[torch.Tensor | None, str | None]:
 
 
 @torch.no_grad()
+@evaluates
 def kl_per_dimension(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                      batch_size: int = 100, num_samples: int = KL_SAMPLES) -> dict[str, SiteKL]:
     """KL(q(z_u | x) || p(z_u)) per dimension u of each latent site, averaged over ``x``.
@@ -264,6 +267,7 @@ def kl_per_dimension(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
 
 
 @torch.no_grad()
+@evaluates
 def mutual_information(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                        batch_size: int = 100, chunk_size: int = 250) -> float:
     """I(x; z) under q by the aggregate-posterior Monte Carlo estimate (module docstring).
@@ -435,6 +439,7 @@ class LatentUsage:
         plt.close(figure)
 
 
+@evaluates
 def latent_usage(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                  batch_size: int = 100, threshold: float = ACTIVE_UNIT_THRESHOLD,
                  mutual_information_points: int | None = MUTUAL_INFORMATION_POINTS

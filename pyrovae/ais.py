@@ -54,6 +54,7 @@ from pyrovae.programs import (
     Structure,
     as_data,
     as_program,
+    evaluates,
     is_real_support,
 )
 from pyrovae.sites import PARTICLE_PLATE
@@ -131,6 +132,8 @@ def annealed_sites(structure: Structure) -> list[str]:
 def flatten_latents(values: Mapping[str, torch.Tensor], sites: Sequence[str],
                     batch_shape: Sequence[int]) -> torch.Tensor:
     """The values of ``sites``, each site's event flattened, side by side: ``(*batch, L)``."""
+    if not sites:  # a program without latents: an empty z, and AIS is exact at once
+        return torch.zeros(*batch_shape, 0)
     return torch.cat([values[name].detach().reshape(*batch_shape, -1) for name in sites], dim=-1)
 
 
@@ -201,10 +204,12 @@ class _Densities:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             log_joint, log_initial = self._log_densities(z)
-            grad_joint, = torch.autograd.grad(log_joint.sum(), z, retain_graph=True)
-            grad_initial, = torch.autograd.grad(log_initial.sum(), z, allow_unused=True)
-            if grad_initial is None:
-                grad_initial = torch.zeros_like(z)
+            grad_joint, grad_initial = (
+                torch.autograd.grad(log_density.sum(), z, retain_graph=True, allow_unused=True)[0]
+                if log_density.requires_grad else None for log_density in (log_joint, log_initial))
+            # None: the density does not depend on z (a program without latent sites)
+            grad_joint = torch.zeros_like(z) if grad_joint is None else grad_joint
+            grad_initial = torch.zeros_like(z) if grad_initial is None else grad_initial
         return _State(z.detach(), log_joint.detach(), log_initial.detach(), grad_joint, grad_initial)
 
 
@@ -298,6 +303,7 @@ def _anneal(densities: _Densities, betas: torch.Tensor, num_leapfrog_steps: int,
     return log_weights, rate, state, step_size
 
 
+@evaluates
 def ais_log_marginal_likelihood(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                                 num_temperatures: int = 200,
                                 num_chains: int = 16, num_leapfrog_steps: int = 5,

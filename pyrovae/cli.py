@@ -1,4 +1,5 @@
-"""The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyrovae`` command: ``train``, ``evaluate``, ``sample``, and ``encode`` and
+``reconstruct`` (:mod:`pyrovae.encoding`).
 
 Errors caused by input (bad flags, data, files) print one line and exit with status 2.
 
@@ -22,9 +23,18 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pyrovae import __version__, distributed, runs
-from pyrovae.argtypes import device_name, non_negative_int, positive_int, positive_ints, seed
-from pyrovae.config import MAX_IMPORTANCE_SAMPLES, TrainConfig
+from pyrovae.argtypes import (
+    device_name,
+    integer,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_ints,
+    seed,
+)
+from pyrovae.config import BUILT_IN_MODEL_FIELDS, MAX_IMPORTANCE_SAMPLES, TrainConfig
 from pyrovae.devices import resolve_device
+from pyrovae.encoding import add_commands as add_encoding_commands
 from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.provenance import git_commit
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS
@@ -50,10 +60,13 @@ def train_command(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
         # a preset given to a resume must be the run's own, like any fixed flag
-        config = runs.resumed_config(Path(args.resume),
-                                     _given_flags(args.train_argv, with_preset=True))
+        given = _given_flags(args.train_argv, with_preset=True)
+        _check_resumed_program(Path(args.resume), given.pop("program", None))
+        config = runs.resumed_config(Path(args.resume), given)
     else:
         config = TrainConfig.from_args(args)
+        if config.program is not None:
+            _refuse_built_in_flags(args.train_argv)
         if config.preset is not None:
             config = TrainConfig.from_preset(config.preset, **_given_flags(args.train_argv))
             logger.info("preset %s; flags given beside it: %s", config.preset,
@@ -74,6 +87,26 @@ def train_command(args: argparse.Namespace) -> int:
         raise
     distributed.shut_down()
     return 0
+
+
+def _check_resumed_program(run_dir: Path, given: str | None) -> None:
+    """``train --resume`` of a run of your own program needs ``--program`` again, equal to
+    the recorded one (read from ``config.json`` as data: nothing is imported before)."""
+    config_path = run_dir / runs.CONFIG_NAME
+    if config_path.is_file():
+        runs.check_program_named(run_dir, given, TrainConfig.load(config_path),
+                                 command="train --resume")
+
+
+def _refuse_built_in_flags(train_argv: Sequence[str]) -> None:
+    """Refuse flags of the built-in model given beside ``--program``: they would be
+    recorded, and silently ignored."""
+    given = sorted(set(_given_flags(train_argv, with_preset=True)) & BUILT_IN_MODEL_FIELDS)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        what = "is a flag" if len(given) == 1 else "are flags"
+        raise ConfigError(f"{flags} {what} of the built-in model; with --program the program "
+                          f"is the model: pass its settings in --program-args")
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
@@ -131,7 +164,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, chunk_size=args.chunk_size,
                                      test_size=args.test_size, data_dir=args.data_dir,
                                      seed=args.seed, progress=args.progress, output=args.output,
-                                     force=args.force)
+                                     force=args.force, program=args.program)
     except BaseException:
         distributed.shut_down(wait=False)
         raise
@@ -146,7 +179,7 @@ def _report(args: argparse.Namespace, device: torch.device) -> None:
            "initial": args.ais_init}
     where = {"checkpoint": args.checkpoint, "device": device, "batch_size": args.batch_size,
              "test_size": args.test_size, "data_dir": args.data_dir, "seed": args.seed,
-             "output": args.output}
+             "output": args.output, "program": args.program}
     if args.report:
         runs.report_checkpoint(**where, ks=args.ks, ais=ais, chunk_size=args.chunk_size,
                                sandwich_points=args.sandwich_points if args.sandwich else 0,
@@ -209,7 +242,7 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
                        default=DEFAULT_AIS["num_leapfrog_steps"],
                        help=f"leapfrog steps per HMC transition, at most {MAX_LEAPFROG_STEPS} "
                             f"(default: %(default)s)")
-    group.add_argument("--ais-step-size", type=float, default=DEFAULT_AIS["step_size"],
+    group.add_argument("--ais-step-size", type=positive_float, default=DEFAULT_AIS["step_size"],
                        help="initial leapfrog step size, adapted towards 0.65 acceptance "
                             "(default: %(default)s)")
     group.add_argument("--ais-init", choices=("guide", "prior"), default=DEFAULT_AIS["initial"],
@@ -225,10 +258,20 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
 
 
+def _add_program_argument(parser: argparse.ArgumentParser) -> None:
+    """``--program`` of ``evaluate`` and ``sample``: a run of your own program names it again."""
+    parser.add_argument(
+        "--program", default=None, metavar="FILE.py:NAME",
+        help="a run of your own program: the program it was trained with, named again "
+             "(pyrovae never imports code because a run directory names it); built with the "
+             "run's recorded --program-args")
+
+
 def sample_command(args: argparse.Namespace) -> int:
     output = runs.sample_checkpoint(args.checkpoint, resolve_device(args.device),
                                     num_samples=args.num_samples, seed=args.seed,
-                                    label=args.label, output=args.output, force=args.force)
+                                    label=args.label, output=args.output, force=args.force,
+                                    program=args.program)
     print(f"{args.num_samples} samples written to {output}")
     return 0
 
@@ -295,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--force", action="store_true",
                           help="replace an existing --output file that is not an earlier "
                                "evaluation (refused otherwise)")
+    _add_program_argument(evaluate)
     _add_report_arguments(evaluate)
     evaluate.set_defaults(handler=evaluate_command)
 
@@ -305,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:N or auto (default: auto)")
     sample.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
-    sample.add_argument("--label", type=int, default=None, metavar="CLASS",
+    sample.add_argument("--label", type=integer, default=None, metavar="CLASS",
                         help="a model of labelled data (train --model conditional or "
                              "semi_supervised): draw this class, 0..C-1 (default: every class "
                              "in turn)")
@@ -314,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--force", action="store_true",
                         help="replace an existing --output file that is not a PNG image "
                              "(refused otherwise)")
+    _add_program_argument(sample)
     sample.set_defaults(handler=sample_command)
+    add_encoding_commands(commands)  # encode, reconstruct
     return parser
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from pyrovae.evaluation import default_chunk_size, importance_log_weights
-from pyrovae.programs import as_data, as_program
+from pyrovae.programs import as_data, as_program, evaluates
 
 #: k-hat above which an importance-sampling estimate is flagged unreliable (Vehtari et al. 2024)
 KHAT_THRESHOLD = 0.7
@@ -233,6 +233,7 @@ def _summarize_batch(log_weights: torch.Tensor, ks: Sequence[int]) -> dict[str, 
     }
 
 
+@evaluates
 def importance_summary(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = (5000,), *,
                        batch_size: int = 100, chunk_size: int | None = None,
                        khat_threshold: float = KHAT_THRESHOLD) -> ImportanceSummary:

@@ -20,7 +20,10 @@ Evaluation is sharded here too (:func:`sharded`): the estimators of
 :mod:`pyrovae.evaluation` evaluate the data batches they are given, and this module gives
 each rank its contiguous run of them and puts the per-point values back together.
 
-Backend: ``gloo`` on CPU, ``nccl`` on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``).
+Backend: ``gloo`` on CPU, ``nccl`` on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``).  When a
+process is gone (killed, crashed), the others fail in their next collective: they raise
+:class:`LostProcessError`, which the CLI prints as one line, and the launcher names the
+process that went first.
 """
 
 from __future__ import annotations
@@ -105,6 +108,56 @@ def init_from_environment(device_name: str = "auto", *, timeout_minutes: float =
     return device
 
 
+class LostProcessError(PyrovaeError):
+    """Another process of the group is gone (killed, crashed, or stopped by an error of its
+    own) while this one waited for it in a collective operation.
+
+    The process that is gone reports its own cause (the ``--nproc`` launcher names it); this
+    one says in one line that it stopped because of it, instead of the backend's traceback.
+    """
+
+
+#: what gloo and nccl say (lower case) when the process at the other end of a collective is gone
+LOST_PROCESS_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe",
+                      "connection refused", "timed out", "communicator was aborted")
+
+
+def is_lost_process(error: BaseException) -> bool:
+    """Whether ``error``, raised by a collective, says that another process of the group is gone.
+
+    Other failures of a collective (tensors that differ between ranks) are bugs and keep
+    their traceback.
+    """
+    if isinstance(error, dist.DistNetworkError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(sign in text for sign in LOST_PROCESS_SIGNS)
+
+
+@contextlib.contextmanager
+def collective(operation: str) -> Iterator[None]:
+    """Turn a collective's failure because another process is gone into :class:`LostProcessError`."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_lost_process(error):
+            raise
+        raise LostProcessError(
+            f"another process of this run stopped during {operation} ({_backend_reason(error)}); "
+            f"this process {get_rank()} of {get_world_size()} stops too, the launcher reports "
+            f"the other's exit") from None
+
+
+def _backend_reason(error: BaseException) -> str:
+    """The backend's message without its source location and advice: ``Read error ...:
+    Connection reset by peer``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    if text.startswith("[") and "] " in text:  # "[.../gloo/transport/tcp/pair.cc:545] Read error"
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0].rstrip(".")[:200]
+
+
 def shut_down(wait: bool = True) -> None:
     """Leave the process group.
 
@@ -113,7 +166,8 @@ def shut_down(wait: bool = True) -> None:
     """
     if dist.is_available() and dist.is_initialized():
         if wait:
-            dist.barrier()
+            with collective("the final barrier"):
+                dist.barrier()
         dist.destroy_process_group()
 
 
@@ -264,7 +318,8 @@ def gather_rows(local: torch.Tensor, counts: Sequence[int], dim: int = 0) -> tor
     padding[dim] = longest - local.shape[dim]
     padded = torch.cat([local.to(device), local.new_zeros(padding, device=device)], dim=dim)
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
+    with collective("an evaluation gather"):
+        dist.all_gather(parts, padded.contiguous())
     whole = torch.cat([part.narrow(dim, 0, count) for part, count in zip(parts, counts, strict=True)],
                       dim=dim)
     return whole.to(local.device)
@@ -299,8 +354,9 @@ def all_reduce_gradients(parameters: Sequence[torch.Tensor], extras: Sequence[fl
     buffer = torch.cat([g.reshape(-1) for g in grads] + [has_grad])
     # float64 for the extras: a loss summed over a big batch loses digits in float32
     numbers = torch.tensor(list(extras), dtype=torch.float64, device=reference.device)
-    dist.all_reduce(buffer)
-    dist.all_reduce(numbers)
+    with collective("a gradient all-reduce"):
+        dist.all_reduce(buffer)
+        dist.all_reduce(numbers)
     offset = 0
     for grad in grads:
         size = grad.numel()
@@ -321,7 +377,8 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
     for dtype in sorted({t.dtype for t in tensors}, key=str):
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in group])
-        dist.broadcast(flat, src=0)
+        with collective("a parameter broadcast"):
+            dist.broadcast(flat, src=0)
         offset = 0
         with torch.no_grad():
             for tensor in group:
@@ -344,7 +401,8 @@ def rank0_call(function: Callable[[], T]) -> T:
             message[0] = function()
         except PyrovaeError as error:
             message[1] = error
-    dist.broadcast_object_list(message, src=0)
+    with collective("a broadcast from rank 0"):
+        dist.broadcast_object_list(message, src=0)
     if message[1] is not None:
         raise message[1]
     return message[0]
@@ -355,13 +413,15 @@ def broadcast_from_main(values: Sequence[Any]) -> list[Any]:
     if not is_distributed():
         return list(values)
     message = list(values)
-    dist.broadcast_object_list(message, src=0)
+    with collective("a broadcast from rank 0"):
+        dist.broadcast_object_list(message, src=0)
     return message
 
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        with collective("a barrier"):
+            dist.barrier()
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:

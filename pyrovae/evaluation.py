@@ -36,7 +36,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.devices import seeded
-from pyrovae.programs import ProgramError, as_data, as_program, is_sample_site
+from pyrovae.programs import ProgramError, as_data, as_program, evaluates, is_sample_site
 from pyrovae.sites import PARTICLE_PLATE
 
 
@@ -63,6 +63,8 @@ def trace_log_prob(trace: poutine.Trace, nesting: int, scaled: bool,
     """Sum of the sample sites' log densities ``(K, N)``, enumerated sites summed out."""
     terms = [site_log_prob(site, nesting, scaled) for site in trace.nodes.values()
              if is_sample_site(site)]
+    if not terms:  # a guide without sample sites (a classifier's): log q = 0
+        return torch.zeros(())
     shape = torch.broadcast_shapes(*(term.shape for term in terms))
     total = terms[0].expand(shape)
     for term in terms[1:]:
@@ -209,6 +211,7 @@ def log_marginal_likelihood(program: Any, x: torch.Tensor | Sequence[torch.Tenso
                                batches=batches)
 
 
+@evaluates
 def _reduce_log_weights(program: Any, x: torch.Tensor | Sequence[torch.Tensor],
                         num_samples: int, batch_size: int,
                         chunk_size: int | None,
@@ -283,6 +286,7 @@ def elbo(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_samples: in
                                lambda total: total / num_samples, seed=seed, batches=batches)
 
 
+@evaluates
 def elbo_terms(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *, num_samples: int = 1,
                batch_size: int = 100) -> dict[str, torch.Tensor]:
     """The ELBO split into its reconstruction and KL terms per data point (Monte Carlo).

@@ -27,8 +27,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,8 +141,33 @@ class Program:
         return self._structure[key]
 
     def train(self, mode: bool = True) -> None:
-        if self.module is not None:
-            self.module.train(mode)
+        """Set the training mode of every module the program holds (:meth:`modules`)."""
+        for module in self.modules():
+            module.train(mode)
+
+    def modules(self) -> list[nn.Module]:
+        """The ``nn.Module`` objects the program reaches: its module, and the model and guide
+        where they are modules (an autoguide) or methods of one."""
+        found: dict[int, nn.Module] = {}
+        for owner in (self.module, self.model, self.guide,
+                      getattr(self.model, "__self__", None), getattr(self.guide, "__self__", None)):
+            if isinstance(owner, nn.Module):
+                found.setdefault(id(owner), owner)
+        return list(found.values())
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Run the block with every module of the program in eval mode, then give each
+        submodule back the mode it had: a module in training mode may add training-only
+        terms (a classifier's loss on observed labels), which are no part of p(x)."""
+        modes = [(module, module.training) for owner in self.modules()
+                 for module in owner.modules()]
+        self.train(False)
+        try:
+            yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 def as_program(program: Any, guide: Callable[..., Any] | None = None) -> Program:
@@ -160,6 +187,18 @@ def as_program(program: Any, guide: Callable[..., Any] | None = None) -> Program
         return Program(model, guide, program if isinstance(program, nn.Module) else None)
     raise ProgramError(f"{type(program).__name__} is not a program: pass an object with model and "
                        f"guide methods (a VAE, a PyroModule) or a (model, guide) pair")
+
+
+def evaluates(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Make an estimator ``function(program, ...)`` take anything :func:`as_program` takes and
+    run it with the program in eval mode (:meth:`Program.evaluating`)."""
+    @functools.wraps(function)
+    def in_eval_mode(program: Any, *args: Any, **kwargs: Any) -> Any:
+        program = as_program(program)
+        with program.evaluating():
+            return function(program, *args, **kwargs)
+
+    return in_eval_mode
 
 
 def as_data(data: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

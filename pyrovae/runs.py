@@ -36,22 +36,41 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
 from pyrovae import distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
-from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
-from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
+from pyrovae.checkpoint import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    check_checkpoint,
+    check_param_store,
+    check_resumable,
+    check_state_dict,
+    load_program_state,
+    load_vae,
+    read_checkpoint,
+)
+from pyrovae.config import (
+    LABEL_MODELS,
+    TrainConfig,
+    apply_label_settings,
+    build_vae,
+    fit_batch_to_data,
+)
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
 from pyrovae.distributed import sharded
-from pyrovae.errors import CheckpointError, ConfigError
+from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
+from pyrovae.likelihoods import bits_per_dim
 from pyrovae.models import VAE, SemiSupervisedVAE
-from pyrovae.plotting import save_sample_grid
+from pyrovae.plotting import save_program_samples, save_sample_grid
+from pyrovae.program_spec import canonical_spec, load_program
 from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS, build_report, save_report
@@ -223,7 +242,12 @@ def check_resume(run_dir: Path, config: TrainConfig, vae: VAE) -> None:
     """Everything a resume of ``run_dir`` needs, checked before its config is rewritten:
     a checkpoint ``vae`` can continue, trained with ``config`` (aside from
     :data:`RESUME_OVERRIDES`), with no more epochs than ``config.epochs``."""
-    checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    if config.program is None:
+        checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    else:
+        # the optimizer state also covers the program's pyro.param sites, which the
+        # training loop finds and checks (TrainingLoop._load)
+        checkpoint = _check_program_resumable(run_dir / CHECKPOINT_NAME, vae)
     if checkpoint.get("config") is not None:
         refuse_foreign(run_dir / CHECKPOINT_NAME, TrainConfig.from_dict(checkpoint["config"]),
                        config, run_dir / CONFIG_NAME)
@@ -249,16 +273,94 @@ def refuse_foreign(checkpoint_path: Path, embedded: TrainConfig, config: TrainCo
             + "; use the checkpoint with its own run directory")
 
 
-def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool) -> dict[str, Any]:
+def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool,
+              program: bool = False) -> dict[str, Any]:
     """Load ``checkpoint_best.pt``'s parameters into ``vae`` for the final evaluation (early
-    stopping selects the model on the held-out ELBO); what the results record of it."""
+    stopping selects the model on the held-out ELBO); what the results record of it.
+
+    :param program: ``vae`` is your own program: its ``pyro.param`` sites are loaded too
+        (:func:`~pyrovae.checkpoint.load_program_state`).
+    """
     path = run_dir / BEST_CHECKPOINT_NAME
-    checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
-    vae.load_state_dict(checkpoint["model"])
+    if program:
+        checkpoint = load_program_state(vae, path)
+    else:
+        checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
+        vae.load_state_dict(checkpoint["model"])
     logger.info("final evaluation with the best checkpoint (epoch %d)%s", checkpoint["epoch"],
                 ", early stopping ended training" if stopped_early else "")
     return {"stopped_early": stopped_early, "evaluated_checkpoint": BEST_CHECKPOINT_NAME,
             "evaluated_checkpoint_epoch": checkpoint["epoch"]}
+
+
+# --- your own program ------------------------------------------------------------------------
+# A run of a user's program records its spec in config.json; the spec is only ever imported
+# when the user names it again on the command line (check_program_named), never because a
+# run directory names it: a config.json is data anyone may have edited.
+
+def check_program_named(run_dir: Path, given: str | None, config: TrainConfig | None, *,
+                        command: str) -> None:
+    """Refuse, before anything is imported, a ``--program`` that is not the one ``config``
+    (the run's) records, or none where it records one.
+
+    :param given: the ``--program`` of the command line, or ``None``.
+    :param command: the command for the message (``"evaluate"``).
+    :raises ConfigError: one line naming both programs.
+    """
+    recorded = config.program if config is not None else None
+    if recorded is None:
+        if given is not None:
+            raise ConfigError(f"--program {given}: {run_dir} holds a run of the built-in "
+                              f"model, not of a program; leave --program out")
+        return
+    if given is None:
+        raise ConfigError(f"{run_dir} holds a run of your program {recorded}; pyrovae imports "
+                          f"no code that a run directory names: name it again, pyrovae "
+                          f"{command} {run_dir} --program {recorded}")
+    if canonical_spec(given) != recorded:
+        raise ConfigError(f"--program {canonical_spec(given)} is not the program {run_dir} was "
+                          f"trained with ({recorded}); name that one")
+
+
+def build_user_program(config: TrainConfig, device: torch.device) -> Any:
+    """Import and build ``config.program`` with ``config.program_args``
+    (:func:`~pyrovae.program_spec.load_program`), on ``device``.  Only for a spec the user
+    named on the command line (:func:`check_program_named` first, for a recorded one)."""
+    assert config.program is not None
+    # a run starts from an empty parameter store: pyro.module would otherwise hand this
+    # program the tensors an earlier program in this process registered under its names
+    pyro.clear_param_store()
+    program = load_program(config.program, config.program_args)
+    if isinstance(program, torch.nn.Module):
+        program = program.to(device)
+    return program
+
+
+def _check_program_resumable(path: Path, program: Any) -> dict[str, Any]:
+    """:func:`~pyrovae.checkpoint.check_resumable` of a user's program, the optimizer aside."""
+    checkpoint = read_checkpoint(path)
+    check_checkpoint(checkpoint, path, resumable=True)
+    module = as_program(program).module
+    check_state_dict(module if module is not None else torch.nn.Module(), checkpoint["model"],
+                     path, "this program")
+    check_param_store(checkpoint, path)
+    return checkpoint
+
+
+def _user_program_figures(program: Any, run_dir: Path, data: DataSplits) -> dict[str, Any]:
+    """``samples.png`` where the program can draw x, and the active units where its guide
+    allows counting them; what it cannot do is logged, not fatal, at the end of training."""
+    if data.image_shape is not None:
+        try:
+            save_program_samples(program, run_dir / SAMPLES_NAME, data.image_shape,
+                                 data.data_dim)
+        except PyrovaeError as error:
+            logger.warning("no %s: %s", SAMPLES_NAME, error)
+    try:
+        return posterior_activity(program, data.test)
+    except (PyrovaeError, ValueError, RuntimeError) as error:
+        logger.warning("active units not counted: %s", error)
+        return {"active_units": None, "posterior_collapsed": False}
 
 
 # --- training one run -----------------------------------------------------------------------
@@ -295,6 +397,7 @@ def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfi
     data = data.subset(config.train_size, config.test_size).with_validation(
         config.valid_size, own=config.valid_split == "dataset")
     config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
+    config = fit_batch_to_data(config, data.train.shape[0])
     return config, data.to(device)
 
 
@@ -342,9 +445,12 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
         distributed.rank0_call(lambda: check_out_dir(config))
     seed_everything(config.seed)
     device = data.train.device
-    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
-    check_training_data(vae, data, config.batch_size)
-    check_prior_cost(vae, config)
+    if config.program is None:
+        vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
+        check_training_data(vae, data, config.batch_size)
+        check_prior_cost(vae, config)
+    else:
+        vae = build_user_program(config, device)
     with contextlib.ExitStack() as own:
         # rank 0 creates and locks the folder, checks the checkpoint to resume, then writes
         # the config; every rank learns its verdict
@@ -367,7 +473,7 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
         finally:
             if writer is not None:
                 writer.close()
-    vae.eval()
+    as_program(vae).train(False)
     return Run(run_dir, config, vae, history)
 
 
@@ -563,16 +669,23 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
         "config": config.to_dict(),
     }
     if config.early_stopping_patience:
-        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early))
+        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early,
+                                 program=config.program is not None))
     # the final evaluation has no steps to stop between: a signal stops it at once
     with _StopSignals(message=f"during the final evaluation: training is complete and "
                               f"checkpointed; pyrovae train --resume {run_dir} evaluates it"):
         if main_process:
-            if data.image_shape is not None:
-                save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
-            results.update(posterior_activity(vae, data.test) if not data.has_labels else
-                           {"active_units": None, "posterior_collapsed": False})
-        divergence = check_diverged(vae, config, data, parallel=parallel)
+            if config.program is not None:
+                results.update(_user_program_figures(vae, run_dir, data))
+            else:
+                if data.image_shape is not None:
+                    save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
+                results.update(posterior_activity(vae, data.test) if not data.has_labels else
+                               {"active_units": None, "posterior_collapsed": False})
+        # your own program is built by its own code, which may reset the parameters it
+        # registered: no untrained copy of it is built beside the trained one
+        divergence = (check_diverged(vae, config, data, parallel=parallel)
+                      if config.program is None else {"diverged": None})
         results.update(diverged=divergence["diverged"], divergence_check=divergence)
         if divergence["diverged"] and main_process:
             logger.warning("training diverged: %s", _diverged_line(divergence))
@@ -590,7 +703,7 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
     # printed before saving, so that a failed write does not lose them
     if config.eval_samples > 0:
         print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f}"
-              f" nats; {log_px_line(results)}")
+              f" nats{_bits(results, 'test_elbo')}; {log_px_line(results)}")
     if results["posterior_collapsed"]:
         print(f"warning: the posterior collapsed: no latent unit is active (the variance over "
               f"test points of every E[z_d|x] is below {ACTIVE_UNIT_THRESHOLD}); q(z|x) ignores "
@@ -677,7 +790,7 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
         log_px_values = torch.cat([summary.log_marginal_likelihood for summary in summaries])
         khat_fraction = _unreliable_fraction(torch.cat([s.pareto_k for s in summaries]))
     log_px = mean_and_standard_error(log_px_values)
-    return {
+    results = {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,
         "log_marginal_likelihood": log_px.mean,
@@ -689,6 +802,34 @@ def evaluate_vae(vae: VAE, x_test: torch.Tensor | tuple[torch.Tensor, torch.Tens
         "evaluation_seconds": time.perf_counter() - started,
         **({"log_marginal_likelihood_of": "log p(x | y)"} if isinstance(x_test, tuple) else {}),
     }
+    results.update(bits_per_dim_of(results, vae, as_data(x_test)[0].shape[1]))
+    return results
+
+
+def bits_per_dim_of(results: Mapping[str, Any], vae: Any, data_dim: int) -> dict[str, Any]:
+    """The test ELBO and log p(x) of ``results`` (nats per data point) in bits per dimension,
+    ``-value / (D log 2)``, with their standard errors, where the model's likelihood is a
+    probability mass function over data of known bit depth (``num_levels``: binary data,
+    8-bit images under a discretized likelihood); ``{}`` for a density."""
+    levels = getattr(getattr(vae, "likelihood", None), "num_levels", None)
+    if levels is None:
+        return {}
+    scale = 1 / (data_dim * math.log(2))
+    values: dict[str, Any] = {"bits_per_dim_levels": levels}
+    for name in ("test_elbo", "log_marginal_likelihood"):
+        if results.get(name) is not None:
+            values[f"{name}_bits_per_dim"] = bits_per_dim(results[name], data_dim)
+            values[f"{name}_bits_per_dim_standard_error"] = \
+                results[f"{name}_standard_error"] * scale
+    return values
+
+
+def _bits(results: Mapping[str, Any], name: str) -> str:
+    """`` (B ± E bits/dim)`` of ``results[name]`` where it was reported in bits, else ``""``."""
+    if results.get(f"{name}_bits_per_dim") is None:
+        return ""
+    return (f" ({results[f'{name}_bits_per_dim']:.4f} ± "
+            f"{results[f'{name}_bits_per_dim_standard_error']:.4f} bits/dim)")
 
 
 def _estimate(estimator: Any, program: Any, x: Any, *args: Any, distributed: bool,
@@ -720,7 +861,7 @@ def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_tes
     log_px = mean_and_standard_error(_estimate(
         log_marginal_likelihood_over_labels, m2, x_test, m2.num_classes, num_samples,
         batch_size=batch_size, chunk_size=chunk_size, distributed=distributed))
-    return {
+    results: dict[str, Any] = {
         "test_elbo": test_elbo.mean,
         "test_elbo_standard_error": test_elbo.standard_error,
         "test_elbo_of": "log p(x, y)",
@@ -734,6 +875,8 @@ def _evaluate_semi_supervised(m2: SemiSupervisedVAE, x_test: torch.Tensor, y_tes
         "fraction_khat_above_threshold": None,
         "evaluation_seconds": time.perf_counter() - started,
     }
+    results.update(bits_per_dim_of(results, m2, x_test.shape[1]))
+    return results
 
 
 def _unreliable_fraction(khat: torch.Tensor) -> float | None:
@@ -748,7 +891,8 @@ def log_px_line(results: Mapping[str, Any]) -> str:
     diagnostic (and a warning where it is unreliable for many points)."""
     line = (f"{results.get('log_marginal_likelihood_of', 'log p(x)')} (K={results['num_samples']}) "
             f"{results['log_marginal_likelihood']:.2f} ± "
-            f"{results['log_marginal_likelihood_standard_error']:.2f} nats over "
+            f"{results['log_marginal_likelihood_standard_error']:.2f} nats"
+            f"{_bits(results, 'log_marginal_likelihood')} over "
             f"{results['num_test_points']} test points")
     if results.get("test_classification_error") is not None:
         line += (f"; test classification error of q(y|x) "
@@ -764,15 +908,35 @@ def log_px_line(results: Mapping[str, Any]) -> str:
     return line
 
 
-def load_run_checkpoint(path: str | Path, device: torch.device
-                        ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+def load_run_checkpoint(path: str | Path, device: torch.device, *, program: str | None = None,
+                        command: str = "evaluate") -> tuple[Any, TrainConfig, dict[str, Any]]:
     """:func:`~pyrovae.checkpoint.load_vae`, refusing a checkpoint that its run directory's
-    ``config.json`` (where there is one) does not describe."""
-    vae, config, checkpoint = load_vae(path, device)
+    ``config.json`` (where there is one) does not describe.
+
+    A run of your own program needs ``program``, the spec given again on the command line
+    and equal to the recorded one (:func:`check_program_named`): only then is it imported,
+    built with the recorded ``program_args`` and loaded
+    (:func:`~pyrovae.checkpoint.load_program_state`).
+
+    :returns: ``(model, config, checkpoint)``: a VAE, or the user's program object.
+    """
     config_path = run_dir_of(path) / CONFIG_NAME
-    if config_path.is_file():
-        refuse_foreign(Path(path), config, TrainConfig.load(config_path), config_path)
-    return vae, config, checkpoint
+    saved = TrainConfig.load(config_path) if config_path.is_file() else None
+    checkpoint = read_checkpoint(path)
+    embedded = check_checkpoint(checkpoint, path)
+    recorded = saved if saved is not None else embedded
+    check_program_named(run_dir_of(path), program, recorded, command=command)
+    if recorded is None or recorded.program is None:
+        vae, config, checkpoint = load_vae(path, device)
+        if saved is not None:
+            refuse_foreign(Path(path), config, saved, config_path)
+        return vae, config, checkpoint
+    if saved is not None and embedded is not None:
+        refuse_foreign(Path(path), embedded, saved, config_path)
+    config = embedded if embedded is not None else recorded
+    user_program = build_user_program(config, device)
+    load_program_state(user_program, path)
+    return user_program, config, checkpoint
 
 
 def load_test_points(config: TrainConfig, device: torch.device, *, data_dir: str | None = None,
@@ -796,8 +960,8 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
                         batch_size: int = 100, chunk_size: int | None = None,
                         test_size: int | None = None, data_dir: str | None = None,
                         seed: int = 0, progress: bool = True,
-                        output: str | Path | None = None, force: bool = False
-                        ) -> dict[str, Any]:
+                        output: str | Path | None = None, force: bool = False,
+                        program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate`` does: the test ELBO and log p(x) (:func:`evaluate_vae`) of a
     run's checkpoint, printed and written as JSON to ``output`` (default
     ``evaluation.json`` beside it; an existing file is kept under the next free
@@ -807,6 +971,7 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
 
     :param checkpoint: a checkpoint file or the run directory holding ``checkpoint.pt``.
     :param force: replace an ``output`` that is not an earlier evaluation (refused otherwise).
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the numbers written.
     """
     # the run's own evaluation.json is kept under another name, whatever it holds
@@ -817,15 +982,16 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
         return _evaluate_checkpoint(checkpoint, device, num_samples=num_samples,
                                     batch_size=batch_size, chunk_size=chunk_size,
                                     test_size=test_size, data_dir=data_dir, seed=seed,
-                                    progress=progress, output=output, force=force)
+                                    progress=progress, output=output, force=force,
+                                    program=program)
 
 
 def _evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int,
                          batch_size: int, chunk_size: int | None, test_size: int | None,
                          data_dir: str | None, seed: int, progress: bool, output: Path,
-                         force: bool) -> dict[str, Any]:
+                         force: bool, program: str | None) -> dict[str, Any]:
     parallel = distributed.is_distributed()
-    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program)
     if distributed.is_main_process():
         # before the long work, not after it
         check_output(output, kind="a pyrovae evaluation (JSON)", force=force,
@@ -844,7 +1010,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sa
     results.update(provenance(device))
     # printed before saving, so that a failed write does not lose them
     print(f"test ELBO {results['test_elbo']:.2f} ± {results['test_elbo_standard_error']:.2f} "
-          f"nats (checkpoint of epoch {saved['epoch']})")
+          f"nats{_bits(results, 'test_elbo')} (checkpoint of epoch {saved['epoch']})")
     print(log_px_line(results))
     kept = _keep_previous(output)
     write_json(output, results)
@@ -854,23 +1020,36 @@ def _evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sa
 
 def sample_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int = 64,
                       seed: int = 0, label: int | None = None,
-                      output: str | Path | None = None, force: bool = False) -> Path:
+                      output: str | Path | None = None, force: bool = False,
+                      program: str | None = None) -> Path:
     """What ``pyrovae sample`` does: decode ``num_samples`` prior samples of a run's
-    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`).
+    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`; for your own
+    program, :func:`~pyrovae.plotting.save_program_samples`: its ``sample`` method or its
+    model run without observations).
 
     :param output: the PNG; by default ``samples.png`` beside the checkpoint, or the next
         free ``samples-N.png`` (the grid training drew is kept).  An existing file that is
         not a PNG is refused unless ``force``.
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the file written.
+    :raises ProgramError: your program cannot draw x (one line saying how it could).
     """
     with contextlib.ExitStack() as stack:
         given = Path(output) if output else None
         hold_run(checkpoint, given or run_dir_of(checkpoint) / SAMPLES_NAME, stack)
-        vae, _, saved = load_run_checkpoint(checkpoint, device)
+        vae, config, saved = load_run_checkpoint(checkpoint, device, program=program,
+                                                 command="sample")
         path = given or free_name(run_dir_of(checkpoint) / SAMPLES_NAME)
         check_output(path, kind="a PNG image", force=force, same_kind=_is_png)
         seed_everything(seed)
-        save_sample_grid(vae, path, saved.get("image_shape"), num_samples, label=label)
+        if config.program is None:
+            save_sample_grid(vae, path, saved.get("image_shape"), num_samples, label=label)
+            return path
+        if label is not None:
+            raise ConfigError("--label is for the built-in models of labelled data; this run "
+                              "trained your program")
+        save_program_samples(vae, path, saved.get("image_shape"), saved["data_dim"],
+                             num_samples)
     return path
 
 
@@ -968,13 +1147,14 @@ REPORT_TEST_SIZE = 500
 
 def _report_inputs(checkpoint: str | Path, device: torch.device, *, labelled_ok: bool,
                    data_dir: str | None, test_size: int | None, default_size: int | None = None,
+                   program: str | None = None,
                    ) -> tuple[VAE, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """The model of a run's checkpoint and its test points, in one process: the first
     ``test_size``, else at most ``default_size``, else the run's own."""
     if distributed.is_distributed():
         raise ConfigError("evaluate --report and --sandwich run in one process; start them "
                           "without torchrun")
-    vae, config, _ = load_run_checkpoint(checkpoint, device)
+    vae, config, _ = load_run_checkpoint(checkpoint, device, program=program)
     if test_size is None and default_size is not None:
         test_size = min(default_size, config.test_size or default_size)
         logger.info("the report takes the first %d test points (--test-size N for another "
@@ -1007,8 +1187,8 @@ def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
                       sandwich_points: int = 0, batch_size: int = 100,
                       chunk_size: int | None = None, test_size: int | None = None,
                       data_dir: str | None = None, seed: int = 0,
-                      output: str | Path | None = None, progress: bool = False
-                      ) -> dict[str, Any]:
+                      output: str | Path | None = None, progress: bool = False,
+                      program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --report`` does: the bound-curve report
     (:func:`~pyrovae.report.write_report`) of a run's checkpoint, written into ``output``
     (default: the run directory), its table printed before the files are written.  The
@@ -1028,7 +1208,8 @@ def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
     with contextlib.ExitStack() as stack:
         hold_run(checkpoint, output_dir, stack)
         vae, x_test = _report_inputs(checkpoint, device, labelled_ok=False, data_dir=data_dir,
-                                     test_size=test_size, default_size=REPORT_TEST_SIZE)
+                                     test_size=test_size, default_size=REPORT_TEST_SIZE,
+                                     program=program)
         check_report_folder(output_dir)
         points = (sandwich_size(sandwich_points, x_test,
                                 ais_temperatures=settings["num_temperatures"])
@@ -1066,7 +1247,7 @@ def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
                         sandwich_points: int = DEFAULT_POINTS, batch_size: int = 100,
                         test_size: int | None = None, data_dir: str | None = None,
                         seed: int = 0, output: str | Path | None = None,
-                        force: bool = False) -> dict[str, Any]:
+                        force: bool = False, program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --sandwich`` does without ``--report``: bidirectional Monte
     Carlo (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`) on points simulated from a
     run's checkpoint; both bounds' means and their gap printed, and written with the
@@ -1083,15 +1264,15 @@ def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
         return _sandwich_checkpoint(checkpoint, device, settings=settings,
                                     sandwich_points=sandwich_points, batch_size=batch_size,
                                     test_size=test_size, data_dir=data_dir, seed=seed,
-                                    output=output, force=force)
+                                    output=output, force=force, program=program)
 
 
 def _sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
                          settings: dict[str, Any], sandwich_points: int, batch_size: int,
                          test_size: int | None, data_dir: str | None, seed: int, output: Path,
-                         force: bool) -> dict[str, Any]:
+                         force: bool, program: str | None) -> dict[str, Any]:
     vae, x_test = _report_inputs(checkpoint, device, labelled_ok=True, data_dir=data_dir,
-                                 test_size=test_size)
+                                 test_size=test_size, program=program)
     # before the long work, not after it
     check_output(output, kind="a pyrovae sandwich (JSON)", force=force,
                  same_kind=lambda path: _json_with(path, "gap_mean"))

@@ -56,7 +56,7 @@ from pyrovae.ais import (
 from pyrovae.devices import seeded
 from pyrovae.diagnostics import log_mean_exp_standard_error
 from pyrovae.evaluation import mean_and_standard_error
-from pyrovae.programs import Program, ProgramError, as_data, as_program
+from pyrovae.programs import Program, ProgramError, as_data, as_program, evaluates
 
 #: simulated points of ``pyrovae evaluate --sandwich`` by default
 DEFAULT_POINTS = 100
@@ -103,6 +103,7 @@ def _stream_seed(seed: int | None, index: int) -> int | None:
 
 
 @torch.no_grad()
+@evaluates
 def simulate(program: Any, x: torch.Tensor | Sequence[torch.Tensor], num_points: int | None = None,
              *, seed: int | None = None) -> Simulation:
     """Draw ``num_points`` pairs (x, z) ~ p(x, z) ancestrally through the program's model.
@@ -227,6 +228,7 @@ class SandwichResult:
                 f"gap {s['gap_mean']:.3f} ± {s['gap_standard_error']:.3f} nats")
 
 
+@evaluates
 def bidirectional_monte_carlo(vae: Any, x: torch.Tensor | Sequence[torch.Tensor],
                               num_points: int | None = None, *,
                               num_temperatures: int = 200, num_chains: int = 16,

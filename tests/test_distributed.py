@@ -25,7 +25,16 @@ from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from pyrovae.data import DataSplits, load_dataset
-from pyrovae.distributed import batch_plan, check_batch_size, local_batches, shard_of, sharded
+from pyrovae.distributed import (
+    LostProcessError,
+    batch_plan,
+    check_batch_size,
+    collective,
+    is_lost_process,
+    local_batches,
+    shard_of,
+    sharded,
+)
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.train import read_metrics
@@ -328,6 +337,64 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
         for pid in _processes_mentioning(str(run_dir)):
             os.kill(pid, signal.SIGKILL)
     assert read_checkpoint(run_dir)["progress"]["epoch"] >= 1
+
+
+def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the ``--nproc`` launcher's worker whose ``RANK`` is ``rank``."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in variables:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads workers from /proc")
+def test_a_killed_worker_leaves_one_line_from_the_survivor(tmp_path, synthetic_dataset):
+    """kill -9 of one worker: the other, waiting in the gradient all-reduce, says in one
+    line that it stops because the other process is gone (no gloo traceback), and the
+    launcher's summary names the killed one."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pyrovae", "train", "--nproc", "2", "--dataset",
+               synthetic_dataset, "--hidden-dims", "8", "--latent-dim", "2", "--batch-size", "20",
+               "--epochs", "100000", "--eval-samples", "0", "--no-progress", "--out-dir",
+               str(run_dir)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(_worker_of_rank(launcher, 1), signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lost = [line for line in stderr.splitlines() if "another process of this run stopped" in line]
+    assert len(lost) == 1, stderr
+    assert lost[0].startswith("pyrovae: error: another process of this run stopped during a "
+                              "gradient all-reduce (")
+    assert "Connection reset by peer" in lost[0] or "Connection closed by peer" in lost[0]
+    assert stderr.strip().splitlines()[-1] == "pyrovae: training process 1 of 2 exited with status -9"
+    assert read_checkpoint(run_dir)["progress"]["epoch"] >= 1  # what was saved stays
+
+
+def test_a_collective_failing_for_a_lost_process_is_one_line():
+    """Only the backend's words for a process that is gone become a LostProcessError; other
+    failures of a collective are bugs and keep their traceback."""
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                        "[127.0.0.1]:52362: Connection reset by peer. This is typically caused by "
+                        "a remote worker hanging or bugs in the application. GLHF!")
+    with pytest.raises(LostProcessError) as caught, collective("a gradient all-reduce"):
+        raise gloo
+    assert str(caught.value) == (
+        "another process of this run stopped during a gradient all-reduce (Read error "
+        "[127.0.0.1]:52362: Connection reset by peer); this process 0 of 1 stops too, the "
+        "launcher reports the other's exit")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(RuntimeError, match="size mismatch"), collective("a gather"):
+        raise RuntimeError("Gloo all_gather: size mismatch")
+    assert is_lost_process(dist.DistNetworkError("anything"))
 
 
 @pytest.mark.slow  # about 30 s; the pieces it gathers are tested one by one
