@@ -44,12 +44,15 @@ from pyrovae.checkpoint import (
     history_path,
     keep_history,
     mark_best,
+    param_store_entry,
+    program_record,
     restore_rng_state,
     save_checkpoint,
+    stored_param_values,
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
-from pyrovae.data import DataSplits
+from pyrovae.data import DataSplits, outside_unit_interval
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
@@ -116,8 +119,9 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
     if data.dynamic_binarization:
         # the stored grey levels are Bernoulli probabilities; batches are draws from them
         check_data(data.train, vae.data_dim, name="training data")
-        if float(data.train.min()) < 0 or float(data.train.max()) > 1:
-            raise InvalidDataError("dynamic binarization needs training data in [0, 1]")
+        problem = outside_unit_interval(data.train, "training data", "for dynamic binarization")
+        if problem:
+            raise InvalidDataError(problem)
     else:
         vae.check_data(data.train, name="training data")
     vae.check_data(data.test, name="test data")
@@ -472,6 +476,8 @@ class TrainingLoop:
         #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
         self.on_epoch_end = on_epoch_end
         self.program = as_program(vae)
+        #: what the caller passed: its class is recorded in checkpoints
+        self.given_program = vae
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
         self.data, self.config, self.run_dir = data, config, run_dir
@@ -684,8 +690,6 @@ class TrainingLoop:
             "epochs_without_improvement": self.epochs_without_improvement,
             "plateau_epochs": self.plateau_epochs,
             "history": [asdict(record) for record in self.history],
-            "param_store": {name: value.detach().clone()
-                            for name, value in self.store_parameters.items()},
         }
 
     def _save(self) -> None:
@@ -700,13 +704,18 @@ class TrainingLoop:
         if not self.is_main:
             return
         completed_epochs = self.epoch - 1
+        config = self.config.to_dict() if self.config is not None else None
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
-                        self.config, self.data.image_shape, progress=self._position())
+                        config, self.data.image_shape, progress=self._position(),
+                        data_dim=self.data.data_dim,
+                        param_store=param_store_entry(self.store_parameters),
+                        program=program_record(self.given_program, config))
 
     def _load(self, path: Path) -> None:
         # rank 0 reads and sends it to the others: no shared file system needed to resume
         # everything is checked before anything is changed (check_resumable)
-        checkpoint = distributed.rank0_call(lambda: check_resumable(path, self.vae))
+        checkpoint = distributed.rank0_call(
+            lambda: check_resumable(path, self.vae, self.parameters))
         position = checkpoint["progress"]
         try:
             history = [EpochRecord(**record) for record in position["history"]]
@@ -714,7 +723,7 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
                                   f"malformed ({error})") from None
         self.vae.load_state_dict(checkpoint["model"])
-        saved_store = position.get("param_store", {})
+        saved_store = stored_param_values(checkpoint)
         missing = sorted(set(self.store_parameters) - set(saved_store))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
