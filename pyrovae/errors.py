@@ -25,3 +25,15 @@ class CheckpointError(PyrovaeError):
 
 class ConfigError(PyrovaeError, ValueError):
     """A configuration value is unknown or out of range."""
+
+
+class TrainingDivergedError(PyrovaeError):
+    """The loss became NaN or infinite, or grew far past its start."""
+
+
+class TrainingInterrupted(PyrovaeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

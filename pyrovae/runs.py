@@ -246,7 +246,7 @@ def check_resume(run_dir: Path, config: TrainConfig, vae: VAE) -> None:
         checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
     else:
         # the optimizer state also covers the program's pyro.param sites, which the
-        # training loop finds and checks (TrainingLoop._load)
+        # training loop finds and checks (TrainingLoop.load)
         checkpoint = _check_program_resumable(run_dir / CHECKPOINT_NAME, vae)
     if checkpoint.get("config") is not None:
         refuse_foreign(run_dir / CHECKPOINT_NAME, TrainConfig.from_dict(checkpoint["config"]),
@@ -469,7 +469,7 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
             writer = TensorBoardWriter(run_dir / TENSORBOARD_NAME, image_shape=data.image_shape)
         try:
             history = fit_from_config(vae, data, config, run_dir=run_dir, resume=resume,
-                                      on_epoch_end=writer)
+                                      callbacks=[writer] if writer is not None else [])
         finally:
             if writer is not None:
                 writer.close()

@@ -9,7 +9,7 @@ per point, averaged: nats.
 Example::
 
     writer = TensorBoardWriter("runs/vae/tensorboard", image_shape=(1, 28, 28))
-    fit(vae, data, epochs=10, on_epoch_end=writer)
+    fit(vae, data, epochs=10, callbacks=[writer])
     writer.close()
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyrovae.callbacks import Callback
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import elbo_terms
 from pyrovae.programs import as_data
@@ -28,8 +29,8 @@ from pyrovae.programs import as_data
 TERMS_POINTS = 500
 
 
-class TensorBoardWriter:
-    """An ``on_epoch_end`` callback of :func:`~pyrovae.train.fit` that writes TensorBoard
+class TensorBoardWriter(Callback):
+    """A callback of :func:`~pyrovae.train.fit` (:mod:`pyrovae.callbacks`) that writes TensorBoard
     scalars (``elbo/train``, ``elbo/test``, ``elbo/validation``, ``terms/reconstruction``,
     ``terms/kl``, ``lr``, ``log_px/test``; with ``--activity-every``, ``activity/active_units``,
     ``activity/active_units_<site>`` per latent site of a hierarchy and
@@ -53,7 +54,12 @@ class TensorBoardWriter:
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.num_samples = num_samples
 
+    def on_epoch_end(self, loop: Any, record: Any) -> None:
+        if loop.strategy.is_main:
+            self(record, loop)
+
     def __call__(self, record: Any, loop: Any) -> None:
+        """Write ``record``'s epoch (also usable as ``fit``'s ``on_epoch_end`` function)."""
         epoch = record.epoch
         scalars = {"elbo/train": record.train_elbo, "elbo/test": record.test_elbo,
                    "elbo/validation": record.valid_elbo, "log_px/test": record.test_log_px,

@@ -1,49 +1,46 @@
-"""Training a :class:`~pyrovae.models.VAE` by stochastic variational inference.
+"""Training a Pyro program by stochastic variational inference: a small loop and its callbacks.
 
-:func:`fit` minimises a Pyro ELBO by minibatch gradient steps with Adam, reports the running train
-ELBO in a progress bar, the test ELBO every few epochs, writes ``metrics.csv`` and a
-checkpoint every epoch, and resumes exactly from a checkpoint.  ELBO values are per data
-point, in nats.
+:func:`fit` minimises a Pyro ELBO by minibatch gradient steps with Adam.  The loop
+(:class:`TrainingLoop`) takes the steps, counts epochs and keeps the position a checkpoint
+must hold to resume the run exactly; every run-time policy (the held-out ELBO every few
+epochs, early stopping, ``metrics.csv``, checkpoints, divergence rollback, a time budget,
+stopping on a signal) is a :class:`~pyrovae.callbacks.Callback` it calls at fixed points,
+and a user's own callbacks join them (``fit(..., callbacks=[...])``).  ELBO values are per
+data point, in nats.
 
 Launched by ``torchrun`` (a process group is initialized), the same loop trains one model
-data-parallel: each process takes its slice of every global batch and the gradients are
-summed over processes after each backward pass (see :mod:`pyrovae.distributed`).
+data-parallel behind a strategy object (:mod:`pyrovae.strategy`): each process takes its
+slice of every global batch and the gradients are summed over processes after each
+backward pass (see :mod:`pyrovae.distributed`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import os
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrovae import distributed
-from pyrovae.activity import (
-    ACTIVE_UNIT_THRESHOLD,
-    guide_sites,
-    mutual_information,
-    posterior_mean_variances,
+from pyrovae.activity import guide_sites
+from pyrovae.callbacks import (  # noqa: F401  (MAX_ROLLBACKS re-exported)
+    MAX_ROLLBACKS,
+    Callback,
+    EpochFunction,
+    StopSignals,
+    policy_callbacks,
+    run_callbacks,
 )
 from pyrovae.checkpoint import (
-    CHECKPOINT_FILES,
     CHECKPOINT_NAME,
     check_resumable,
-    history_path,
-    keep_history,
-    mark_best,
     param_store_entry,
     program_record,
     restore_rng_state,
@@ -51,12 +48,24 @@ from pyrovae.checkpoint import (
     stored_param_values,
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
-from pyrovae.config import TrainConfig
 from pyrovae.data import DataSplits, outside_unit_interval
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
-from pyrovae.distributed import Shard
-from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
-from pyrovae.evaluation import elbo, log_marginal_likelihood
+from pyrovae.errors import (  # noqa: F401  (the training errors re-exported)
+    CheckpointError,
+    ConfigError,
+    InvalidDataError,
+    PyrovaeError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+)
+from pyrovae.metrics import (  # noqa: F401  (re-exported)
+    ACTIVITY_COLUMNS,
+    METRIC_COLUMNS,
+    METRICS_NAME,
+    EpochRecord,
+    read_metrics,
+    write_metrics,
+)
 from pyrovae.models import VAE
 from pyrovae.objectives import LatentScale, make_objective
 from pyrovae.optim import (
@@ -67,51 +76,25 @@ from pyrovae.optim import (
     make_adam,
     normalize_gradients_,
 )
-from pyrovae.programs import Program, as_program, program_parameters
+from pyrovae.programs import Program, as_data, as_program, program_parameters
 from pyrovae.registration import parameters_owned
-from pyrovae.rundir import clear_run, remove_temporaries, write_text
-from pyrovae.schedules import check_plateau, plateau_step, scheduled_kl_weight, scheduled_lr
+from pyrovae.schedules import check_plateau, scheduled_kl_weight, scheduled_lr
+from pyrovae.strategy import SingleProcess, current_strategy
 from pyrovae.validation import check_data
+
+if TYPE_CHECKING:
+    from pyrovae.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.csv"
-METRIC_COLUMNS = ("epoch", "step", "train_elbo", "test_elbo", "epoch_seconds", "valid_elbo",
-                  "test_log_px")
-
-
-class TrainingDivergedError(PyrovaeError):
-    """The loss became NaN or infinite."""
+#: the stop-signal catcher under its earlier name
+_StopSignals = StopSignals
 
 
 def _arguments(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """A minibatch as the program's positional data arguments: ``(x,)``, or ``(x, y)`` where
     the data carry labels (:meth:`~pyrovae.data.DataSplits.train_batches`)."""
     return batch if isinstance(batch, tuple) else (batch,)
-
-
-@dataclass
-class EpochRecord:
-    """One line of ``metrics.csv``; ELBOs and log p(x) per data point in nats (NaN where not
-    computed).  ``test_log_px`` is the importance-sampled estimate on the first
-    ``log_px_size`` test points (:class:`FitOptions`' ``log_px_every``); ``active_units``
-    (of all latent sites together), ``active_units_per_site`` (``{site: count}``) and
-    ``mutual_information`` (I(x; z) under q, nats) are the latent usage on the same points
-    (``activity_every``, :mod:`pyrovae.activity`).  ``stopped_early`` marks the epoch after
-    which early stopping ended the run (kept in the checkpoint's history, not in
-    ``metrics.csv``)."""
-
-    epoch: int
-    step: int
-    train_elbo: float
-    test_elbo: float
-    epoch_seconds: float
-    valid_elbo: float = math.nan
-    test_log_px: float = math.nan
-    active_units: float = math.nan
-    mutual_information: float = math.nan
-    active_units_per_site: dict[str, int] | None = None
-    stopped_early: bool = False
 
 
 def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = None) -> None:
@@ -158,18 +141,11 @@ def _check_dtypes(program: Program, data: DataSplits) -> None:
             f"vae.double())")
 
 
+
 DIVERGENCE_POLICIES = ("stop", "rollback")
-#: how many times ``on_divergence="rollback"`` halves the learning rate before giving up
-MAX_ROLLBACKS = 5
 #: a loss per data point above its first value plus this many times its scale (the larger
 #: of that value and the data dimension) counts as diverged, though finite
 DIVERGED_LOSS_FACTOR = 10.0
-class TrainingInterrupted(PyrovaeError):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 @dataclass(frozen=True)
@@ -315,20 +291,28 @@ class FitOptions:
                             f"FitOptions' fields")
         return replace(options if options is not None else cls(), **overrides)
 
-    def resolved(self, config: TrainConfig | None) -> FitOptions:
+    def resolved(self, config: TrainConfig | dict[str, Any] | None) -> FitOptions:
         """These options with ``beta`` and ``kl_warmup_epochs`` decided: the config's where
         they are ``None``, else 1 and 0."""
-        beta = self.beta if self.beta is not None else (config.beta if config else 1.0)
-        warmup = self.kl_warmup_epochs if self.kl_warmup_epochs is not None else (
-            config.kl_warmup_epochs if config else 0)
+        values = _config_dict(config) or {}
+        beta = self.beta if self.beta is not None else values.get("beta", 1.0)
+        warmup = self.kl_warmup_epochs if self.kl_warmup_epochs is not None else \
+            values.get("kl_warmup_epochs", 0)
         return replace(self, beta=beta, kl_warmup_epochs=warmup)
 
 
+def _config_dict(config: Any) -> dict[str, Any] | None:
+    """A run's config as the plain dict a checkpoint stores (a ``TrainConfig``'s ``to_dict``)."""
+    if config is None or isinstance(config, dict):
+        return config
+    return config.to_dict()
+
+
 def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None = None, *,
-        run_dir: str | Path | None = None, config: TrainConfig | None = None,
+        run_dir: str | Path | None = None, config: TrainConfig | dict[str, Any] | None = None,
         resume: bool = False, validate: bool = False,
         on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-        **option_values: Any) -> list[EpochRecord]:
+        callbacks: Sequence[Callback] = (), **option_values: Any) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
     ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
@@ -355,7 +339,7 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
     Multi-process: when a ``torch.distributed`` process group of several processes is
     running (``torchrun``), every process calls ``fit`` with the same arguments; the batch
     is global, split into contiguous per-process slices
-    (:func:`~pyrovae.distributed.local_batches`), and the gradients are summed over
+    (:class:`~pyrovae.strategy.DataParallel`), and the gradients are summed over
     processes.  Each process draws its own noise, so a run agrees with one process in
     distribution (as with ``DistributedDataParallel``), not bit for bit.  Rank 0 alone
     writes files; a stop signal on any process stops all of them at the same step.  Rank
@@ -366,38 +350,50 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
         keywords (``fit(vae, data, epochs=5)``), are set on top of it.
     :param run_dir: where ``metrics.csv`` and the checkpoints go (nothing is written if
         ``None``).
-    :param config: stored in the checkpoint so the model can be rebuilt from it.
+    :param config: stored in the checkpoint (as a plain dict) so the model can be rebuilt
+        from it.
     :param resume: continue from ``run_dir/checkpoint.pt``.
     :param validate: Pyro's distribution argument checks; off by default because they cost
         time in the hot loop, and the data are checked once up front instead.
-    :param on_epoch_end: ``on_epoch_end(record, loop)`` after each epoch on the main process
-        (e.g. :class:`pyrovae.tensorboard.TensorBoardWriter`).
+    :param on_epoch_end: ``on_epoch_end(record, loop)`` after each epoch on the main process.
+    :param callbacks: your own :class:`~pyrovae.callbacks.Callback` objects, called on every
+        process after the evaluation and policies the options ask for and before the
+        checkpoint is written (so a state they change is saved with the epoch).
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
         update, so the parameters stay finite); the checkpoint of the last good step is kept.
     :raises TrainingInterrupted: on SIGINT/SIGTERM, after writing a checkpoint.
+
+    Example::
+
+        class Printer(Callback):
+            def on_epoch_end(self, loop, record):
+                print(f"epoch {record.epoch}: test ELBO {record.test_elbo:.2f} nats")
+
+        history = fit(vae, data, epochs=5, callbacks=[Printer()])
     """
     options = FitOptions.of(options, option_values)
     program = as_program(vae)
+    strategy = current_strategy()
     _check_dtypes(program, data)
     if callable(getattr(program.module, "check_data", None)) and \
             getattr(program.module, "data_dim", None) is not None:
         check_training_data(program.module, data, options.batch_size)
     else:
         program.check_data(data.test_inputs)
-    distributed.check_batch_size(options.batch_size, distributed.get_world_size(),
-                                 num_points=data.train.shape[0])
+    strategy.check_batch_size(options.batch_size, data.train.shape[0])
     if (resume or options.on_divergence == "rollback") and run_dir is None:
         raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
-    loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
-                        config=config, on_epoch_end=on_epoch_end)
+    given = [*callbacks, *([EpochFunction(on_epoch_end)] if on_epoch_end is not None else [])]
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
-    escalate = not distributed.is_distributed()
-    with pyro.validation_enabled(validate), _StopSignals(escalate=escalate) as stop:
+    with pyro.validation_enabled(validate), \
+            StopSignals(escalate=not strategy.is_distributed) as stop:
+        loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
+                            config=config, callbacks=given, signals=stop, strategy=strategy)
         loop.start(resume)
-        history = loop.run(stop)
+        history = loop.run()
     program.train(False)
     return history
 
@@ -406,107 +402,117 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                     run_dir: str | Path | None = None, resume: bool = False,
                     validate: bool = False,
                     on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-                    ) -> list[EpochRecord]:
+                    callbacks: Sequence[Callback] = ()) -> list[EpochRecord]:
     """:func:`fit` with the options ``config`` sets (:meth:`FitOptions.from_config`; what
     ``pyrovae train`` runs)."""
     return fit(vae, data, FitOptions.from_config(config), run_dir=run_dir, config=config,
-               resume=resume, validate=validate, on_epoch_end=on_epoch_end)
+               resume=resume, validate=validate, on_epoch_end=on_epoch_end,
+               callbacks=callbacks)
 
 
-class _StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
+def _trainable(program: Program, module: torch.nn.Module, data: DataSplits,
+               first: tuple[torch.Tensor, ...], batch_size: int,
+               ) -> tuple[Any, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The program's structure, every parameter it reaches, and its ``pyro.param`` sites
+    outside ``module`` by name (saved beside the module's state dict in a checkpoint)."""
+    # some sites show only on some points (a semi-supervised model enumerates the label
+    # of unlabelled ones): read the program on the test point and a training batch
+    train_inputs = data.train if data.train_labels is None else (data.train, data.train_labels)
+    structure = program.structure(*first).merged(
+        program.structure(*as_data(train_inputs), rows=batch_size))
+    with pyro.validation_enabled(False):
+        parameters = program_parameters(program, *first)
+    owned = {id(parameter) for parameter in module.parameters()}
+    store = pyro.get_param_store()
+    store_parameters = {store.param_name(p): p for p in parameters
+                        if id(p) not in owned and store.param_name(p) is not None}
+    return structure, parameters, store_parameters
 
-    A signal the loop did not act on (it came after the last check) is not dropped:
-    leaving the block raises :class:`TrainingInterrupted`, unless an exception is already
-    on its way.  With ``message``, for work with no steps to stop between (a final
-    evaluation), a signal raises :class:`TrainingInterrupted` at once, with the signal's
-    name and ``message``.
-    """
 
-    def __init__(self, escalate: bool = True, message: str | None = None) -> None:
-        self.signal_number: int | None = None
-        self.escalate = escalate
-        self.message = message
-        #: set by whoever acted on the signal (raised :class:`TrainingInterrupted` for it)
-        self.handled = False
-        self._previous: dict[int, object] = {}
+def _initialise_from_data(module: torch.nn.Module, x: torch.Tensor, output_bias_init: str) -> None:
+    """Before the first step: the prior's :meth:`~pyrovae.priors.Prior.init_from_data`, and
+    the decoder's output bias where ``output_bias_init`` is ``"data_mean"``."""
+    prior = getattr(module, "prior", None)
+    if callable(getattr(prior, "init_from_data", None)):
+        prior.init_from_data(x)
+    if output_bias_init == "data_mean":
+        if not (hasattr(module, "decoder") and hasattr(module, "likelihood")):
+            raise PyrovaeError("output_bias_init='data_mean' needs a model with a decoder "
+                               "and a likelihood (a VAE, a HierarchicalVAE)")
+        init_output_bias(module.decoder, _output_bias_of_mean(module, x))
 
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
 
-    def _handle(self, number: int, frame: object) -> None:
-        if self.message is not None:
-            self.signal_number, self.handled = number, True
-            raise TrainingInterrupted(f"{signal.Signals(number).name} {self.message}", number)
-        if self.signal_number is not None and self.escalate:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal_number = number
+def _compile(program: Program, mode: str) -> None:
+    """Compile the program's networks with ``torch.compile`` (the Pyro program stays eager)."""
+    if program.module is None:
+        raise ConfigError("compile needs the program's networks: pass a VAE or a module "
+                          "with model and guide methods, not two functions")
+    compiled = compile_networks(program.module, mode)
+    logger.info("compiled %s (torch.compile, mode %s)", ", ".join(compiled) or "nothing", mode)
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)  # type: ignore[arg-type]
-        self._previous = {}
-        if exc_type is None and self.signal_number is not None and not self.handled:
-            self.handled = True
-            raise TrainingInterrupted(
-                f"{signal.Signals(self.signal_number).name} after the last training step; the "
-                f"last checkpoint holds every finished epoch: resume the run to finish it",
-                self.signal_number)
+
+def _restore_parameters(checkpoint: dict[str, Any], path: Path, module: torch.nn.Module,
+                        store_parameters: dict[str, torch.Tensor],
+                        optimizer: torch.optim.Optimizer) -> None:
+    """Set the module's state, the ``pyro.param`` sites outside it and the optimizer's state
+    from a checked checkpoint."""
+    saved_store = stored_param_values(checkpoint)
+    missing = sorted(set(store_parameters) - set(saved_store))
+    module.load_state_dict(checkpoint["model"])
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
+                              f"{', '.join(missing)} of this program")
+    with torch.no_grad():
+        for name, parameter in store_parameters.items():
+            parameter.copy_(saved_store[name])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"the optimizer state in {path} does not match this model "
+                              f"({error})") from None
+
 
 
 class TrainingLoop:
-    """The state of one training run, driven by :func:`fit`: the optimizer, the objective,
-    and the position a checkpoint must hold to resume the run exactly.
+    """One training run: the optimizer, the objective, the loop's position (what a
+    checkpoint holds to resume exactly) and the callbacks it calls (:mod:`pyrovae.callbacks`).
 
     :meth:`train_step` is one gradient step on a minibatch (what ``benchmark_speed.py``
-    times); ``options`` and ``option_values`` are :func:`fit`'s.  In a multi-process run
-    it takes this process's slice of the global batch and sums gradients over processes.
+    times); :meth:`run` the epochs.  ``options`` and ``option_values`` are :func:`fit`'s;
+    ``callbacks`` run after the policies the options ask for and before the checkpoint.
+    Multi-process work is the ``strategy``'s (:mod:`pyrovae.strategy`).
+
+    Example::
+
+        loop = TrainingLoop(vae, data, epochs=2, progress=False, callbacks=[MyCallback()])
+        loop.start(resume=False)
+        history = loop.run()
     """
 
     def __init__(self, vae: VAE | Program | Any, data: DataSplits,
                  options: FitOptions | None = None, *, run_dir: Path | None = None,
-                 config: TrainConfig | None = None,
-                 on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-                 **option_values: Any) -> None:
+                 config: TrainConfig | dict[str, Any] | None = None,
+                 callbacks: Sequence[Callback] = (), signals: StopSignals | None = None,
+                 strategy: SingleProcess | None = None, **option_values: Any) -> None:
+        self.config = _config_dict(config)
         #: how this run trains, ``beta`` and ``kl_warmup_epochs`` decided
-        self.options = options = FitOptions.of(options, option_values).resolved(config)
-        #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
-        self.on_epoch_end = on_epoch_end
+        self.options = options = FitOptions.of(options, option_values).resolved(self.config)
+        self.strategy = strategy if strategy is not None else current_strategy()
+        self.callbacks: list[Callback] = [*policy_callbacks(options), *callbacks,
+                                          *run_callbacks(options, signals)]
         self.program = as_program(vae)
         #: what the caller passed: its class is recorded in checkpoints
         self.given_program = vae
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
-        self.data, self.config, self.run_dir = data, config, run_dir
-        # the schedule's base rate, halved by every rollback
-        self.lr, self.rollbacks = options.lr, 0
-        batch_size = options.batch_size
-        first = tuple(argument[:1] for argument in _arguments(data.test_inputs))
-        # some sites show only on some points (a semi-supervised model enumerates the label
-        # of unlabelled ones): read the program on the test point and a training batch
-        train_inputs = data.train if data.train_labels is None else (data.train,
-                                                                     data.train_labels)
-        structure = self.program.structure(*first).merged(
-            self.program.structure(*_arguments(train_inputs), rows=batch_size))
-        with pyro.validation_enabled(False):
-            self.parameters = program_parameters(self.program, *first)
-        owned = {id(parameter) for parameter in self.vae.parameters()}
-        store = pyro.get_param_store()
-        # pyro.param sites outside the module: saved beside its state dict in a checkpoint
-        self.store_parameters = {store.param_name(p): p for p in self.parameters
-                                 if id(p) not in owned and store.param_name(p) is not None}
+        self.data, self.run_dir = data, run_dir
+        first = tuple(argument[:1] for argument in as_data(data.test_inputs))
+        structure, self.parameters, self.store_parameters = _trainable(
+            self.program, self.vae, data, first, options.batch_size)
         self.optimizer = make_adam(self.parameters, lr=options.lr, settings=options.adam,
                                    fused=options.fused and self.program.device.type in ("cpu", "cuda"))
         if options.compile != "off":
-            if self.program.module is None:
-                raise ConfigError("compile needs the program's networks: pass a VAE or a module "
-                                  "with model and guide methods, not two functions")
-            compiled = compile_networks(self.program.module, options.compile)
-            logger.info("compiled %s (torch.compile, mode %s)", ", ".join(compiled) or "nothing",
-                        options.compile)
+            _compile(self.program, options.compile)
         self.kl_scale = LatentScale(self.kl_weight(1))
         self.elbo = make_objective(options.objective, options.num_particles, structure=structure,
                                    free_bits=options.free_bits,
@@ -514,25 +520,29 @@ class TrainingLoop:
         self.model = self.kl_scale(self.program.model)
         self.guide = self.kl_scale(self.program.guide)
         self.generator = torch.Generator()
-        # the loop's position: ``epoch`` is the epoch under way (from 1), ``batch`` the
-        # batches of it already done; ``epoch_generator_state`` replays its shuffling order
-        self.epoch, self.batch, self.step = 1, 0, 0
+        # the position: ``epoch`` is the epoch under way (from 1), ``batch`` the batches of
+        # it already done; ``epoch_generator_state`` replays its shuffling order; ``lr`` is
+        # the schedule's base rate (halved by rollbacks, reduced on plateaus)
+        self.epoch, self.batch, self.step, self.lr = 1, 0, 0, options.lr
         self.total_loss, self.seen = 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
-        self.best_elbo = -math.inf
-        # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
-        self.epochs_without_improvement = 0
-        # evaluated epochs since the held-out ELBO last improved or the rate was reduced
-        self.plateau_epochs = 0
         self.history: list[EpochRecord] = []
+        #: the best held-out ELBO (validation, else test), and whether the last epoch's was
+        #: evaluated and improved on it
+        self.best_elbo, self.evaluated, self.improved = -math.inf, False, False
+        #: set by a callback to end the run after the current epoch
+        self.should_stop = False
+        self.resumed = False
         #: the latent sites whose active units ``activity_every`` counts (None: off)
         self.activity_sites = guide_sites(self.program, *first) if options.activity_every \
             else None
-        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
-        self.is_main = self.rank == 0
-        #: the stop signal all processes agreed on at the last step (multi-process runs)
+        #: this process's stop signal, voted on at every step; the one all agreed on
+        self.stop_vote: Callable[[], int | None] = lambda: None
         self.agreed_stop: int | None = None
-        self._stop: _StopSignals | None = None
+
+    def _hook(self, name: str, *arguments: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, name)(self, *arguments)
 
     def kl_weight(self, epoch: int) -> float:
         """The KL weight of ``epoch`` under the options' schedule."""
@@ -541,25 +551,32 @@ class TrainingLoop:
                                    warmup_epochs=options.kl_warmup_epochs, epochs=options.epochs,
                                    cycles=options.kl_cycles, ratio=options.kl_cycle_ratio)
 
-    def _loss(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
-        """Minus the (KL-weighted) objective of the program summed over the minibatch,
-        differentiable.
+    def apply_lr(self) -> float:
+        """Set the optimizer to the scheduled rate of the epoch under way; return it."""
+        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule,
+                          epochs=self.options.epochs, lr_min=self.options.lr_min)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
-        :param shard: where ``x`` lies in the global batch (multi-process runs only).
-        """
+    @property
+    def stopped_early(self) -> bool:
+        """Whether early stopping ended the run (after the last epoch of :attr:`history`)."""
+        return bool(self.history) and self.history[-1].stopped_early
+
+    # --- one step ------------------------------------------------------------------------
+    def _loss(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Minus the (KL-weighted) objective of the program summed over the minibatch,
+        differentiable."""
         # a NaN loss is caught and named by _check_loss; Pyro's own warning would only repeat it
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             # self.optimizer holds the parameters: re-registering them every step is not needed
             with parameters_owned():
-                if shard is None:
-                    return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
-                # Pyro draws inside its trace; per-rank streams keep the ranks' draws independent
-                with distributed.rank_seeded(self.program.device):
-                    return self.elbo.differentiable_loss(self.model, self.guide,
-                                                         *_arguments(x))
+                return self.elbo.differentiable_loss(self.model, self.guide, *_arguments(x))
 
-    def train_step(self, x: torch.Tensor, epoch: int = 1, *, global_rows: int | None = None) -> float:
+    def train_step(self, x: torch.Tensor | tuple[torch.Tensor, ...], epoch: int = 1, *,
+                   global_rows: int | None = None) -> float:
         """One gradient step; raises before updating if the loss or gradient is not finite.
 
         :param x: the minibatch, or in a multi-process run this process's slice of it: a
@@ -568,33 +585,16 @@ class TrainingLoop:
             multi-process run (ignored in one process).
         :returns: the loss summed over the whole (global) batch, nats.
         """
-        if self.world_size > 1:
-            if global_rows is None:
-                raise ValueError("a multi-process train_step needs global_rows, the size of the "
-                                 "global batch x is a slice of")
-            return self._distributed_step(x, epoch, distributed.shard_of(global_rows))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(x)
-        value = loss.item()
-        self._check_loss(value, epoch)
-        loss.backward()
-        self._clip_and_update(epoch)
-        return value
-
-    def _distributed_step(self, x: torch.Tensor, epoch: int, shard: Shard) -> float:
-        if _arguments(x)[0].shape[0] != shard.num_rows:
-            raise ValueError(f"rank {self.rank} holds {_arguments(x)[0].shape[0]} rows of a global batch of "
-                             f"{shard.global_rows}; expected {shard.num_rows}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(x, shard)
+        with self.strategy.step_context(self.program.device, _arguments(x)[0].shape[0],
+                                        global_rows):
+            loss = self._loss(x)
         if loss.requires_grad:
             loss.backward()
-        local_stop = self._stop.signal_number if self._stop is not None else None
-        value, stop_votes = distributed.all_reduce_gradients(
-            self.parameters, [loss.item(), float(local_stop is not None)])
-        if stop_votes > 0:
-            self.agreed_stop = local_stop if local_stop is not None else signal.SIGTERM
-        # every rank sees the same global loss, so all raise together and none waits
+        value, agreed = self.strategy.reduce(self.parameters, loss, self.stop_vote())
+        if agreed is not None:
+            self.agreed_stop = agreed
+        # every process sees the same global loss, so all raise together and none waits
         self._check_loss(value, epoch)
         self._clip_and_update(epoch)
         return value
@@ -621,79 +621,59 @@ class TrainingLoop:
                 f"learning rate (--lr) or --clip-norm")
 
     def _clip_and_update(self, epoch: int) -> None:
+        norms = []
         if self.options.adam is not None and self.options.adam.normalize_gradients:
-            norms = normalize_gradients_(self.parameters)
-            if norms is not None:
-                self._refuse_non_finite_gradient(norms.max(), epoch)
+            largest = normalize_gradients_(self.parameters)
+            norms += [largest.max()] if largest is not None else []
         if self.options.clip_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.options.clip_norm)
-            self._refuse_non_finite_gradient(norm, epoch)
+            norms.append(torch.nn.utils.clip_grad_norm_(self.parameters, self.options.clip_norm))
+        for norm in norms:  # measured anyway: a non-finite one stops the run like a NaN loss
+            if not bool(torch.isfinite(norm)):
+                raise TrainingDivergedError(
+                    f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
+                    f"{self._kept_checkpoint()}; try a lower learning rate (--lr)")
         self.optimizer.step()
-
-    def _refuse_non_finite_gradient(self, norm: torch.Tensor, epoch: int) -> None:
-        """Stop the run like a NaN loss when the gradient's norm (measured anyway, to clip
-        or normalise it) is not finite."""
-        if not bool(torch.isfinite(norm)):
-            raise TrainingDivergedError(
-                f"gradient norm is {float(norm)} at epoch {epoch}, step {self.step + 1}; "
-                f"{self._kept_checkpoint()}; try a lower learning rate (--lr)"
-            )
 
     def _kept_checkpoint(self) -> str:
         """What a run stopped now leaves behind, for its error message."""
         kept = self.run_dir is not None and (self.run_dir / CHECKPOINT_NAME).exists()
         return "the last good checkpoint is kept" if kept else "no checkpoint was written"
 
-    # --- starting and resuming -------------------------------------------------------
+    # --- starting, saving and resuming -----------------------------------------------------
     def start(self, resume: bool) -> None:
+        """Resume from ``run_dir/checkpoint.pt``, or start afresh: seed, initialise the
+        prior from the data (and the output bias, ``output_bias_init``), and give every
+        process the main one's parameters."""
+        self.resumed = resume
         if resume:
             assert self.run_dir is not None
-            self._load(self.run_dir / CHECKPOINT_NAME)
+            self.load(self.run_dir / CHECKPOINT_NAME)
             done = self.epoch - 1
             if done > self.options.epochs:
                 raise ConfigError(f"{self.run_dir} has trained {done} epochs, more than the "
                                   f"{self.options.epochs} asked for; resume with epochs >= {done}")
-            if self.is_main:
-                remove_temporaries(self.run_dir)
-                _write_metrics(self.run_dir / METRICS_NAME, self.history, self.activity_sites)
-                # a kill between the checkpoint and its history copy left the copy undone
-                if self.options.keep_last and self.batch == 0 and done > 0 and \
-                        not history_path(self.run_dir, done).exists():
-                    keep_history(self.run_dir, done, self.options.keep_last)
+            if self.strategy.is_main:
                 logger.info("resuming at epoch %d, step %d", self.epoch, self.step)
             return
         seed_everything(self.options.seed)
-        prior = getattr(self.vae, "prior", None)
-        if callable(getattr(prior, "init_from_data", None)):
-            prior.init_from_data(self.data.train)
-        if self.options.output_bias_init == "data_mean":
-            if not (hasattr(self.vae, "decoder") and hasattr(self.vae, "likelihood")):
-                raise PyrovaeError("output_bias_init='data_mean' needs a model with a decoder "
-                                   "and a likelihood (a VAE, a HierarchicalVAE)")
-            init_output_bias(self.vae.decoder, _output_bias_of_mean(self.vae, self.data.train))
-        distributed.broadcast_parameters(self.vae)
+        _initialise_from_data(self.vae, self.data.train, self.options.output_bias_init)
+        self.strategy.broadcast_parameters(self.vae)
         self.generator.manual_seed(self.options.seed)
         self.epoch_generator_state = self.generator.get_state()
-        if self.run_dir is not None and self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # a fresh run owns its folder: an earlier run's checkpoints must not be taken for
-            # this one's (by a rollback, a resume or --keep-last)
-            clear_run(self.run_dir, CHECKPOINT_FILES)
-            _write_metrics(self.run_dir / METRICS_NAME, [], self.activity_sites)
 
-    def _position(self) -> dict[str, object]:
-        return {
-            "epoch": self.epoch, "batch": self.batch, "step": self.step,
-            "total_loss": self.total_loss, "seen": self.seen, "lr": self.lr,
-            "epoch_generator_state": self.epoch_generator_state,
-            "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "plateau_epochs": self.plateau_epochs,
-            "history": [asdict(record) for record in self.history],
-        }
+    def position(self) -> dict[str, Any]:
+        """What a checkpoint holds to resume the run exactly: the loop's position and every
+        callback's :meth:`~pyrovae.callbacks.Callback.state_dict`."""
+        position = {"epoch": self.epoch, "batch": self.batch, "step": self.step,
+                    "total_loss": self.total_loss, "seen": self.seen, "lr": self.lr,
+                    "epoch_generator_state": self.epoch_generator_state,
+                    "best_elbo": self.best_elbo}
+        for callback in self.callbacks:
+            position.update(callback.state_dict())
+        return {**position, "history": [asdict(record) for record in self.history]}
 
-    def _save(self) -> None:
-        """Write the checkpoint (rank 0; every rank checks the parameters, which all share)."""
+    def save(self) -> None:
+        """Write the checkpoint (main process; every process checks the parameters)."""
         assert self.run_dir is not None
         for parameter in self.parameters:
             if not bool(torch.isfinite(parameter).all()):
@@ -701,20 +681,18 @@ class TrainingLoop:
                     f"parameters became NaN/inf by step {self.step} (epoch {self.epoch}); "
                     f"not overwriting the last good checkpoint; try a lower --lr or --clip-norm"
                 )
-        if not self.is_main:
-            return
-        completed_epochs = self.epoch - 1
-        config = self.config.to_dict() if self.config is not None else None
-        save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
-                        config, self.data.image_shape, progress=self._position(),
-                        data_dim=self.data.data_dim,
-                        param_store=param_store_entry(self.store_parameters),
-                        program=program_record(self.given_program, config))
+        if self.strategy.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer,
+                            self.epoch - 1, self.config, self.data.image_shape,
+                            progress=self.position(), data_dim=self.data.data_dim,
+                            param_store=param_store_entry(self.store_parameters),
+                            program=program_record(self.given_program, self.config))
 
-    def _load(self, path: Path) -> None:
-        # rank 0 reads and sends it to the others: no shared file system needed to resume
-        # everything is checked before anything is changed (check_resumable)
-        checkpoint = distributed.rank0_call(
+    def load(self, path: Path) -> None:
+        """Take the parameters, optimizer, RNG states, position and callbacks' states from
+        the checkpoint at ``path`` (read by the main process, checked before anything is
+        changed, and shared)."""
+        checkpoint = self.strategy.on_main(
             lambda: check_resumable(path, self.vae, self.parameters))
         position = checkpoint["progress"]
         try:
@@ -722,334 +700,70 @@ class TrainingLoop:
         except TypeError as error:
             raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
                                   f"malformed ({error})") from None
-        self.vae.load_state_dict(checkpoint["model"])
-        saved_store = stored_param_values(checkpoint)
-        missing = sorted(set(self.store_parameters) - set(saved_store))
-        if missing:
-            raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
-                                  f"{', '.join(missing)} of this program")
-        with torch.no_grad():
-            for name, parameter in self.store_parameters.items():
-                parameter.copy_(saved_store[name])
-        try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError) as error:
-            raise CheckpointError(f"the optimizer state in {path} does not match this model "
-                                  f"({error})") from None
+        _restore_parameters(checkpoint, path, self.vae, self.store_parameters, self.optimizer)
         self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
-        self.total_loss, self.seen = position["total_loss"], position["seen"]
-        self.lr, self.rollbacks = position["lr"], position["rollbacks"]
+        self.total_loss, self.seen, self.lr = position["total_loss"], position["seen"], \
+            position["lr"]
         self.epoch_generator_state = position["epoch_generator_state"]
-        self.best_elbo = position["best_elbo"]
-        self.epochs_without_improvement = position.get("epochs_without_improvement", 0)
-        self.plateau_epochs = position.get("plateau_epochs", 0)
-        self.history = history
+        self.best_elbo, self.history, self.should_stop = position["best_elbo"], history, False
+        for callback in self.callbacks:
+            callback.load_state_dict(position)
         restore_rng_state(checkpoint["rng"])
-        # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
-        distributed.share_rng_state(self.program.device)
+        # a checkpoint holds the main process's GPU state; every process puts it on its own
+        self.strategy.share_rng_state(self.program.device)
 
-    # --- the loop ----------------------------------------------------------------------
-    def run(self, stop: _StopSignals) -> list[EpochRecord]:
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> list[EpochRecord]:
+        """Train the epochs from the position on, calling the callbacks; return the history."""
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.options.batch_size)
         self.program.train()
-        self._stop = stop
-        # a worker of `pyrovae train --nproc` whose launcher died (kill -9) is adopted by
-        # another process: it stops as on SIGTERM instead of training unsupervised
-        self._launcher = os.getppid() if distributed.is_distributed() else None
-        started = time.perf_counter()
+        self._hook("on_fit_start")
         with tqdm(total=self.options.epochs * steps_per_epoch, initial=self.step,
-                  disable=not (self.options.progress and self.is_main), unit="step",
-                  dynamic_ncols=True) as bar:
-            while self.epoch <= self.options.epochs and not self.stopped_early:
-                epoch_started = time.perf_counter()
+                  disable=not (self.options.progress and self.strategy.is_main), unit="step",
+                  dynamic_ncols=True) as self._bar:
+            while self.epoch <= self.options.epochs and not self.should_stop:
                 try:
-                    self._run_epoch(bar, stop)
-                except TrainingDivergedError:
-                    if self.options.on_divergence != "rollback" or self.rollbacks >= MAX_ROLLBACKS:
+                    self.run_epoch()
+                except TrainingDivergedError as error:
+                    if not any(callback.on_divergence(self, error)
+                               for callback in self.callbacks):
                         raise
-                    self._roll_back()
-                    continue
-                if self.epoch <= self.options.epochs and not self.stopped_early and \
-                        self._out_of_time(started, epoch_started):
-                    logger.info("time budget of %g minutes: stopping after epoch %d of %d",
-                                self.options.max_minutes, self.epoch - 1, self.options.epochs)
-                    break
+        self._hook("on_fit_end")
         return self.history
 
-    def _out_of_time(self, started: float, epoch_started: float) -> bool:
-        """Would one more epoch as long as the last one overrun ``max_minutes``?"""
-        if self.options.max_minutes is None:
-            return False
-        now = time.perf_counter()
-        # clocks differ between processes: rank 0 decides for all
-        decision, = distributed.broadcast_from_main(
-            [(now - started) + (now - epoch_started) > 60 * self.options.max_minutes])
-        return decision
-
-    def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
+    def run_epoch(self) -> None:
+        """One epoch from the position on (the rest of it, after a resume mid-epoch)."""
         epoch = self.epoch
         self.kl_scale.beta = self.kl_weight(epoch)
-        self._apply_lr()
+        self.apply_lr()
+        self._hook("on_epoch_start")
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
-        n = self.data.train.shape[0]
-        batch_size = self.options.batch_size
-        for x in distributed.local_batches(self.data, batch_size, generator=self.generator,
-                                           start=self.batch, rank=self.rank,
-                                           world_size=self.world_size):
+        n, batch_size = self.data.train.shape[0], self.options.batch_size
+        for x in self.strategy.batches(self.data, batch_size, generator=self.generator,
+                                       start=self.batch):
             global_rows = min(batch_size, n - self.batch * batch_size)
-            if self._launcher is not None and stop.signal_number is None and \
-                    os.getppid() != self._launcher:
-                logger.warning("the launcher of this process is gone: stopping")
-                stop.signal_number = signal.SIGTERM
+            self._hook("on_step_start")
             loss = self.train_step(x, epoch, global_rows=global_rows)
-            self.step += 1
-            self.batch += 1
-            self.total_loss += loss
-            self.seen += global_rows
-            bar.update()
-            bar.set_postfix(epoch=epoch, elbo=f"{-self.total_loss / self.seen:.2f}", refresh=False)
-            # several processes stop on the signal they agreed on in the step, all together
-            signal_number = stop.signal_number if self.world_size == 1 else self.agreed_stop
-            if signal_number is not None:
-                self._interrupt(signal_number)
-            if self.run_dir is not None and self.options.checkpoint_every and \
-                    self.step % self.options.checkpoint_every == 0:
-                self._save()
+            self.step, self.batch = self.step + 1, self.batch + 1
+            self.total_loss, self.seen = self.total_loss + loss, self.seen + global_rows
+            self._bar.update()
+            self._bar.set_postfix(epoch=epoch, elbo=f"{-self.total_loss / self.seen:.2f}",
+                                  refresh=False)
+            self._hook("on_step_end", loss)
         self._finish_epoch(time.perf_counter() - started)
 
     def _finish_epoch(self, seconds: float) -> None:
-        epoch = self.epoch
-        test_elbo = valid_elbo = math.nan
-        if epoch % self.options.test_every == 0 or epoch == self.options.epochs:
-            # rank 0 evaluates from a stream of its own, seeded by (seed, epoch): the training
-            # stream is untouched, so a run extended later (or evaluated on other epochs)
-            # draws exactly what an uninterrupted one does
-            if self.is_main:
-                self.program.train(False)
-                with seeded(self.options.seed, epoch, device=self.program.device):
-                    test_elbo = elbo(self.program, self.data.test_inputs,
-                                     batch_size=1000).mean().item()
-                    if self.data.valid is not None:
-                        valid_elbo = elbo(self.program, self.data.valid_inputs,
-                                          batch_size=1000).mean().item()
-                self.program.train()
-            test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
-            distributed.share_rng_state(self.program.device)
-        test_log_px = self._test_log_px(epoch)
-        record = EpochRecord(epoch, self.step, -self.total_loss / self.seen, test_elbo, seconds,
-                             valid_elbo, test_log_px, *self._activity(epoch))
+        record = EpochRecord(self.epoch, self.step, -self.total_loss / self.seen, math.nan,
+                             seconds)
+        self._hook("on_evaluate", record)
         self.history.append(record)
-        validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
-        if not math.isnan(test_log_px):
-            validation += f", test log p(x) {test_log_px:.3f} (K={self.options.log_px_samples})"
-        log = logger.info if self.is_main else logger.debug
-        if not math.isnan(record.active_units):
-            validation += (f", {record.active_units:.0f} active units, I(x; z) "
-                           f"{record.mutual_information:.3f}")
-        log("epoch %d: train ELBO %.3f, test ELBO %.3f%s nats (%.1fs)", epoch,
-                    record.train_elbo, record.test_elbo, validation, seconds)
         # the best checkpoint is chosen on the validation set where there is one
-        held_out = valid_elbo if self.data.valid is not None else test_elbo
-        improved = held_out > self.best_elbo
-        if improved:
+        held_out = record.valid_elbo if self.data.valid is not None else record.test_elbo
+        self.evaluated, self.improved = not math.isnan(held_out), held_out > self.best_elbo
+        if self.improved:
             self.best_elbo = held_out
-        self._count_for_early_stopping(record, improved, evaluated=not math.isnan(held_out))
-        if self.options.lr_schedule == "plateau" and not math.isnan(held_out):
-            self._reduce_on_plateau(improved)
-        if self.on_epoch_end is not None and self.is_main:
-            self.on_epoch_end(record, self)
         # the next epoch starts from the generator state this one left
-        self.epoch, self.batch, self.total_loss, self.seen = epoch + 1, 0, 0.0, 0
+        self.epoch, self.batch, self.total_loss, self.seen = record.epoch + 1, 0, 0.0, 0
         self.epoch_generator_state = self.generator.get_state()
-        if self.run_dir is not None:
-            self._save()
-            if self.is_main:
-                _write_metrics(self.run_dir / METRICS_NAME, self.history, self.activity_sites)
-                if self.options.keep_last:
-                    keep_history(self.run_dir, epoch, self.options.keep_last)
-                if improved:
-                    mark_best(self.run_dir)
-        # a signal that came during this epoch's evaluation stops the run here, at an epoch
-        # boundary (several processes agree on a signal at each step instead)
-        if self._stop is not None and self.world_size == 1 and \
-                self._stop.signal_number is not None:
-            self._interrupt(self._stop.signal_number)
-
-    def _reduce_on_plateau(self, improved: bool) -> None:
-        """Count this evaluated epoch towards a reduction of the base rate (``lr_schedule``
-        ``"plateau"``); the next epoch starts at the reduced rate."""
-        options = self.options
-        lr, self.plateau_epochs = plateau_step(
-            self.lr, self.plateau_epochs, improved, factor=options.lr_plateau_factor,
-            patience=options.lr_plateau_patience, lr_min=options.lr_min)
-        if lr != self.lr and self.is_main:
-            logger.info("the held-out ELBO has not improved for %d evaluated epochs: learning "
-                        "rate %.3g -> %.3g", options.lr_plateau_patience, self.lr, lr)
-        self.lr = lr
-
-    @property
-    def stopped_early(self) -> bool:
-        """Whether early stopping ended the run (after the last epoch of :attr:`history`)."""
-        return bool(self.history) and self.history[-1].stopped_early
-
-    def _count_for_early_stopping(self, record: EpochRecord, improved: bool, *,
-                                  evaluated: bool) -> None:
-        """Count the epochs since the held-out ELBO improved (not during the KL warm-up) and
-        mark ``record`` as the last one once they reach the patience at an evaluated epoch
-        before the last."""
-        if improved or record.epoch < self.options.kl_warmup_epochs:
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        patience = self.options.early_stopping_patience
-        if patience and evaluated and record.epoch < self.options.epochs and \
-                self.epochs_without_improvement >= patience:
-            record.stopped_early = True
-            if self.is_main:
-                logger.info("early stopping after epoch %d: the held-out ELBO has not improved "
-                            "for %d epochs (best %.3f nats)", record.epoch,
-                            self.epochs_without_improvement, self.best_elbo)
-
-    def _test_log_px(self, epoch: int) -> float:
-        """The mean importance-sampled log p(x) of the first ``log_px_size`` test points at
-        this epoch's end, or NaN when this epoch has none; seeded, so the training's
-        random stream is untouched (every process computes its share)."""
-        every = self.options.log_px_every
-        if not every or (epoch % every and epoch != self.options.epochs):
-            return math.nan
-        self.program.train(False)
-        log_px = distributed.sharded(
-            log_marginal_likelihood, self.program,
-            tuple(argument[: self.options.log_px_size]
-                  for argument in _arguments(self.data.test_inputs)),
-            num_samples=self.options.log_px_samples, seed=self.options.seed)
-        self.program.train()
-        return log_px.mean().item()
-
-    def _activity(self, epoch: int) -> tuple[float, float, dict[str, int] | None]:
-        """The active units of all latent sites, I(x; z) and the active units per site on
-        the first ``log_px_size`` test points at this epoch's end, or NaN, NaN, None when
-        this epoch has none.  Rank 0 computes them from a stream of its own, seeded by
-        (seed, epoch), so the training's random stream is untouched."""
-        every = self.options.activity_every
-        if not every or (epoch % every and epoch != self.options.epochs):
-            return math.nan, math.nan, None
-        values: list[Any] = [math.nan, math.nan, None]
-        points = tuple(argument[: self.options.log_px_size]
-                       for argument in _arguments(self.data.test_inputs))
-        if self.is_main and points[0].shape[0] >= 2:
-            self.program.train(False)
-            with seeded(self.options.seed, epoch, 1, device=self.program.device):
-                variances = posterior_mean_variances(self.program, points)
-                information = mutual_information(self.program, points)
-            self.program.train()
-            per_site = {site: int((variance > ACTIVE_UNIT_THRESHOLD).sum())
-                        for site, variance in variances.items()}
-            values = [float(sum(per_site.values())), information, per_site]
-        total, information, per_site = distributed.broadcast_from_main(values)
-        return total, information, per_site
-
-    def _interrupt(self, signal_number: int) -> None:
-        name = signal.Signals(signal_number).name
-        if self.run_dir is None:
-            raise TrainingInterrupted(f"{name} at epoch {self.epoch}, step {self.step}; "
-                                      f"no run directory, nothing saved", signal_number)
-        self._save()
-        # the launcher stops every process once one exits: none leaves before rank 0 has saved
-        distributed.barrier()
-        if self._stop is not None:
-            self._stop.handled = True
-        if self.epoch > self.options.epochs:
-            raise TrainingInterrupted(
-                f"{name} after the last epoch ({self.options.epochs}): checkpoint written; pyrovae "
-                f"train --resume {self.run_dir} finishes the run (its final evaluation)",
-                signal_number)
-        raise TrainingInterrupted(
-            f"{name} at epoch {self.epoch}, step {self.step}: checkpoint written; continue with "
-            f"pyrovae train --resume {self.run_dir}", signal_number)
-
-    def _roll_back(self) -> None:
-        assert self.run_dir is not None
-        path = self.run_dir / CHECKPOINT_NAME
-        if not distributed.rank0_call(path.exists):  # rank 0 holds the checkpoints
-            raise TrainingDivergedError("the loss diverged before the first checkpoint; "
-                                        "nothing to roll back to; try a lower --lr")
-        rollbacks = self.rollbacks + 1
-        lr = self.lr / 2
-        self._load(path)
-        self.rollbacks, self.lr = rollbacks, lr
-        scheduled = self._apply_lr()
-        logger.warning("loss diverged; rolled back to epoch %d, step %d with lr %.3g "
-                       "(rollback %d of %d)", self.epoch, self.step, scheduled, rollbacks,
-                       MAX_ROLLBACKS)
-
-    def _apply_lr(self) -> float:
-        """Set the optimizer to the scheduled rate of the epoch under way; return it."""
-        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule,
-                          epochs=self.options.epochs, lr_min=self.options.lr_min)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-
-#: the columns of metrics.csv where the latent usage is counted (``activity_every``); a
-#: hierarchy also gets ``active_units_<site>`` for each latent site, after ``active_units``
-ACTIVITY_COLUMNS = ("active_units", "mutual_information")
-_SITE_COLUMN = "active_units_"
-
-
-def _metric_columns(records: list[EpochRecord],
-                    activity_sites: list[str] | None) -> tuple[str, ...]:
-    """:data:`METRIC_COLUMNS`, and the activity columns where the loop counts the latent
-    usage or an earlier session of the run did."""
-    if activity_sites is None:
-        activity_sites = next((list(record.active_units_per_site) for record in records
-                               if record.active_units_per_site), None)
-    if activity_sites is None:
-        return METRIC_COLUMNS
-    sites = tuple(_SITE_COLUMN + site for site in activity_sites) if len(activity_sites) > 1 \
-        else ()
-    return (*METRIC_COLUMNS, ACTIVITY_COLUMNS[0], *sites, ACTIVITY_COLUMNS[1])
-
-
-def _cell(record: EpochRecord, column: str) -> object:
-    if column == "active_units":
-        return int(record.active_units) if math.isfinite(record.active_units) else math.nan
-    if column.startswith(_SITE_COLUMN):
-        return (record.active_units_per_site or {}).get(column[len(_SITE_COLUMN):], math.nan)
-    return getattr(record, column)
-
-
-def _write_metrics(path: Path, records: list[EpochRecord],
-                   activity_sites: list[str] | None = None) -> None:
-    """Write ``metrics.csv`` with every record, atomically (rewritten whole each epoch, so a
-    kill never leaves half a row); with ``activity_sites``, the latent usage columns too
-    (NaN on the epochs that did not count it)."""
-    columns = _metric_columns(records, activity_sites)
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(columns)
-    for record in records:
-        writer.writerow([_cell(record, column) for column in columns])
-    write_text(path, text.getvalue())
-
-
-def _number(row: dict[str, str], column: str) -> float:
-    return float(row.get(column) or math.nan)
-
-
-def read_metrics(path: str | Path) -> list[EpochRecord]:
-    """Read ``metrics.csv`` back into records (a column the file lacks reads as NaN)."""
-    with Path(path).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    records = []
-    for row in rows:
-        per_site = {column[len(_SITE_COLUMN):]: int(float(value)) for column, value in row.items()
-                    if column.startswith(_SITE_COLUMN) and value and value != "nan"}
-        records.append(EpochRecord(
-            int(row["epoch"]), int(row["step"]), float(row["train_elbo"]),
-            float(row["test_elbo"]), float(row["epoch_seconds"]), _number(row, "valid_elbo"),
-            _number(row, "test_log_px"), _number(row, "active_units"),
-            _number(row, "mutual_information"), per_site or None))
-    return records
+        self._hook("on_epoch_end", record)

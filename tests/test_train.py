@@ -92,13 +92,13 @@ def test_a_time_budget_stops_at_an_epoch_end_and_resume_carries_on(tmp_path, mon
 
     clock = {"now": 0.0}
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
-    original = train_module.TrainingLoop._run_epoch
+    original = train_module.TrainingLoop._finish_epoch
 
-    def one_minute_epoch(self, bar, stop):
-        original(self, bar, stop)
-        clock["now"] += 60.0
+    def one_minute_epoch(self, seconds):
+        clock["now"] += 60.0  # the epoch's steps took a minute
+        original(self, seconds)
 
-    monkeypatch.setattr(train_module.TrainingLoop, "_run_epoch", one_minute_epoch)
+    monkeypatch.setattr(train_module.TrainingLoop, "_finish_epoch", one_minute_epoch)
     data = DataSplits.from_tensors(torch.bernoulli(torch.full((64, 10), 0.4)))
     runs = {}
     for name in ("budget", "reference"):
