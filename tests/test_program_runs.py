@@ -401,3 +401,23 @@ def test_a_killed_program_run_resumes_bit_identical(uninterrupted, signal_number
     assert_same(resumed["param_store"]["values"], expected["param_store"]["values"])
     assert sorted(resumed["param_store"]["values"]) == ["bias", "prior_scale"]
     capsys.readouterr()
+
+
+@pytest.mark.slow  # about 40 s: two launches of two processes
+def test_nproc_trains_and_resumes_a_program(files, capsys):
+    run = files / "run"
+    program = ["--program", f"{files / 'prog.py'}:TinyVAE"]
+    launched = subprocess.run([sys.executable, "-m", "pyrovae", "train", "--nproc", "2",
+                               *train_flags(files, "--epochs", "1"), "--out-dir", str(run)],
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr
+    resumed = subprocess.run([sys.executable, "-m", "pyrovae", "train", "--nproc", "2",
+                              "--resume", str(run), *program, "--epochs", "2"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    checkpoint = read_checkpoint(run)
+    assert checkpoint["progress"]["epoch"] == 3 and checkpoint["progress"]["step"] == 20
+    assert sorted(checkpoint["param_store"]["values"]) == ["bias", "prior_scale"]
+    # the pyro.param sites were trained too: gradients summed over the processes
+    assert not torch.equal(checkpoint["param_store"]["values"]["bias"], torch.zeros(16))
+    assert [record.epoch for record in read_metrics(run / "metrics.csv")] == [1, 2]
