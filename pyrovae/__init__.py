@@ -7,6 +7,7 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 
 from pyrovae.activity import latent_usage, mutual_information
 from pyrovae.ais import ais_log_marginal_likelihood
+from pyrovae.callbacks import Callback
 from pyrovae.checkpoint import load_program_state, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
@@ -117,6 +118,7 @@ __all__ = [
     "DoublyReparameterizedIWAE",
     "FitOptions",
     "fit",
+    "Callback",
     "TrainConfig",
     "build_vae",
     "load_vae",

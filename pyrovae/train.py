@@ -388,10 +388,10 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
     given = [*callbacks, *([EpochFunction(on_epoch_end)] if on_epoch_end is not None else [])]
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
-    with pyro.validation_enabled(validate), \
-            StopSignals(escalate=not strategy.is_distributed) as stop:
-        loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
-                            config=config, callbacks=given, signals=stop, strategy=strategy)
+    stop = StopSignals(escalate=not strategy.is_distributed)
+    loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
+                        config=config, callbacks=given, signals=stop, strategy=strategy)
+    with pyro.validation_enabled(validate), stop:
         loop.start(resume)
         history = loop.run()
     program.train(False)
