@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import pyrovae.train
+import pyrovae.callbacks
 from pyrovae import TrainConfig, build_vae, fit
 from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, read_checkpoint
 from pyrovae.cli import main
@@ -36,7 +36,7 @@ def scripted_elbo(monkeypatch):
         calls.append(1)
         return torch.full((x.shape[0],), SCRIPT[start[0] + len(calls) - 1])
 
-    monkeypatch.setattr(pyrovae.train, "elbo", fake_elbo)
+    monkeypatch.setattr(pyrovae.callbacks, "elbo", fake_elbo)
     return start, calls
 
 
@@ -70,7 +70,7 @@ def test_epochs_of_the_kl_warm_up_do_not_count(monkeypatch, tmp_path):
         calls.append(1)
         return torch.full((x.shape[0],), falling[len(calls) - 1])
 
-    monkeypatch.setattr(pyrovae.train, "elbo", fake_elbo)
+    monkeypatch.setattr(pyrovae.callbacks, "elbo", fake_elbo)
     vae, data, _ = _tiny()
     # epochs 2 and 3 are in the warm-up (weight 2/4, 3/4); 4 and 5 count: stop after 5, not 3
     history = _fit(vae, data, tmp_path, epochs=8, early_stopping_patience=2, kl_warmup_epochs=4)
