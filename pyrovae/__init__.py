@@ -7,7 +7,7 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 
 from pyrovae.activity import latent_usage, mutual_information
 from pyrovae.ais import ais_log_marginal_likelihood
-from pyrovae.checkpoint import load_vae
+from pyrovae.checkpoint import load_program_state, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.diagnostics import importance_summary
@@ -120,6 +120,7 @@ __all__ = [
     "TrainConfig",
     "build_vae",
     "load_vae",
+    "load_program_state",
     # estimators, diagnostics and the report
     "elbo",
     "log_marginal_likelihood",

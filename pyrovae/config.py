@@ -43,6 +43,7 @@ from pyrovae.nets import (
 from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
+from pyrovae.program_spec import ProgramSpec, canonical_spec, program_args_json
 from pyrovae.rundir import write_json
 from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles, check_plateau
 
@@ -55,6 +56,9 @@ LEARNED_PRIOR_WARMUP_EPOCHS = 10
 #: the largest learning rate accepted: Adam's steps are about lr in size, so beyond this
 #: every run diverges
 MAX_LR = 1.0
+#: the most importance samples K per point any estimate takes (published MNIST numbers use
+#: 5000; the time grows in proportion)
+MAX_IMPORTANCE_SAMPLES = 100_000
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -148,6 +152,16 @@ PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
                           "validation images, 50 epochs; with --labelled N"}
 
 
+#: the flags that build the built-in model; given beside ``--program`` they are refused
+#: (the program takes its settings from ``--program-args``)
+BUILT_IN_MODEL_FIELDS = frozenset({
+    "model", "num_classes", "labelled", "alpha", "net", "hidden_dims", "activation",
+    "init_gain", "init_scheme", "latent_dim", "latent_dims", "prior", "guide", "guide_scale",
+    "num_components", "pseudo_inputs_from_data", "pseudo_input_link", "prior_flows",
+    "num_flows", "rank", "likelihood", "sigma", "learn_sigma", "bernoulli_logit_clip",
+    "output_bias_init", "preset"})
+
+
 #: what ``--model`` builds: the VAE of x, or a model of x and its class label
 #: (:data:`LABEL_MODELS`)
 MODEL_KINDS = ("vae", "conditional", "semi_supervised")
@@ -197,6 +211,14 @@ class TrainConfig:
         "the images given their class labels (sample --label draws a chosen class); "
         "semi_supervised, Kingma et al. 2014's M2, p(x, y) and a classifier q(y | x) from "
         "--labelled labels", choices=MODEL_KINDS))
+    program: str | None = field(default=None, metadata=_flag(
+        "train your own Pyro program instead of a built-in model: FILE.py:NAME or "
+        "package.module:NAME, NAME an object with model and guide methods (a PyroModule), a "
+        "class or factory returning one, or a function returning a (model, guide) pair; "
+        "evaluate, sample and --resume need it named again", type=str))
+    program_args: dict[str, Any] | None = field(default=None, metadata=_flag(
+        "keyword arguments of --program's class or factory, a JSON object: "
+        "'{\"z_dim\": 32}'", type=program_args_json))
     num_classes: int | None = field(default=None, metadata=_flag(
         "conditional, semi_supervised: the number of classes (default: the data's)", type=int))
     labelled: int | None = field(default=None, metadata=_flag(
@@ -391,6 +413,8 @@ class TrainConfig:
         choices=("stop", "rollback")))
 
     def __post_init__(self) -> None:
+        if isinstance(self.program, str):  # a file's path made absolute; nothing imported
+            self.program = canonical_spec(self.program)
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
         if isinstance(self.init_gain, int) and not isinstance(self.init_gain, bool):
             self.init_gain = float(self.init_gain)  # config.json records 1.0, not 1
@@ -511,6 +535,11 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        for name in ("eval_samples", "log_px_samples"):
+            if getattr(self, name) > MAX_IMPORTANCE_SAMPLES:
+                raise ConfigError(f"{name} {getattr(self, name)} is more than pyrovae runs "
+                                  f"(at most {MAX_IMPORTANCE_SAMPLES} importance samples per "
+                                  f"point; published MNIST numbers use 5000)")
         for name in ("checkpoint_every", "keep_last", "valid_size", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -521,8 +550,27 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         self.adam  # noqa: B018  (validates Adam's settings)
+        self._validate_program()
         self._validate_label_model()
         self._validate_layers()
+
+    def _validate_program(self) -> None:
+        """A user's program (``program``): a spec that parses (nothing is imported here),
+        keyword arguments as a JSON object, and none of the built-in model's kinds."""
+        if self.program is None:
+            if self.program_args is not None:
+                raise ConfigError("--program-args are the arguments of --program; name the "
+                                  "program too")
+            return
+        ProgramSpec.parse(self.program)
+        if self.program_args is not None and not isinstance(self.program_args, dict):
+            raise ConfigError(f"program_args should be a JSON object of keyword arguments, "
+                              f"got {self.program_args!r}")
+        for name, built_in in (("model", "vae"), ("latent_dims", None), ("preset", None)):
+            if getattr(self, name) != built_in:
+                raise ConfigError(f"--{name.replace('_', '-')} chooses a built-in model; with "
+                                  f"--program the program is the model (its settings go in "
+                                  f"--program-args)")
 
     def _validate_kl_controls(self) -> None:
         """The KL schedule and free bits, and what they cannot apply to."""

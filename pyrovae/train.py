@@ -44,8 +44,11 @@ from pyrovae.checkpoint import (
     history_path,
     keep_history,
     mark_best,
+    param_store_entry,
+    program_record,
     restore_rng_state,
     save_checkpoint,
+    stored_param_values,
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
@@ -473,6 +476,8 @@ class TrainingLoop:
         #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
         self.on_epoch_end = on_epoch_end
         self.program = as_program(vae)
+        #: what the caller passed: its class is recorded in checkpoints
+        self.given_program = vae
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
         self.data, self.config, self.run_dir = data, config, run_dir
@@ -685,8 +690,6 @@ class TrainingLoop:
             "epochs_without_improvement": self.epochs_without_improvement,
             "plateau_epochs": self.plateau_epochs,
             "history": [asdict(record) for record in self.history],
-            "param_store": {name: value.detach().clone()
-                            for name, value in self.store_parameters.items()},
         }
 
     def _save(self) -> None:
@@ -701,13 +704,18 @@ class TrainingLoop:
         if not self.is_main:
             return
         completed_epochs = self.epoch - 1
+        config = self.config.to_dict() if self.config is not None else None
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
-                        self.config, self.data.image_shape, progress=self._position())
+                        config, self.data.image_shape, progress=self._position(),
+                        data_dim=self.data.data_dim,
+                        param_store=param_store_entry(self.store_parameters),
+                        program=program_record(self.given_program, config))
 
     def _load(self, path: Path) -> None:
         # rank 0 reads and sends it to the others: no shared file system needed to resume
         # everything is checked before anything is changed (check_resumable)
-        checkpoint = distributed.rank0_call(lambda: check_resumable(path, self.vae))
+        checkpoint = distributed.rank0_call(
+            lambda: check_resumable(path, self.vae, self.parameters))
         position = checkpoint["progress"]
         try:
             history = [EpochRecord(**record) for record in position["history"]]
@@ -715,7 +723,7 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
                                   f"malformed ({error})") from None
         self.vae.load_state_dict(checkpoint["model"])
-        saved_store = position.get("param_store", {})
+        saved_store = stored_param_values(checkpoint)
         missing = sorted(set(self.store_parameters) - set(saved_store))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
