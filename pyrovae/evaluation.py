@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.devices import seeded
+from pyrovae.errors import PyrovaeError
 from pyrovae.programs import (
     Program,
     ProgramError,
@@ -133,7 +134,10 @@ def log_weights(program: Any, *args: torch.Tensor, num_samples: int,
     if owner not in _SEQUENTIAL:
         try:
             return _log_weights(program, structure, args, num_samples, scaled, vectorized=True)
-        except Exception as error:  # noqa: BLE001 (the sequential retry re-raises the program's own)
+        except PyrovaeError:  # pyrovae's own refusals and interruptions are not shape errors
+            raise
+        except (RuntimeError, IndexError, ValueError, TypeError) as error:
+            # the retry raises the program's own error where it fails unbatched too
             failure = f"{type(error).__name__}: {error}".splitlines()[0]
             _log_weights(program, structure, args, 1, scaled, vectorized=False)
             _SEQUENTIAL[owner] = True
