@@ -54,7 +54,8 @@ class Protocol:
     :param epochs: the protocol's epochs (its most, where it stops early).
     :param published: the paper's test log p(x) in nats, and where it is printed.
     :param start_flags: flags for a fresh start beside the preset (the learning curve's
-        schedule).
+        schedule, an objective other than the preset's).
+    :param script: the script's file name, for its messages (default ``<preset>.py``).
     """
 
     preset: str
@@ -63,6 +64,11 @@ class Protocol:
     published: float
     published_source: str
     start_flags: tuple[str, ...]
+    script: str = ""
+
+    @property
+    def script_name(self) -> str:
+        return self.script or f"{self.preset}.py"
 
     @property
     def run_dir(self) -> Path:
@@ -141,7 +147,7 @@ def final(protocol: Protocol, run_dir: Path, num_samples: int, before_the_end: b
     evaluate`` with ``num_samples`` importance samples on every test image, one thread)
     into ``run_dir/final_evaluation.json``; a run that has not finished is refused unless
     ``before_the_end``.  ``extra`` flags go to ``pyrovae evaluate``."""
-    script = f"{protocol.preset}.py"
+    script = protocol.script_name
     if not (run_dir / CHECKPOINT_NAME).is_file():
         print(f"{script}: error: no run in {run_dir} to evaluate", file=sys.stderr)
         return 2
@@ -195,7 +201,7 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
          notes: list[str] | None = None) -> int:
     """Copy the run's checkpoint, config and metrics into ``bank_dir`` and write
     ``results.json`` there (epochs and updates done, the learning curve, provenance)."""
-    script = f"{protocol.preset}.py"
+    script = protocol.script_name
     if not (run_dir / CHECKPOINT_NAME).is_file():
         print(f"{script}: error: no run in {run_dir} to bank", file=sys.stderr)
         return 2

@@ -5,10 +5,12 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 :func:`log_marginal_likelihood` estimates log p(x) per data point by importance sampling.
 """
 
-from pyrovae.activity import latent_usage
+from pyrovae.activity import latent_usage, mutual_information
 from pyrovae.ais import ais_log_marginal_likelihood
+from pyrovae.checkpoint import load_program_state, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
+from pyrovae.diagnostics import importance_summary
 from pyrovae.evaluation import (
     elbo,
     importance_log_weights,
@@ -33,8 +35,22 @@ from pyrovae.likelihoods import (
     PixelGaussianLikelihood,
 )
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE
-from pyrovae.nets import NETWORKS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from pyrovae.objectives import ImportanceWeightedELBO, LatentScale, kl_weight
+from pyrovae.nets import (
+    NETWORKS,
+    ConvDecoder,
+    ConvEncoder,
+    GatedLinear,
+    GatedMLPDecoder,
+    GatedMLPEncoder,
+    MLPDecoder,
+    MLPEncoder,
+)
+from pyrovae.objectives import (
+    OBJECTIVES,
+    DoublyReparameterizedIWAE,
+    ImportanceWeightedELBO,
+    PathDerivativeELBO,
+)
 from pyrovae.priors import (
     PRIORS,
     DiagonalNormalPrior,
@@ -45,58 +61,75 @@ from pyrovae.priors import (
     VampPrior,
 )
 from pyrovae.programs import Program, ProgramError, as_program
+from pyrovae.report import write_report
 from pyrovae.sandwich import bidirectional_monte_carlo
 from pyrovae.train import FitOptions, fit
 
 __version__ = "0.1.0"
 
+# what a user builds, trains and evaluates with; training internals (the KL schedule, the
+# latent scaling of objectives, the loop) stay importable from their own modules
 __all__ = [
-    "GUIDES",
-    "LIKELIHOODS",
+    # parts and their registries
     "NETWORKS",
-    "PRIORS",
-    "VAE",
-    "BernoulliLikelihood",
-    "ContinuousBernoulliLikelihood",
-    "ConvDecoder",
-    "ConvEncoder",
-    "DataSplits",
-    "DiagonalNormalGuide",
-    "DiagonalNormalPrior",
-    "FlowPrior",
-    "FullCovarianceNormalGuide",
-    "GaussianLikelihood",
-    "GuideFamily",
-    "IAFGuide",
-    "ImportanceWeightedELBO",
-    "LatentScale",
-    "Likelihood",
-    "LowRankNormalGuide",
-    "MLPDecoder",
     "MLPEncoder",
-    "MixtureOfGaussiansPrior",
-    "PixelGaussianLikelihood",
+    "MLPDecoder",
+    "GatedLinear",
+    "GatedMLPEncoder",
+    "GatedMLPDecoder",
+    "ConvEncoder",
+    "ConvDecoder",
+    "ConditionalNormal",
+    "PRIORS",
     "Prior",
     "StandardNormalPrior",
+    "DiagonalNormalPrior",
+    "MixtureOfGaussiansPrior",
     "VampPrior",
-    "TrainConfig",
-    "build_vae",
-    "elbo",
-    "fit",
-    "FitOptions",
-    "importance_log_weights",
-    "Program",
-    "ProgramError",
-    "as_program",
-    "kl_weight",
-    "load_dataset",
-    "log_marginal_likelihood",
-    "mean_and_standard_error",
-    "ConditionalNormal",
+    "FlowPrior",
+    "LIKELIHOODS",
+    "Likelihood",
+    "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood",
+    "GaussianLikelihood",
+    "PixelGaussianLikelihood",
+    "GUIDES",
+    "GuideFamily",
+    "DiagonalNormalGuide",
+    "LowRankNormalGuide",
+    "FullCovarianceNormalGuide",
+    "IAFGuide",
+    # models and programs
+    "VAE",
     "ConditionalVAE",
     "HierarchicalVAE",
     "SemiSupervisedVAE",
+    "Program",
+    "ProgramError",
+    "as_program",
+    # data
+    "DataSplits",
+    "load_dataset",
+    # training
+    "OBJECTIVES",
+    "ImportanceWeightedELBO",
+    "PathDerivativeELBO",
+    "DoublyReparameterizedIWAE",
+    "FitOptions",
+    "fit",
+    "TrainConfig",
+    "build_vae",
+    "load_vae",
+    "load_program_state",
+    # estimators, diagnostics and the report
+    "elbo",
+    "log_marginal_likelihood",
+    "importance_log_weights",
+    "mean_and_standard_error",
+    "importance_summary",
     "ais_log_marginal_likelihood",
     "bidirectional_monte_carlo",
     "latent_usage",
+    "mutual_information",
+    "write_report",
 ]

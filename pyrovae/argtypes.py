@@ -5,14 +5,34 @@ from __future__ import annotations
 import argparse
 import math
 
+#: the largest integer a flag takes: a C ``int``, what torch and numpy take for every size
+#: and count (a larger one overflows inside them instead of being refused here)
+MAX_INT = 2**31 - 1
 
-def _integer_at_least(text: str, minimum: int, kind: str) -> int:
+
+def _integer_at_least(text: str, minimum: int, kind: str, maximum: float = MAX_INT) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer of at most {maximum}, "
+                                         f"got {value}")
+    return value
+
+
+def integer(text: str) -> int:
+    """``text`` as an integer from ``-MAX_INT`` to :data:`MAX_INT`, or an
+    ``ArgumentTypeError`` that quotes it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(value) > MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected an integer from {-MAX_INT} to {MAX_INT}, "
+                                         f"got {value}")
     return value
 
 
@@ -68,7 +88,7 @@ def device_name(text: str) -> str:
 
 def seed(text: str) -> int:
     """``text`` as a random seed, an integer from 0 to 2**32 - 1 (numpy's range)."""
-    value = _integer_at_least(text, 0, "non-negative")
+    value = _integer_at_least(text, 0, "non-negative", maximum=math.inf)
     if value >= 2**32:
         raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {2**32}, got {value}")
     return value
@@ -94,4 +114,6 @@ def positive_ints(text: str) -> tuple[int, ...]:
             f"expected comma-separated integers, got {text!r}") from None
     if any(value < 1 for value in values):
         raise argparse.ArgumentTypeError(f"every K must be positive, got {text!r}")
+    if any(value > MAX_INT for value in values):
+        raise argparse.ArgumentTypeError(f"every K must be at most {MAX_INT}, got {text!r}")
     return values

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro.distributions import constraints as pyro_constraints
+from torch.distributions import transform_to
 
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.errors import CheckpointError, ConfigError
@@ -73,25 +76,41 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
-def save_checkpoint(path: str | Path, vae: VAE, optimizer: torch.optim.Optimizer | None,
-                    epoch: int, config: TrainConfig | None,
+def save_checkpoint(path: str | Path, vae: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, epoch: int,
+                    config: TrainConfig | Mapping[str, Any] | None,
                     image_shape: tuple[int, ...] | None = None,
-                    progress: dict[str, Any] | None = None) -> None:
+                    progress: dict[str, Any] | None = None, *, data_dim: int | None = None,
+                    param_store: Mapping[str, Any] | None = None,
+                    program: Mapping[str, Any] | None = None) -> None:
     """Write model parameters, optimizer state, RNG states, epoch and config to ``path`` atomically.
 
+    Any program's checkpoint: its module's state dict (``vae``: a :class:`VAE`, a user's
+    module, or an empty module for plain functions), the ``pyro.param`` values outside it
+    (``param_store``, :func:`param_store_entry`), the optimizer, the RNG states and plain
+    dicts of its config and ``program`` record (:func:`program_record`).
+
     :param epoch: the number of completed epochs.
+    :param config: a :class:`TrainConfig` or its plain dict.
     :param progress: the training loop's position (see :mod:`pyrovae.train`), for resuming.
+    :param data_dim: values per data point; default ``vae.data_dim``.
     """
+    if data_dim is None:
+        data_dim = vae.data_dim  # type: ignore[assignment]
+    if config is not None and not isinstance(config, Mapping):
+        config = config.to_dict()
     atomic_torch_save({
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
-        "data_dim": vae.data_dim,
+        "data_dim": data_dim,
         "image_shape": list(image_shape) if image_shape is not None else None,
-        "config": config.to_dict() if config is not None else None,
+        "config": dict(config) if config is not None else None,
         "model": vae.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "rng": capture_rng_state(),
         "progress": progress,
+        "param_store": dict(param_store) if param_store is not None else empty_param_store(),
+        "program": dict(program) if program is not None else None,
     }, path)
 
 
@@ -359,6 +378,10 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu",
         if embedded is None:
             raise CheckpointError(f"{path} has no config; pass the config used to train it")
         config = embedded
+    if getattr(config, "program", None) is not None:
+        raise CheckpointError(f"{path} holds a run of your own program ({config.program}), not "
+                              f"a built-in VAE: build the program and load the run into it with "
+                              f"pyrovae.load_program_state(program, run_dir)")
     image_shape = checkpoint.get("image_shape")
     vae = build_vae(config, data_dim=checkpoint["data_dim"],
                     image_shape=tuple(image_shape) if image_shape is not None else None)
@@ -369,11 +392,14 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu",
     return vae.to(device).eval(), config, checkpoint
 
 
-def check_resumable(path: str | Path, vae: VAE) -> dict[str, Any]:
+def check_resumable(path: str | Path, vae: torch.nn.Module,
+                    parameters: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
     """Read the checkpoint at ``path`` and check that training ``vae`` can resume from it:
     :func:`check_checkpoint` with the training position, the parameters' names and shapes,
-    and the optimizer's moments against ``vae.parameters()`` (the loop's Adam holds them in
-    that order).  Nothing is loaded into ``vae``.
+    the Pyro parameter store (:func:`check_param_store`), and the optimizer's moments
+    against ``parameters`` (default ``vae.parameters()``; the loop's Adam holds them in that
+    order, a program's ``pyro.param`` sites after its module's).  Nothing is loaded into
+    ``vae``.
 
     :returns: the checkpoint.
     :raises CheckpointError: naming the key or tensor that is wrong.
@@ -381,5 +407,165 @@ def check_resumable(path: str | Path, vae: VAE) -> dict[str, Any]:
     checkpoint = read_checkpoint(path)
     check_checkpoint(checkpoint, path, resumable=True)
     check_state_dict(vae, checkpoint["model"], path)
-    check_optimizer_state(checkpoint["optimizer"], list(vae.parameters()), path)
+    check_param_store(checkpoint, path)
+    check_optimizer_state(checkpoint["optimizer"],
+                          list(vae.parameters()) if parameters is None else list(parameters),
+                          path)
+    return checkpoint
+
+
+# --- any program: the Pyro parameter store, the program's record, loading into it ------------
+
+def empty_param_store() -> dict[str, Any]:
+    """:func:`param_store_entry` of a program without ``pyro.param`` sites of its own."""
+    return {"values": {}, "constraints": {}}
+
+
+def _constraint_name(constraint: Any) -> str | None:
+    """The name of ``constraint`` in :mod:`pyro.distributions.constraints` (``"positive"``),
+    or ``None`` for one built with arguments (``interval(0, 5)``)."""
+    return next((name for name, value in vars(pyro_constraints).items()
+                 if value is constraint and not name.startswith("_")), None)
+
+
+def param_store_entry(parameters: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``pyro.param`` sites of a program outside its module, as a checkpoint holds them:
+    ``{"values": {name: unconstrained tensor}, "constraints": {name: constraint name or
+    None}}``, tensors and strings only (weights-only loadable).
+
+    :param parameters: ``{store name: unconstrained value}`` (what the optimizer updates).
+    """
+    constraints = pyro.get_param_store().get_state()["constraints"]
+    return {"values": {name: value.detach().clone() for name, value in parameters.items()},
+            "constraints": {name: _constraint_name(constraints.get(name))
+                            for name in parameters}}
+
+
+def stored_param_values(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The unconstrained ``pyro.param`` values of a checkpoint (those of a checkpoint written
+    before they had a key of their own are in its training position)."""
+    entry = checkpoint.get("param_store")
+    if isinstance(entry, Mapping):
+        return dict(entry.get("values", {}))
+    progress = checkpoint.get("progress")
+    return dict(progress.get("param_store", {})) if isinstance(progress, Mapping) else {}
+
+
+def check_param_store(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Validate a checkpoint's ``param_store`` and ``program`` entries (both optional).
+
+    :raises CheckpointError: naming the entry that is malformed.
+    """
+    entry = checkpoint.get("param_store")
+    if entry is not None:
+        values, constraints = (entry.get("values"), entry.get("constraints")) \
+            if isinstance(entry, Mapping) else (None, None)
+        if not isinstance(values, Mapping) or not isinstance(constraints, Mapping):
+            raise CheckpointError(f"checkpoint {path}: param_store should hold values and "
+                                  f"constraints")
+        for name, value in values.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"checkpoint {path}: Pyro parameter {name!r} is not a "
+                                      f"named tensor")
+        for name, constraint in constraints.items():
+            if constraint is not None and not isinstance(constraint, str):
+                raise CheckpointError(f"checkpoint {path}: the constraint of Pyro parameter "
+                                      f"{name!r} should be a name")
+    record = checkpoint.get("program")
+    if record is not None and not isinstance(record, Mapping):
+        raise CheckpointError(f"checkpoint {path}: program should be a dict, got "
+                              f"{type(record).__name__}")
+
+
+def program_record(program: Any, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint says of the program it holds, as plain values: the qualified name of
+    its class (``type``), and the command line's spec and arguments (``spec``, ``args``;
+    ``None`` for a program given from Python).  A record only: nothing is ever imported
+    from it."""
+    from pyrovae.program_spec import program_type
+
+    config = config or {}
+    return {"type": program_type(program), "spec": config.get("program"),
+            "args": config.get("program_args")}
+
+
+def restore_param_store(checkpoint: Mapping[str, Any], path: str | Path,
+                        device: torch.device | None = None) -> list[str]:
+    """Set the ``pyro.param`` sites of a checkpoint in Pyro's parameter store, bit for bit:
+    a site the store has gets the saved unconstrained value; one it lacks is created with
+    its saved constraint.
+
+    :returns: the names set.
+    :raises CheckpointError: a missing site whose constraint has no name (run the program
+        once on a data point first, so that it creates the site, or pass ``data`` to
+        :func:`load_program_state`).
+    """
+    store = pyro.get_param_store()
+    entry = checkpoint.get("param_store")
+    constraints = dict(entry.get("constraints", {})) if isinstance(entry, Mapping) else {}
+    values = stored_param_values(checkpoint)
+    for name, value in values.items():
+        if name not in store:
+            constraint_name = constraints.get(name, "real")
+            constraint = getattr(pyro_constraints, constraint_name, None) \
+                if constraint_name else None
+            if constraint is None:
+                raise CheckpointError(
+                    f"{path}: Pyro parameter {name!r} has a constraint without a name; let the "
+                    f"program create it first (load_program_state(..., data=x[:1]))")
+            unconstrained = value.to(device) if device is not None else value
+            store.setdefault(name, transform_to(constraint)(unconstrained), constraint)
+        with torch.no_grad():
+            store[name].unconstrained().copy_(value)
+    return list(values)
+
+
+def load_program_state(program: Any, path: str | Path, *, best: bool = False,
+                       data: Any = None) -> dict[str, Any]:
+    """Load a finished (or interrupted) run into your own program object: its module's state
+    dict and its ``pyro.param`` sites, from a checkpoint read weights-only.
+
+    The program must be built as it was trained (the same class and arguments: tensor names
+    and shapes are checked first, and nothing is changed if they differ).  It is left in
+    eval mode.
+
+    :param program: what was trained: an object with ``model`` and ``guide`` (a
+        ``PyroModule``, an ``nn.Module``) or a ``(model, guide)`` pair.
+    :param path: a run directory or a checkpoint file.
+    :param best: from a run directory, ``checkpoint_best.pt`` (the best held-out ELBO)
+        instead of the last ``checkpoint.pt``.
+    :param data: a data point (or tuple of data arguments) to run the program on once
+        first, so that it creates ``pyro.param`` sites whose constraints have no name.
+    :returns: the checkpoint (``epoch``, ``config``, ``program``, ...).
+    :raises CheckpointError: unreadable, or not of this program.
+
+    Example::
+
+        vae = MyVAE(z_dim=32)
+        fit(vae, data, run_dir="runs/mine", epochs=10)
+        ...                                     # later, in another process
+        vae = MyVAE(z_dim=32)
+        load_program_state(vae, "runs/mine")
+        log_px = log_marginal_likelihood(vae, data.test, num_samples=1000)
+    """
+    from pyrovae.programs import as_data, as_program, program_parameters
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / (BEST_CHECKPOINT_NAME if best else CHECKPOINT_NAME)
+    checkpoint = read_checkpoint(path)
+    check_checkpoint(checkpoint, path)
+    check_param_store(checkpoint, path)
+    resolved = as_program(program)
+    if data is not None:
+        with pyro.validation_enabled(False):
+            program_parameters(resolved, *(a[:1] for a in as_data(data)))
+    module = resolved.module if resolved.module is not None else torch.nn.Module()
+    record = checkpoint.get("program") or {}
+    check_state_dict(module, checkpoint["model"], path,
+                     f"this program ({record.get('type') or type(program).__name__} in the "
+                     f"checkpoint)")
+    module.load_state_dict(checkpoint["model"])
+    restore_param_store(checkpoint, path, resolved.device)
+    resolved.train(False)
     return checkpoint

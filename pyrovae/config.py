@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pyrovae.argtypes import check_device_name, init_gain
+from pyrovae.argtypes import MAX_INT, check_device_name, init_gain
 from pyrovae.compilation import COMPILE_MODES
 from pyrovae.data import (
     BINARIZATIONS,
@@ -22,7 +23,9 @@ from pyrovae.data import (
     check_dataset_name,
 )
 from pyrovae.errors import ConfigError
+from pyrovae.free_bits import FREE_BITS_GROUPS
 from pyrovae.guides import GUIDES, SCALE_LINKS
+from pyrovae.labels import interleave_labels
 from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS, logit_clip_of_probability_clip
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE, paper_alpha
@@ -37,11 +40,14 @@ from pyrovae.nets import (
     check_init_scheme,
     mlp,
 )
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
+from pyrovae.program_spec import ProgramSpec, canonical_spec, program_args_json
 from pyrovae.rundir import write_json
-from pyrovae.schedules import LR_SCHEDULES
+from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles, check_plateau
+
+logger = logging.getLogger(__name__)
 
 #: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
 #: from the first step, a learned prior follows the encoder's early contraction of every
@@ -50,6 +56,9 @@ LEARNED_PRIOR_WARMUP_EPOCHS = 10
 #: the largest learning rate accepted: Adam's steps are about lr in size, so beyond this
 #: every run diverges
 MAX_LR = 1.0
+#: the most importance samples K per point any estimate takes (published MNIST numbers use
+#: 5000; the time grows in proportion)
+MAX_IMPORTANCE_SAMPLES = 100_000
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -111,15 +120,53 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_normalize_gradients": True, "guide_scale": "clipped_log_variance",
         "init_scheme": "he_normal", "bernoulli_logit_clip": logit_clip_of_probability_clip(1e-5),
     },
+    # Pyro's semi-supervised example (examples/vae/ss_vae_M2.py, its defaults with --aux-loss)
+    # for Kingma et al. (2014)'s M2: the first 50,000 training images for training, the last
+    # 10,000 for validation (the test error is reported at the best validation accuracy);
+    # a class-balanced labelled set drawn by --seed; grey levels in [0, 1] scored by the
+    # Bernoulli likelihood (--binarize dynamic --likelihood bernoulli: binarized instead);
+    # one hidden layer of 500 softplus units in each network, 50 latents; y summed out by
+    # parallel enumeration (TraceEnum_ELBO); the auxiliary loss alpha log q(y|x) at Pyro's
+    # --aux-loss-multiplier 46 per labelled image (Kingma et al.: 0.1 N / N_labelled, --alpha
+    # none); one batch of labelled images every 50000 / N_labelled batches (Kingma et al.'s
+    # code mixes them into every minibatch: --label-batches mixed); Adam(lr 4.2e-4, betas
+    # 0.9, 0.999), batch 200 (the example's batch for 100 labels is 100: --batch-size 100);
+    # 50 epochs.  Not followed: Pyro's N(0, 0.001) start of the hidden layers (Glorot here),
+    # exp of the scale head (softplus here), and a second Adam step for the auxiliary loss
+    # (one step on the sum here)
+    "pyro_m2": {
+        "dataset": "mnist", "model": "semi_supervised", "binarize": "none",
+        "likelihood": "bernoulli_grey", "valid_size": 10_000, "valid_split": "last",
+        "net": "mlp", "hidden_dims": (500,), "activation": "softplus", "latent_dim": 50,
+        "prior": "normal", "guide": "diagonal", "objective": "trace_elbo", "num_particles": 1,
+        "alpha": 46.0, "label_batches": "interleaved", "epochs": 50, "batch_size": 200,
+        "lr": 4.2e-4, "lr_schedule": "constant", "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_eps": 1e-8, "kl_warmup_epochs": 0, "beta": 1.0, "eval_samples": 1000,
+    },
 }
 PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
                "tomczak2018": "the VampPrior paper's static-MNIST VAE, gated MLPs, early "
-                              "stopping"}
+                              "stopping",
+               "pyro_m2": "Pyro's semi-supervised M2 example (ss_vae_M2.py): grey levels, "
+                          "auxiliary loss 46, interleaved labelled batches, 10,000 "
+                          "validation images, 50 epochs; with --labelled N"}
+
+
+#: the flags that build the built-in model; given beside ``--program`` they are refused
+#: (the program takes its settings from ``--program-args``)
+BUILT_IN_MODEL_FIELDS = frozenset({
+    "model", "num_classes", "labelled", "alpha", "net", "hidden_dims", "activation",
+    "init_gain", "init_scheme", "latent_dim", "latent_dims", "prior", "guide", "guide_scale",
+    "num_components", "pseudo_inputs_from_data", "pseudo_input_link", "prior_flows",
+    "num_flows", "rank", "likelihood", "sigma", "learn_sigma", "bernoulli_logit_clip",
+    "output_bias_init", "preset"})
 
 
 #: what ``--model`` builds: the VAE of x, or a model of x and its class label
 #: (:data:`LABEL_MODELS`)
 MODEL_KINDS = ("vae", "conditional", "semi_supervised")
+#: how M2's labelled images enter the minibatches (``--label-batches``)
+LABEL_BATCHES = ("mixed", "interleaved")
 
 
 @dataclass
@@ -164,6 +211,14 @@ class TrainConfig:
         "the images given their class labels (sample --label draws a chosen class); "
         "semi_supervised, Kingma et al. 2014's M2, p(x, y) and a classifier q(y | x) from "
         "--labelled labels", choices=MODEL_KINDS))
+    program: str | None = field(default=None, metadata=_flag(
+        "train your own Pyro program instead of a built-in model: FILE.py:NAME or "
+        "package.module:NAME, NAME an object with model and guide methods (a PyroModule), a "
+        "class or factory returning one, or a function returning a (model, guide) pair; "
+        "evaluate, sample and --resume need it named again", type=str))
+    program_args: dict[str, Any] | None = field(default=None, metadata=_flag(
+        "keyword arguments of --program's class or factory, a JSON object: "
+        "'{\"z_dim\": 32}'", type=program_args_json))
     num_classes: int | None = field(default=None, metadata=_flag(
         "conditional, semi_supervised: the number of classes (default: the data's)", type=int))
     labelled: int | None = field(default=None, metadata=_flag(
@@ -172,7 +227,13 @@ class TrainConfig:
     alpha: float | None = field(default=None, metadata=_flag(
         "semi_supervised: weight of the classification term log q(y|x) per labelled image "
         "(default: Kingma et al. 2014's alpha = 0.1 N spread over the labelled images, "
-        "0.1 x training images / labelled images)", type=float))
+        "0.1 x training images / labelled images; none: that default where a preset sets "
+        "another)", type=_float_or_none))
+    label_batches: str = field(default="mixed", metadata=_flag(
+        "semi_supervised: how labelled and unlabelled images meet: mixed, shuffled together "
+        "into every minibatch; interleaved, minibatches of labelled images only, one every "
+        "training images / labelled images batches, the others unlabelled (Pyro's example)",
+        choices=LABEL_BATCHES))
     net: str = field(default="mlp", metadata=_flag(
         "encoder/decoder architecture", choices=tuple(NETWORKS)))
     hidden_dims: tuple[int, ...] = field(default=(200, 200), metadata=_flag(
@@ -233,6 +294,9 @@ class TrainConfig:
         "and sampling, no gradient beyond (Tomczak & Welling's probabilities in [1e-5, "
         "1 - 1e-5]: C = log((1 - 1e-5) / 1e-5) = 11.5129); none (the default): no clamp",
         type=_float_or_none))
+    logistic_components: int = field(default=10, metadata=_flag(
+        "discretized_logistic_mixture likelihood: mixture components K per data value (the "
+        "decoder gives 3K numbers per value; PixelCNN++: 10)", type=int))
     objective: str = field(default="trace_elbo", metadata=_flag(
         "training objective", choices=tuple(OBJECTIVES)))
     num_particles: int = field(default=1, metadata=_flag(
@@ -244,13 +308,43 @@ class TrainConfig:
         "raise the KL weight linearly from beta/N to beta over the first N epochs (0: none); "
         f"default: {LEARNED_PRIOR_WARMUP_EPOCHS} (at most --epochs) for a learned prior, whose "
         "posterior collapses without it, 0 for the standard normal one", type=int))
+    kl_schedule: str = field(default="linear", metadata=_flag(
+        "the KL weight per epoch: linear, the --kl-warmup-epochs warm-up; cyclical, Fu et al. "
+        "2019's cyclical annealing: --kl-cycles cycles over --epochs, the weight rising "
+        "linearly from beta/(R C) to beta over the first R = --kl-cycle-ratio of each cycle "
+        "of C epochs, then held", choices=KL_SCHEDULES))
+    kl_cycles: int = field(default=4, metadata=_flag(
+        "--kl-schedule cyclical: the number of cycles", type=int))
+    kl_cycle_ratio: float = field(default=0.5, metadata=_flag(
+        "--kl-schedule cyclical: the share of each cycle spent rising", type=float))
+    free_bits: float = field(default=0.0, metadata=_flag(
+        "free bits (Kingma et al. 2016): a floor of this many nats under the minibatch-mean "
+        "KL of each latent dimension (or site, --free-bits-group), which then gets no "
+        "gradient below it (0: the plain ELBO); trace_elbo and meanfield_elbo (its analytic "
+        "KL per dimension)", type=float))
+    free_bits_group: str = field(default="dimension", metadata=_flag(
+        "--free-bits: dimension, a floor per latent dimension (needs q(z|x) and p(z) that "
+        "factorize over them: the diagonal guide, the normal or diagonal prior); site, one "
+        "per latent site", choices=FREE_BITS_GROUPS))
     epochs: int = field(default=10, metadata=_flag("passes over the training set", type=int))
     batch_size: int = field(default=100, metadata=_flag("minibatch size", type=int))
     lr: float = field(default=1e-3, metadata=_flag("Adam learning rate", type=float))
     lr_schedule: str = field(default="constant", metadata=_flag(
         "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
         "i = 0..7 (3280 epochs, later ones at lr/10); burda2016: the same with the factors "
-        "rounded to one decimal, as the authors' code has them", choices=LR_SCHEDULES))
+        "rounded to one decimal, as the authors' code has them; cosine: from lr down to "
+        "--lr-min over --epochs, lr_min + (lr - lr_min) (1 + cos(pi (epoch - 1) / epochs)) / 2 "
+        "(Loshchilov & Hutter 2017); plateau: lr times --lr-plateau-factor each time the "
+        "validation ELBO (the test ELBO without --valid-size) has not improved on its best for "
+        "--lr-plateau-patience evaluated epochs, never below --lr-min", choices=LR_SCHEDULES))
+    lr_min: float = field(default=0.0, metadata=_flag(
+        "--lr-schedule cosine: the rate it ends at; plateau: the rate it stops reducing at",
+        type=float))
+    lr_plateau_factor: float = field(default=0.5, metadata=_flag(
+        "--lr-schedule plateau: the factor of each reduction", type=float))
+    lr_plateau_patience: int = field(default=10, metadata=_flag(
+        "--lr-schedule plateau: evaluated epochs without a new best held-out ELBO before a "
+        "reduction", type=int))
     adam_beta1: float = field(default=0.9, metadata=_flag(
         "Adam's decay rate of the first moment", type=float))
     adam_beta2: float = field(default=0.999, metadata=_flag(
@@ -319,6 +413,8 @@ class TrainConfig:
         choices=("stop", "rollback")))
 
     def __post_init__(self) -> None:
+        if isinstance(self.program, str):  # a file's path made absolute; nothing imported
+            self.program = canonical_spec(self.program)
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
         if isinstance(self.init_gain, int) and not isinstance(self.init_gain, bool):
             self.init_gain = float(self.init_gain)  # config.json records 1.0, not 1
@@ -329,6 +425,8 @@ class TrainConfig:
             self.latent_dims = tuple(self.latent_dims)
             if self.latent_dims and min(self.latent_dims) >= 1:  # else refused by validate
                 self.latent_dim = self.latent_dims[-1]  # the prior's layer
+        if self.kl_warmup_epochs is None and self.kl_schedule == "cyclical":
+            self.kl_warmup_epochs = 0  # the cycles rise on their own
         if self.kl_warmup_epochs is None:  # resolved once, so config.json records the value
             learned = self.prior != "normal" and isinstance(self.epochs, int)
             self.kl_warmup_epochs = min(LEARNED_PRIOR_WARMUP_EPOCHS, self.epochs) if learned else 0
@@ -383,7 +481,8 @@ class TrainConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         positive = ("latent_dim", "num_particles", "epochs", "batch_size", "test_every",
-                    "num_components", "rank", "log_px_samples", "log_px_size")
+                    "num_components", "rank", "log_px_samples", "log_px_size",
+                    "logistic_components")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -393,6 +492,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.beta > 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        self._validate_kl_controls()
         flows = {"prior_flows": self.prior_flows if self.prior == "flow" else 0,
                  "num_flows": self.num_flows if self.guide == "iaf" else 0}
         for name, steps in flows.items():
@@ -410,14 +510,20 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        check_plateau(self.lr_plateau_factor, self.lr_plateau_patience, self.lr_min)
+        if self.lr_schedule in ("cosine", "plateau") and not self.lr_min < self.lr:
+            raise ConfigError(f"--lr-min {self.lr_min:g} must be below --lr {self.lr:g}")
         if not self.lr <= MAX_LR:
             raise ConfigError(f"lr must be at most {MAX_LR} (Adam diverges long before), got "
                               f"{self.lr}; typical values are 1e-4 to 1e-2")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" \
-                    and value >= 2**31:
-                raise ConfigError(f"{f.name} {value} is too large (at most {2**31 - 1})")
+            if f.name == "seed":
+                continue
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+                    shown = list(value) if isinstance(value, tuple) else value
+                    raise ConfigError(f"{f.name} {shown} is too large (at most {MAX_INT})")
         try:
             check_device_name(self.device)
         except ValueError as error:
@@ -429,6 +535,11 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        for name in ("eval_samples", "log_px_samples"):
+            if getattr(self, name) > MAX_IMPORTANCE_SAMPLES:
+                raise ConfigError(f"{name} {getattr(self, name)} is more than pyrovae runs "
+                                  f"(at most {MAX_IMPORTANCE_SAMPLES} importance samples per "
+                                  f"point; published MNIST numbers use 5000)")
         for name in ("checkpoint_every", "keep_last", "valid_size", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -439,8 +550,54 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         self.adam  # noqa: B018  (validates Adam's settings)
+        self._validate_program()
         self._validate_label_model()
         self._validate_layers()
+
+    def _validate_program(self) -> None:
+        """A user's program (``program``): a spec that parses (nothing is imported here),
+        keyword arguments as a JSON object, and none of the built-in model's kinds."""
+        if self.program is None:
+            if self.program_args is not None:
+                raise ConfigError("--program-args are the arguments of --program; name the "
+                                  "program too")
+            return
+        ProgramSpec.parse(self.program)
+        if self.program_args is not None and not isinstance(self.program_args, dict):
+            raise ConfigError(f"program_args should be a JSON object of keyword arguments, "
+                              f"got {self.program_args!r}")
+        for name, built_in in (("model", "vae"), ("latent_dims", None), ("preset", None)):
+            if getattr(self, name) != built_in:
+                raise ConfigError(f"--{name.replace('_', '-')} chooses a built-in model; with "
+                                  f"--program the program is the model (its settings go in "
+                                  f"--program-args)")
+
+    def _validate_kl_controls(self) -> None:
+        """The KL schedule and free bits, and what they cannot apply to."""
+        if self.kl_schedule == "cyclical":
+            if self.kl_warmup_epochs:
+                raise ConfigError(f"--kl-warmup-epochs {self.kl_warmup_epochs} is the linear "
+                                  f"schedule's; --kl-schedule cyclical rises within each of its "
+                                  f"--kl-cycles cycles (--kl-warmup-epochs 0)")
+            check_kl_cycles(self.kl_cycles, self.kl_cycle_ratio, self.epochs)
+        if not self.free_bits >= 0:
+            raise ConfigError(f"free_bits must be >= 0, got {self.free_bits}")
+        if not self.free_bits:
+            return
+        if self.objective not in ("trace_elbo", "meanfield_elbo"):
+            raise ConfigError(f"--free-bits floors the KL term of the ELBO, which the "
+                              f"{self.objective} objective does not have: use trace_elbo or "
+                              f"meanfield_elbo")
+        if self.model == "semi_supervised":
+            raise ConfigError("--free-bits needs every latent site drawn by the guide; "
+                              "--model semi_supervised sums the label out")
+        if self.free_bits_group == "dimension":
+            for part, name, factorizing in (("guide", self.guide, ("diagonal",)),
+                                            ("prior", self.prior, ("normal", "diagonal"))):
+                if name not in factorizing:
+                    raise ConfigError(f"--free-bits per dimension needs q(z|x) and p(z) that "
+                                      f"factorize over the latent dimensions; --{part} {name} "
+                                      f"does not: use --free-bits-group site")
 
     def _validate_layers(self) -> None:
         """The settings a hierarchical VAE (``latent_dims``) cannot take."""
@@ -482,6 +639,9 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ConfigError(f"--{name} is for --model semi_supervised, not "
                                       f"--model {self.model}")
+        if self.model != "semi_supervised" and self.label_batches != "mixed":
+            raise ConfigError(f"--label-batches {self.label_batches} is for --model "
+                              f"semi_supervised, not --model {self.model}")
         if self.model == "vae":
             return
         if self.labelled is not None and self.labelled < 0:
@@ -497,9 +657,10 @@ class TrainConfig:
         if self.prior == "vamp":
             raise ConfigError(f"--model {self.model}: the vamp prior needs q(z|x) without a "
                               f"label; choose another --prior")
-        if self.model == "semi_supervised" and self.objective == "iwae":
-            raise ConfigError("--model semi_supervised sums the discrete label out of the ELBO; "
-                              "the iwae objective needs reparameterised sites: use trace_elbo")
+        if self.model == "semi_supervised" and self.objective in REPARAMETERIZED_OBJECTIVES:
+            raise ConfigError(f"--model semi_supervised sums the discrete label out of the "
+                              f"ELBO; the {self.objective} objective needs reparameterised "
+                              f"sites: use trace_elbo")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""
@@ -554,6 +715,9 @@ class TrainConfig:
             values = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path} is not valid JSON ({error})") from None
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise ConfigError(f"{path} nests lists or objects too deeply to be a config (a "
+                              f"config is one object of plain values)") from None
         try:
             return cls.from_dict(values)
         except ConfigError as error:
@@ -621,10 +785,17 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         return build_hierarchical_vae(config, data_dim=data_dim)
     if config.model in LABEL_MODELS:  # a model of labelled data (--model)
         return LABEL_MODELS[config.model](config, data_dim=data_dim, image_shape=image_shape)
-    encoder, decoder = NETWORKS[config.net](
-        data_dim=data_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
-        activation=config.activation, image_shape=image_shape, init_gain=config.init_gain,
-        init_scheme=config.init_scheme)
+    options = {"latent_dim": config.latent_dim, "hidden_dims": config.hidden_dims,
+               "activation": config.activation, "init_gain": config.init_gain,
+               "init_scheme": config.init_scheme}
+    encoder, decoder = NETWORKS[config.net](data_dim=data_dim, image_shape=image_shape,
+                                            **options)
+    per_value = params_per_value(config, data_dim)
+    if per_value > 1:  # a decoder of P numbers per data value, P blocks of channels
+        wide = None if image_shape is None else (per_value * _channels(image_shape),
+                                                  *image_shape[-2:])
+        _, decoder = NETWORKS[config.net](data_dim=per_value * data_dim, image_shape=wide,
+                                          **options)
     feature_dim = encoder.feature_dim
     return VAE(
         encoder=encoder,
@@ -634,6 +805,16 @@ def build_vae(config: TrainConfig, *, data_dim: int,
         guide=GUIDES[config.guide].from_config(config, feature_dim=feature_dim),
         data_dim=data_dim,
     )
+
+
+def params_per_value(config: TrainConfig, data_dim: int) -> int:
+    """How many decoder outputs ``config``'s likelihood reads per data value
+    (:attr:`~pyrovae.likelihoods.Likelihood.params_per_value`)."""
+    return LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim).params_per_value
+
+
+def _channels(image_shape: tuple[int, ...]) -> int:
+    return int(image_shape[0]) if len(image_shape) == 3 else 1
 
 
 def hierarchical_hidden_dims(config: TrainConfig) -> list[tuple[int, ...]]:
@@ -662,8 +843,8 @@ def build_hierarchical_vae(config: TrainConfig, *, data_dim: int) -> Hierarchica
         guide_layers=list(guide_layers),
         prior_layers=prior_layers,
         prior=PRIORS[config.prior].from_config(config, data_dim=data_dim),
-        decoder=MLPDecoder(widths[1], data_dim, tuple(reversed(hidden[0])), config.activation,
-                           init_gain=gain),
+        decoder=MLPDecoder(widths[1], params_per_value(config, data_dim) * data_dim,
+                           tuple(reversed(hidden[0])), config.activation, init_gain=gain),
         likelihood=LIKELIHOODS[config.likelihood].from_config(config, data_dim=data_dim),
         data_dim=data_dim,
     )
@@ -682,7 +863,7 @@ def _label_networks(config: TrainConfig, data_dim: int, num_classes: int) -> tup
                "init_scheme": config.init_scheme}
     encoder, _ = NETWORKS[config.net](data_dim=data_dim + num_classes,
                                       latent_dim=config.latent_dim, **options)
-    _, decoder = NETWORKS[config.net](data_dim=data_dim,
+    _, decoder = NETWORKS[config.net](data_dim=params_per_value(config, data_dim) * data_dim,
                                       latent_dim=config.latent_dim + num_classes, **options)
     return encoder, decoder
 
@@ -734,7 +915,9 @@ def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainCo
     labels of all but that many training points hidden (balanced per class, seeded by
     ``config.seed``: :meth:`~pyrovae.data.DataSplits.with_labelled`); ``num_classes`` from
     the data; M2's ``alpha`` where unset, Kingma et al. (2014)'s alpha = 0.1 N on the mean
-    over the N_l labelled points, i.e. 0.1 N / N_l per labelled point (0 without labels).
+    over the N_l labelled points, i.e. 0.1 N / N_l per labelled point (0 without labels);
+    with ``label_batches`` interleaved, the data's training batches labelled or unlabelled
+    only (:func:`~pyrovae.labels.interleave_labels`).
     A config of the plain VAE passes through.
 
     :raises ConfigError: data without labels, another number of classes than
@@ -753,4 +936,17 @@ def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainCo
     if config.model == "semi_supervised" and config.alpha is None:
         values["alpha"] = paper_alpha(data.train.shape[0], data.num_labelled) \
             if data.num_labelled else 0.0
+    if config.label_batches == "interleaved":
+        data = interleave_labels(data)
     return replace(config, **values), data
+
+
+def fit_batch_to_data(config: TrainConfig, num_train: int) -> TrainConfig:
+    """``config`` with ``batch_size`` at most ``num_train``: a batch larger than a small
+    training set becomes the whole set (one step per epoch), with a warning that says so;
+    ``config.json`` then records the batch size that ran."""
+    if config.batch_size <= num_train:
+        return config
+    logger.warning("batch size %d is larger than the training set (%d points): training with "
+                   "batches of %d", config.batch_size, num_train, num_train)
+    return replace(config, batch_size=num_train)

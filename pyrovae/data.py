@@ -25,15 +25,19 @@ labels=True)``, ``from_tensors(..., train_labels=..., test_labels=...)``): integ
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import logging
 import math
 import os
 import shutil
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -529,14 +533,30 @@ def _flatten(x: torch.Tensor, name: str) -> torch.Tensor:
     return check_data(x.reshape(x.shape[0], -1).float(), name=name)
 
 
+def outside_unit_interval(x: torch.Tensor, name: str, purpose: str) -> str | None:
+    """``None`` if the values of ``x`` lie in [0, 1], else a message that names ``name``,
+    the range found and how to rescale it.
+
+    :param purpose: why [0, 1] is needed, e.g. ``"to be binarized as probabilities"``.
+    """
+    low, high = float(x.min()), float(x.max())
+    if low >= 0 and high <= 1:
+        return None
+    advice = ("divide 8-bit grey levels by 255 (or save them as uint8, which pyrovae "
+              "divides by 255)" if low >= 0 and high <= 255 else "rescale them into [0, 1]")
+    return (f"{name} must lie in [0, 1] {purpose}, and its values run from {low:g} to "
+            f"{high:g}; {advice}")
+
+
 def _binarize(data: DataSplits, binarize: str) -> DataSplits:
     if binarize not in BINARIZATIONS:
         raise ConfigError(f"unknown binarization {binarize!r}; choose one of {', '.join(BINARIZATIONS)}")
     if binarize == "none":
         return data
     for name, x in (("train", data.train), ("test", data.test)):
-        if float(x.min()) < 0 or float(x.max()) > 1:
-            raise ConfigError(f"{name} data must lie in [0, 1] to be binarized as probabilities")
+        problem = outside_unit_interval(x, f"{name} data", "to be binarized as probabilities")
+        if problem:
+            raise ConfigError(problem)
     generator = torch.Generator().manual_seed(BINARIZATION_SEED)
     test = torch.bernoulli(data.test, generator=generator)
     if binarize == "static":
@@ -1028,6 +1048,47 @@ def _existing_file(path: str, kind: str, what: str) -> Path:
     return file
 
 
+def _damage(error: BaseException) -> str:
+    """What a damaged file's reading ``error`` says, on one line, with its type where the
+    message alone says little (``BadZipFile: Bad CRC-32 for file 'train.npy'``)."""
+    if isinstance(error, EOFError | zipfile.BadZipFile | zlib.error):
+        kind = "zlib.error" if isinstance(error, zlib.error) else type(error).__name__
+        return f"truncated or corrupted: {kind}: {_one_line(error)}"
+    return _one_line(error)
+
+
+def _check_npy_size(stream: BinaryIO, size: int, name: str) -> None:
+    """Compare the array an ``.npy`` header promises with the ``size`` bytes of the file
+    or archive member it opens (``stream`` at its start), before numpy allocates the
+    array: a damaged or truncated file would otherwise ask for any amount of memory.
+
+    :raises InvalidDataError: the data are shorter than the header says.
+    """
+    version = np.lib.format.read_magic(stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0,
+                   (3, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        return  # a version numpy itself will name in its error
+    shape, _, dtype = read_header(stream)
+    if dtype.hasobject:
+        return  # refused by allow_pickle=False
+    needed = math.prod(shape) * dtype.itemsize
+    available = size - stream.tell()
+    if needed > available:
+        raise InvalidDataError(
+            f"{name} is shorter than its header says: the header promises an array of shape "
+            f"{tuple(shape)} {dtype} ({needed:,} bytes) and {available:,} bytes follow it "
+            f"(truncated, or the header is damaged)")
+
+
+def _check_npz_member(archive: zipfile.ZipFile, key: str, name: str) -> None:
+    """:func:`_check_npy_size` for the array ``key`` of an ``.npz`` archive."""
+    info = archive.getinfo(f"{key}.npy" if f"{key}.npy" in archive.namelist() else key)
+    with archive.open(info) as member:
+        _check_npy_size(member, info.file_size, name)
+
+
 def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
              test_fraction: float = 0.1, labels: bool = False) -> DataSplits:
     """Arrays from an ``.npz`` file: ``train``, and optionally ``test`` and ``valid``.
@@ -1043,14 +1104,21 @@ def load_npz(path: str | os.PathLike[str], *, binarize: str = "none",
     """
     file = _existing_file(str(path), "npz", "an .npz file with arrays train [, test, valid]")
     try:
+        # numpy leaves the file open when the archive is broken: the handle is ours to close
         with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
+            wanted = [key for key in archive.files if key in ("train", "test", "valid")]
+            wanted += [f"{key}_labels" for key in wanted if f"{key}_labels" in archive.files]
+            for key in wanted:
+                _check_npz_member(archive.zip, key, f"{file}: {key}")
             arrays = {key: archive[key] for key in archive.files if key in ("train", "test", "valid")}
             targets = {key: archive[f"{key}_labels"] for key in arrays
                        if f"{key}_labels" in archive.files}
             found = archive.files
-    except (ValueError, OSError) as error:
+    except InvalidDataError:
+        raise
+    except Exception as error:  # a damaged archive fails in zipfile, zlib or numpy's parser
         raise InvalidDataError(
-            f"{file} is not a readable .npz of plain arrays ({_one_line(error)})") from None
+            f"{file} is not a readable .npz of plain arrays ({_damage(error)})") from None
     if "train" not in arrays:
         raise InvalidDataError(f"{file} has no array named train (found: {', '.join(found) or 'none'}); "
                                f"save it with numpy.savez(path, train=..., test=...)")
@@ -1076,9 +1144,13 @@ def load_npy(path: str | os.PathLike[str], *, binarize: str = "none",
     file = _existing_file(str(path), "npy", "an .npy file with one array (N, ...)")
     try:
         with open(file, "rb") as handle:
+            _check_npy_size(handle, file.stat().st_size, str(file))
+            handle.seek(0)
             array = np.load(handle, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise InvalidDataError(f"{file} is not a readable .npy array ({_one_line(error)})") from None
+    except InvalidDataError:
+        raise
+    except Exception as error:  # a damaged header fails in numpy's parser, short data in numpy
+        raise InvalidDataError(f"{file} is not a readable .npy array ({_damage(error)})") from None
     return _splits_from_arrays({"train": array}, str(file), binarize=binarize, test_fraction=test_fraction)
 
 
@@ -1148,8 +1220,28 @@ def check_dataset_name(name: str) -> None:
     kind, colon, path = name.partition(":")
     if name in DATASETS or (colon and kind in FILE_DATASETS and path):
         return
-    raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}, or "
+    suggestion = _dataset_suggestion(name)
+    raise ConfigError(f"unknown dataset {name!r}"
+                      + (f" (did you mean {suggestion}?)" if suggestion else "")
+                      + f"; known datasets: {', '.join(DATASETS)}, or "
                       f"{', '.join(f'{kind}:PATH' for kind in FILE_DATASETS)}")
+
+
+def _dataset_suggestion(name: str) -> str | None:
+    """The ``--dataset`` value a mistyped ``name`` most likely meant: ``npy:``/``npz:``/
+    ``folder:`` before a bare path to such a file or folder, or the closest name."""
+    kind, colon, path = name.partition(":")
+    if colon and path:  # a mistyped kind: npzz:data.npz
+        close = difflib.get_close_matches(kind.lower(), FILE_DATASETS, n=1)
+        if close:
+            return f"{close[0]}:{path}"
+    suffix = Path(name).suffix.lower()
+    if suffix in (".npy", ".npz"):
+        return f"{suffix[1:]}:{name}"
+    if name and Path(name).expanduser().is_dir():
+        return f"folder:{name}"
+    close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,

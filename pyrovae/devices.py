@@ -15,12 +15,26 @@ from pyrovae.errors import PyrovaeError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is ``cuda`` when CUDA is available, else ``cpu``; other names pass through."""
+    """``auto`` is ``cuda`` when CUDA is available, else ``cpu``; other names pass through.
+
+    :raises PyrovaeError: a ``cuda`` or ``mps`` device that this machine, or this build of
+        torch, does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PyrovaeError(f"device {name!r} requested but CUDA is not available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PyrovaeError(f"device {name!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PyrovaeError(f"device {name!r} requested but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                               f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        built = torch.backends.mps.is_built()
+        raise PyrovaeError(f"device {name!r} requested but MPS is not available here ("
+                           + ("no Apple GPU found" if built else "this torch is built without "
+                              "it") + "); use --device cpu")
     return device
 
 

@@ -7,7 +7,15 @@
   (mixture, VampPrior and flow priors; full-covariance, low-rank and IAF guides against
   a diagonal prior);
 - ``iwae``: :class:`ImportanceWeightedELBO`, the K-sample importance-weighted bound per
-  data point, K = ``num_particles``.
+  data point, K = ``num_particles``;
+- ``stl_elbo``: :class:`PathDerivativeELBO`, the ELBO with the path-derivative ("sticking
+  the landing") gradient for the guide;
+- ``iwae_dreg``: :class:`DoublyReparameterizedIWAE`, the IWAE bound with doubly
+  reparameterised gradients for the guide and IWAE's for the model.
+
+The last two are written once on Pyro traces (:func:`path_log_weights`: the guide's log
+density re-scored with its parameters held fixed), so they apply to any program whose guide
+sites are reparameterised.
 
 The training loop takes them as :class:`LoopTrace_ELBO` and :class:`LoopTraceMeanField_ELBO`:
 Pyro's classes, whose loss and gradient they compute with Pyro's own per-particle code,
@@ -28,6 +36,10 @@ References:
 3. Sønderby, Raiko, Maaløe, Sønderby, Winther (2016). Ladder Variational Autoencoders.
    NeurIPS (linear KL warm-up).
 4. Higgins et al. (2017). beta-VAE. ICLR.
+5. Roeder, Wu, Duvenaud (2017). Sticking the Landing: Simple, Lower-Variance Gradient
+   Estimators for Variational Inference. NeurIPS.
+6. Tucker, Lawson, Gu, Maddison (2019). Doubly Reparameterized Gradient Estimators for Monte
+   Carlo Objectives. ICLR.
 """
 
 from __future__ import annotations
@@ -37,14 +49,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
 import torch
+from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyrovae.errors import ConfigError
-from pyrovae.evaluation import log_weights, particle_traces
-from pyrovae.programs import Program, ProgramError, Structure
+from pyrovae.evaluation import log_weights, particle_traces, trace_log_prob
+from pyrovae.programs import Program, ProgramError, Structure, is_sample_site
 from pyrovae.registration import ignores_module_parameters
+from pyrovae.sites import PARTICLE_PLATE
 
 
 class ImportanceWeightedELBO(ELBO):
@@ -82,6 +97,9 @@ class ImportanceWeightedELBO(ELBO):
     1. Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
     """
 
+    #: the objective's name in :data:`OBJECTIVES`, for messages
+    objective_name = "iwae"
+
     def __init__(self, num_particles: int = 5, **elbo_options: Any) -> None:
         if num_particles < 1:
             raise ValueError(f"num_particles must be positive, got {num_particles}")
@@ -96,7 +114,8 @@ class ImportanceWeightedELBO(ELBO):
             program = Program(model, guide)
             stiff = program.structure(*args).non_reparameterized_sites
             if stiff:
-                raise ProgramError(f"the iwae objective needs reparameterised guide sites; "
+                raise ProgramError(f"the {self.objective_name} objective needs reparameterised "
+                                   f"guide sites; "
                                    f"{', '.join(map(repr, stiff))} cannot be reparameterised")
             self._programs = {key: program}
         return self._programs[key]
@@ -132,6 +151,182 @@ class ImportanceWeightedELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args)
         loss.backward(retain_graph=self.retain_graph)
         return loss.item()
+
+
+def _with_values(trace: poutine.Trace, values: dict[str, torch.Tensor]) -> poutine.Trace:
+    """A shallow copy of ``trace`` whose sites ``values`` hold the given values instead."""
+    copy = trace.copy()
+    for name, value in values.items():
+        copy.nodes[name] = {**trace.nodes[name], "value": value}
+    return copy
+
+
+def path_log_weights(model: Callable[..., object], guide: Callable[..., object],
+                     *args: torch.Tensor, num_particles: int, structure: Structure
+                     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
+    """Log importance weights whose gradient reaches the guide only through its draws.
+
+    The value is that of :func:`~pyrovae.evaluation.log_weights` with site scales,
+    log w_k = log p(x, z_k) - log q_phi(z_k | x), z_k = g_phi(eps_k, x).  The gradient is
+    that of log p(x, z_k) - log q_{sg(phi)}(z_k): the guide's log density is re-scored with
+    its parameters held fixed, so that d log w_k / d phi is the path derivative
+
+        (d log w_k / d z_k) (d z_k / d phi),
+
+    without the score term d log q_phi(z) / d phi at fixed z, whose expectation is zero.  This
+    holds for any program, whatever holds phi (modules, ``pyro.param``): log q_{sg(phi)}(z) is
+    written as log q_phi(z) - log q_phi(sg(z)) + sg(log q_phi(z)), the two re-scorings
+    having the same partial derivative in phi.  A guide with one sample site re-scores that
+    site's distribution; a guide with several (z2 ~ q(z2 | z1)) is replayed twice, once on
+    the draws and once on their detached copies, so that d log q(z2 | z1) / d z1 is kept.  A
+    distribution that scores a value by inverting a transform (IAF) pays that inverse here.
+
+    :param num_particles: K, draws per data point, in the ``"particles"`` plate.
+    :param structure: the program's :class:`~pyrovae.programs.Structure`; its guide sites
+        must be reparameterised.
+    :returns: ``(log_w, draws)``: ``(K, N)`` log weights in nats, and for each latent site of
+        the guide ``(z, event_dim)``, the tensor through which the log weights see its draws
+        (a hook on it reweights their path gradient per particle and point).
+    """
+    nesting = structure.max_plate_nesting
+    particle_dim = -(nesting + 1)
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        sites = [name for name, site in guide_trace.nodes.items() if is_sample_site(site)]
+        latent = [name for name in sites if not guide_trace.nodes[name]["is_observed"]]
+        # an alias of each draw: the only way the log weights see it
+        draws = {name: guide_trace.nodes[name]["value"].view_as(guide_trace.nodes[name]["value"])
+                 for name in latent}
+        seen = _with_values(guide_trace, draws)
+        fixed = _with_values(guide_trace, {name: z.detach() for name, z in draws.items()})
+        replayed = poutine.replay(model, trace=seen)
+        if structure.enumerated_sites:
+            replayed = poutine.enum(replayed, first_available_dim=particle_dim - 1)
+        model_trace = poutine.trace(replayed).get_trace(*args)
+        if len(sites) > 1:  # a later site's distribution may depend on an earlier draw
+            seen = poutine.trace(poutine.replay(guide, trace=seen)).get_trace(*args)
+            fixed = poutine.trace(poutine.replay(guide, trace=fixed)).get_trace(*args)
+    log_p = trace_log_prob(model_trace, nesting, True, len(structure.enumerated_sites))
+    log_q = trace_log_prob(seen, nesting, True)
+    fixed_log_q = trace_log_prob(fixed, nesting, True)
+    # value log q; gradient only through the draws (the phi-partials cancel)
+    log_q = log_q - fixed_log_q + fixed_log_q.detach()
+    num_points = args[0].shape[0]
+    events = {name: (z, guide_trace.nodes[name]["fn"].event_dim) for name, z in draws.items()}
+    return (log_p - log_q).expand(num_particles, num_points), events
+
+
+class PathDerivativeELBO(ImportanceWeightedELBO):
+    """The ELBO with the path-derivative ("sticking the landing") gradient: minus the sum over
+    data points of
+
+        ELBO_K(x_n) = (1/K) sum_k [log p(x_n, z_k) - log q_{sg(phi)}(z_k | x_n)],
+        z_k = g_phi(eps_k, x_n),
+
+    where sg stops the gradient: log q is evaluated with the guide's parameters phi held
+    fixed (:func:`path_log_weights`).  Its value is the Monte Carlo ELBO of
+    :class:`pyro.infer.Trace_ELBO`; its gradient drops the score term E_q[d log q_phi(z) /
+    d phi] = 0, so it is unbiased, and it vanishes for every draw when q(z|x) = p(z|x)
+    (then log w_k = log p(x) does not depend on z_k), where ``Trace_ELBO``'s does not.  The
+    model's parameters get ``Trace_ELBO``'s gradient.
+
+    Every guide site must be reparameterised.
+
+    :param num_particles: K, draws per data point (averaged).
+
+    Example::
+
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
+                  PathDerivativeELBO(num_particles=1))
+
+    References:
+
+    1. Roeder, Wu, Duvenaud (2017). Sticking the Landing: Simple, Lower-Variance Gradient
+       Estimators for Variational Inference. NeurIPS.
+    """
+
+    objective_name = "stl_elbo"
+
+    def __init__(self, num_particles: int = 1, **elbo_options: Any) -> None:
+        super().__init__(num_particles=num_particles, **elbo_options)
+
+    def _path_log_weights(self, model: Callable[..., object], guide: Callable[..., object],
+                          args: tuple[torch.Tensor, ...]
+                          ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
+        structure = self._program(model, guide, args).structure(*args)
+        return path_log_weights(model, guide, *args, num_particles=self.num_particles,
+                                structure=structure)
+
+    def bound(self, model: Callable[..., object], guide: Callable[..., object],
+              *args: torch.Tensor) -> torch.Tensor:
+        """The ELBO estimate of every data point with the path-derivative gradient: ``(N,)``
+        nats."""
+        log_w, _ = self._path_log_weights(model, guide, args)
+        return log_w.mean(0)
+
+
+class DoublyReparameterizedIWAE(PathDerivativeELBO):
+    """The IWAE bound with doubly reparameterised gradients for the guide (DReG).
+
+    The value is the K-sample bound of :class:`ImportanceWeightedELBO`,
+    L_K(x) = log (1/K) sum_k w_k, with normalised weights w~_k = w_k / sum_j w_j.  Its
+    gradient in the model's parameters theta is IWAE's, sum_k w~_k d log w_k / d theta.  In
+    the guide's parameters phi, IWAE's gradient sum_k w~_k d log w_k / d phi carries score
+    terms whose variance grows with K while the signal shrinks (Rainforth et al. 2018).
+    Reparameterising the score term a second time (Tucker et al. 2019) gives an estimator of
+    the same expectation without them:
+
+        d L_K / d phi  ~=  sum_k w~_k^2 (d log w_k / d z_k) (d z_k / d phi).
+
+    One surrogate gives both gradients in one backward pass.  With log w_k from
+    :func:`path_log_weights` (a path-only gradient in phi), the surrogate is
+    S = sum_k sg(w~_k) log w_k, whose theta-gradient is IWAE's; its phi-gradient would be
+    sum_k w~_k (path of log w_k), so a gradient hook on each draw z_k multiplies the gradient
+    arriving there by w~_k a second time.  The hook sits on the alias through which the log
+    weights see z_k, not on z_k itself, so in a hierarchical guide (z2 drawn from z1) the
+    gradient reaching z1 through z2 is weighted once, not twice.  The loss is
+    -sum_n [sg(L_K(x_n)) + S_n - sg(S_n)]: the bound's value, the surrogate's gradient.
+
+    At K = 1 it is :class:`PathDerivativeELBO`; when q(z|x) = p(z|x) the guide's gradient is
+    zero for every draw.  Every guide site must be reparameterised (and, as for every
+    objective here, inside the data plate).
+
+    :param num_particles: K, importance samples per data point.
+
+    Example::
+
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
+                  DoublyReparameterizedIWAE(num_particles=5))
+
+    References:
+
+    1. Tucker, Lawson, Gu, Maddison (2019). Doubly Reparameterized Gradient Estimators for
+       Monte Carlo Objectives. ICLR.
+    2. Rainforth, Kosiorek, Le, Maddison, Igl, Wood, Teh (2018). Tighter Variational Bounds
+       are Not Necessarily Better. ICML.
+    3. Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
+    """
+
+    objective_name = "iwae_dreg"
+
+    def __init__(self, num_particles: int = 5, **elbo_options: Any) -> None:
+        super().__init__(num_particles=num_particles, **elbo_options)
+
+    def bound(self, model: Callable[..., object], guide: Callable[..., object],
+              *args: torch.Tensor) -> torch.Tensor:
+        """L_K(x_n) for every data point, with the DReG gradient: ``(N,)`` nats."""
+        log_w, draws = self._path_log_weights(model, guide, args)
+        weights = torch.softmax(log_w.detach(), dim=0)  # (K, N)
+        num_particles, num_points = weights.shape
+        for z, event_dim in draws.values():
+            if z.requires_grad:
+                # batch shape (K, inner plates..., N), the data plate at -1
+                aligned = weights.reshape(num_particles, *(1,) * (z.dim() - event_dim - 2),
+                                          num_points, *(1,) * event_dim)
+                z.register_hook(lambda grad, aligned=aligned: grad * aligned)
+        surrogate = (weights * log_w).sum(0)
+        value = torch.logsumexp(log_w.detach(), dim=0) - math.log(num_particles)
+        return value + (surrogate - surrogate.detach())
 
 
 @ignores_module_parameters  # it scales sample sites only
@@ -235,11 +430,17 @@ OBJECTIVES: dict[str, type[ELBO]] = {
     "trace_elbo": LoopTrace_ELBO,
     "meanfield_elbo": LoopTraceMeanField_ELBO,
     "iwae": ImportanceWeightedELBO,
+    "stl_elbo": PathDerivativeELBO,
+    "iwae_dreg": DoublyReparameterizedIWAE,
 }
+
+#: objectives that need reparameterised guide sites (they differentiate through the draws)
+REPARAMETERIZED_OBJECTIVES = ("iwae", "stl_elbo", "iwae_dreg")
 
 
 def make_objective(name: str, num_particles: int = 1, *,
-                   structure: Structure | None = None) -> ELBO:
+                   structure: Structure | None = None, free_bits: float = 0.0,
+                   free_bits_group: str = "dimension") -> ELBO:
     """An objective from :data:`OBJECTIVES` that draws ``num_particles`` z per data point, vectorized.
 
     The loss it returns is minus the objective summed over the minibatch, in nats.
@@ -248,7 +449,12 @@ def make_objective(name: str, num_particles: int = 1, *,
         and enumerated sites).  A program with enumerated sites trains ``trace_elbo`` and
         ``meanfield_elbo`` with :class:`pyro.infer.TraceEnum_ELBO`, which sums those sites out
         exactly (the same ELBO, with the Monte Carlo KL of the continuous sites).
+    :param free_bits: positive: the ELBO with a floor of this many nats under the KL of each
+        ``free_bits_group`` (:class:`~pyrovae.free_bits.FreeBitsELBO`; its analytic KL
+        where torch has one under ``meanfield_elbo``).
     """
+    if free_bits:
+        return _free_bits_objective(name, num_particles, structure, free_bits, free_bits_group)
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
     if num_particles < 1:
@@ -260,7 +466,24 @@ def make_objective(name: str, num_particles: int = 1, *,
         raise ConfigError(f"meanfield_elbo needs a program with one latent site; this one has "
                           f"{', '.join(structure.latent_sites)}: use trace_elbo")
     objective = OBJECTIVES[name]
-    if structure is not None and structure.enumerates and name != "iwae":
-        objective = TraceEnum_ELBO  # the iwae bound sums them out in its log weights
+    if structure is not None and structure.enumerates and name not in REPARAMETERIZED_OBJECTIVES:
+        objective = TraceEnum_ELBO  # the importance-weighted log weights sum them out
     return objective(num_particles=num_particles, vectorize_particles=num_particles > 1,
                      max_plate_nesting=nesting)
+
+
+def _free_bits_objective(name: str, num_particles: int, structure: Structure | None,
+                         free_bits: float, group: str) -> ELBO:
+    """:func:`make_objective` with free bits, or one line saying why it cannot apply."""
+    from pyrovae.free_bits import FreeBitsELBO
+
+    if name not in ("trace_elbo", "meanfield_elbo"):
+        raise ConfigError(f"free bits floors the KL term of the ELBO, which the {name} "
+                          f"objective does not have: use trace_elbo or meanfield_elbo")
+    if structure is not None and structure.enumerates:
+        summed = structure.enumerated_sites + structure.guide_enumerated_sites
+        raise ConfigError(f"free bits needs every latent site drawn by the guide; this program "
+                          f"sums {', '.join(summed)} out")
+    nesting = structure.max_plate_nesting if structure is not None else 1
+    return FreeBitsELBO(free_bits, group, analytic=name == "meanfield_elbo",
+                        num_particles=num_particles, max_plate_nesting=nesting)

@@ -44,18 +44,21 @@ from pyrovae.checkpoint import (
     history_path,
     keep_history,
     mark_best,
+    param_store_entry,
+    program_record,
     restore_rng_state,
     save_checkpoint,
+    stored_param_values,
 )
 from pyrovae.compilation import COMPILE_MODES, compile_networks
 from pyrovae.config import TrainConfig
-from pyrovae.data import DataSplits
+from pyrovae.data import DataSplits, outside_unit_interval
 from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F401  (re-exported)
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
 from pyrovae.models import VAE
-from pyrovae.objectives import AuxiliaryLoss, LatentScale, kl_weight, make_objective
+from pyrovae.objectives import AuxiliaryLoss, LatentScale, make_objective
 from pyrovae.optim import (
     OUTPUT_BIAS_INITS,
     AdamSettings,
@@ -67,7 +70,7 @@ from pyrovae.optim import (
 from pyrovae.programs import Program, ProgramError, Structure, as_program, program_parameters
 from pyrovae.registration import parameters_owned
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
-from pyrovae.schedules import scheduled_lr
+from pyrovae.schedules import check_plateau, plateau_step, scheduled_kl_weight, scheduled_lr
 from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
@@ -116,8 +119,9 @@ def check_training_data(vae: VAE, data: DataSplits, batch_size: int | None = Non
     if data.dynamic_binarization:
         # the stored grey levels are Bernoulli probabilities; batches are draws from them
         check_data(data.train, vae.data_dim, name="training data")
-        if float(data.train.min()) < 0 or float(data.train.max()) > 1:
-            raise InvalidDataError("dynamic binarization needs training data in [0, 1]")
+        problem = outside_unit_interval(data.train, "training data", "for dynamic binarization")
+        if problem:
+            raise InvalidDataError(problem)
     else:
         vae.check_data(data.train, name="training data")
     vae.check_data(data.test, name="test data")
@@ -234,8 +238,11 @@ class FitOptions:
         epoch after which another epoch of the same length would overrun it (the checkpoint
         then holds finished epochs only, and ``resume`` carries on); ``None``: no budget.
     :param lr_schedule: the learning rate of each epoch, :func:`scheduled_lr` of ``lr``
-        (halved once per rollback), set at the start of every epoch: ``"constant"`` or
-        ``"iwae"`` (Burda et al. 2016).
+        (halved once per rollback), set at the start of every epoch: ``"constant"``,
+        ``"iwae"`` (Burda et al. 2016), ``"cosine"`` (to ``lr_min`` over ``epochs``) or
+        ``"plateau"``: ``lr`` times ``lr_plateau_factor`` whenever the held-out ELBO (the
+        one early stopping watches) has not improved for ``lr_plateau_patience`` evaluated
+        epochs, never below ``lr_min`` (:func:`~pyrovae.schedules.plateau_step`).
     :param log_px_every: every this many epochs (and after the last) estimate the test
         log p(x) of the first ``log_px_size`` test points with ``log_px_samples`` importance
         samples (the ``test_log_px`` column); 0: never.
@@ -253,6 +260,13 @@ class FitOptions:
         warm-up do not count, since the ELBO they train is not yet the one evaluated.  The
         parameters are then the last epoch's; ``checkpoint_best.pt`` holds the best ones.
         0: train all ``epochs``.
+    :param kl_schedule: the KL weight of each epoch
+        (:func:`~pyrovae.schedules.scheduled_kl_weight`): ``"linear"``, the
+        ``kl_warmup_epochs`` warm-up; ``"cyclical"``, ``kl_cycles`` cycles over ``epochs``,
+        each rising over its first ``kl_cycle_ratio`` (Fu et al. 2019).
+    :param free_bits: positive: train the ELBO with a floor of this many nats under the
+        minibatch-mean KL of each ``free_bits_group`` (``"dimension"`` or ``"site"``;
+        :class:`~pyrovae.free_bits.FreeBitsELBO`).
 
     Example::
 
@@ -285,6 +299,14 @@ class FitOptions:
     adam: AdamSettings | None = None
     output_bias_init: str = "zero"
     early_stopping_patience: int = 0
+    kl_schedule: str = "linear"
+    kl_cycles: int = 4
+    kl_cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+    free_bits_group: str = "dimension"
+    lr_min: float = 0.0
+    lr_plateau_factor: float = 0.5
+    lr_plateau_patience: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -293,7 +315,11 @@ class FitOptions:
             raise PyrovaeError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
                                f"got {self.on_divergence!r}")
         # an unknown schedule stops here, before training
-        scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule)
+        scheduled_lr(1, lr=self.lr, schedule=self.lr_schedule, epochs=self.epochs,
+                     lr_min=self.lr_min)
+        check_plateau(self.lr_plateau_factor, self.lr_plateau_patience, self.lr_min)
+        scheduled_kl_weight(1, schedule=self.kl_schedule, epochs=self.epochs,
+                            cycles=self.kl_cycles, ratio=self.kl_cycle_ratio)
         if self.compile not in ("off", *COMPILE_MODES):
             raise PyrovaeError(f"compile must be off or one of {', '.join(COMPILE_MODES)}, "
                                f"got {self.compile!r}")
@@ -484,6 +510,8 @@ class TrainingLoop:
         #: called on the main process after each epoch's record (e.g. a TensorBoard writer)
         self.on_epoch_end = on_epoch_end
         self.program = as_program(vae)
+        #: what the caller passed: its class is recorded in checkpoints
+        self.given_program = vae
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
         self.data, self.config, self.run_dir = data, config, run_dir
@@ -520,9 +548,10 @@ class TrainingLoop:
             compiled = compile_networks(self.program.module, options.compile)
             logger.info("compiled %s (torch.compile, mode %s)", ", ".join(compiled) or "nothing",
                         options.compile)
-        self.kl_scale = LatentScale(kl_weight(1, beta=options.beta,
-                                              warmup_epochs=options.kl_warmup_epochs))
-        self.elbo = make_objective(options.objective, options.num_particles, structure=structure)
+        self.kl_scale = LatentScale(self.kl_weight(1))
+        self.elbo = make_objective(options.objective, options.num_particles, structure=structure,
+                                   free_bits=options.free_bits,
+                                   free_bits_group=options.free_bits_group)
         self.model = self.kl_scale(self.program.model)
         self.guide = self.kl_scale(self.program.guide)
         self.generator = torch.Generator()
@@ -534,6 +563,8 @@ class TrainingLoop:
         self.best_elbo = -math.inf
         # epochs since the held-out ELBO last improved, KL warm-up epochs not counted
         self.epochs_without_improvement = 0
+        # evaluated epochs since the held-out ELBO last improved or the rate was reduced
+        self.plateau_epochs = 0
         self.history: list[EpochRecord] = []
         #: the latent sites whose active units ``activity_every`` counts (None: off)
         self.activity_sites = guide_sites(self.program, *first) if options.activity_every \
@@ -607,6 +638,13 @@ class TrainingLoop:
         return [(self._reached[0], lambda: self._loss(x))] + [
             (reached, auxiliary_loss(*step))
             for reached, step in zip(self._reached[1:], self.auxiliary, strict=True)]
+
+    def kl_weight(self, epoch: int) -> float:
+        """The KL weight of ``epoch`` under the options' schedule."""
+        options = self.options
+        return scheduled_kl_weight(epoch, beta=options.beta, schedule=options.kl_schedule,
+                                   warmup_epochs=options.kl_warmup_epochs, epochs=options.epochs,
+                                   cycles=options.kl_cycles, ratio=options.kl_cycle_ratio)
 
     def _loss(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         """Minus the (KL-weighted) objective of the program summed over the minibatch,
@@ -760,9 +798,8 @@ class TrainingLoop:
             "epoch_generator_state": self.epoch_generator_state,
             "best_elbo": self.best_elbo, "rollbacks": self.rollbacks,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "plateau_epochs": self.plateau_epochs,
             "history": [asdict(record) for record in self.history],
-            "param_store": {name: value.detach().clone()
-                            for name, value in self.store_parameters.items()},
         }
 
     def _save(self) -> None:
@@ -777,13 +814,18 @@ class TrainingLoop:
         if not self.is_main:
             return
         completed_epochs = self.epoch - 1
+        config = self.config.to_dict() if self.config is not None else None
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.vae, self.optimizer, completed_epochs,
-                        self.config, self.data.image_shape, progress=self._position())
+                        config, self.data.image_shape, progress=self._position(),
+                        data_dim=self.data.data_dim,
+                        param_store=param_store_entry(self.store_parameters),
+                        program=program_record(self.given_program, config))
 
     def _load(self, path: Path) -> None:
         # rank 0 reads and sends it to the others: no shared file system needed to resume
         # everything is checked before anything is changed (check_resumable)
-        checkpoint = distributed.rank0_call(lambda: check_resumable(path, self.vae))
+        checkpoint = distributed.rank0_call(
+            lambda: check_resumable(path, self.vae, self.parameters))
         position = checkpoint["progress"]
         try:
             history = [EpochRecord(**record) for record in position["history"]]
@@ -791,7 +833,7 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {path}: an epoch record of its history is "
                                   f"malformed ({error})") from None
         self.vae.load_state_dict(checkpoint["model"])
-        saved_store = position.get("param_store", {})
+        saved_store = stored_param_values(checkpoint)
         missing = sorted(set(self.store_parameters) - set(saved_store))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks the Pyro parameters "
@@ -810,6 +852,7 @@ class TrainingLoop:
         self.epoch_generator_state = position["epoch_generator_state"]
         self.best_elbo = position["best_elbo"]
         self.epochs_without_improvement = position.get("epochs_without_improvement", 0)
+        self.plateau_epochs = position.get("plateau_epochs", 0)
         self.history = history
         restore_rng_state(checkpoint["rng"])
         # a checkpoint holds rank 0's GPU state; every rank puts it on its own GPU
@@ -855,8 +898,7 @@ class TrainingLoop:
 
     def _run_epoch(self, bar: tqdm, stop: _StopSignals) -> None:
         epoch = self.epoch
-        self.kl_scale.beta = kl_weight(epoch, beta=self.options.beta,
-                                       warmup_epochs=self.options.kl_warmup_epochs)
+        self.kl_scale.beta = self.kl_weight(epoch)
         self._apply_lr()
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
@@ -928,6 +970,8 @@ class TrainingLoop:
         if improved:
             self.best_elbo = held_out
         self._count_for_early_stopping(record, improved, evaluated=not math.isnan(held_out))
+        if self.options.lr_schedule == "plateau" and not math.isnan(held_out):
+            self._reduce_on_plateau(improved)
         if self.on_epoch_end is not None and self.is_main:
             self.on_epoch_end(record, self)
         # the next epoch starts from the generator state this one left
@@ -946,6 +990,18 @@ class TrainingLoop:
         if self._stop is not None and self.world_size == 1 and \
                 self._stop.signal_number is not None:
             self._interrupt(self._stop.signal_number)
+
+    def _reduce_on_plateau(self, improved: bool) -> None:
+        """Count this evaluated epoch towards a reduction of the base rate (``lr_schedule``
+        ``"plateau"``); the next epoch starts at the reduced rate."""
+        options = self.options
+        lr, self.plateau_epochs = plateau_step(
+            self.lr, self.plateau_epochs, improved, factor=options.lr_plateau_factor,
+            patience=options.lr_plateau_patience, lr_min=options.lr_min)
+        if lr != self.lr and self.is_main:
+            logger.info("the held-out ELBO has not improved for %d evaluated epochs: learning "
+                        "rate %.3g -> %.3g", options.lr_plateau_patience, self.lr, lr)
+        self.lr = lr
 
     @property
     def stopped_early(self) -> bool:
@@ -1045,7 +1101,8 @@ class TrainingLoop:
 
     def _apply_lr(self) -> float:
         """Set the optimizer to the scheduled rate of the epoch under way; return it."""
-        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule)
+        lr = scheduled_lr(self.epoch, lr=self.lr, schedule=self.options.lr_schedule,
+                          epochs=self.options.epochs, lr_min=self.options.lr_min)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

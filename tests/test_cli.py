@@ -10,7 +10,7 @@ import pytest
 
 from pyrovae import TrainConfig
 from pyrovae.cli import build_parser, main
-from tests.conftest import SHARED_DATA, requires_mnist
+from tests.conftest import SHARED_DATA, requires_mnist, write_synthetic_dataset
 
 TINY = ["--train-size", "300", "--test-size", "40", "--epochs", "2", "--hidden-dims", "32",
         "--latent-dim", "4", "--batch-size", "50", "--eval-samples", "20", "--no-progress"]
@@ -22,15 +22,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def digits(tmp_path_factory) -> list[str]:
+    """``--dataset`` flags for synthetic 28x28 grey images, TINY's sizes (no MNIST needed)."""
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    return ["--dataset", f"npz:{write_synthetic_dataset(path, num_train=300, num_test=40, side=28)}"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, digits):
     run_dir = tmp_path_factory.mktemp("run")
-    result = run_cli("train", "--data-dir", str(SHARED_DATA), "--out-dir", str(run_dir),
-                     "--overwrite", *TINY)
+    result = run_cli("train", *digits, "--out-dir", str(run_dir), "--overwrite", *TINY)
     assert result.returncode == 0, result.stderr
     return run_dir, result
 
 
-@requires_mnist
 def test_train_writes_a_complete_run(trained_run):
     run_dir, result = trained_run
     for name in ("config.json", "metrics.csv", "checkpoint.pt", "samples.png", "results.json"):
@@ -43,7 +48,6 @@ def test_train_writes_a_complete_run(trained_run):
     assert "log p(x) (K=20)" in result.stdout
 
 
-@requires_mnist
 def test_evaluate_prints_and_writes_json(trained_run, tmp_path):
     run_dir, _ = trained_run
     output = tmp_path / "eval.json"
@@ -56,7 +60,6 @@ def test_evaluate_prints_and_writes_json(trained_run, tmp_path):
     assert "log p(x) (K=30)" in result.stdout
 
 
-@requires_mnist
 def test_sample_writes_a_png_grid(trained_run, tmp_path):
     run_dir, _ = trained_run
     output = tmp_path / "grid.png"
@@ -64,8 +67,9 @@ def test_sample_writes_a_png_grid(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     from PIL import Image
 
-    with Image.open(output) as image:  # 3 x 3 grid of 28-pixel digits with 2-pixel padding
-        assert image.size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)
+    # 3 x 3 grid of 28-pixel digits with 2-pixel padding, enlarged three times
+    with Image.open(output) as image:
+        assert image.size == (3 * (3 * 28 + 4 * 2), 3 * (3 * 28 + 4 * 2))
 
 
 def test_help_reads_well():
@@ -90,20 +94,17 @@ def test_missing_data_dir_is_one_clear_line(capsys, tmp_path):
     assert "absent does not exist" in message and "--data-dir" in message
 
 
-@requires_mnist
-def test_grey_levels_with_bernoulli_is_one_clear_line(capsys, tmp_path):
-    message = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--binarize", "none",
+def test_grey_levels_with_bernoulli_is_one_clear_line(capsys, tmp_path, digits):
+    message = one_line_error(capsys, ["train", *digits, "--binarize", "none",
                                       "--out-dir", str(tmp_path / "run"), *TINY])
     assert "Bernoulli likelihood needs binary data" in message
     assert not (tmp_path / "run" / "config.json").exists()  # nothing half-written
 
 
-@requires_mnist
-def test_an_existing_run_is_not_overwritten(capsys, trained_run):
+def test_an_existing_run_is_not_overwritten(capsys, trained_run, digits):
     run_dir, _ = trained_run
     before = (run_dir / "checkpoint.pt").read_bytes()
-    message = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--out-dir",
-                                      str(run_dir), *TINY])
+    message = one_line_error(capsys, ["train", *digits, "--out-dir", str(run_dir), *TINY])
     assert "already holds a run" in message and "--overwrite" in message
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
@@ -166,11 +167,11 @@ def test_lr_schedule_takes_iwae_and_names_the_choices_otherwise(capsys):
     args = build_parser().parse_args(["train", "--lr-schedule", "iwae"])
     assert TrainConfig.from_args(args).lr_schedule == "iwae"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--lr-schedule", "cosine"])
+        main(["train", "--lr-schedule", "step"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --lr-schedule: invalid choice: 'cosine'" in err
-    assert "constant" in err and "iwae" in err
+    assert "argument --lr-schedule: invalid choice: 'step'" in err
+    assert "constant" in err and "iwae" in err and "cosine" in err and "plateau" in err
 
 
 def test_the_lr_schedule_cannot_change_on_resume(capsys, tmp_path):
@@ -195,8 +196,14 @@ def test_the_start_scale_and_clip_cannot_change_on_resume(capsys, tmp_path, flag
 
 
 @requires_mnist
-def test_batch_larger_than_the_data_is_one_clear_line(capsys, tmp_path):
-    line = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--out-dir",
-                                   str(tmp_path / "run"), "--train-size", "30", "--batch-size", "100"])
-    assert "batch size 100 is larger than the training set (30 points)" in line
+def test_a_batch_larger_than_the_data_is_reduced_to_it_with_a_warning(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data-dir", str(SHARED_DATA), "--out-dir", str(run_dir),
+                 "--train-size", "30", "--test-size", "10", "--batch-size", "100",
+                 "--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2",
+                 "--eval-samples", "2", "--no-progress"]) == 0
+    assert ("batch size 100 is larger than the training set (30 points): training with "
+            "batches of 30") in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 30
+    assert json.loads((run_dir / "results.json").read_text())["config"]["batch_size"] == 30
 

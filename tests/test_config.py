@@ -47,7 +47,8 @@ def test_json_round_trip(tmp_path):
     ({"lr": 0.0}, "lr must be positive"),
     ({"hidden_dims": (10, 0)}, "hidden_dims must be positive"),
     ({"eval_samples": -5}, "eval_samples must be >= 0"),
-    ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'; known: constant, iwae"),
+    ({"lr_schedule": "step"}, "unknown lr_schedule 'step'; known: constant, iwae, burda2016, "
+                              "cosine, plateau"),
     ({"log_px_every": -1}, "log_px_every must be >= 0"),
     ({"log_px_samples": 0}, "log_px_samples must be positive"),
     ({"log_px_size": 0}, "log_px_size must be positive"),
@@ -78,6 +79,11 @@ def test_build_vae_follows_the_config():
     ('{"hidden_dims": [8, "a"]}', "'hidden_dims' should be a list of integers"),
     ('{"progress": 1}', "'progress' should be bool"),
     ('{"train_size": 1.5}', "'train_size' should be int or null"),
+    ('{"hidden_dims": [99999999999999999999]}',
+     "hidden_dims \\[99999999999999999999\\] is too large \\(at most 2147483647\\)"),
+    ('{"sigma": 1e400}', "sigma must be a finite number, got inf"),
+    ("[" * 100_000 + "]" * 100_000, "nests lists or objects too deeply to be a config"),
+    ('{"hidden_dims": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests lists or objects too"),
 ])
 def test_a_broken_config_file_is_one_line_naming_it(tmp_path, text, message):
     path = tmp_path / "config.json"
@@ -109,6 +115,9 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
     ({"seed": -1}, "seed must be between 0 and 2\\*\\*32 - 1"),
     ({"seed": 2**32}, "seed must be between"),
     ({"latent_dim": 2**40}, "latent_dim 1099511627776 is too large"),
+    ({"hidden_dims": (8, 10**20)}, f"hidden_dims \\[8, {10**20}\\] is too large \\(at most "
+                                   f"2147483647\\)"),
+    ({"latent_dims": (2**31, 4)}, "latent_dims \\[2147483648, 4\\] is too large"),
     ({"device": "foo"}, "unknown device 'foo'"),
     ({"device": "meta"}, "device 'meta' cannot hold the data"),
 ])

@@ -478,3 +478,24 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     # the evaluation of epoch 1 is not restored into the run; the bank marks it stale
     run_script("burda2016.py", "bank", *paths)
     assert json.loads((bank_dir / "results.json").read_text())["final_evaluation"]["stale"]
+
+
+@requires_mnist
+def test_burda2016_iwae_dreg_trains_the_protocol_with_its_own_objective(tmp_path):
+    run_dir, bank_dir = tmp_path / "run", tmp_path / "bank"
+    paths = ["--run-dir", str(run_dir), "--bank-dir", str(bank_dir)]
+    tiny = ["--train-size", "440", "--test-size", "100", "--epochs", "1", "--batch-size", "40",
+            "--log-px-samples", "5", "--log-px-size", "20"]
+    run_script("burda2016_iwae_dreg.py", "train", "--data-dir", str(SHARED_DATA), "--minutes",
+               "5", *paths, *tiny)
+    run_script("burda2016_iwae_dreg.py", "bank", *paths)
+    results = json.loads((bank_dir / "results.json").read_text())
+    config = results["config"]
+    assert config["preset"] == "burda2016" and config["batch_size"] == 40
+    assert config["objective"] == "iwae_dreg" and config["num_particles"] == 5
+    assert results["published_log_marginal_likelihood"] == -85.54
+    assert results["epochs_done"] == 1 and results["learning_curve"][0]["test_log_px"] < 0
+    refused = run_script("burda2016_iwae_dreg.py", "final", "--run-dir", str(run_dir),
+                         check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("burda2016_iwae_dreg.py: error: the run is at epoch 1")

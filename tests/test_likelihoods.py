@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import mpmath
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -17,10 +19,20 @@ from pyrovae.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulli,
     ContinuousBernoulliLikelihood,
+    DiscretizedGaussian,
+    DiscretizedGaussianLikelihood,
+    DiscretizedLogistic,
+    DiscretizedLogisticLikelihood,
+    DiscretizedLogisticMixture,
+    DiscretizedLogisticMixtureLikelihood,
+    GaussianLikelihood,
     PixelGaussianLikelihood,
     bernoulli_log_prob,
+    bits_per_dim,
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
+    discretized_gaussian_log_prob,
+    discretized_logistic_log_prob,
     logit_clip_of_probability_clip,
 )
 
@@ -238,10 +250,13 @@ def test_the_per_pixel_sigma_has_a_floor():
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
 def test_every_likelihood_has_the_event_shape_of_a_data_point(name):
     config = TrainConfig(hidden_dims=(4,), latent_dim=2, likelihood=name)
-    likelihood = build_vae(config, data_dim=5).likelihood
-    p = likelihood(torch.zeros(3, 2, 5))
+    vae = build_vae(config, data_dim=5)
+    likelihood = vae.likelihood
+    outputs = vae.decoder(torch.zeros(3, 2, 2))  # P numbers per value
+    assert outputs.shape == (3, 2, 5 * likelihood.params_per_value)
+    p = likelihood(outputs)
     assert p.event_shape == (5,) and p.batch_shape == (3, 2)
-    assert likelihood.mean(torch.zeros(3, 2, 5)).shape == (3, 2, 5)
+    assert likelihood.mean(outputs).shape == (3, 2, 5)
 
 
 #: logits on both sides of Tomczak & Welling's clip, log((1 - 1e-5) / 1e-5) = 11.5129
@@ -302,3 +317,223 @@ def test_the_logit_clip_comes_from_the_config_and_bad_ones_are_refused():
     for bad in (0.0, 0.5, 1.0):
         with pytest.raises(ValueError, match="epsilon must be in \\(0, 1/2\\)"):
             logit_clip_of_probability_clip(bad)
+
+
+# --- discretized likelihoods of 8-bit data -------------------------------------------------
+
+LEVELS = torch.arange(256, dtype=torch.float64) / 255
+#: (loc, log-scale) pairs: broad, ordinary, tiny scales, locations on a bin's edge, at a
+#: value, off the grid's ends
+DISCRETE_PARAMETERS = [(loc, log_scale)
+                       for loc in (-0.4, 0.0, 76.5 / 255, 0.5001, 200 / 255, 1.0, 1.7)
+                       for log_scale in (3.0, 0.0, -2.0, -5.0, -8.0, -12.0, -16.0)]
+
+
+def discrete_distributions(dtype: torch.dtype):
+    locs = torch.tensor([loc for loc, _ in DISCRETE_PARAMETERS], dtype=dtype)
+    log_scales = torch.tensor([log_scale for _, log_scale in DISCRETE_PARAMETERS], dtype=dtype)
+    mixture = DiscretizedLogisticMixture(
+        torch.stack([torch.zeros_like(locs), torch.full_like(locs, -1.0)], -1),
+        torch.stack([locs, 1 - locs], -1), torch.stack([log_scales, log_scales + 1], -1))
+    return {"logistic": DiscretizedLogistic(locs, log_scales),
+            "gaussian": DiscretizedGaussian(locs, log_scales), "mixture": mixture}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("name", ["logistic", "gaussian", "mixture"])
+def test_each_values_discrete_probabilities_sum_to_one_over_the_256_levels(name, dtype, tolerance):
+    p = discrete_distributions(dtype)[name]
+    log_prob = p.log_prob(LEVELS.to(dtype)[:, None])  # (256 levels, parameters)
+    assert bool(torch.isfinite(log_prob).all())
+    totals = log_prob.double().exp().sum(0)
+    torch.testing.assert_close(totals, torch.ones_like(totals), atol=tolerance, rtol=0)
+    # the mean is the expectation over the levels
+    expected = (log_prob.double().exp() * LEVELS[:, None]).sum(0)
+    torch.testing.assert_close(p.mean.double(), expected, atol=5 * tolerance, rtol=0)
+
+
+def reference_log_prob(cdf, value: float, loc: float, log_scale: float,
+                       dtype: torch.dtype) -> float:
+    """log P(value) to 40 digits: the CDF's difference over the value's bin, the edge bins
+    taking the tails; above ``loc`` the difference of the survival functions (the CDF is
+    symmetric), so that two numbers near 1 are never subtracted.  The bin's edges are
+    (k +- 1/2) / 255 as ``dtype`` holds them: where a tiny scale puts ``loc`` within rounding
+    of an edge, the answer depends on that rounding, which no computation in ``dtype`` avoids."""
+    mpmath.mp.dps = 40
+    scale = mpmath.exp(mpmath.mpf(log_scale))
+    k = round(value * 255)
+    edges = torch.tensor([(k + 0.5) / 255, (k - 0.5) / 255], dtype=dtype).tolist()
+    loc = mpmath.mpf(loc)
+    upper = (mpmath.mpf(edges[0]) - loc) / scale
+    lower = (mpmath.mpf(edges[1]) - loc) / scale
+    centre = mpmath.mpf(k) / 255
+    if centre > loc:
+        return float(mpmath.log((cdf(-lower) if k else 1) - (cdf(-upper) if k < 255 else 0)))
+    return float(mpmath.log((cdf(upper) if k < 255 else 1) - (cdf(lower) if k else 0)))
+
+
+CDFS = {"logistic": lambda t: 1 / (1 + mpmath.exp(-t)), "gaussian": mpmath.ncdf}
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("name", ["logistic", "gaussian"])
+def test_the_discrete_log_probabilities_are_accurate_for_tiny_scales_and_far_tails(name, dtype, rtol):
+    values = [0.0, 1 / 255, 76 / 255, 77 / 255, 128 / 255, 254 / 255, 1.0]
+    rows = [(value, loc, log_scale) for value in values for loc, log_scale in DISCRETE_PARAMETERS]
+    value, loc, log_scale = (torch.tensor(column, dtype=dtype) for column in zip(*rows, strict=True))
+    ours = {"logistic": discretized_logistic_log_prob,
+            "gaussian": discretized_gaussian_log_prob}[name](value, loc, log_scale)
+    assert ours.dtype == dtype
+    # the parameters as this dtype holds them, scored exactly
+    # the discretized Gaussian computes in float64 whatever its parameters' dtype
+    edges = torch.float64 if name == "gaussian" else dtype
+    reference = torch.tensor([reference_log_prob(CDFS[name], v, float(m), float(s), edges)
+                              for v, m, s in zip(value.tolist(), loc.tolist(), log_scale.tolist(),
+                                                 strict=True)], dtype=torch.float64)
+    # probabilities from 1 down to e^-(10^9): their logs to relative (near 0, absolute) precision
+    assert reference.min() < -1e6 and reference.max() > -1e-12
+    torch.testing.assert_close(ours.double(), reference, rtol=rtol, atol=rtol)
+    # the naive difference of CDFs in float64 underflows to log 0 for many of them
+    naive = torch.log(torch.sigmoid((value.double() + 1 / 510 - loc.double()) / log_scale.double().exp())
+                      - torch.sigmoid((value.double() - 1 / 510 - loc.double()) / log_scale.double().exp()))
+    assert bool(torch.isinf(naive).any())
+
+
+@pytest.mark.parametrize("name", ["logistic", "gaussian"])
+def test_the_discrete_log_probabilities_have_finite_gradients_for_tiny_scales(name):
+    p_class = {"logistic": DiscretizedLogistic, "gaussian": DiscretizedGaussian}[name]
+    loc = torch.tensor([0.3, 0.5, 0.9, 0.5], requires_grad=True)
+    log_scale = torch.tensor([-12.0, -9.0, -6.0, 0.0], requires_grad=True)
+    value = torch.tensor([0.0, 128 / 255, 1.0, 128 / 255])
+    log_prob = p_class(loc, log_scale).log_prob(value)
+    loc_grad, scale_grad = torch.autograd.grad(log_prob.sum(), (loc, log_scale))
+    assert bool(torch.isfinite(loc_grad).all()) and bool(torch.isfinite(scale_grad).all())
+    # the edge bins pull the location towards the edge: d log F(h) / d loc < 0 at value 0
+    assert loc_grad[0] < 0 and loc_grad[2] > 0
+
+
+@pytest.mark.parametrize("name", ["logistic", "gaussian", "mixture"])
+def test_discrete_draws_fall_on_the_levels_with_their_probabilities(name):
+    p = discrete_distributions(torch.float64)[name]
+    index = 2  # broad: loc -0.4, log-scale -2, mass at 0 and spread over the first levels
+    draws = p.sample((20000,))[:, index]
+    assert bool(((draws * 255 - (draws * 255).round()).abs() < 1e-9).all())
+    counts = torch.bincount((draws * 255).round().long(), minlength=256).double()
+    probabilities = p.log_prob(LEVELS[:, None])[:, index].exp()
+    assert (counts / 20000 - probabilities).abs().max() < 0.015
+
+
+def test_the_mixture_of_one_component_is_the_discretized_logistic():
+    loc, log_scale = torch.rand(5, 7), torch.randn(5, 7) - 3
+    value = torch.randint(0, 256, (5, 7)) / 255
+    single = DiscretizedLogistic(loc, log_scale).log_prob(value)
+    mixture = DiscretizedLogisticMixture(torch.zeros(5, 7, 1), loc[..., None],
+                                         log_scale[..., None]).log_prob(value)
+    torch.testing.assert_close(mixture, single)
+    # two components: the weighted sum of the two probabilities
+    two = DiscretizedLogisticMixture(torch.tensor([0.0, math.log(3.0)]), torch.tensor([0.2, 0.7]),
+                                     torch.tensor([-3.0, -4.0]))
+    expected = (0.25 * DiscretizedLogistic(torch.tensor(0.2), torch.tensor(-3.0)).log_prob(value).exp()
+                + 0.75 * DiscretizedLogistic(torch.tensor(0.7), torch.tensor(-4.0)).log_prob(value).exp())
+    torch.testing.assert_close(two.log_prob(value).exp(), expected)
+
+
+def test_the_discretized_likelihoods_read_their_decoder_blocks():
+    data_dim = 4
+    loc, log_scale = torch.rand(data_dim), torch.randn(data_dim) - 2
+    value = torch.tensor([0, 10, 128, 255]) / 255
+    params = torch.cat([loc, log_scale])  # locations first, then log-scales
+    expected = DiscretizedLogistic(loc, log_scale).log_prob(value).sum()
+    torch.testing.assert_close(DiscretizedLogisticLikelihood()(params).log_prob(value), expected)
+    expected = DiscretizedGaussian(loc, log_scale).log_prob(value).sum()
+    torch.testing.assert_close(DiscretizedGaussianLikelihood()(params).log_prob(value), expected)
+    mixture = DiscretizedLogisticMixtureLikelihood(num_components=2)
+    logits, locs, log_scales = torch.randn(2, data_dim), torch.rand(2, data_dim), -torch.rand(2, data_dim)
+    params = torch.cat([logits, locs, log_scales]).reshape(-1)  # (3 blocks x 2 components x D)
+    expected = DiscretizedLogisticMixture(logits.T, locs.T, log_scales.T).log_prob(value).sum()
+    torch.testing.assert_close(mixture(params).log_prob(value), expected)
+    assert mixture.params_per_value == 6 and mixture.num_levels == 256
+
+
+@pytest.mark.parametrize("likelihood", [DiscretizedLogisticLikelihood(),
+                                        DiscretizedGaussianLikelihood(),
+                                        DiscretizedLogisticMixtureLikelihood(2)])
+def test_the_discretized_likelihoods_refuse_values_off_the_8_bit_grid(likelihood):
+    likelihood.check_support(torch.tensor([[0.0, 1 / 255, 1.0]]))
+    with pytest.raises(InvalidDataError, match=r"k/255, k = 0..255 \(256 levels\), but 1 values "
+                                               r"are not, e.g. 0.5; give 8-bit images"):
+        likelihood.check_support(torch.tensor([[0.0, 0.5, 1.0]]))
+    with pytest.raises(InvalidDataError, match="but 1 values are not, e.g. 1.2"):
+        likelihood.check_support(torch.tensor([[1.2]]))
+
+
+def test_bits_per_dim_of_a_log_probability():
+    # a uniform distribution over 256 levels in each of 3 dimensions: exactly 8 bits each
+    assert bits_per_dim(-3 * math.log(256), 3) == pytest.approx(8.0, rel=1e-15)
+    assert BernoulliLikelihood.num_levels == 2 and GaussianLikelihood.num_levels is None
+
+
+def eight_bit_images(path, rows: int = 60, side: int = 4):
+    """An npz of ``rows`` 8-bit images of ``side`` x ``side`` (uint8, read as k / 255)."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (rows, side, side), dtype=np.uint8)
+    images[:, 0] = 0  # a border that never varies, as MNIST's
+    np.savez(path, train=images[:40], test=images[40:])
+    return path
+
+
+@pytest.mark.parametrize("name, levels", [("discretized_logistic", 256),
+                                          ("discretized_logistic_mixture", 256),
+                                          ("discretized_gaussian", 256), ("bernoulli", 2),
+                                          ("gaussian", None)])
+def test_evaluation_reports_bits_per_dim_beside_nats_for_discrete_likelihoods(name, levels):
+    from pyrovae.runs import evaluate_vae, log_px_line
+
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2, likelihood=name,
+                                logistic_components=3), data_dim=16)
+    x = torch.randint(0, 256, (10, 16)) / 255
+    if name == "bernoulli":
+        x = x.round()
+    results = evaluate_vae(vae, x, num_samples=5)
+    if levels is None:
+        assert "log_marginal_likelihood_bits_per_dim" not in results
+        assert "bits/dim" not in log_px_line(results)
+        return
+    assert results["bits_per_dim_levels"] == levels
+    for key in ("test_elbo", "log_marginal_likelihood"):
+        assert results[f"{key}_bits_per_dim"] == pytest.approx(
+            -results[key] / (16 * math.log(2)), rel=1e-12)
+        assert results[f"{key}_bits_per_dim_standard_error"] == pytest.approx(
+            results[f"{key}_standard_error"] / (16 * math.log(2)), rel=1e-12)
+    line = log_px_line(results)
+    assert f"nats ({results['log_marginal_likelihood_bits_per_dim']:.4f} ± " in line
+    # a probability of each of 256 levels costs at most 8 bits under a sensible model; the
+    # untrained one is no better than uniform, but a probability never exceeds 1
+    assert results["log_marginal_likelihood_bits_per_dim"] > 0
+
+
+def test_the_command_line_trains_a_discretized_logistic_on_8_bit_images(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    data = eight_bit_images(tmp_path / "bytes.npz")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--dataset", f"npz:{data}", "--binarize", "none",
+                 "--likelihood", "discretized_logistic", "--hidden-dims", "16", "--latent-dim",
+                 "2", "--epochs", "2", "--batch-size", "20", "--eval-samples", "10",
+                 "--out-dir", str(run_dir), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((run_dir / "results.json").read_text())
+    bits = results["log_marginal_likelihood_bits_per_dim"]
+    assert bits == pytest.approx(-results["log_marginal_likelihood"] / (16 * math.log(2)))
+    assert f"({bits:.4f} ± " in printed and "bits/dim) over 20 test points" in printed
+    # grey levels off the 8-bit grid are refused in one line, exit status 2
+    import numpy as np
+
+    np.savez(tmp_path / "halves.npz", train=np.full((10, 4), 0.5 / 255, dtype=np.float32))
+    assert main(["train", "--dataset", f"npz:{tmp_path / 'halves.npz'}", "--binarize", "none",
+                 "--likelihood", "discretized_gaussian", "--out-dir", str(tmp_path / "bad"),
+                 "--no-progress", "--batch-size", "5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "values k/255, k = 0..255" in error[0]

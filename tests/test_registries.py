@@ -24,7 +24,14 @@ from pyrovae.priors import PRIORS, FlowPrior, MixtureOfGaussiansPrior, VampPrior
 from tests.conftest import SHARED_DATA, requires_mnist
 
 DATA_DIM = 12
-COMBINATIONS = list(itertools.product(PRIORS, GUIDES, LIKELIHOODS))
+#: the discretized likelihoods differ from the others only in what they score: each meets every
+#: prior (with the diagonal guide) and every guide (with the normal prior)
+DISCRETIZED = [name for name in LIKELIHOODS if name.startswith("discretized")]
+COMBINATIONS = list(itertools.product(PRIORS, GUIDES, [name for name in LIKELIHOODS
+                                                       if name not in DISCRETIZED]))
+COMBINATIONS += [(prior, guide, likelihood) for likelihood in DISCRETIZED
+                 for prior, guide in sorted({*((prior, "diagonal") for prior in PRIORS),
+                                             *(("normal", guide) for guide in GUIDES)})]
 
 
 def small_config(**values) -> TrainConfig:
@@ -34,14 +41,18 @@ def small_config(**values) -> TrainConfig:
 
 def data_for(likelihood: str, n: int = 8) -> torch.Tensor:
     grey = torch.rand(n, DATA_DIM)
+    if likelihood.startswith("discretized"):
+        return torch.round(grey * 255) / 255  # 8-bit values
     return torch.bernoulli(grey) if likelihood == "bernoulli" else grey
 
 
 def test_the_registries_hold_the_families():
     assert set(PRIORS) == {"normal", "diagonal", "mog", "vamp", "flow"}
     assert set(GUIDES) == {"diagonal", "fullcov", "lowrank", "iaf"}
-    assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian", "gaussian_pixel"}
-    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae"}
+    assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian", "gaussian_pixel",
+                                "discretized_logistic", "discretized_logistic_mixture",
+                                "discretized_gaussian"}
+    assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae", "stl_elbo", "iwae_dreg"}
 
 
 @pytest.mark.parametrize("prior, guide, likelihood", COMBINATIONS)
