@@ -56,6 +56,9 @@ LEARNED_PRIOR_WARMUP_EPOCHS = 10
 #: the largest learning rate accepted: Adam's steps are about lr in size, so beyond this
 #: every run diverges
 MAX_LR = 1.0
+#: the most importance samples K per point any estimate takes (published MNIST numbers use
+#: 5000; the time grows in proportion)
+MAX_IMPORTANCE_SAMPLES = 100_000
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -532,6 +535,11 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        for name in ("eval_samples", "log_px_samples"):
+            if getattr(self, name) > MAX_IMPORTANCE_SAMPLES:
+                raise ConfigError(f"{name} {getattr(self, name)} is more than pyrovae runs "
+                                  f"(at most {MAX_IMPORTANCE_SAMPLES} importance samples per "
+                                  f"point; published MNIST numbers use 5000)")
         for name in ("checkpoint_every", "keep_last", "valid_size", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -640,9 +648,9 @@ class TrainConfig:
             raise ConfigError(f"labelled must be >= 0, got {self.labelled}")
         if self.alpha is not None and not self.alpha >= 0:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.net == "conv":
+        if self.net in ("conv", "resnet"):
             raise ConfigError(f"--model {self.model} concatenates the one-hot label to flat "
-                              f"inputs; --net conv is not available with it")
+                              f"inputs; --net {self.net} is not available with it")
         if getattr(self, "latent_dims", None) is not None:
             raise ConfigError(f"--model {self.model} has one latent layer; --latent-dims is not "
                               f"available with it")
