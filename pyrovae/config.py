@@ -651,9 +651,9 @@ class TrainConfig:
             raise ConfigError(f"labelled must be >= 0, got {self.labelled}")
         if self.alpha is not None and not self.alpha >= 0:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.net == "conv":
+        if self.net in ("conv", "resnet"):
             raise ConfigError(f"--model {self.model} concatenates the one-hot label to flat "
-                              f"inputs; --net conv is not available with it")
+                              f"inputs; --net {self.net} is not available with it")
         if getattr(self, "latent_dims", None) is not None:
             raise ConfigError(f"--model {self.model} has one latent layer; --latent-dims is not "
                               f"available with it")

@@ -212,8 +212,11 @@ class RunLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> RunLock:
-        """:raises RunLockedError: another process holds it (with its pid), or, for an
-        exclusive lock, one or more processes read the run."""
+        """Take the lock, or refuse at once.
+
+        :raises RunLockedError: another process holds it (with its pid), or, for an
+            exclusive lock, one or more processes read the run.
+        """
         import fcntl
 
         path = self.run_dir / LOCK_NAME

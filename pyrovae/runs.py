@@ -538,6 +538,7 @@ def train_and_evaluate(config: TrainConfig, device: torch.device, *,
     ``results.json`` is left as it is, with a line saying so, unless ``reevaluate``.
 
     Every process of a ``torch.distributed`` group calls this; rank 0 writes the files.
+
     :raises TrainingDivergedError: the trained model is far worse than an untrained one
         (:func:`check_diverged`), after ``results.json`` has recorded it.
     """
