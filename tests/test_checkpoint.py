@@ -374,3 +374,21 @@ def test_a_bare_pickle_is_refused_unread(tmp_path):
                                               "torch.save writes"):
         read_checkpoint(raw)
     assert not marker.exists()
+
+
+def test_evaluate_and_sample_refuse_a_compressed_checkpoint_with_exit_2(tmp_path, capsys):
+    import zipfile
+
+    from pyrovae.cli import main
+
+    _, _, path = saved_run(tmp_path, dataset="npy:absent.npy")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["image_shape"] = [1, 2, 3]
+    torch.save(checkpoint, path)
+    _rewritten(path, compress_type=zipfile.ZIP_DEFLATED)
+    for argv in (["evaluate", str(path), "-o", str(tmp_path / "e.json")],
+                 ["sample", str(path), "-o", str(tmp_path / "s.png")]):
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is compressed (zip method 8)" in err[0], err
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "e.json").exists()
