@@ -566,3 +566,24 @@ def test_a_sequential_model_with_pyro_markov_trains_as_svi_and_evaluates():
         torch.testing.assert_close(trained[name], value.detach(), rtol=1e-4, atol=1e-5)
     estimate = log_marginal_likelihood((model, guide), x, num_samples=50)
     assert_paired_agreement(estimate, sequential_log_px(model, guide, (x,), 50))
+
+
+def test_the_elbo_terms_of_a_program_that_does_not_broadcast_are_drawn_a_trace_at_a_time():
+    completion = MaskedCompletion()
+    data = completion_data()
+    with pytest.warns(SequentialSamplingWarning, match="IndexError"):
+        terms = elbo_terms(completion, data, num_samples=3)
+    pyro.set_rng_seed(2)
+    estimate = elbo(completion, data, num_samples=3)
+    pyro.set_rng_seed(2)
+    terms = elbo_terms(completion, data, num_samples=3)
+    torch.testing.assert_close(terms["reconstruction"] - terms["kl"], estimate)
+    assert terms["kl"].shape == (40,)
+
+
+def test_ais_refuses_a_program_that_does_not_broadcast_in_one_line():
+    with pytest.raises(ProgramError, match=r"^AIS runs its chains batched in one trace, and "
+                       r"this program does not run so \(IndexError: .*\); "
+                       r"log_marginal_likelihood samples it one trace at a time$"):
+        ais_log_marginal_likelihood(MaskedCompletion(), completion_data(), num_temperatures=2,
+                                    num_chains=2)
