@@ -7,7 +7,7 @@ A :class:`VAE` composes an encoder, a decoder, a prior, a likelihood and a guide
 
 from pyrovae.activity import latent_usage, mutual_information
 from pyrovae.ais import ais_log_marginal_likelihood
-from pyrovae.checkpoint import load_vae
+from pyrovae.checkpoint import load_program_state, load_vae
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.diagnostics import importance_summary
@@ -47,6 +47,7 @@ from pyrovae.nets import (
 )
 from pyrovae.objectives import (
     OBJECTIVES,
+    AuxiliaryLoss,
     DoublyReparameterizedIWAE,
     ImportanceWeightedELBO,
     PathDerivativeELBO,
@@ -112,6 +113,7 @@ __all__ = [
     "load_dataset",
     # training
     "OBJECTIVES",
+    "AuxiliaryLoss",
     "ImportanceWeightedELBO",
     "PathDerivativeELBO",
     "DoublyReparameterizedIWAE",
@@ -120,6 +122,7 @@ __all__ = [
     "TrainConfig",
     "build_vae",
     "load_vae",
+    "load_program_state",
     # estimators, diagnostics and the report
     "elbo",
     "log_marginal_likelihood",

@@ -1,4 +1,5 @@
-"""The ``pyrovae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``pyrovae`` command: ``train``, ``evaluate``, ``sample``, and ``encode`` and
+``reconstruct`` (:mod:`pyrovae.encoding`).
 
 Errors caused by input (bad flags, data, files) print one line and exit with status 2.
 
@@ -31,8 +32,9 @@ from pyrovae.argtypes import (
     positive_ints,
     seed,
 )
-from pyrovae.config import TrainConfig
+from pyrovae.config import BUILT_IN_MODEL_FIELDS, MAX_IMPORTANCE_SAMPLES, TrainConfig
 from pyrovae.devices import resolve_device
+from pyrovae.encoding import add_commands as add_encoding_commands
 from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.provenance import git_commit
 from pyrovae.report import DEFAULT_AIS, DEFAULT_KS
@@ -58,10 +60,13 @@ def train_command(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
         # a preset given to a resume must be the run's own, like any fixed flag
-        config = runs.resumed_config(Path(args.resume),
-                                     _given_flags(args.train_argv, with_preset=True))
+        given = _given_flags(args.train_argv, with_preset=True)
+        _check_resumed_program(Path(args.resume), given.pop("program", None))
+        config = runs.resumed_config(Path(args.resume), given)
     else:
         config = TrainConfig.from_args(args)
+        if config.program is not None:
+            _refuse_built_in_flags(args.train_argv)
         if config.preset is not None:
             config = TrainConfig.from_preset(config.preset, **_given_flags(args.train_argv))
             logger.info("preset %s; flags given beside it: %s", config.preset,
@@ -76,12 +81,32 @@ def train_command(args: argparse.Namespace) -> int:
     # under torchrun: join the process group (gloo on CPU, nccl with one GPU per process)
     device = distributed.init_from_environment(config.device)
     try:
-        runs.train_and_evaluate(config, device, resume=resume)
+        runs.train_and_evaluate(config, device, resume=resume, reevaluate=args.reevaluate)
     except BaseException:
         distributed.shut_down(wait=False)  # the launcher stops the other processes
         raise
     distributed.shut_down()
     return 0
+
+
+def _check_resumed_program(run_dir: Path, given: str | None) -> None:
+    """``train --resume`` of a run of your own program needs ``--program`` again, equal to
+    the recorded one (read from ``config.json`` as data: nothing is imported before)."""
+    config_path = run_dir / runs.CONFIG_NAME
+    if config_path.is_file():
+        runs.check_program_named(run_dir, given, TrainConfig.load(config_path),
+                                 command="train --resume")
+
+
+def _refuse_built_in_flags(train_argv: Sequence[str]) -> None:
+    """Refuse flags of the built-in model given beside ``--program``: they would be
+    recorded, and silently ignored."""
+    given = sorted(set(_given_flags(train_argv, with_preset=True)) & BUILT_IN_MODEL_FIELDS)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        what = "is a flag" if len(given) == 1 else "are flags"
+        raise ConfigError(f"{flags} {what} of the built-in model; with --program the program "
+                          f"is the model: pass its settings in --program-args")
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
@@ -138,7 +163,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
             runs.evaluate_checkpoint(args.checkpoint, device, num_samples=args.num_samples,
                                      batch_size=args.batch_size, chunk_size=args.chunk_size,
                                      test_size=args.test_size, data_dir=args.data_dir,
-                                     seed=args.seed, progress=args.progress, output=args.output)
+                                     seed=args.seed, progress=args.progress, output=args.output,
+                                     force=args.force, program=args.program)
     except BaseException:
         distributed.shut_down(wait=False)
         raise
@@ -153,12 +179,44 @@ def _report(args: argparse.Namespace, device: torch.device) -> None:
            "initial": args.ais_init}
     where = {"checkpoint": args.checkpoint, "device": device, "batch_size": args.batch_size,
              "test_size": args.test_size, "data_dir": args.data_dir, "seed": args.seed,
-             "output": args.output}
+             "output": args.output, "program": args.program}
     if args.report:
         runs.report_checkpoint(**where, ks=args.ks, ais=ais, chunk_size=args.chunk_size,
-                               sandwich_points=args.sandwich_points if args.sandwich else 0)
+                               sandwich_points=args.sandwich_points if args.sandwich else 0,
+                               progress=args.progress)
     else:
-        runs.sandwich_checkpoint(**where, ais=ais, sandwich_points=args.sandwich_points)
+        runs.sandwich_checkpoint(**where, ais=ais, sandwich_points=args.sandwich_points,
+                                 force=args.force)
+
+
+#: the most leapfrog steps per HMC transition of AIS (published runs use 5 to 20)
+MAX_LEAPFROG_STEPS = 1000
+
+
+def importance_samples(text: str) -> int:
+    """``text`` as a number of importance samples K: 1 to :data:`MAX_IMPORTANCE_SAMPLES`."""
+    return _at_most(positive_int(text), MAX_IMPORTANCE_SAMPLES, "importance samples K per point")
+
+
+def importance_sample_list(text: str) -> tuple[int, ...]:
+    """``text`` as comma-separated Ks, each 1 to :data:`MAX_IMPORTANCE_SAMPLES`."""
+    values = positive_ints(text)
+    for value in values:
+        _at_most(value, MAX_IMPORTANCE_SAMPLES, "importance samples K per point")
+    return values
+
+
+def leapfrog_steps(text: str) -> int:
+    """``text`` as leapfrog steps per HMC transition: 1 to :data:`MAX_LEAPFROG_STEPS`."""
+    return _at_most(positive_int(text), MAX_LEAPFROG_STEPS, "leapfrog steps per transition")
+
+
+def _at_most(value: int, maximum: int, what: str) -> int:
+    if value > maximum:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than pyrovae runs ({maximum} {what}); the time grows in "
+            f"proportion")
+    return value
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,19 +224,24 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "report", "with --report: ELBO, IWAE_K for each K and AIS on the same test points, "
                   "with k-hat/ESS diagnostics; writes bounds.csv, bounds.md, bounds.png, "
-                  "diagnostics.nc and report.json into the run directory or --output folder")
+                  "diagnostics.nc and report.json into the run directory or --output folder. "
+                  f"It runs on the first {runs.REPORT_TEST_SIZE} test points unless --test-size "
+                  f"says otherwise: about 1 CPU-second per MNIST point with the default Ks "
+                  f"and AIS")
     group.add_argument("--report", action="store_true",
                        help="write the bound-curve report instead of evaluation.json")
-    group.add_argument("--ks", type=positive_ints, default=DEFAULT_KS,
-                       help="comma-separated Ks of the IWAE bound (default: 1,5,50,500,5000)")
+    group.add_argument("--ks", type=importance_sample_list, default=DEFAULT_KS,
+                       help=f"comma-separated Ks of the IWAE bound, each at most "
+                            f"{MAX_IMPORTANCE_SAMPLES} (default: 1,5,50,500,5000)")
     group.add_argument("--ais-temperatures", type=non_negative_int,
                        default=DEFAULT_AIS["num_temperatures"],
                        help="AIS temperatures T; 0 skips AIS (default: %(default)s)")
     group.add_argument("--ais-chains", type=positive_int, default=DEFAULT_AIS["num_chains"],
                        help="AIS chains per test point (default: %(default)s)")
-    group.add_argument("--ais-leapfrog-steps", type=positive_int,
+    group.add_argument("--ais-leapfrog-steps", type=leapfrog_steps,
                        default=DEFAULT_AIS["num_leapfrog_steps"],
-                       help="leapfrog steps per HMC transition (default: %(default)s)")
+                       help=f"leapfrog steps per HMC transition, at most {MAX_LEAPFROG_STEPS} "
+                            f"(default: %(default)s)")
     group.add_argument("--ais-step-size", type=positive_float, default=DEFAULT_AIS["step_size"],
                        help="initial leapfrog step size, adapted towards 0.65 acceptance "
                             "(default: %(default)s)")
@@ -195,10 +258,20 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
 
 
+def _add_program_argument(parser: argparse.ArgumentParser) -> None:
+    """``--program`` of ``evaluate`` and ``sample``: a run of your own program names it again."""
+    parser.add_argument(
+        "--program", default=None, metavar="FILE.py:NAME",
+        help="a run of your own program: the program it was trained with, named again "
+             "(pyrovae never imports code because a run directory names it); built with the "
+             "run's recorded --program-args")
+
+
 def sample_command(args: argparse.Namespace) -> int:
     output = runs.sample_checkpoint(args.checkpoint, resolve_device(args.device),
                                     num_samples=args.num_samples, seed=args.seed,
-                                    label=args.label, output=args.output)
+                                    label=args.label, output=args.output, force=args.force,
+                                    program=args.program)
     print(f"{args.num_samples} samples written to {output}")
     return 0
 
@@ -228,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its last checkpoint, with its saved "
                             "config (--epochs may extend it)")
+    train.add_argument("--reevaluate", action="store_true",
+                       help="with --resume of a finished run: estimate its log p(x) again "
+                            "(with --eval-samples) instead of keeping its results.json")
     train.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                        help="train data-parallel in N processes on this machine (started by "
                             "torch.distributed.run; --batch-size is the global batch)")
@@ -238,13 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate the test ELBO and log p(x) with K importance samples per test point "
                     "(the IWAE bound); prints them and writes JSON.")
     evaluate.add_argument("checkpoint", help="checkpoint.pt or the run directory holding it")
-    evaluate.add_argument("--num-samples", "-k", type=positive_int, default=1000,
-                          help="importance samples K per data point (default: 1000, as train's "
-                               "--eval-samples; published MNIST numbers use 5000)")
+    evaluate.add_argument("--num-samples", "-k", type=importance_samples, default=1000,
+                          help=f"importance samples K per data point, at most "
+                               f"{MAX_IMPORTANCE_SAMPLES} (default: 1000, as train's "
+                               f"--eval-samples; published MNIST numbers use 5000)")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                           help="show a progress bar")
     evaluate.add_argument("--test-size", type=positive_int, default=None,
-                          help="evaluate only the first N test points (default: all)")
+                          help=f"evaluate only the first N test points (default: all; with "
+                               f"--report the first {runs.REPORT_TEST_SIZE})")
     evaluate.add_argument("--batch-size", type=positive_int, default=100,
                           help="test points per vectorized trace (default: 100)")
     evaluate.add_argument("--chunk-size", type=positive_int, default=None,
@@ -257,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", "-o", default=None,
                           help="JSON file to write (default: evaluation.json in the run directory);"
                                " with --report, the folder to write into")
+    evaluate.add_argument("--force", action="store_true",
+                          help="replace an existing --output file that is not an earlier "
+                               "evaluation (refused otherwise)")
+    _add_program_argument(evaluate)
     _add_report_arguments(evaluate)
     evaluate.set_defaults(handler=evaluate_command)
 
@@ -273,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "in turn)")
     sample.add_argument("--output", "-o", default=None,
                         help="PNG file to write (default: samples.png in the run directory)")
+    sample.add_argument("--force", action="store_true",
+                        help="replace an existing --output file that is not a PNG image "
+                             "(refused otherwise)")
+    _add_program_argument(sample)
     sample.set_defaults(handler=sample_command)
+    add_encoding_commands(commands)  # encode, reconstruct
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from pyrovae.data import (
 from pyrovae.errors import ConfigError
 from pyrovae.free_bits import FREE_BITS_GROUPS
 from pyrovae.guides import GUIDES, SCALE_LINKS
+from pyrovae.labels import interleave_labels
 from pyrovae.layers import ConditionalNormal, gaussian_chain
 from pyrovae.likelihoods import LIKELIHOODS, logit_clip_of_probability_clip
 from pyrovae.models import VAE, ConditionalVAE, HierarchicalVAE, SemiSupervisedVAE, paper_alpha
@@ -41,8 +43,11 @@ from pyrovae.nets import (
 from pyrovae.objectives import OBJECTIVES, REPARAMETERIZED_OBJECTIVES
 from pyrovae.optim import OUTPUT_BIAS_INITS, AdamSettings
 from pyrovae.priors import PRIORS, PSEUDO_INPUT_LINKS
+from pyrovae.program_spec import ProgramSpec, canonical_spec, program_args_json
 from pyrovae.rundir import write_json
-from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles
+from pyrovae.schedules import KL_SCHEDULES, LR_SCHEDULES, check_kl_cycles, check_plateau
+
+logger = logging.getLogger(__name__)
 
 #: the KL warm-up (epochs) of a learned prior when none is given: at the full KL weight
 #: from the first step, a learned prior follows the encoder's early contraction of every
@@ -51,6 +56,9 @@ LEARNED_PRIOR_WARMUP_EPOCHS = 10
 #: the largest learning rate accepted: Adam's steps are about lr in size, so beyond this
 #: every run diverges
 MAX_LR = 1.0
+#: the most importance samples K per point any estimate takes (published MNIST numbers use
+#: 5000; the time grows in proportion)
+MAX_IMPORTANCE_SAMPLES = 100_000
 
 
 def _flag(help: str, **argparse_options: Any) -> dict[str, Any]:
@@ -112,15 +120,56 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_normalize_gradients": True, "guide_scale": "clipped_log_variance",
         "init_scheme": "he_normal", "bernoulli_logit_clip": logit_clip_of_probability_clip(1e-5),
     },
+    # Pyro's semi-supervised example (examples/vae/ss_vae_M2.py, its defaults with --aux-loss)
+    # for Kingma et al. (2014)'s M2: the first 50,000 training images for training, the last
+    # 10,000 for validation (the test error is reported at the best validation accuracy);
+    # a class-balanced labelled set drawn by --seed; grey levels in [0, 1] scored by the
+    # Bernoulli likelihood (--binarize dynamic --likelihood bernoulli: binarized instead);
+    # one hidden layer of 500 softplus units in each network, 50 latents; y summed out by
+    # parallel enumeration (TraceEnum_ELBO); the auxiliary loss alpha log q(y|x) at Pyro's
+    # --aux-loss-multiplier 46 per labelled image (Kingma et al.: 0.1 N / N_labelled, --alpha
+    # none); one batch of labelled images every 50000 / N_labelled batches (Kingma et al.'s
+    # code mixes them into every minibatch: --label-batches mixed); Adam(lr 4.2e-4, betas
+    # 0.9, 0.999), batch 200 (the example's batch for 100 labels is 100: --batch-size 100);
+    # 50 epochs.  Not followed: Pyro's N(0, 0.001) start of the hidden layers (Glorot here),
+    # exp of the scale head (softplus here), and the example's second Adam step on every
+    # batch: its auxiliary loss is a second SVI on the same optimizer, run on every batch,
+    # whose gradient is zero for every parameter on an unlabelled batch (and for all but the
+    # classifier's on a labelled one), so Adam moves each parameter a second time by its
+    # momentum alone (here: one step on the sum of the losses)
+    "pyro_m2": {
+        "dataset": "mnist", "model": "semi_supervised", "binarize": "none",
+        "likelihood": "bernoulli_grey", "valid_size": 10_000, "valid_split": "last",
+        "net": "mlp", "hidden_dims": (500,), "activation": "softplus", "latent_dim": 50,
+        "prior": "normal", "guide": "diagonal", "objective": "trace_elbo", "num_particles": 1,
+        "alpha": 46.0, "label_batches": "interleaved", "epochs": 50, "batch_size": 200,
+        "lr": 4.2e-4, "lr_schedule": "constant", "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_eps": 1e-8, "kl_warmup_epochs": 0, "beta": 1.0, "eval_samples": 1000,
+    },
 }
 PRESET_HELP = {"burda2016": "the IWAE paper's one-layer MNIST VAE, 3280 epochs",
                "tomczak2018": "the VampPrior paper's static-MNIST VAE, gated MLPs, early "
-                              "stopping"}
+                              "stopping",
+               "pyro_m2": "Pyro's semi-supervised M2 example (ss_vae_M2.py): grey levels, "
+                          "auxiliary loss 46, interleaved labelled batches, 10,000 "
+                          "validation images, 50 epochs; with --labelled N"}
+
+
+#: the flags that build the built-in model; given beside ``--program`` they are refused
+#: (the program takes its settings from ``--program-args``)
+BUILT_IN_MODEL_FIELDS = frozenset({
+    "model", "num_classes", "labelled", "alpha", "net", "hidden_dims", "activation",
+    "init_gain", "init_scheme", "latent_dim", "latent_dims", "prior", "guide", "guide_scale",
+    "num_components", "pseudo_inputs_from_data", "pseudo_input_link", "prior_flows",
+    "num_flows", "rank", "likelihood", "sigma", "learn_sigma", "bernoulli_logit_clip",
+    "output_bias_init", "preset"})
 
 
 #: what ``--model`` builds: the VAE of x, or a model of x and its class label
 #: (:data:`LABEL_MODELS`)
 MODEL_KINDS = ("vae", "conditional", "semi_supervised")
+#: how M2's labelled images enter the minibatches (``--label-batches``)
+LABEL_BATCHES = ("mixed", "interleaved")
 
 
 @dataclass
@@ -165,6 +214,14 @@ class TrainConfig:
         "the images given their class labels (sample --label draws a chosen class); "
         "semi_supervised, Kingma et al. 2014's M2, p(x, y) and a classifier q(y | x) from "
         "--labelled labels", choices=MODEL_KINDS))
+    program: str | None = field(default=None, metadata=_flag(
+        "train your own Pyro program instead of a built-in model: FILE.py:NAME or "
+        "package.module:NAME, NAME an object with model and guide methods (a PyroModule), a "
+        "class or factory returning one, or a function returning a (model, guide) pair; "
+        "evaluate, sample and --resume need it named again", type=str))
+    program_args: dict[str, Any] | None = field(default=None, metadata=_flag(
+        "keyword arguments of --program's class or factory, a JSON object: "
+        "'{\"z_dim\": 32}'", type=program_args_json))
     num_classes: int | None = field(default=None, metadata=_flag(
         "conditional, semi_supervised: the number of classes (default: the data's)", type=int))
     labelled: int | None = field(default=None, metadata=_flag(
@@ -173,7 +230,13 @@ class TrainConfig:
     alpha: float | None = field(default=None, metadata=_flag(
         "semi_supervised: weight of the classification term log q(y|x) per labelled image "
         "(default: Kingma et al. 2014's alpha = 0.1 N spread over the labelled images, "
-        "0.1 x training images / labelled images)", type=float))
+        "0.1 x training images / labelled images; none: that default where a preset sets "
+        "another)", type=_float_or_none))
+    label_batches: str = field(default="mixed", metadata=_flag(
+        "semi_supervised: how labelled and unlabelled images meet: mixed, shuffled together "
+        "into every minibatch; interleaved, minibatches of labelled images only, one every "
+        "training images / labelled images batches, the others unlabelled (Pyro's example)",
+        choices=LABEL_BATCHES))
     net: str = field(default="mlp", metadata=_flag(
         "encoder/decoder architecture", choices=tuple(NETWORKS)))
     hidden_dims: tuple[int, ...] = field(default=(200, 200), metadata=_flag(
@@ -272,7 +335,19 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata=_flag(
         "constant: lr throughout; iwae: Burda et al. 2016's 3^i epochs at lr * 10^(-i/7) for "
         "i = 0..7 (3280 epochs, later ones at lr/10); burda2016: the same with the factors "
-        "rounded to one decimal, as the authors' code has them", choices=LR_SCHEDULES))
+        "rounded to one decimal, as the authors' code has them; cosine: from lr down to "
+        "--lr-min over --epochs, lr_min + (lr - lr_min) (1 + cos(pi (epoch - 1) / epochs)) / 2 "
+        "(Loshchilov & Hutter 2017); plateau: lr times --lr-plateau-factor each time the "
+        "validation ELBO (the test ELBO without --valid-size) has not improved on its best for "
+        "--lr-plateau-patience evaluated epochs, never below --lr-min", choices=LR_SCHEDULES))
+    lr_min: float = field(default=0.0, metadata=_flag(
+        "--lr-schedule cosine: the rate it ends at; plateau: the rate it stops reducing at",
+        type=float))
+    lr_plateau_factor: float = field(default=0.5, metadata=_flag(
+        "--lr-schedule plateau: the factor of each reduction", type=float))
+    lr_plateau_patience: int = field(default=10, metadata=_flag(
+        "--lr-schedule plateau: evaluated epochs without a new best held-out ELBO before a "
+        "reduction", type=int))
     adam_beta1: float = field(default=0.9, metadata=_flag(
         "Adam's decay rate of the first moment", type=float))
     adam_beta2: float = field(default=0.999, metadata=_flag(
@@ -341,6 +416,8 @@ class TrainConfig:
         choices=("stop", "rollback")))
 
     def __post_init__(self) -> None:
+        if isinstance(self.program, str):  # a file's path made absolute; nothing imported
+            self.program = canonical_spec(self.program)
         self.hidden_dims = tuple(int(width) for width in self.hidden_dims)
         if isinstance(self.init_gain, int) and not isinstance(self.init_gain, bool):
             self.init_gain = float(self.init_gain)  # config.json records 1.0, not 1
@@ -436,6 +513,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        check_plateau(self.lr_plateau_factor, self.lr_plateau_patience, self.lr_min)
+        if self.lr_schedule in ("cosine", "plateau") and not self.lr_min < self.lr:
+            raise ConfigError(f"--lr-min {self.lr_min:g} must be below --lr {self.lr:g}")
         if not self.lr <= MAX_LR:
             raise ConfigError(f"lr must be at most {MAX_LR} (Adam diverges long before), got "
                               f"{self.lr}; typical values are 1e-4 to 1e-2")
@@ -458,6 +538,11 @@ class TrainConfig:
             raise ConfigError(f"sigma must be positive, got {self.sigma}")
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        for name in ("eval_samples", "log_px_samples"):
+            if getattr(self, name) > MAX_IMPORTANCE_SAMPLES:
+                raise ConfigError(f"{name} {getattr(self, name)} is more than pyrovae runs "
+                                  f"(at most {MAX_IMPORTANCE_SAMPLES} importance samples per "
+                                  f"point; published MNIST numbers use 5000)")
         for name in ("checkpoint_every", "keep_last", "valid_size", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -468,8 +553,27 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         self.adam  # noqa: B018  (validates Adam's settings)
+        self._validate_program()
         self._validate_label_model()
         self._validate_layers()
+
+    def _validate_program(self) -> None:
+        """A user's program (``program``): a spec that parses (nothing is imported here),
+        keyword arguments as a JSON object, and none of the built-in model's kinds."""
+        if self.program is None:
+            if self.program_args is not None:
+                raise ConfigError("--program-args are the arguments of --program; name the "
+                                  "program too")
+            return
+        ProgramSpec.parse(self.program)
+        if self.program_args is not None and not isinstance(self.program_args, dict):
+            raise ConfigError(f"program_args should be a JSON object of keyword arguments, "
+                              f"got {self.program_args!r}")
+        for name, built_in in (("model", "vae"), ("latent_dims", None), ("preset", None)):
+            if getattr(self, name) != built_in:
+                raise ConfigError(f"--{name.replace('_', '-')} chooses a built-in model; with "
+                                  f"--program the program is the model (its settings go in "
+                                  f"--program-args)")
 
     def _validate_kl_controls(self) -> None:
         """The KL schedule and free bits, and what they cannot apply to."""
@@ -538,15 +642,18 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ConfigError(f"--{name} is for --model semi_supervised, not "
                                       f"--model {self.model}")
+        if self.model != "semi_supervised" and self.label_batches != "mixed":
+            raise ConfigError(f"--label-batches {self.label_batches} is for --model "
+                              f"semi_supervised, not --model {self.model}")
         if self.model == "vae":
             return
         if self.labelled is not None and self.labelled < 0:
             raise ConfigError(f"labelled must be >= 0, got {self.labelled}")
         if self.alpha is not None and not self.alpha >= 0:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.net == "conv":
+        if self.net in ("conv", "resnet"):
             raise ConfigError(f"--model {self.model} concatenates the one-hot label to flat "
-                              f"inputs; --net conv is not available with it")
+                              f"inputs; --net {self.net} is not available with it")
         if getattr(self, "latent_dims", None) is not None:
             raise ConfigError(f"--model {self.model} has one latent layer; --latent-dims is not "
                               f"available with it")
@@ -811,7 +918,9 @@ def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainCo
     labels of all but that many training points hidden (balanced per class, seeded by
     ``config.seed``: :meth:`~pyrovae.data.DataSplits.with_labelled`); ``num_classes`` from
     the data; M2's ``alpha`` where unset, Kingma et al. (2014)'s alpha = 0.1 N on the mean
-    over the N_l labelled points, i.e. 0.1 N / N_l per labelled point (0 without labels).
+    over the N_l labelled points, i.e. 0.1 N / N_l per labelled point (0 without labels);
+    with ``label_batches`` interleaved, the data's training batches labelled or unlabelled
+    only (:func:`~pyrovae.labels.interleave_labels`).
     A config of the plain VAE passes through.
 
     :raises ConfigError: data without labels, another number of classes than
@@ -830,4 +939,17 @@ def apply_label_settings(config: TrainConfig, data: DataSplits) -> tuple[TrainCo
     if config.model == "semi_supervised" and config.alpha is None:
         values["alpha"] = paper_alpha(data.train.shape[0], data.num_labelled) \
             if data.num_labelled else 0.0
+    if config.label_batches == "interleaved":
+        data = interleave_labels(data)
     return replace(config, **values), data
+
+
+def fit_batch_to_data(config: TrainConfig, num_train: int) -> TrainConfig:
+    """``config`` with ``batch_size`` at most ``num_train``: a batch larger than a small
+    training set becomes the whole set (one step per epoch), with a warning that says so;
+    ``config.json`` then records the batch size that ran."""
+    if config.batch_size <= num_train:
+        return config
+    logger.warning("batch size %d is larger than the training set (%d points): training with "
+                   "batches of %d", config.batch_size, num_train, num_train)
+    return replace(config, batch_size=num_train)

@@ -1,5 +1,6 @@
 """Estimates for programs of labelled data: log p(x) with the label summed out, and the
-classification error of q(y | x).
+classification error of q(y | x); and the interleaved minibatches of semi-supervised
+training (:class:`InterleavedSplits`).
 
 A program of labelled data takes ``(x, y)``.  For Kingma et al. (2014)'s M2
 (:class:`~pyrovae.models.SemiSupervisedVAE`), y is a random variable of the model, and with
@@ -23,12 +24,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from pyrovae.errors import InvalidDataError
+from pyrovae.data import HIDDEN_LABEL, DataSplits
+from pyrovae.errors import ConfigError, InvalidDataError
 from pyrovae.evaluation import data_batches, log_marginal_likelihood
 from pyrovae.programs import as_program, evaluates
 
@@ -100,3 +104,92 @@ def classification_error(classifier: Any, x: torch.Tensor, y: torch.Tensor, *,
     wrong = sum(int((classifier.classify(xb).cpu() != yb.cpu()).sum())
                 for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True))
     return wrong / x.shape[0]
+
+
+def interleaving_schedule(num_labelled: int, num_unlabelled: int, batch_size: int) -> list[bool]:
+    """Which minibatches of an epoch hold labelled points: one batch of labelled points
+    every ``interval = (num_labelled + num_unlabelled) // num_labelled`` batches, at
+    positions 1, 1 + interval, 1 + 2 interval, ..., the others unlabelled.
+
+    Each kind fills ``ceil(count / batch_size)`` batches (its last one may be short), so an
+    epoch passes every point once.  With 50,000 training images this is Pyro's
+    ``ss_vae_M2.py`` schedule: 100 labels in batches of 100 put the one labelled batch at
+    position 1 of 500; 3000 labels in batches of 200 put 15 labelled batches at 1, 17, ...,
+    225 of 250.  Where the positions would run past the epoch's end, the remaining labelled
+    batches close it.
+
+    :returns: one flag per batch of the epoch, ``True`` for a labelled batch.
+    """
+    for name, value in (("num_labelled", num_labelled), ("num_unlabelled", num_unlabelled)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    labelled_batches = math.ceil(num_labelled / batch_size)
+    unlabelled_batches = math.ceil(num_unlabelled / batch_size)
+    total = labelled_batches + unlabelled_batches
+    interval = (num_labelled + num_unlabelled) // num_labelled if num_labelled else 0
+    schedule, done = [], 0
+    for position in range(total):
+        left = labelled_batches - done
+        due = interval and position >= 1 and (position - 1) % interval == 0
+        labelled = left > 0 and (due or total - position <= left)
+        schedule.append(bool(labelled))
+        done += labelled
+    return schedule
+
+
+@dataclass(frozen=True)
+class InterleavedSplits(DataSplits):
+    """:class:`~pyrovae.data.DataSplits` whose training batches hold either labelled points
+    only or unlabelled points only (:data:`~pyrovae.data.HIDDEN_LABEL`), interleaved as
+    :func:`interleaving_schedule` says, each kind in its own shuffled order every epoch.
+
+    This is how Pyro's semi-supervised example feeds M2: the labelled set passes once per
+    epoch in batches of its own, spread evenly among the unlabelled ones, rather than a few
+    labelled points in each mixed minibatch.  Make one with :func:`interleave_labels`.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_labels is None:
+            raise InvalidDataError("interleaved batches need training labels (-1 where hidden)")
+
+    def train_batches(self, batch_size: int, *, shuffle: bool = True,
+                      generator: torch.Generator | None = None, start: int = 0,
+                      part: Callable[[int], slice] | None = None,
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x, y)`` batches: labelled ones (``y >= 0``) where
+        :func:`interleaving_schedule` puts them, unlabelled ones (``y = -1``) elsewhere.
+
+        Both orders are drawn from ``generator`` at the epoch's start (labelled first), so
+        ``start`` skips batches without drawing and a resumed epoch continues the same
+        order; ``part`` as :meth:`~pyrovae.data.DataSplits.train_batches`.
+        """
+        assert self.train_labels is not None
+        n = self.train.shape[0]
+        if batch_size > n:
+            raise ConfigError(f"batch size {batch_size} is larger than the training set ({n} points)")
+        hidden = (self.train_labels == HIDDEN_LABEL).cpu()
+        labelled = torch.nonzero(~hidden).flatten()
+        unlabelled = torch.nonzero(hidden).flatten()
+        if shuffle:
+            labelled = labelled[torch.randperm(labelled.numel(), generator=generator)]
+            unlabelled = unlabelled[torch.randperm(unlabelled.numel(), generator=generator)]
+        schedule = interleaving_schedule(labelled.numel(), unlabelled.numel(), batch_size)
+        taken = {True: 0, False: 0}
+        for position, is_labelled in enumerate(schedule):
+            first = taken[is_labelled]
+            taken[is_labelled] += batch_size
+            if position < start:
+                continue
+            indices = (labelled if is_labelled else unlabelled)[first : first + batch_size]
+            indices = indices.to(self.train.device)
+            rows = part(indices.shape[0]) if part is not None else slice(None)
+            yield self._train_rows(indices, rows), self.train_labels[indices[rows]]
+
+
+def interleave_labels(data: DataSplits) -> InterleavedSplits:
+    """``data`` with interleaved labelled and unlabelled training batches
+    (:class:`InterleavedSplits`); everything else the same tensors."""
+    return InterleavedSplits(**{f.name: getattr(data, f.name) for f in fields(DataSplits)})

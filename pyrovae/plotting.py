@@ -32,18 +32,37 @@ def image_grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int, *,
     return make_grid(images, nrow=nrow, padding=2, pad_value=pad_value)
 
 
+#: the pixels each image of a sample grid spans at least, on its longer side: small images
+#: are enlarged by a whole factor (a 28x28 digit to 84x84, an 8x8 one to 80x80), so an 8x8
+#: grid of digits is 726 pixels wide instead of 242
+MIN_IMAGE_PIXELS = 80
+
+
+def display_scale(image_shape: Sequence[int]) -> int:
+    """The whole factor that enlarges an image of ``image_shape`` ``(channels, height,
+    width)`` to at least :data:`MIN_IMAGE_PIXELS` on its longer side (1 for larger ones)."""
+    return max(1, math.ceil(MIN_IMAGE_PIXELS / max(image_shape[1:])))
+
+
 def save_image_grid(images: torch.Tensor, path: str | Path, image_shape: Sequence[int],
-                    nrow: int, *, pad_value: float = 1.0) -> None:
-    """Save ``images`` ``(N, D)`` with values in [0, 1] as a PNG grid of ``nrow`` per row."""
+                    nrow: int, *, pad_value: float = 1.0, scale: int = 1) -> None:
+    """Save ``images`` ``(N, D)`` with values in [0, 1] as a PNG grid of ``nrow`` per row.
+
+    :param scale: enlarge the grid by this whole factor, each pixel a ``scale x scale``
+        block (nearest neighbour: no blur between pixels).
+    """
     from torchvision.utils import save_image
 
     grid = image_grid(images, image_shape, nrow, pad_value=pad_value)
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     write_atomically(path, lambda handle: save_image(grid, handle, format="png"))
 
 
 def save_sample_grid(vae: Any, path: str | Path, image_shape: Sequence[int] | None,
                      num_samples: int = 64, label: int | None = None) -> None:
-    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG.
+    """Decode ``num_samples`` z ~ p(z) and save E[x|z] as an image grid PNG, small images
+    enlarged to be seen (:func:`display_scale`).
 
     :param vae: a :class:`~pyrovae.models.VAE` or any model with ``sample(n)`` and
         ``data_dim`` (a model of labelled data also has ``num_classes`` and ``check_label``).
@@ -71,7 +90,70 @@ def save_sample_grid(vae: Any, path: str | Path, image_shape: Sequence[int] | No
     else:
         images = vae.sample(num_samples, label=vae.check_label(label))
     # black between images, as torchvision draws by default
-    save_image_grid(images.reshape(num_samples, -1), path, shape, nrow, pad_value=0.0)
+    save_image_grid(images.reshape(num_samples, -1), path, shape, nrow, pad_value=0.0,
+                    scale=display_scale(shape))
+
+
+def program_samples(program: Any, num_samples: int, data_dim: int) -> torch.Tensor:
+    """``(num_samples, data_dim)`` values of x drawn from your own program, for a grid.
+
+    The program's own ``sample(num_samples)`` method where it has one (its values are
+    taken as they come, reshaped to rows); else one run of its model on an all-zero
+    ``(num_samples, data_dim)`` template with every observation unconditioned
+    (``poutine.uncondition``): the observed site of the template's size gives E[x | z], the
+    mean of its distribution (a draw where the distribution has no mean), z from the prior.
+
+    :raises ProgramError: the model needs more than x, fails on the template, or has no
+        observed site of x's size; the message says how to make it draw.
+    """
+    import pyro
+    from pyro import poutine
+
+    from pyrovae.programs import ProgramError, as_program
+
+    sample = getattr(program, "sample", None)
+    if callable(sample):
+        with torch.no_grad():
+            return sample(num_samples).reshape(num_samples, -1)
+    resolved = as_program(program)
+    template = torch.zeros(num_samples, data_dim, device=resolved.device)
+    advice = "; give the program a sample(num_samples) method returning (N, D) values"
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False):
+            conditioned = poutine.trace(resolved.model).get_trace(template)
+            drawn = poutine.trace(poutine.uncondition(resolved.model)).get_trace(template)
+    except Exception as error:  # the user's model can fail in any way on the template
+        raise ProgramError(f"the program cannot draw x: its model, run on x alone without "
+                           f"observations, failed ({type(error).__name__}: {error}){advice}"
+                           ) from None
+    observed = [name for name, site in conditioned.nodes.items()
+                if site["type"] == "sample" and site["is_observed"]
+                and site["value"].numel() == template.numel()]
+    if len(observed) != 1:
+        raise ProgramError(f"the program cannot draw x: its model has "
+                           f"{len(observed) or 'no'} observed sites of x's size"
+                           f"{' (' + ', '.join(observed) + ')' if observed else ''}{advice}")
+    site = drawn.nodes[observed[0]]
+    try:
+        values = site["fn"].mean
+    except NotImplementedError:
+        values = site["value"]
+    return values.detach().reshape(num_samples, -1)
+
+
+def save_program_samples(program: Any, path: str | Path, image_shape: Sequence[int] | None,
+                         data_dim: int, num_samples: int = 64) -> None:
+    """:func:`program_samples` of your own program saved as an image grid PNG, as
+    :func:`save_sample_grid` saves a VAE's.
+
+    :raises ConfigError: the data are not images of ``data_dim`` values.
+    :raises ProgramError: the program cannot draw x.
+    """
+    if image_shape is None or math.prod(image_shape) != data_dim or len(image_shape) != 3:
+        raise ConfigError(f"the data are not images of {data_dim} values (image shape "
+                          f"{image_shape}); cannot draw a grid")
+    images = program_samples(program, num_samples, data_dim)
+    save_image_grid(images, path, tuple(image_shape), int(num_samples**0.5) or 1, pad_value=0.0)
 
 
 def save_reconstructions(vae: Any, x: torch.Tensor, path: str | Path,

@@ -29,19 +29,24 @@ only where k-hat is small.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import math
+import os
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+from tqdm.auto import tqdm
 
 from pyrovae.activity import LatentUsage, latent_usage
 from pyrovae.ais import AISResult, ais_log_marginal_likelihood
@@ -49,7 +54,7 @@ from pyrovae.diagnostics import KHAT_THRESHOLD, ImportanceSummary, importance_su
 from pyrovae.evaluation import default_chunk_size
 from pyrovae.programs import ProgramError, as_data, as_program
 from pyrovae.provenance import provenance
-from pyrovae.rundir import json_safe
+from pyrovae.rundir import TMP_SUFFIX, RunFileError, describe_os_error, file_mode, json_safe
 from pyrovae.sandwich import SandwichResult, bidirectional_monte_carlo
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,8 @@ PLOT_NAME = "bounds.png"
 NETCDF_NAME = "diagnostics.nc"
 SUMMARY_NAME = "report.json"
 USAGE_PLOT_NAME = "kl_per_dimension.png"
+#: every file a report writes (a new report removes those of an earlier one it does not write)
+REPORT_FILES = (TABLE_CSV, TABLE_MARKDOWN, PLOT_NAME, USAGE_PLOT_NAME, NETCDF_NAME, SUMMARY_NAME)
 #: the table's estimators for the two bounds of bidirectional Monte Carlo
 SANDWICH_LOWER, SANDWICH_UPPER = "BDMC lower", "BDMC upper"
 
@@ -177,15 +184,20 @@ class BoundCurve:
                      f"active (Var_x E_q[z_u|x] > {usage['threshold']}){information}.\n")
         return header + "\n".join(lines) + "\n" + note
 
-    def to_csv(self, path: str | Path) -> None:
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The table as CSV text, also written to ``path`` if given."""
         table = self.table()
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+        if path is not None:
+            Path(path).write_text(text.getvalue(), newline="")
+        return text.getvalue()
 
-    def plot(self, path: str | Path) -> None:
-        """Save the bound curve and the k-hat panel as a PNG (Agg backend)."""
+    def plot(self, path: str | Path | Any) -> None:
+        """Save the bound curve and the k-hat panel as a PNG (Agg backend) to a path or an
+        open binary file."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -230,7 +242,7 @@ class BoundCurve:
         if self.sandwich is not None:
             _plot_sandwich(axes[2], self.sandwich)
         figure.tight_layout()
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=120, format="png")
         plt.close(figure)
 
     def to_inference_data(self, attrs: Mapping[str, Any] | None = None) -> Any:
@@ -363,7 +375,8 @@ def _inference_data(**groups: Any) -> Any:
 def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int] = DEFAULT_KS, *,
                 ais_kwargs: Mapping[str, Any] | None = None, ais: bool = True,
                 batch_size: int = 100, chunk_size: int | None = None, seed: int | None = None,
-                khat_threshold: float = KHAT_THRESHOLD, sandwich_points: int = 0) -> BoundCurve:
+                khat_threshold: float = KHAT_THRESHOLD, sandwich_points: int = 0,
+                progress: bool = False) -> BoundCurve:
     """ELBO, IWAE_K for each K in ``ks``, and AIS, on the same points, in nats.
 
     The IWAE bounds use nested prefixes of one set of max(ks) importance samples per point,
@@ -385,6 +398,8 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
     :param sandwich_points: simulate this many points from the model (``x``'s first rows as
         the template) and sandwich their log p(x) by forward and reverse AIS with the AIS
         settings (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`); 0: no sandwich.
+    :param progress: show a progress bar over the batches of each pass (the draws are those
+        of one pass over all points).
     :returns: a :class:`BoundCurve`.
 
     Example::
@@ -396,15 +411,22 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
     if seed is not None:
         pyro.set_rng_seed(seed)
     started = time.perf_counter()
-    summary = importance_summary(vae, x, ks, batch_size=batch_size, chunk_size=chunk_size,
-                                 khat_threshold=khat_threshold)
+    args = as_data(x)
+    k_max = max(ks)
+    # batch by batch, as importance_summary goes: the same draws, with a bar between batches
+    summary = _join_importance([
+        importance_summary(vae, batch, ks, batch_size=batch_size, chunk_size=chunk_size,
+                           khat_threshold=khat_threshold)
+        for batch in tqdm(list(zip(*(a.split(batch_size) for a in args), strict=True)),
+                          disable=not progress, unit="batch", dynamic_ncols=True,
+                          desc=f"IWAE bounds, K up to {k_max}")])
     is_seconds = time.perf_counter() - started
     k_max = summary.num_samples[-1]
     elbo_error = summary.log_weight_std / math.sqrt(k_max)
     rows = [_row("ELBO", k_max, None, summary.elbo, elbo_error, is_seconds)]
     rows += [_row("IWAE", k, None, summary.iwae[i], summary.iwae_standard_error[i], is_seconds)
              for i, k in enumerate(summary.num_samples)]
-    num_points = as_data(x)[0].shape[0]
+    num_points = args[0].shape[0]
     logger.info("importance sampling with K=%d on %d points: %.1f s", k_max, num_points,
                 is_seconds)
     result: AISResult | None = None
@@ -415,7 +437,12 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
         if seed is not None:
             pyro.set_rng_seed(seed)
         started = time.perf_counter()
-        result = ais_log_marginal_likelihood(vae, x, **settings)
+        num_batches = -(-args[0].shape[0] // settings["batch_size"])
+        result = _join_ais([
+            ais_log_marginal_likelihood(vae, x, **settings, batches=[index])
+            for index in tqdm(range(num_batches), disable=not progress, unit="batch",
+                              dynamic_ncols=True,
+                              desc=f"AIS, T={settings['num_temperatures']}")])
         ais_seconds = time.perf_counter() - started
         rows.append(_row("AIS", result.num_chains, result.num_temperatures,
                          result.log_marginal_likelihood, result.standard_error, ais_seconds))
@@ -438,31 +465,38 @@ def bound_curve(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], ks: Sequence
                       sandwich=sandwich)
 
 
+def _join_importance(parts: Sequence[ImportanceSummary]) -> ImportanceSummary:
+    """The summaries of consecutive batches as one, points in order."""
+    tensors = {name: torch.cat([getattr(part, name) for part in parts], dim=-1)
+               for name, value in vars(parts[0]).items() if isinstance(value, torch.Tensor)}
+    return replace(parts[0], **tensors)
+
+
+def _join_ais(parts: Sequence[AISResult]) -> AISResult:
+    """The AIS results of consecutive batches as one, points in order."""
+    tensors = {name: torch.cat([getattr(part, name) for part in parts],
+                               dim=1 if name == "samples" else -1)
+               for name, value in vars(parts[0]).items() if isinstance(value, torch.Tensor)}
+    return replace(parts[0], **tensors)
+
+
 def save_inference_data(data: Any, path: str | Path) -> None:
     """Write InferenceData (or an ArviZ >= 1 DataTree) to netCDF with the h5netcdf engine."""
     data.to_netcdf(str(path), engine="h5netcdf")
 
 
-def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir: str | Path, *,
+def build_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], *,
                  ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
                  ais: bool = True, batch_size: int = 100, chunk_size: int | None = None,
-                 seed: int = 0,
-                 extra: Mapping[str, Any] | None = None, sandwich_points: int = 0,
-                 usage: bool = True) -> dict[str, Any]:
-    """Run :func:`bound_curve` and write the table, plot, netCDF and JSON into ``output_dir``.
-
-    :param extra: more entries for ``report.json`` (e.g. the checkpoint path).
-    :param sandwich_points: see :func:`bound_curve`.
-    :param usage: add the latent usage (:func:`~pyrovae.activity.latent_usage`) on ``x``
-        and its figure; a program it cannot read (no continuous latent site in the data
-        plate) gets the reason in ``report.json`` instead.
-    :returns: the contents of ``report.json``.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+                 seed: int = 0, extra: Mapping[str, Any] | None = None,
+                 sandwich_points: int = 0, usage: bool = True,
+                 progress: bool = False) -> tuple[BoundCurve, dict[str, Any]]:
+    """Run :func:`bound_curve` (and the latent usage): the curve and the contents of
+    ``report.json``; :func:`save_report` writes them.  Parameters as :func:`write_report`."""
     started = time.perf_counter()
     curve = bound_curve(vae, x, ks, ais_kwargs=ais_kwargs, ais=ais, batch_size=batch_size,
-                        chunk_size=chunk_size, seed=seed, sandwich_points=sandwich_points)
+                        chunk_size=chunk_size, seed=seed, sandwich_points=sandwich_points,
+                        progress=progress)
     usage_error = None
     if usage:
         pyro.set_rng_seed(seed)
@@ -481,15 +515,98 @@ def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir:
     summary.update(extra or {})
     summary.update(provenance(as_program(vae).device))
     summary["arviz"] = _arviz_version()
-    curve.to_csv(output_dir / TABLE_CSV)
-    (output_dir / TABLE_MARKDOWN).write_text(curve.to_markdown())
-    curve.plot(output_dir / PLOT_NAME)
+    return curve, summary
+
+
+def save_report(curve: BoundCurve, summary: Mapping[str, Any], output_dir: str | Path) -> None:
+    """Write :func:`build_report`'s table, figures, netCDF and JSON into ``output_dir``
+    (created if missing).
+
+    Every file goes to a temporary beside its name first; only once all are written are
+    they renamed into place, and the files of an earlier report that this one does not
+    write are removed.  A failed write (a full disk, a file-size limit) leaves the earlier
+    report as it was and no temporary behind.
+
+    :raises RunFileError: naming the folder and the reason.
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFileError(f"cannot write the report into {output_dir}: "
+                           f"{describe_os_error(error)}") from None
+    attrs = {key: value for key, value in summary.items() if key not in ("bounds", "diagnostics")}
+    writers: dict[str, Callable[[Path], None]] = {
+        TABLE_CSV: lambda path: path.write_text(curve.to_csv(), newline=""),
+        TABLE_MARKDOWN: lambda path: path.write_text(curve.to_markdown()),
+        PLOT_NAME: lambda path: _write_binary(path, curve.plot),
+    }
     if curve.usage is not None:
-        curve.usage.plot(output_dir / USAGE_PLOT_NAME)
-    save_inference_data(curve.to_inference_data(attrs={
-        key: value for key, value in summary.items() if key not in ("bounds", "diagnostics")}),
-        output_dir / NETCDF_NAME)
-    (output_dir / SUMMARY_NAME).write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+        usage = curve.usage
+        writers[USAGE_PLOT_NAME] = lambda path: _write_binary(path, usage.plot)
+    writers[NETCDF_NAME] = lambda path: save_inference_data(
+        curve.to_inference_data(attrs=attrs), path)
+    writers[SUMMARY_NAME] = lambda path: path.write_text(
+        json.dumps(json_safe(dict(summary)), indent=2) + "\n")
+    _write_all(output_dir, writers)
+
+
+def _write_binary(path: Path, write: Callable[[Any], None]) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
+
+
+def _write_all(output_dir: Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write every file of ``writers`` (name -> writer of a path) to a temporary in
+    ``output_dir``, then rename them all into place, then remove the other
+    :data:`REPORT_FILES` there."""
+    temporaries: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            handle, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=TMP_SUFFIX,
+                                                dir=output_dir)
+            os.fchmod(handle, file_mode(output_dir / name))
+            os.close(handle)
+            temporaries[name] = Path(tmp_name)
+            write(temporaries[name])
+            with open(tmp_name, "rb") as written:
+                os.fsync(written.fileno())
+        for name, tmp in temporaries.items():
+            os.replace(tmp, output_dir / name)
+        for name in set(REPORT_FILES) - set(writers):
+            (output_dir / name).unlink(missing_ok=True)
+    except OSError as error:
+        raise RunFileError(f"cannot write the report into {output_dir}: "
+                           f"{describe_os_error(error)}; an earlier report there is unchanged") \
+            from None
+    finally:
+        for tmp in temporaries.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+def write_report(vae: Any, x: torch.Tensor | Sequence[torch.Tensor], output_dir: str | Path, *,
+                 ks: Sequence[int] = DEFAULT_KS, ais_kwargs: Mapping[str, Any] | None = None,
+                 ais: bool = True, batch_size: int = 100, chunk_size: int | None = None,
+                 seed: int = 0,
+                 extra: Mapping[str, Any] | None = None, sandwich_points: int = 0,
+                 usage: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Run :func:`bound_curve` and write the table, plot, netCDF and JSON into ``output_dir``
+    (:func:`save_report`: all or nothing).
+
+    :param extra: more entries for ``report.json`` (e.g. the checkpoint path).
+    :param sandwich_points: see :func:`bound_curve`.
+    :param usage: add the latent usage (:func:`~pyrovae.activity.latent_usage`) on ``x``
+        and its figure; a program it cannot read (no continuous latent site in the data
+        plate) gets the reason in ``report.json`` instead.
+    :param progress: a progress bar for each pass (:func:`bound_curve`).
+    :returns: the contents of ``report.json``.
+    """
+    curve, summary = build_report(vae, x, ks=ks, ais_kwargs=ais_kwargs, ais=ais,
+                                  batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+                                  extra=extra, sandwich_points=sandwich_points, usage=usage,
+                                  progress=progress)
+    save_report(curve, summary, output_dir)
     return summary
 
 

@@ -64,6 +64,8 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
     try:
         handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX,
                                             dir=path.parent)
+        # mkstemp makes the file private (0600): give it the mode a plain open would
+        os.fchmod(handle, file_mode(path))
         with os.fdopen(handle, "wb") as tmp:
             write(tmp)
             tmp.flush()
@@ -80,6 +82,16 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
             raise RunFileError(f"cannot write {path}: the write was cut short (disk full?)") \
                 from None
         raise
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits of ``path`` if it exists, else those a new file gets (0666 less
+    the process's umask)."""
+    with contextlib.suppress(OSError):
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -178,11 +190,15 @@ def clear_run(run_dir: str | Path, names: tuple[str, ...] = RUN_FILES) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, held from :meth:`acquire` until :meth:`release`
-    or the process's end (a kill -9 included: the kernel drops ``flock`` locks with the
-    process, so a lock is never stale).
+    """A lock on a run directory, held from :meth:`acquire` until :meth:`release` or the
+    process's end (a kill -9 included: the kernel drops ``flock`` locks with the process,
+    so a lock is never stale).
 
-    The lock file records the holder's pid, for the refusal message.
+    Training (and ``--overwrite``) holds it exclusively; reading a run to write beside it
+    (``pyrovae evaluate``, ``sample``) holds it ``shared``: many readers at once, but no
+    training or overwrite while one reads, so what a reader writes belongs to the
+    checkpoint it read.  The exclusive holder records its pid in the lock file, for the
+    refusal message.
 
     Example::
 
@@ -190,33 +206,56 @@ class RunLock:
             ...  # only this process trains into run_dir
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, *, shared: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.shared = shared
         self._handle: IO[str] | None = None
 
     def acquire(self) -> RunLock:
-        """:raises RunLockedError: another process holds it (with its pid)."""
+        """Take the lock, or refuse at once.
+
+        :raises RunLockedError: another process holds it (with its pid), or, for an
+            exclusive lock, one or more processes read the run.
+        """
         import fcntl
 
         path = self.run_dir / LOCK_NAME
         try:
             handle = open(path, "a+")
         except OSError as error:
-            raise RunFileError(f"cannot create the lock file {path}: "
-                               f"{describe_os_error(error)}") from None
+            if not self.shared:
+                raise RunFileError(f"cannot create the lock file {path}: "
+                                   f"{describe_os_error(error)}") from None
+            # a run in a folder this process cannot write: read-lock its lock file where
+            # there is one; where there is none, no process trains there
+            try:
+                handle = open(path)
+            except OSError:
+                return self
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            readers = not self.shared and _only_readers(handle)
             handle.close()
+            if readers:
+                raise RunLockedError(
+                    f"{self.run_dir} is being read by pyrovae evaluate or sample; wait for it "
+                    f"to finish or stop it, or choose another --out-dir") from None
+            if self.shared:
+                raise RunLockedError(
+                    f"{self.run_dir} is being trained by another pyrovae process (pid "
+                    f"{holder}); wait for it to finish, or copy its checkpoint.pt elsewhere "
+                    f"and use the copy") from None
             raise RunLockedError(
                 f"{self.run_dir} is in use by another pyrovae process (pid {holder}); wait for "
                 f"it to finish or stop it, or choose another --out-dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        if not self.shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
         self._handle = handle
         return self
 
@@ -230,6 +269,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _only_readers(handle: IO[str]) -> bool:
+    """Whether the lock on ``handle``'s file is held shared (by readers) only."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
 
 
 def make_run_dir(path: str | Path) -> Path:

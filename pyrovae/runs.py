@@ -31,37 +31,58 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
 from pyrovae import distributed
 from pyrovae.activity import ACTIVE_UNIT_THRESHOLD, posterior_mean_variance
-from pyrovae.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, check_resumable, load_vae
-from pyrovae.config import LABEL_MODELS, TrainConfig, apply_label_settings, build_vae
+from pyrovae.checkpoint import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    check_checkpoint,
+    check_param_store,
+    check_resumable,
+    check_state_dict,
+    load_program_state,
+    load_vae,
+    read_checkpoint,
+)
+from pyrovae.config import (
+    LABEL_MODELS,
+    TrainConfig,
+    apply_label_settings,
+    build_vae,
+    fit_batch_to_data,
+)
 from pyrovae.data import DataSplits, load_dataset
 from pyrovae.devices import seed_everything
 from pyrovae.diagnostics import KHAT_THRESHOLD, importance_summary, unreliable_fraction
 from pyrovae.distributed import sharded
-from pyrovae.errors import CheckpointError, ConfigError
+from pyrovae.errors import CheckpointError, ConfigError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood, mean_and_standard_error
 from pyrovae.labels import classification_error, log_marginal_likelihood_over_labels
 from pyrovae.likelihoods import bits_per_dim
 from pyrovae.models import VAE, SemiSupervisedVAE
-from pyrovae.plotting import save_sample_grid
+from pyrovae.plotting import save_program_samples, save_sample_grid
+from pyrovae.program_spec import canonical_spec, load_program
 from pyrovae.programs import as_data, as_program
 from pyrovae.provenance import provenance
-from pyrovae.report import DEFAULT_AIS, DEFAULT_KS, TABLE_MARKDOWN, write_report
+from pyrovae.report import DEFAULT_AIS, DEFAULT_KS, build_report, save_report
 from pyrovae.rundir import (
     LOCK_NAME,
+    RunFileError,
     RunLock,
+    RunLockedError,
     check_run_dir_path,
     check_writable,
     clear_run,
+    describe_os_error,
     json_safe,
     make_run_dir,
     remove_temporaries,
@@ -71,6 +92,7 @@ from pyrovae.sandwich import DEFAULT_POINTS, bidirectional_monte_carlo
 from pyrovae.train import (
     METRICS_NAME,
     EpochRecord,
+    TrainingDivergedError,
     _StopSignals,
     check_training_data,
     fit_from_config,
@@ -113,6 +135,9 @@ def _refuse_existing(run_dir: Path, existing: list[str]) -> None:
 def check_out_dir(config: TrainConfig) -> None:
     """Refuse, before any work, a ``config.out_dir`` that is a file or holds a run (unless
     ``config.overwrite``).  Nothing is created."""
+    if not str(config.out_dir).strip():
+        raise ConfigError("--out-dir is empty; name the folder to write the run into "
+                          "(e.g. --out-dir runs/vae)")
     run_dir = Path(config.out_dir)
     check_run_dir_path(run_dir)
     existing = existing_run(run_dir) if run_dir.is_dir() else []
@@ -174,9 +199,11 @@ def resumed_config(run_dir: Path, changes: Mapping[str, Any], *,
 
     :param changes: config fields to set, e.g. the flags given to ``pyrovae train --resume``.
     :param may_change: the fields a resume may change (``out_dir`` and ``overwrite`` always).
+        A run stopped before its first checkpoint has only its config: :func:`train_run`
+        starts it afresh from that.
     :raises ConfigError: nothing to resume, or a change to a field outside ``may_change``.
     """
-    if not (run_dir / CHECKPOINT_NAME).is_file():
+    if not (run_dir / CHECKPOINT_NAME).is_file() and not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"nothing to resume in {run_dir}: it needs {CONFIG_NAME} and "
                           f"{CHECKPOINT_NAME} from an earlier pyrovae train")
     if not (run_dir / CONFIG_NAME).is_file():
@@ -215,7 +242,12 @@ def check_resume(run_dir: Path, config: TrainConfig, vae: VAE) -> None:
     """Everything a resume of ``run_dir`` needs, checked before its config is rewritten:
     a checkpoint ``vae`` can continue, trained with ``config`` (aside from
     :data:`RESUME_OVERRIDES`), with no more epochs than ``config.epochs``."""
-    checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    if config.program is None:
+        checkpoint = check_resumable(run_dir / CHECKPOINT_NAME, vae)
+    else:
+        # the optimizer state also covers the program's pyro.param sites, which the
+        # training loop finds and checks (TrainingLoop._load)
+        checkpoint = _check_program_resumable(run_dir / CHECKPOINT_NAME, vae)
     if checkpoint.get("config") is not None:
         refuse_foreign(run_dir / CHECKPOINT_NAME, TrainConfig.from_dict(checkpoint["config"]),
                        config, run_dir / CONFIG_NAME)
@@ -241,16 +273,94 @@ def refuse_foreign(checkpoint_path: Path, embedded: TrainConfig, config: TrainCo
             + "; use the checkpoint with its own run directory")
 
 
-def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool) -> dict[str, Any]:
+def load_best(run_dir: Path, vae: VAE, *, stopped_early: bool,
+              program: bool = False) -> dict[str, Any]:
     """Load ``checkpoint_best.pt``'s parameters into ``vae`` for the final evaluation (early
-    stopping selects the model on the held-out ELBO); what the results record of it."""
+    stopping selects the model on the held-out ELBO); what the results record of it.
+
+    :param program: ``vae`` is your own program: its ``pyro.param`` sites are loaded too
+        (:func:`~pyrovae.checkpoint.load_program_state`).
+    """
     path = run_dir / BEST_CHECKPOINT_NAME
-    checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
-    vae.load_state_dict(checkpoint["model"])
+    if program:
+        checkpoint = load_program_state(vae, path)
+    else:
+        checkpoint = distributed.rank0_call(lambda: check_resumable(path, vae))
+        vae.load_state_dict(checkpoint["model"])
     logger.info("final evaluation with the best checkpoint (epoch %d)%s", checkpoint["epoch"],
                 ", early stopping ended training" if stopped_early else "")
     return {"stopped_early": stopped_early, "evaluated_checkpoint": BEST_CHECKPOINT_NAME,
             "evaluated_checkpoint_epoch": checkpoint["epoch"]}
+
+
+# --- your own program ------------------------------------------------------------------------
+# A run of a user's program records its spec in config.json; the spec is only ever imported
+# when the user names it again on the command line (check_program_named), never because a
+# run directory names it: a config.json is data anyone may have edited.
+
+def check_program_named(run_dir: Path, given: str | None, config: TrainConfig | None, *,
+                        command: str) -> None:
+    """Refuse, before anything is imported, a ``--program`` that is not the one ``config``
+    (the run's) records, or none where it records one.
+
+    :param given: the ``--program`` of the command line, or ``None``.
+    :param command: the command for the message (``"evaluate"``).
+    :raises ConfigError: one line naming both programs.
+    """
+    recorded = config.program if config is not None else None
+    if recorded is None:
+        if given is not None:
+            raise ConfigError(f"--program {given}: {run_dir} holds a run of the built-in "
+                              f"model, not of a program; leave --program out")
+        return
+    if given is None:
+        raise ConfigError(f"{run_dir} holds a run of your program {recorded}; pyrovae imports "
+                          f"no code that a run directory names: name it again, pyrovae "
+                          f"{command} {run_dir} --program {recorded}")
+    if canonical_spec(given) != recorded:
+        raise ConfigError(f"--program {canonical_spec(given)} is not the program {run_dir} was "
+                          f"trained with ({recorded}); name that one")
+
+
+def build_user_program(config: TrainConfig, device: torch.device) -> Any:
+    """Import and build ``config.program`` with ``config.program_args``
+    (:func:`~pyrovae.program_spec.load_program`), on ``device``.  Only for a spec the user
+    named on the command line (:func:`check_program_named` first, for a recorded one)."""
+    assert config.program is not None
+    # a run starts from an empty parameter store: pyro.module would otherwise hand this
+    # program the tensors an earlier program in this process registered under its names
+    pyro.clear_param_store()
+    program = load_program(config.program, config.program_args)
+    if isinstance(program, torch.nn.Module):
+        program = program.to(device)
+    return program
+
+
+def _check_program_resumable(path: Path, program: Any) -> dict[str, Any]:
+    """:func:`~pyrovae.checkpoint.check_resumable` of a user's program, the optimizer aside."""
+    checkpoint = read_checkpoint(path)
+    check_checkpoint(checkpoint, path, resumable=True)
+    module = as_program(program).module
+    check_state_dict(module if module is not None else torch.nn.Module(), checkpoint["model"],
+                     path, "this program")
+    check_param_store(checkpoint, path)
+    return checkpoint
+
+
+def _user_program_figures(program: Any, run_dir: Path, data: DataSplits) -> dict[str, Any]:
+    """``samples.png`` where the program can draw x, and the active units where its guide
+    allows counting them; what it cannot do is logged, not fatal, at the end of training."""
+    if data.image_shape is not None:
+        try:
+            save_program_samples(program, run_dir / SAMPLES_NAME, data.image_shape,
+                                 data.data_dim)
+        except PyrovaeError as error:
+            logger.warning("no %s: %s", SAMPLES_NAME, error)
+    try:
+        return posterior_activity(program, data.test)
+    except (PyrovaeError, ValueError, RuntimeError) as error:
+        logger.warning("active units not counted: %s", error)
+        return {"active_units": None, "posterior_collapsed": False}
 
 
 # --- training one run -----------------------------------------------------------------------
@@ -287,6 +397,7 @@ def load_run_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfi
     data = data.subset(config.train_size, config.test_size).with_validation(
         config.valid_size, own=config.valid_split == "dataset")
     config, data = apply_label_settings(config, data)  # --labelled, num_classes, alpha
+    config = fit_batch_to_data(config, data.train.shape[0])
     return config, data.to(device)
 
 
@@ -324,18 +435,27 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
     :returns: the run, its model in eval mode.
     """
     run_dir = Path(config.out_dir)
-    if not resume:
+    # stopped between config.json and the first checkpoint: nothing trained, start afresh
+    restart = resume and distributed.rank0_call(lambda: not (run_dir / CHECKPOINT_NAME).exists())
+    if restart:
+        logger.warning("%s has its %s but no checkpoint (stopped before the first one): "
+                       "starting it afresh from that config", run_dir, CONFIG_NAME)
+        resume = False
+    elif not resume:
         distributed.rank0_call(lambda: check_out_dir(config))
     seed_everything(config.seed)
     device = data.train.device
-    vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
-    check_training_data(vae, data, config.batch_size)
-    check_prior_cost(vae, config)
+    if config.program is None:
+        vae = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape).to(device)
+        check_training_data(vae, data, config.batch_size)
+        check_prior_cost(vae, config)
+    else:
+        vae = build_user_program(config, device)
     with contextlib.ExitStack() as own:
         # rank 0 creates and locks the folder, checks the checkpoint to resume, then writes
         # the config; every rank learns its verdict
         distributed.rank0_call(lambda: _start_run(config, run_dir, vae, stack or own,
-                                                  resume=resume,
+                                                  resume=resume, restart=restart,
                                                   session_device=device if record_session
                                                   else None))
         processes = (f", {distributed.get_world_size()} processes"
@@ -353,13 +473,18 @@ def train_run(config: TrainConfig, data: DataSplits, *, resume: bool = False,
         finally:
             if writer is not None:
                 writer.close()
-    vae.eval()
+    as_program(vae).train(False)
     return Run(run_dir, config, vae, history)
 
 
 def _start_run(config: TrainConfig, run_dir: Path, vae: VAE, stack: contextlib.ExitStack, *,
-               resume: bool, session_device: torch.device | None) -> None:
-    open_run_dir(run_dir, stack, overwrite=config.overwrite, fresh=not resume)
+               resume: bool, session_device: torch.device | None, restart: bool = False) -> None:
+    open_run_dir(run_dir, stack, overwrite=config.overwrite, fresh=not (resume or restart))
+    if restart:  # now under the lock: still no checkpoint, so nothing trained is lost
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"{run_dir} got a checkpoint while this command started; "
+                              f"run pyrovae train --resume {run_dir} again")
+        clear_run(run_dir)
     if resume:
         check_resume(run_dir, config, vae)
     if session_device is not None:
@@ -402,22 +527,133 @@ def load_run(run_dir: Path, device: torch.device) -> Run:
 
 
 def train_and_evaluate(config: TrainConfig, device: torch.device, *,
-                       resume: bool = False) -> None:
+                       resume: bool = False, reevaluate: bool = False) -> None:
     """What ``pyrovae train`` does: train ``config`` into ``config.out_dir`` (resume it with
     ``resume``), then draw ``samples.png``, count the active latent units, estimate the test
     ELBO and log p(x) with ``config.eval_samples`` importance samples, print them and write
     ``results.json`` with provenance.
 
+    ``config.data_dir`` is recorded as an absolute path, so that the run can be evaluated
+    from any folder.  A resumed run that has finished its epochs and has its
+    ``results.json`` is left as it is, with a line saying so, unless ``reevaluate``.
+
     Every process of a ``torch.distributed`` group calls this; rank 0 writes the files.
+
+    :raises TrainingDivergedError: the trained model is far worse than an untrained one
+        (:func:`check_diverged`), after ``results.json`` has recorded it.
     """
+    if reevaluate and not resume:
+        raise ConfigError("--reevaluate goes with --resume RUN_DIR: it estimates a finished "
+                          "run's log p(x) again")
+    if config.data_dir is not None:
+        config = replace(config, data_dir=os.path.abspath(os.path.expanduser(config.data_dir)))
     if not resume:
         # rank 0 checks the folder, creating nothing before the data and model are known good
         distributed.rank0_call(lambda: check_out_dir(config))
+    elif not reevaluate:
+        line = distributed.rank0_call(lambda: _finished_run_locked(Path(config.out_dir), config))
+        if line is not None:
+            if distributed.is_main_process():
+                print(line)
+            return
     config, data = load_run_data(config, device)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         run = train_run(config, data, resume=resume, stack=stack)
         _finish(run, data, device, session_seconds=time.perf_counter() - started)
+
+
+def _finished_run_locked(run_dir: Path, config: TrainConfig) -> str | None:
+    """:func:`finished_run`, asked while holding the run's lock (refused as training would
+    be while another process holds it)."""
+    if not run_dir.is_dir():
+        return None
+    with RunLock(run_dir):
+        return finished_run(run_dir, config)
+
+
+def finished_run(run_dir: Path, config: TrainConfig) -> str | None:
+    """What to say of ``run_dir`` if it has trained exactly ``config.epochs`` (or stopped
+    early before) and its ``results.json`` evaluates that last epoch; ``None`` if there is
+    training or its final evaluation left to do (or too many epochs to refuse)."""
+    results_path = run_dir / RESULTS_NAME
+    if not (results_path.is_file() and (run_dir / METRICS_NAME).is_file()):
+        return None
+    history = read_metrics(run_dir / METRICS_NAME)
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: evaluate it again
+    if not history or not isinstance(results, dict) or results.get("epochs") != len(history):
+        return None
+    stopped_early = history[-1].stopped_early
+    if len(history) > config.epochs or (len(history) < config.epochs and not stopped_early):
+        return None
+    estimate = ""
+    if results.get("log_marginal_likelihood") is not None:
+        estimate = (f": {results.get('log_marginal_likelihood_of', 'log p(x)')} "
+                    f"{results['log_marginal_likelihood']:.2f} nats (K={results['num_samples']},"
+                    f" {results['num_test_points']} test points)")
+    how = (f"early stopping ended it after {len(history)} of {config.epochs} epochs"
+           if stopped_early else f"{len(history)} of {config.epochs} epochs trained")
+    more = "" if stopped_early else f"pass --epochs N (more than {len(history)}) to train on, or "
+    return (f"{run_dir} is finished ({how}) and evaluated in {RESULTS_NAME}{estimate}, which "
+            f"is kept; {more}pass --reevaluate to estimate its log p(x) again")
+
+
+def _keep_stronger(path: Path, results: Mapping[str, Any]) -> Path | None:
+    """If ``path`` holds an estimate stronger than ``results``' (more importance samples or
+    more test points), move it to the next free ``results-N.json`` and say so; returns
+    where it went."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("log_marginal_likelihood") is None:
+        return None
+    weaker = [f"{what} {previous[key]} -> {results.get(key) or 0}"
+              for key, what in (("num_samples", "K"), ("num_test_points", "test points"))
+              if isinstance(previous.get(key), int) and previous[key] > (results.get(key) or 0)]
+    if not weaker:
+        return None
+    kept = _keep_previous(path)
+    logger.warning("this estimate is weaker than the one in %s (%s): that one is kept as %s",
+                   path, ", ".join(weaker), kept)
+    return kept
+
+
+#: test points on which a trained model's ELBO is compared with an untrained one's
+DIVERGENCE_POINTS = 1000
+#: a trained model whose ELBO is below an untrained one's by more than this fraction of the
+#: latter's size (plus one nat) has diverged, however finite its loss
+DIVERGED_ELBO_FRACTION = 0.1
+
+
+def check_diverged(vae: VAE, config: TrainConfig, data: DataSplits, *,
+                   parallel: bool = False) -> dict[str, Any]:
+    """Compare ``vae``'s ELBO on the first :data:`DIVERGENCE_POINTS` test points with that
+    of the same model untrained (built again from ``config``'s seed): a run that ends far
+    below where it started has diverged, though every loss was finite (too high a
+    learning rate).
+
+    :returns: ``diverged``, both ELBOs (nats per point, the same draws) and the points.
+    """
+    x = data.test_inputs
+    x = tuple(part[:DIVERGENCE_POINTS] for part in x) if isinstance(x, tuple) \
+        else x[:DIVERGENCE_POINTS]
+    device = as_data(x)[0].device
+    seed_everything(config.seed)
+    untrained = build_vae(config, data_dim=data.data_dim, image_shape=data.image_shape)
+    untrained.to(device).eval()
+    values = {}
+    for name, model in (("elbo", vae), ("untrained_elbo", untrained)):
+        seed_everything(config.seed)
+        values[name] = mean_and_standard_error(
+            _estimate(elbo, model, x, batch_size=100, distributed=parallel)).mean
+    margin = DIVERGED_ELBO_FRACTION * abs(values["untrained_elbo"]) + 1.0
+    diverged = not math.isfinite(values["elbo"]) or \
+        values["elbo"] < values["untrained_elbo"] - margin
+    return {"diverged": diverged, **values, "num_points": as_data(x)[0].shape[0]}
 
 
 def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds: float) -> None:
@@ -434,15 +670,26 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
         "config": config.to_dict(),
     }
     if config.early_stopping_patience:
-        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early))
+        results.update(load_best(run_dir, vae, stopped_early=history[-1].stopped_early,
+                                 program=config.program is not None))
     # the final evaluation has no steps to stop between: a signal stops it at once
     with _StopSignals(message=f"during the final evaluation: training is complete and "
                               f"checkpointed; pyrovae train --resume {run_dir} evaluates it"):
         if main_process:
-            if data.image_shape is not None:
-                save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
-            results.update(posterior_activity(vae, data.test) if not data.has_labels else
-                           {"active_units": None, "posterior_collapsed": False})
+            if config.program is not None:
+                results.update(_user_program_figures(vae, run_dir, data))
+            else:
+                if data.image_shape is not None:
+                    save_sample_grid(vae, run_dir / SAMPLES_NAME, data.image_shape)
+                results.update(posterior_activity(vae, data.test) if not data.has_labels else
+                               {"active_units": None, "posterior_collapsed": False})
+        # your own program is built by its own code, which may reset the parameters it
+        # registered: no untrained copy of it is built beside the trained one
+        divergence = (check_diverged(vae, config, data, parallel=parallel)
+                      if config.program is None else {"diverged": None})
+        results.update(diverged=divergence["diverged"], divergence_check=divergence)
+        if divergence["diverged"] and main_process:
+            logger.warning("training diverged: %s", _diverged_line(divergence))
         if config.eval_samples > 0:
             seed_everything(config.seed)
             results.update(evaluate_vae(vae, data.test_inputs, num_samples=config.eval_samples,
@@ -451,6 +698,8 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
     if parallel:
         results["num_processes"] = distributed.get_world_size()
     if not main_process:
+        if divergence["diverged"]:
+            raise TrainingDivergedError("training diverged (rank 0 says how)")
         return
     # printed before saving, so that a failed write does not lose them
     if config.eval_samples > 0:
@@ -461,8 +710,20 @@ def _finish(run: Run, data: DataSplits, device: torch.device, *, session_seconds
               f"test points of every E[z_d|x] is below {ACTIVE_UNIT_THRESHOLD}); q(z|x) ignores "
               f"x; warm the KL up (--kl-warmup-epochs) or train longer")
     results.update(provenance(device))
+    if (run_dir / RESULTS_NAME).is_file():
+        _keep_stronger(run_dir / RESULTS_NAME, results)
     write_json(run_dir / RESULTS_NAME, results)
     print(f"run saved in {run_dir}")
+    if divergence["diverged"]:
+        raise TrainingDivergedError(f"training diverged: {_diverged_line(divergence)}; "
+                                    f"{RESULTS_NAME} records it; try a lower learning rate "
+                                    f"(--lr) or --clip-norm")
+
+
+def _diverged_line(divergence: Mapping[str, Any]) -> str:
+    return (f"the trained model's ELBO {divergence['elbo']:.2f} nats is far below the untrained "
+            f"model's {divergence['untrained_elbo']:.2f} on the same "
+            f"{divergence['num_points']} test points")
 
 
 #: test points used to count active units at the end of training
@@ -648,15 +909,35 @@ def log_px_line(results: Mapping[str, Any]) -> str:
     return line
 
 
-def load_run_checkpoint(path: str | Path, device: torch.device
-                        ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+def load_run_checkpoint(path: str | Path, device: torch.device, *, program: str | None = None,
+                        command: str = "evaluate") -> tuple[Any, TrainConfig, dict[str, Any]]:
     """:func:`~pyrovae.checkpoint.load_vae`, refusing a checkpoint that its run directory's
-    ``config.json`` (where there is one) does not describe."""
-    vae, config, checkpoint = load_vae(path, device)
+    ``config.json`` (where there is one) does not describe.
+
+    A run of your own program needs ``program``, the spec given again on the command line
+    and equal to the recorded one (:func:`check_program_named`): only then is it imported,
+    built with the recorded ``program_args`` and loaded
+    (:func:`~pyrovae.checkpoint.load_program_state`).
+
+    :returns: ``(model, config, checkpoint)``: a VAE, or the user's program object.
+    """
     config_path = run_dir_of(path) / CONFIG_NAME
-    if config_path.is_file():
-        refuse_foreign(Path(path), config, TrainConfig.load(config_path), config_path)
-    return vae, config, checkpoint
+    saved = TrainConfig.load(config_path) if config_path.is_file() else None
+    checkpoint = read_checkpoint(path)
+    embedded = check_checkpoint(checkpoint, path)
+    recorded = saved if saved is not None else embedded
+    check_program_named(run_dir_of(path), program, recorded, command=command)
+    if recorded is None or recorded.program is None:
+        vae, config, checkpoint = load_vae(path, device)
+        if saved is not None:
+            refuse_foreign(Path(path), config, saved, config_path)
+        return vae, config, checkpoint
+    if saved is not None and embedded is not None:
+        refuse_foreign(Path(path), embedded, saved, config_path)
+    config = embedded if embedded is not None else recorded
+    user_program = build_user_program(config, device)
+    load_program_state(user_program, path)
+    return user_program, config, checkpoint
 
 
 def load_test_points(config: TrainConfig, device: torch.device, *, data_dir: str | None = None,
@@ -680,21 +961,42 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
                         batch_size: int = 100, chunk_size: int | None = None,
                         test_size: int | None = None, data_dir: str | None = None,
                         seed: int = 0, progress: bool = True,
-                        output: str | Path | None = None) -> dict[str, Any]:
+                        output: str | Path | None = None, force: bool = False,
+                        program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate`` does: the test ELBO and log p(x) (:func:`evaluate_vae`) of a
     run's checkpoint, printed and written as JSON to ``output`` (default
     ``evaluation.json`` beside it; an existing file is kept under the next free
     ``stem-N`` name).  Under ``torchrun`` the test points are split over the processes and
-    rank 0 writes.
+    rank 0 writes.  The run is held (:func:`hold_run`) from reading its checkpoint to
+    writing.
 
     :param checkpoint: a checkpoint file or the run directory holding ``checkpoint.pt``.
+    :param force: replace an ``output`` that is not an earlier evaluation (refused otherwise).
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the numbers written.
     """
-    parallel = distributed.is_distributed()
-    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    # the run's own evaluation.json is kept under another name, whatever it holds
+    force = force or not output
     output = Path(output) if output else run_dir_of(checkpoint) / EVALUATION_NAME
+    with contextlib.ExitStack() as stack:
+        distributed.rank0_call(lambda: hold_run(checkpoint, output, stack))
+        return _evaluate_checkpoint(checkpoint, device, num_samples=num_samples,
+                                    batch_size=batch_size, chunk_size=chunk_size,
+                                    test_size=test_size, data_dir=data_dir, seed=seed,
+                                    progress=progress, output=output, force=force,
+                                    program=program)
+
+
+def _evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int,
+                         batch_size: int, chunk_size: int | None, test_size: int | None,
+                         data_dir: str | None, seed: int, progress: bool, output: Path,
+                         force: bool, program: str | None) -> dict[str, Any]:
+    parallel = distributed.is_distributed()
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program)
     if distributed.is_main_process():
-        check_output(output)  # before the long work, not after it
+        # before the long work, not after it
+        check_output(output, kind="a pyrovae evaluation (JSON)", force=force,
+                     same_kind=lambda path: _json_with(path, "log_marginal_likelihood"))
     x_test = load_test_points(config, device, data_dir=data_dir, test_size=test_size)
     seed_everything(seed)
     results = evaluate_vae(vae, x_test, num_samples=num_samples, batch_size=batch_size,
@@ -719,29 +1021,101 @@ def evaluate_checkpoint(checkpoint: str | Path, device: torch.device, *, num_sam
 
 def sample_checkpoint(checkpoint: str | Path, device: torch.device, *, num_samples: int = 64,
                       seed: int = 0, label: int | None = None,
-                      output: str | Path | None = None) -> Path:
+                      output: str | Path | None = None, force: bool = False,
+                      program: str | None = None) -> Path:
     """What ``pyrovae sample`` does: decode ``num_samples`` prior samples of a run's
-    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`).
+    checkpoint into a PNG grid (:func:`~pyrovae.plotting.save_sample_grid`; for your own
+    program, :func:`~pyrovae.plotting.save_program_samples`: its ``sample`` method or its
+    model run without observations).
 
     :param output: the PNG; by default ``samples.png`` beside the checkpoint, or the next
-        free ``samples-N.png`` (the grid training drew is kept).
+        free ``samples-N.png`` (the grid training drew is kept).  An existing file that is
+        not a PNG is refused unless ``force``.
+    :param program: a run of your own program: its spec again (:func:`load_run_checkpoint`).
     :returns: the file written.
+    :raises ProgramError: your program cannot draw x (one line saying how it could).
     """
-    vae, _, saved = load_run_checkpoint(checkpoint, device)
-    output = Path(output) if output else free_name(run_dir_of(checkpoint) / SAMPLES_NAME)
-    check_output(output)
-    seed_everything(seed)
-    save_sample_grid(vae, output, saved.get("image_shape"), num_samples, label=label)
-    return output
+    with contextlib.ExitStack() as stack:
+        given = Path(output) if output else None
+        hold_run(checkpoint, given or run_dir_of(checkpoint) / SAMPLES_NAME, stack)
+        vae, config, saved = load_run_checkpoint(checkpoint, device, program=program,
+                                                 command="sample")
+        path = given or free_name(run_dir_of(checkpoint) / SAMPLES_NAME)
+        check_output(path, kind="a PNG image", force=force, same_kind=_is_png)
+        seed_everything(seed)
+        if config.program is None:
+            save_sample_grid(vae, path, saved.get("image_shape"), num_samples, label=label)
+            return path
+        if label is not None:
+            raise ConfigError("--label is for the built-in models of labelled data; this run "
+                              "trained your program")
+        save_program_samples(vae, path, saved.get("image_shape"), saved["data_dim"],
+                             num_samples)
+    return path
 
 
-def check_output(path: Path) -> None:
-    """Refuse an output file whose folder is missing or read-only, before any work."""
+#: how every PNG file begins
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: an earlier output larger than this is not read to tell its kind (none of ours is)
+_MAX_OUTPUT_BYTES = 256 * 2**20
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def _json_with(path: Path, key: str) -> bool:
+    """Whether ``path`` holds a JSON object with ``key`` (an earlier output of ours)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_OUTPUT_BYTES:
+            return False
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and key in value
+
+
+def check_output(path: Path, *, kind: str | None = None,
+                 same_kind: Callable[[Path], bool] | None = None, force: bool = False) -> None:
+    """Refuse, before any work, an output file whose folder is missing or read-only, or
+    an existing ``path`` that ``same_kind`` does not take for an earlier output of ``kind``
+    (a user's own file) unless ``force``."""
     if path.is_dir():
         raise ConfigError(f"output {path} is a folder; name a file")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: folder {path.parent} does not exist")
+    if same_kind is not None and not force and (path.exists() or path.is_symlink()):
+        try:
+            ours = path.is_file() and same_kind(path)
+        except OSError:
+            ours = False
+        if not ours:
+            raise ConfigError(f"{path} exists and is not {kind}; choose another --output, or "
+                              f"pass --force to replace it")
     check_writable(path.parent, what=path.name)
+
+
+def hold_run(checkpoint: str | Path, output: Path, stack: contextlib.ExitStack) -> None:
+    """Hold the run directory of ``checkpoint`` shared (:class:`~pyrovae.rundir.RunLock`)
+    for the rest of ``stack``: no training, resume or ``--overwrite`` replaces the run
+    while it is read and written beside.  A run being trained is refused, unless
+    ``output`` lies outside it (evaluating a live run's checkpoint as it stands)."""
+    run_dir = run_dir_of(checkpoint)
+    if not run_dir.is_dir() or not existing_run(run_dir):
+        return
+    try:
+        stack.enter_context(RunLock(run_dir, shared=True))
+    except RunLockedError:
+        if _inside(output, run_dir):
+            raise
+        logger.info("%s is being trained: reading its checkpoint as it stands now", run_dir)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _keep_previous(path: Path) -> Path | None:
@@ -767,14 +1141,25 @@ def _numbered(path: Path) -> Path:
 
 # --- the bound-curve report and the sandwich of one run -------------------------------------
 
+#: test points of ``evaluate --report`` unless ``--test-size`` says otherwise (or the run
+#: tests on fewer): minutes on a CPU, where all 10,000 of MNIST's would take hours
+REPORT_TEST_SIZE = 500
+
+
 def _report_inputs(checkpoint: str | Path, device: torch.device, *, labelled_ok: bool,
-                   data_dir: str | None, test_size: int | None,
+                   data_dir: str | None, test_size: int | None, default_size: int | None = None,
+                   program: str | None = None,
                    ) -> tuple[VAE, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-    """The model of a run's checkpoint and its test points, in one process."""
+    """The model of a run's checkpoint and its test points, in one process: the first
+    ``test_size``, else at most ``default_size``, else the run's own."""
     if distributed.is_distributed():
         raise ConfigError("evaluate --report and --sandwich run in one process; start them "
                           "without torchrun")
-    vae, config, _ = load_run_checkpoint(checkpoint, device)
+    vae, config, _ = load_run_checkpoint(checkpoint, device, program=program)
+    if test_size is None and default_size is not None:
+        test_size = min(default_size, config.test_size or default_size)
+        logger.info("the report takes the first %d test points (--test-size N for another "
+                    "number; the time grows in proportion)", test_size)
     x_test = load_test_points(config, device, data_dir=data_dir, test_size=test_size)
     if not labelled_ok and isinstance(x_test, tuple):
         raise ConfigError(f"evaluate --report is for models of x alone; this run's model is "
@@ -803,52 +1188,95 @@ def report_checkpoint(checkpoint: str | Path, device: torch.device, *,
                       sandwich_points: int = 0, batch_size: int = 100,
                       chunk_size: int | None = None, test_size: int | None = None,
                       data_dir: str | None = None, seed: int = 0,
-                      output: str | Path | None = None) -> dict[str, Any]:
+                      output: str | Path | None = None, progress: bool = False,
+                      program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --report`` does: the bound-curve report
     (:func:`~pyrovae.report.write_report`) of a run's checkpoint, written into ``output``
-    (default: the run directory), its table printed.
+    (default: the run directory), its table printed before the files are written.  The
+    folder is checked before the work, and the run held (:func:`hold_run`) throughout.
 
     :param ais: AIS settings (:data:`~pyrovae.report.DEFAULT_AIS` keys); ``num_temperatures``
         0 skips AIS.
     :param sandwich_points: points of the bidirectional Monte Carlo sandwich in the report
         (0: none).
+    :param test_size: the first this many test points; ``None``: :data:`REPORT_TEST_SIZE`,
+        or the run's own test set where smaller.
+    :param progress: a progress bar for each pass.
     :returns: the report's summary.
     """
     settings = {**DEFAULT_AIS, **(ais or {})}
-    vae, x_test = _report_inputs(checkpoint, device, labelled_ok=False, data_dir=data_dir,
-                                 test_size=test_size)
     output_dir = Path(output) if output else run_dir_of(checkpoint)
-    points = sandwich_size(sandwich_points, x_test,
-                           ais_temperatures=settings["num_temperatures"]) if sandwich_points else 0
-    seed_everything(seed)
-    # arviz 0.x logs at INFO on import which optional packages are missing: noise here
-    logging.getLogger("arviz").setLevel(logging.WARNING)
-    summary = write_report(vae, x_test, output_dir, ks=ks, ais_kwargs=settings,
-                           ais=settings["num_temperatures"] > 0, batch_size=batch_size,
-                           chunk_size=chunk_size, seed=seed,
-                           extra={"checkpoint": str(checkpoint)}, sandwich_points=points)
-    print((output_dir / TABLE_MARKDOWN).read_text(), end="")
+    with contextlib.ExitStack() as stack:
+        hold_run(checkpoint, output_dir, stack)
+        vae, x_test = _report_inputs(checkpoint, device, labelled_ok=False, data_dir=data_dir,
+                                     test_size=test_size, default_size=REPORT_TEST_SIZE,
+                                     program=program)
+        check_report_folder(output_dir)
+        points = (sandwich_size(sandwich_points, x_test,
+                                ais_temperatures=settings["num_temperatures"])
+                  if sandwich_points else 0)
+        seed_everything(seed)
+        # arviz 0.x logs at INFO on import which optional packages are missing: noise here
+        logging.getLogger("arviz").setLevel(logging.WARNING)
+        curve, summary = build_report(vae, x_test, ks=ks, ais_kwargs=settings,
+                                      ais=settings["num_temperatures"] > 0,
+                                      batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+                                      extra={"checkpoint": str(checkpoint)},
+                                      sandwich_points=points, progress=progress)
+        # printed before saving, so that a failed write does not lose it
+        print(curve.to_markdown(), end="")
+        save_report(curve, summary, output_dir)
     print(f"report written to {output_dir} ({summary['elapsed_seconds']:.1f} s)")
     return summary
+
+
+def check_report_folder(folder: Path) -> None:
+    """Refuse, before the work, a report folder that is a file or cannot be created or
+    written."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output {folder} is a file; with --report, name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFileError(f"cannot create the report folder {folder}: "
+                           f"{describe_os_error(error)}") from None
+    check_writable(folder, what="the report")
 
 
 def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
                         ais: Mapping[str, Any] | None = None,
                         sandwich_points: int = DEFAULT_POINTS, batch_size: int = 100,
                         test_size: int | None = None, data_dir: str | None = None,
-                        seed: int = 0, output: str | Path | None = None) -> dict[str, Any]:
+                        seed: int = 0, output: str | Path | None = None,
+                        force: bool = False, program: str | None = None) -> dict[str, Any]:
     """What ``pyrovae evaluate --sandwich`` does without ``--report``: bidirectional Monte
     Carlo (:func:`~pyrovae.sandwich.bidirectional_monte_carlo`) on points simulated from a
     run's checkpoint; both bounds' means and their gap printed, and written with the
-    per-point bounds as JSON to ``output`` (default ``sandwich.json`` in the run directory).
+    per-point bounds as JSON to ``output`` (default ``sandwich.json`` in the run directory;
+    an existing ``output`` that is not an earlier sandwich is refused unless ``force``).
 
     :returns: the numbers written.
     """
     settings = {**DEFAULT_AIS, **(ais or {})}
+    force = force or not output  # the run's own sandwich.json is replaced
     output = Path(output) if output else run_dir_of(checkpoint) / SANDWICH_NAME
+    with contextlib.ExitStack() as stack:
+        hold_run(checkpoint, output, stack)
+        return _sandwich_checkpoint(checkpoint, device, settings=settings,
+                                    sandwich_points=sandwich_points, batch_size=batch_size,
+                                    test_size=test_size, data_dir=data_dir, seed=seed,
+                                    output=output, force=force, program=program)
+
+
+def _sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
+                         settings: dict[str, Any], sandwich_points: int, batch_size: int,
+                         test_size: int | None, data_dir: str | None, seed: int, output: Path,
+                         force: bool, program: str | None) -> dict[str, Any]:
     vae, x_test = _report_inputs(checkpoint, device, labelled_ok=True, data_dir=data_dir,
-                                 test_size=test_size)
-    check_output(output)  # before the long work, not after it
+                                 test_size=test_size, program=program)
+    # before the long work, not after it
+    check_output(output, kind="a pyrovae sandwich (JSON)", force=force,
+                 same_kind=lambda path: _json_with(path, "gap_mean"))
     points = sandwich_size(sandwich_points, x_test, ais_temperatures=settings["num_temperatures"])
     seed_everything(seed)
     started = time.perf_counter()
@@ -864,6 +1292,6 @@ def sandwich_checkpoint(checkpoint: str | Path, device: torch.device, *,
     # printed before saving, so that a failed write does not lose them
     print(f"{result}\n(points simulated from the model: log p(x) lies between the bounds up to "
           f"Monte Carlo error; the gap bounds the error of AIS with these settings there)")
-    output.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    write_json(output, json_safe(summary))
     print(f"written to {output}")
     return summary

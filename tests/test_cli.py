@@ -67,8 +67,9 @@ def test_sample_writes_a_png_grid(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     from PIL import Image
 
-    with Image.open(output) as image:  # 3 x 3 grid of 28-pixel digits with 2-pixel padding
-        assert image.size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)
+    # 3 x 3 grid of 28-pixel digits with 2-pixel padding, enlarged three times
+    with Image.open(output) as image:
+        assert image.size == (3 * (3 * 28 + 4 * 2), 3 * (3 * 28 + 4 * 2))
 
 
 def test_help_reads_well():
@@ -166,11 +167,11 @@ def test_lr_schedule_takes_iwae_and_names_the_choices_otherwise(capsys):
     args = build_parser().parse_args(["train", "--lr-schedule", "iwae"])
     assert TrainConfig.from_args(args).lr_schedule == "iwae"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--lr-schedule", "cosine"])
+        main(["train", "--lr-schedule", "step"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --lr-schedule: invalid choice: 'cosine'" in err
-    assert "constant" in err and "iwae" in err
+    assert "argument --lr-schedule: invalid choice: 'step'" in err
+    assert "constant" in err and "iwae" in err and "cosine" in err and "plateau" in err
 
 
 def test_the_lr_schedule_cannot_change_on_resume(capsys, tmp_path):
@@ -195,8 +196,14 @@ def test_the_start_scale_and_clip_cannot_change_on_resume(capsys, tmp_path, flag
 
 
 @requires_mnist
-def test_batch_larger_than_the_data_is_one_clear_line(capsys, tmp_path):
-    line = one_line_error(capsys, ["train", "--data-dir", str(SHARED_DATA), "--out-dir",
-                                   str(tmp_path / "run"), "--train-size", "30", "--batch-size", "100"])
-    assert "batch size 100 is larger than the training set (30 points)" in line
+def test_a_batch_larger_than_the_data_is_reduced_to_it_with_a_warning(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data-dir", str(SHARED_DATA), "--out-dir", str(run_dir),
+                 "--train-size", "30", "--test-size", "10", "--batch-size", "100",
+                 "--epochs", "1", "--hidden-dims", "8", "--latent-dim", "2",
+                 "--eval-samples", "2", "--no-progress"]) == 0
+    assert ("batch size 100 is larger than the training set (30 points): training with "
+            "batches of 30") in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 30
+    assert json.loads((run_dir / "results.json").read_text())["config"]["batch_size"] == 30
 

@@ -308,3 +308,174 @@ def test_a_run_saved_before_the_scheme_scale_and_clip_existed_resumes_as_it_woul
         assert torch.equal(value, other), name
     saved = json.loads((old / "config.json").read_text())
     assert [saved[name] for name in new_fields] == ["glorot_uniform", "softplus", None]
+
+
+# --- issue 39: results lost or written where they do not belong -----------------------------
+
+@requires_mnist
+def test_a_run_being_evaluated_is_not_overwritten_under_the_evaluation(run, capsys,
+                                                                      monkeypatch):
+    import pyrovae.runs
+
+    original, codes = pyrovae.runs.evaluate_vae, []
+
+    def overwrite_meanwhile(*args, **kwargs):
+        codes.append(main(["train", "--out-dir", str(run), "--overwrite", "--seed", "5",
+                           *TINY]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pyrovae.runs, "evaluate_vae", overwrite_meanwhile)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "5", "--no-progress", "--device", "cpu"]) == 0
+    assert codes == [2]
+    assert "is being read by pyrovae evaluate or sample" in capsys.readouterr().err
+    assert read_checkpoint(run)["config"]["seed"] == 0
+    assert json.loads((run / "evaluation.json").read_text())["checkpoint_epoch"] == 1
+
+
+@requires_mnist
+def test_a_run_being_trained_is_evaluated_only_into_another_folder(run, capsys, tmp_path):
+    with RunLock(run):  # as a training process holds it
+        for argv in (["evaluate", str(run), "-k", "5"], ["sample", str(run)],
+                     ["evaluate", str(run), "--report", "--ks", "2"]):
+            line = one_line_error(capsys, [*argv, "--device", "cpu"])
+            assert "is being trained by another pyrovae process (pid" in line, line
+        assert main(["evaluate", str(run), "-k", "5", "--no-progress", "--device", "cpu",
+                     "-o", str(tmp_path / "live.json")]) == 0
+    assert not (run / "evaluation.json").exists() and not (run / "bounds.csv").exists()
+    assert json.loads((tmp_path / "live.json").read_text())["checkpoint_epoch"] == 1
+
+
+@requires_mnist
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_config(run, capsys):
+    for path in run.iterdir():
+        if path.name != "config.json":
+            path.unlink()
+    assert main(["train", "--out-dir", str(run), *TINY]) == 2  # it still holds a run
+    assert main(["train", "--resume", str(run)]) == 0
+    assert read_checkpoint(run)["progress"]["epoch"] == 2
+    assert json.loads((run / "results.json").read_text())["epochs"] == 1
+
+
+@requires_mnist
+def test_resuming_a_finished_run_keeps_its_results_unless_asked(run, capsys, caplog):
+    before = (run / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--eval-samples", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is finished (1 of 1 epochs trained) and evaluated in results.json" in out
+    assert "(K=30, 20 test points), which is kept" in out and "--reevaluate" in out
+    assert (run / "results.json").read_bytes() == before
+    # asked to: the weaker K=5 estimate replaces it, the K=30 one is kept beside it
+    assert main(["train", "--resume", str(run), "--eval-samples", "5", "--reevaluate"]) == 0
+    assert json.loads((run / "results.json").read_text())["num_samples"] == 5
+    assert (run / "results-1.json").read_bytes() == before
+    assert "weaker than the one in" in caplog.text and "K 30 -> 5" in caplog.text
+    assert "--reevaluate goes with --resume" in one_line_error(
+        capsys, ["train", "--out-dir", str(run.parent / "other"), "--reevaluate", *TINY])
+
+
+@requires_mnist
+def test_an_explicit_output_that_is_not_ours_is_refused_unless_forced(run, capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    line = one_line_error(capsys, ["sample", str(run), "-o", str(notes), "--device", "cpu"])
+    assert line == (f"pyrovae: error: {notes} exists and is not a PNG image; choose another "
+                    f"--output, or pass --force to replace it")
+    line = one_line_error(capsys, ["evaluate", str(run), "-o", str(notes), "-k", "5"])
+    assert f"{notes} exists and is not a pyrovae evaluation (JSON)" in line
+    assert notes.read_text() == "my notes\n" and sorted(os.listdir(tmp_path)) == ["notes.txt",
+                                                                                    "run"]
+    # an earlier output of the same kind is fine; --force replaces anything
+    image = tmp_path / "grid.png"
+    image.write_bytes((run / "samples.png").read_bytes())
+    assert main(["sample", str(run), "-o", str(image), "-n", "4", "--device", "cpu"]) == 0
+    assert main(["sample", str(run), "-o", str(notes), "-n", "4", "--force"]) == 0
+    assert notes.read_bytes().startswith(b"\x89PNG") and (notes.stat().st_mode & 0o777) != 0o600
+    evaluation = tmp_path / "e.json"
+    for _ in range(2):
+        assert main(["evaluate", str(run), "-o", str(evaluation), "-k", "5", "--no-progress"]) == 0
+    assert (tmp_path / "e-1.json").is_file()
+
+
+@requires_mnist
+def test_finite_divergence_is_reported_and_recorded(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out-dir", str(run_dir), *TINY, "--lr", "1.0",
+                 "--on-divergence", "rollback"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("pyrovae: error: training diverged: the trained model's ELBO ")
+    assert line.endswith("on the same 20 test points; results.json records it; try a lower "
+                         "learning rate (--lr) or --clip-norm")
+    results = json.loads((run_dir / "results.json").read_text())
+    check = results["divergence_check"]
+    assert results["diverged"] is True and check["num_points"] == 20
+    assert check["elbo"] < 1.1 * check["untrained_elbo"] - 1
+
+
+@requires_mnist
+def test_a_healthy_run_is_not_diverged(run):
+    results = json.loads((run / "results.json").read_text())
+    check = results["divergence_check"]
+    assert results["diverged"] is False and check["num_points"] == 20
+    # after 2 steps the model is about where it started
+    assert abs(check["elbo"] - check["untrained_elbo"]) < 0.05 * abs(check["untrained_elbo"])
+
+
+# --- issue 39: cost a user does not expect, smaller things ----------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "{file}", "-k", "9999999"],
+     "9999999 is more than pyrovae runs (100000 importance samples K per point)"),
+    (["evaluate", "{file}", "--report", "--ks", "1,9999999"],
+     "is more than pyrovae runs (100000 importance samples K per point)"),
+    (["evaluate", "{file}", "--report", "--ais-leapfrog-steps", "100000"],
+     "100000 is more than pyrovae runs (1000 leapfrog steps per transition)"),
+])
+def test_work_beyond_a_sane_maximum_is_refused_in_one_line(capsys, tmp_path, argv, message):
+    test_bad_evaluate_and_sample_flags_are_one_line(capsys, tmp_path, argv, message)
+
+
+def test_eval_samples_beyond_the_maximum_and_an_empty_out_dir_are_refused(capsys, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "eval_samples 200000 is more than pyrovae runs" in one_line_error(
+        capsys, ["train", "--eval-samples", "200000", "--out-dir", "r"])
+    line = one_line_error(capsys, ["train", "--out-dir", "", "--data-dir", str(SHARED_DATA)])
+    assert line == ("pyrovae: error: --out-dir is empty; name the folder to write the run into "
+                    "(e.g. --out-dir runs/vae)")
+    assert os.listdir(tmp_path) == []
+
+
+@requires_mnist
+def test_a_relative_data_dir_is_recorded_resolved(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(SHARED_DATA, tmp_path)
+    argv = ["train", "--out-dir", "run", *TINY]
+    argv[argv.index("--data-dir") + 1] = relative
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"]
+    assert recorded == os.path.abspath(relative) and os.path.isabs(recorded)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["evaluate", "../run", "-k", "2", "--no-progress", "--device", "cpu"]) == 0
+
+
+@requires_mnist
+def test_the_report_takes_a_bounded_test_set_and_shows_each_stage(run, capsys, tmp_path):
+    assert main(["evaluate", str(run), "--report", "--ks", "1,3", "--ais-temperatures", "3",
+                 "--ais-chains", "2", "--device", "cpu", "-o", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert "IWAE bounds, K up to 3" in captured.err and "AIS, T=3" in captured.err
+    table = captured.out.index("| IWAE (K=3) |")
+    assert table < captured.out.index(f"report written to {tmp_path / 'r'}")
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["num_points"] == 20
+    assert not list((tmp_path / "r").glob("*.tmp"))
+    help_text = build_parser_help(capsys)
+    assert "first 500 test points unless --test-size" in help_text
+
+
+def build_parser_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    return " ".join(capsys.readouterr().out.split())

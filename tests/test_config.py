@@ -47,7 +47,8 @@ def test_json_round_trip(tmp_path):
     ({"lr": 0.0}, "lr must be positive"),
     ({"hidden_dims": (10, 0)}, "hidden_dims must be positive"),
     ({"eval_samples": -5}, "eval_samples must be >= 0"),
-    ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'; known: constant, iwae"),
+    ({"lr_schedule": "step"}, "unknown lr_schedule 'step'; known: constant, iwae, burda2016, "
+                              "cosine, plateau"),
     ({"log_px_every": -1}, "log_px_every must be >= 0"),
     ({"log_px_samples": 0}, "log_px_samples must be positive"),
     ({"log_px_size": 0}, "log_px_size must be positive"),

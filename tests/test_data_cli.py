@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -96,3 +97,98 @@ def test_the_readmes_image_folder_line_trains_on_grey_images(tmp_path, monkeypat
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["num_test_points"] == 2  # the default test fraction, 0.1 of 24 images
     assert np.isfinite(results["test_elbo"])
+
+
+def _header_only_npy(path, shape, dtype="<f4", data=b"\0" * 64):
+    """An .npy file whose header promises ``shape`` and whose data is ``data``."""
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": dtype, "fortran_order": False, "shape": shape})
+        handle.write(data)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("empty.npz", lambda path: path.write_bytes(b""),
+     "is not a readable .npz of plain arrays (truncated or corrupted: EOFError"),
+    ("cut.npz", lambda path: path.write_bytes(_npz_bytes(path)[:300]),
+     "is not a readable .npz of plain arrays (truncated or corrupted: BadZipFile: File is not "
+     "a zip file)"),
+    ("flipped.npz", lambda path: path.write_bytes(_flipped(_npz_bytes(path), 200)),
+     "(truncated or corrupted: BadZipFile: Bad CRC-32 for file 'train.npy')"),
+    ("huge.npy", lambda path: _header_only_npy(path, (200_000, 784_000)),
+     "is shorter than its header says: the header promises an array of shape (200000, "
+     "784000) float32 (627,200,000,000 bytes) and 64 bytes follow it"),
+    ("huge.npz", lambda path: np.savez(path, train=np.zeros((4, 4), np.float32))
+     or _lying_npz(path), "huge.npz: train is shorter than its header says"),
+])
+def test_a_damaged_or_lying_data_file_is_one_line_and_exit_2(tmp_path, capsys, name, make,
+                                                            message):
+    path = tmp_path / name
+    make(path)
+    code = main(["train", "--dataset", f"{path.suffix[1:]}:{path}",
+                 "--out-dir", str(tmp_path / "run"), *TINY])
+    error = one_line_error(capsys)
+    assert code == 2 and message in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def _npz_bytes(path) -> bytes:
+    np.savez(path.with_suffix(".tmp.npz"), train=np.linspace(0, 1, 60 * 16, dtype=np.float32)
+             .reshape(60, 16))
+    return path.with_suffix(".tmp.npz").read_bytes()
+
+
+def _flipped(data: bytes, index: int) -> bytes:
+    damaged = bytearray(data)
+    damaged[index] ^= 0x01  # one bit inside train.npy's values
+    return bytes(damaged)
+
+
+def _lying_npz(path) -> None:
+    """Replace the archive by one whose train.npy promises 10**12 float32 values."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("train.npy", member.getvalue() + b"\0" * 64)
+
+
+@pytest.mark.parametrize("dataset, suggestion", [
+    ("mnsit", "(did you mean mnist?)"),
+    ("Fashion-MNIST", "(did you mean fashion_mnist?)"),
+    ("digits.npy", "(did you mean npy:digits.npy?)"),
+    ("data/train.NPZ", "(did you mean npz:data/train.NPZ?)"),
+    ("npzz:data.npz", "(did you mean npz:data.npz?)"),
+])
+def test_an_unknown_dataset_suggests_what_was_meant(dataset, suggestion):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"unknown dataset '{dataset}' {suggestion}; known datasets: mnist,")):
+        TrainConfig(dataset=dataset)
+
+
+def test_a_folder_given_as_a_dataset_suggests_folder(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean folder:"):
+        TrainConfig(dataset=str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(dataset="xyzzy")
+    assert "did you mean" not in str(error.value)
+
+
+def test_grey_levels_of_0_to_255_in_floats_are_refused_with_the_range_and_the_fix(tmp_path,
+                                                                                  capsys):
+    np.save(tmp_path / "levels.npy", np.linspace(0, 255, 60 * 16, dtype=np.float32)
+            .reshape(60, 16))
+    code = main(["train", "--dataset", f"npy:{tmp_path / 'levels.npy'}",
+                 "--out-dir", str(tmp_path / "run"), *TINY])
+    error = one_line_error(capsys)
+    assert code == 2
+    assert ("train data must lie in [0, 1] to be binarized as probabilities, and its values run "
+            "from 0 to 255; divide 8-bit grey levels by 255") in error
+    np.save(tmp_path / "signed.npy", np.linspace(-1, 1, 60 * 16, dtype=np.float32)
+            .reshape(60, 16))
+    main(["train", "--dataset", f"npy:{tmp_path / 'signed.npy'}",
+          "--out-dir", str(tmp_path / "run"), *TINY])
+    assert "values run from -1 to 1; rescale them into [0, 1]" in one_line_error(capsys)

@@ -478,3 +478,53 @@ def test_burda2016_trains_banks_and_resumes_from_the_bank(tmp_path):
     # the evaluation of epoch 1 is not restored into the run; the bank marks it stale
     run_script("burda2016.py", "bank", *paths)
     assert json.loads((bank_dir / "results.json").read_text())["final_evaluation"]["stale"]
+
+
+@requires_mnist
+def test_burda2016_iwae_dreg_trains_the_protocol_with_its_own_objective(tmp_path):
+    run_dir, bank_dir = tmp_path / "run", tmp_path / "bank"
+    paths = ["--run-dir", str(run_dir), "--bank-dir", str(bank_dir)]
+    tiny = ["--train-size", "440", "--test-size", "100", "--epochs", "1", "--batch-size", "40",
+            "--log-px-samples", "5", "--log-px-size", "20"]
+    run_script("burda2016_iwae_dreg.py", "train", "--data-dir", str(SHARED_DATA), "--minutes",
+               "5", *paths, *tiny)
+    run_script("burda2016_iwae_dreg.py", "bank", *paths)
+    results = json.loads((bank_dir / "results.json").read_text())
+    config = results["config"]
+    assert config["preset"] == "burda2016" and config["batch_size"] == 40
+    assert config["objective"] == "iwae_dreg" and config["num_particles"] == 5
+    assert results["published_log_marginal_likelihood"] == -85.54
+    assert results["epochs_done"] == 1 and results["learning_curve"][0]["test_log_px"] < 0
+    refused = run_script("burda2016_iwae_dreg.py", "final", "--run-dir", str(run_dir),
+                         check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("burda2016_iwae_dreg.py: error: the run is at epoch 1")
+
+
+@requires_mnist
+def test_gradient_snr_measures_both_estimators_on_the_banked_model(tmp_path):
+    run_script("gradient_snr.py", "--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path),
+               "--ks", "1", "3", "--draws", "3", "--num-points", "4")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(row["objective"], row["num_particles"]) for row in results["rows"]] == [
+        ("iwae", 1), ("iwae", 3), ("iwae_dreg", 1), ("iwae_dreg", 3)]
+    assert all(row["encoder_snr"] > 0 and row["decoder_snr"] > 0 for row in results["rows"])
+    assert results["checkpoint_epoch"] == 3280 and (tmp_path / "gradient_snr.png").is_file()
+
+
+@requires_mnist
+def test_discretized_mnist(tmp_path):
+    results = run_experiment("discretized_mnist.py", tmp_path)
+    runs = {run["name"]: run for run in results["runs"]}
+    assert set(runs) == {"discretized_logistic", "discretized_gaussian", "gaussian_pixel"}
+    for run in runs.values():
+        # bits/dim = -log p(x) / (784 ln 2), of a probability: positive, at most about 8
+        assert 0 < run["log_px_bits_per_dim"] < 9
+    for name in ("discretized_logistic", "discretized_gaussian"):
+        assert runs[name]["log_px_bits_per_dim"] == pytest.approx(
+            -runs[name]["test_log_marginal_likelihood"] / (784 * 0.6931471805599453))
+    # the Gaussian's density in nats is another number than its binned probability
+    binned = runs["gaussian_pixel"]["binned_log_marginal_likelihood"]
+    assert runs["gaussian_pixel"]["log_px_bits_per_dim"] == pytest.approx(
+        -binned / (784 * 0.6931471805599453))
+    assert binned != pytest.approx(runs["gaussian_pixel"]["test_log_marginal_likelihood"])

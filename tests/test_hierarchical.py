@@ -351,5 +351,5 @@ def test_train_evaluate_and_sample_a_two_layer_run_from_the_command_line(tmp_pat
             "--device", "cpu")
     from PIL import Image
 
-    with Image.open(tmp_path / "grid.png") as image:  # 2 x 2 grid of 6-pixel images
-        assert image.size == (2 * 6 + 3 * 2, 2 * 6 + 3 * 2)
+    with Image.open(tmp_path / "grid.png") as image:  # 2 x 2 grid of 6-pixel images, x14
+        assert image.size == (14 * (2 * 6 + 3 * 2), 14 * (2 * 6 + 3 * 2))

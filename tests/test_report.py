@@ -191,3 +191,53 @@ def test_evaluate_report_on_a_tiny_trained_run(tmp_path):
     assert saved["num_points"] == 20  # at most the 20 test points
     assert len(saved["points"]["upper"]) == 20 and saved["num_temperatures"] == 3
     assert saved["gap_mean"] == pytest.approx(saved["upper_mean"] - saved["lower_mean"])
+
+
+def test_a_failed_report_write_leaves_the_earlier_report_whole(tmp_path, monkeypatch):
+    from pyrovae.report import build_report, save_report
+    from pyrovae.rundir import RunFileError
+
+    vae = mismatched_vae()
+    x = sample_data(vae, 6)
+    curve, summary = build_report(vae, x, ks=(1, 5), ais=False, seed=1)
+    save_report(curve, summary, tmp_path)
+    (tmp_path / USAGE_PLOT_NAME).write_bytes(b"an earlier report's")  # not written below
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    curve, summary = build_report(vae, x, ks=(1, 7), ais=False, seed=1, usage=False)
+    calls = []
+    real_fsync = os.fsync
+
+    def disk_full_at_the_third(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_third)
+    with pytest.raises(RunFileError, match="cannot write the report into .*: no space left on "
+                                           "device \\(disk full\\); an earlier report there is "
+                                           "unchanged"):
+        save_report(curve, summary, tmp_path)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    save_report(curve, summary, tmp_path)  # all of it, and nothing of the earlier one
+    assert not (tmp_path / USAGE_PLOT_NAME).exists()
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["ks"] == [1, 7]
+
+
+@requires_mnist
+def test_report_refuses_a_file_as_its_folder_before_the_work(tmp_path, capsys, monkeypatch):
+    import pyrovae.report
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out-dir", str(run_dir), "--data-dir", str(SHARED_DATA),
+                 "--train-size", "50", "--test-size", "10", "--epochs", "1", "--hidden-dims",
+                 "8", "--latent-dim", "2", "--batch-size", "50", "--eval-samples", "0",
+                 "--no-progress"]) == 0
+    monkeypatch.setattr(pyrovae.report, "bound_curve", lambda *a, **k: pytest.fail("worked"))
+    (tmp_path / "a-file").write_text("mine")
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--report", "-o", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"pyrovae: error: --output {tmp_path / 'a-file'} is a file; with --report, name a "
+        f"folder")

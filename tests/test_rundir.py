@@ -117,3 +117,38 @@ def test_clearing_a_run_reports_no_leftovers_of_its_own(tmp_path, caplog):
         clear_run(tmp_path)
     assert "leftover" not in caplog.text
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_readers_share_the_lock_and_keep_training_and_overwrite_out(tmp_path):
+    with RunLock(tmp_path, shared=True), RunLock(tmp_path, shared=True):
+        with pytest.raises(RunLockedError, match="is being read by pyrovae evaluate or sample"):
+            RunLock(tmp_path).acquire()
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockedError, match=f"is being trained by another pyrovae process "
+                                                 f"\\(pid {os.getpid()}\\)"):
+            RunLock(tmp_path, shared=True).acquire()
+    RunLock(tmp_path).acquire().release()  # free again
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_reader_of_a_read_only_run_needs_no_lock_file(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        RunLock(tmp_path, shared=True).acquire().release()
+        with pytest.raises(RunFileError, match="cannot create the lock file"):
+            RunLock(tmp_path).acquire()
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_written_files_get_the_mode_of_a_plain_open_or_keep_their_own(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "mine.txt").write_text("y")
+        (tmp_path / "mine.txt").chmod(0o640)
+        write_text(tmp_path / "mine.txt", "z")
+        assert (tmp_path / "mine.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
