@@ -19,6 +19,7 @@ import argparse
 import io
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ SPLITS = ("test", "train")
 MOMENT_SAMPLES = 100
 ENCODING_NAME = "encoding_{split}.npz"
 RECONSTRUCTIONS_NAME = "reconstructions.png"
+#: the arrays by which an ``.npz`` is taken for an earlier ``encode`` output
+_ENCODING_ARRAYS = ("split.npy", "dataset.npy", "epoch.npy")
 
 
 def split_points(config: TrainConfig, device: torch.device, *, split: str = "test",
@@ -81,6 +84,23 @@ def split_points(config: TrainConfig, device: torch.device, *, split: str = "tes
             generator = torch.Generator().manual_seed(seed)
             x = torch.bernoulli(x, generator=generator)
     return x.to(device), None if labels is None else labels.to(device), data.image_shape
+
+
+def _is_encoding(path: Path) -> bool:
+    """Whether ``path`` is an ``.npz`` that ``encode`` wrote (read from its zip directory
+    alone, whatever its size)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return set(_ENCODING_ARRAYS) <= set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_png(path: Path) -> bool:
+    from pyrovae.runs import PNG_SIGNATURE
+
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
 
 
 def _check_points(model: Any, config: TrainConfig, saved: dict[str, Any], x: torch.Tensor,
@@ -176,7 +196,8 @@ def _encode_batch(program: Any, batch: torch.Tensor, nesting: int, num_samples: 
 def encode_checkpoint(checkpoint: str | Path, device: torch.device, *, split: str = "test",
                       dataset: str | None = None, data_dir: str | None = None,
                       num_samples: int = 0, batch_size: int = 1000, seed: int = 0,
-                      output: str | Path | None = None, program: str | None = None) -> Path:
+                      output: str | Path | None = None, program: str | None = None,
+                      force: bool = False) -> Path:
     """What ``pyrovae encode`` does: :func:`posterior_moments` of every point of ``split``
     written to an ``.npz`` (default ``encoding_<split>.npz`` in the run directory, or the
     next free ``-N`` name), with ``labels`` where the data has them, ``split``, ``dataset``
@@ -184,6 +205,7 @@ def encode_checkpoint(checkpoint: str | Path, device: torch.device, *, split: st
 
     :param program: a run of your own program: its spec again
         (:func:`~pyrovae.runs.load_run_checkpoint`).
+    :param force: replace an ``output`` that is not an earlier encoding (refused otherwise).
     :returns: the file written.
     """
     from pyrovae.runs import check_output, free_name, load_run_checkpoint, run_dir_of
@@ -193,7 +215,7 @@ def encode_checkpoint(checkpoint: str | Path, device: torch.device, *, split: st
     _refuse_label_models(config, "encode")
     output = Path(output) if output else free_name(
         run_dir_of(checkpoint) / ENCODING_NAME.format(split=split))
-    check_output(output)
+    check_output(output, kind="a pyrovae encoding (.npz)", same_kind=_is_encoding, force=force)
     x, labels, _ = split_points(config, device, split=split, dataset=dataset,
                                 data_dir=data_dir, seed=seed)
     _check_points(vae, config, saved, x, split)
@@ -283,14 +305,15 @@ def reconstruct_checkpoint(checkpoint: str | Path, device: torch.device, *,
                            num_images: int = 32, columns: int = 8, split: str = "test",
                            dataset: str | None = None, data_dir: str | None = None,
                            decode: str = "sample", seed: int = 0,
-                           output: str | Path | None = None, program: str | None = None
-                           ) -> Path:
+                           output: str | Path | None = None, program: str | None = None,
+                           force: bool = False) -> Path:
     """What ``pyrovae reconstruct`` does: the first ``num_images`` points of ``split`` above
     their reconstructions (:func:`reconstruction_grid`), as a PNG (default
     ``reconstructions.png`` in the run directory, or the next free ``-N`` name).
 
     :param program: a run of your own program: its spec again
         (:func:`~pyrovae.runs.load_run_checkpoint`).
+    :param force: replace an ``output`` that is not a PNG image (refused otherwise).
     :returns: the file written.
     """
     from pyrovae.runs import check_output, free_name, load_run_checkpoint, run_dir_of
@@ -302,7 +325,7 @@ def reconstruct_checkpoint(checkpoint: str | Path, device: torch.device, *,
     if image_shape is None:
         raise ConfigError("the run's data are not images (no image shape); cannot draw a grid")
     output = Path(output) if output else free_name(run_dir_of(checkpoint) / RECONSTRUCTIONS_NAME)
-    check_output(output)
+    check_output(output, kind="a PNG image", same_kind=_is_png, force=force)
     x, _, _ = split_points(config, device, split=split, dataset=dataset, data_dir=data_dir,
                            seed=seed)
     x = x[:num_images]
@@ -339,7 +362,8 @@ def encode_command(args: argparse.Namespace) -> int:
     output = encode_checkpoint(args.checkpoint, resolve_device(args.device), split=args.split,
                                dataset=args.dataset, data_dir=args.data_dir,
                                num_samples=args.num_samples, batch_size=args.batch_size,
-                               seed=args.seed, output=args.output, program=args.program)
+                               seed=args.seed, output=args.output, program=args.program,
+                               force=args.force)
     print(f"posterior means and scales of the {args.split} points written to {output}")
     return 0
 
@@ -349,7 +373,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
                                     num_images=args.num_images, columns=args.columns,
                                     split=args.split, dataset=args.dataset,
                                     data_dir=args.data_dir, decode=args.decode, seed=args.seed,
-                                    output=args.output, program=args.program)
+                                    output=args.output, program=args.program,
+                                    force=args.force)
     print(f"{args.num_images} {args.split} images and their reconstructions written to {output}")
     return 0
 
@@ -370,6 +395,9 @@ def add_commands(commands: Any) -> None:
     encode.add_argument("--output", "-o", default=None,
                         help="the .npz to write (default: encoding_<split>.npz in the run "
                              "directory)")
+    encode.add_argument("--force", action="store_true",
+                        help="replace an existing --output file that is not an earlier "
+                             "encoding (refused otherwise)")
     encode.set_defaults(handler=encode_command)
 
     reconstruct = commands.add_parser(
@@ -387,4 +415,7 @@ def add_commands(commands: Any) -> None:
     reconstruct.add_argument("--output", "-o", default=None,
                              help="PNG file to write (default: reconstructions.png in the run "
                                   "directory)")
+    reconstruct.add_argument("--force", action="store_true",
+                             help="replace an existing --output file that is not a PNG image "
+                                  "(refused otherwise)")
     reconstruct.set_defaults(handler=reconstruct_command)
