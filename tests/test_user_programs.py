@@ -417,8 +417,8 @@ def test_m2_with_one_hot_labels_and_an_auxiliary_loss_trains_step_for_step_as_tw
     for name, value in m2.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5)
     # log p(x, y) of the trained program against the sequential sampler
-    estimate = log_marginal_likelihood(m2, (xs, ys), num_samples=50)
-    assert_paired_agreement(estimate, sequential_log_px(m2.model, m2.guide, (xs, ys), 50))
+    estimate = log_marginal_likelihood(m2, (xs, ys), num_samples=30)
+    assert_paired_agreement(estimate, sequential_log_px(m2.model, m2.guide, (xs, ys), 30))
 
 
 def test_a_conditional_vae_trains_on_image_valued_targets_carried_by_the_data():
@@ -520,8 +520,8 @@ def test_a_module_in_the_style_of_pyros_vae_example_trains_as_svi_and_evaluates(
                                torch.tensor(elbos), rtol=1e-5, atol=1e-4)
     for name, value in vae.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5)
-    estimate = log_marginal_likelihood(vae, x, num_samples=50)
-    assert_paired_agreement(estimate, sequential_log_px(vae.model, vae.guide, (x,), 50))
+    estimate = log_marginal_likelihood(vae, x, num_samples=30)
+    assert_paired_agreement(estimate, sequential_log_px(vae.model, vae.guide, (x,), 30))
 
 
 STEPS = 4
