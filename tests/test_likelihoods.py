@@ -487,7 +487,7 @@ def eight_bit_images(path, rows: int = 60, side: int = 4):
 @pytest.mark.parametrize("name, levels", [("discretized_logistic", 256),
                                           ("discretized_logistic_mixture", 256),
                                           ("discretized_gaussian", 256), ("bernoulli", 2),
-                                          ("gaussian", None)])
+                                          ("gaussian", None), ("bernoulli_grey", None)])
 def test_evaluation_reports_bits_per_dim_beside_nats_for_discrete_likelihoods(name, levels):
     from pyrovae.runs import evaluate_vae, log_px_line
 
