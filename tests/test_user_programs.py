@@ -196,6 +196,14 @@ def test_autonormal_is_built_on_the_training_points_and_trains_step_for_step_as_
                                torch.tensor(losses), rtol=1e-5, atol=1e-3)
 
 
+def test_fit_estimates_log_px_of_an_autonormal_program_on_all_its_points():
+    x = local_latent_data()
+    model, guide = local_latent_program()
+    history = fit((model, guide), DataSplits.from_tensors(x, x), epochs=1, batch_size=POINTS,
+                  progress=False, log_px_every=1, log_px_size=30, log_px_samples=5)
+    assert math.isfinite(history[-1].test_log_px)
+
+
 def test_log_px_of_a_subsampled_autonormal_program_is_every_points_and_agrees_with_a_sampler():
     x = local_latent_data()
     torch.manual_seed(0)
