@@ -48,6 +48,7 @@ from pyrovae.nets import (
 )
 from pyrovae.objectives import (
     OBJECTIVES,
+    AuxiliaryLoss,
     DoublyReparameterizedIWAE,
     ImportanceWeightedELBO,
     PathDerivativeELBO,
@@ -113,6 +114,7 @@ __all__ = [
     "load_dataset",
     # training
     "OBJECTIVES",
+    "AuxiliaryLoss",
     "ImportanceWeightedELBO",
     "PathDerivativeELBO",
     "DoublyReparameterizedIWAE",

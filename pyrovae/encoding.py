@@ -19,6 +19,7 @@ import argparse
 import io
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.plotting import save_image_grid
 from pyrovae.programs import as_program
 from pyrovae.rundir import write_atomically
+from pyrovae.validation import check_data
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ SPLITS = ("test", "train")
 MOMENT_SAMPLES = 100
 ENCODING_NAME = "encoding_{split}.npz"
 RECONSTRUCTIONS_NAME = "reconstructions.png"
+#: the arrays by which an ``.npz`` is taken for an earlier ``encode`` output
+_ENCODING_ARRAYS = ("split.npy", "dataset.npy", "epoch.npy")
 
 
 def split_points(config: TrainConfig, device: torch.device, *, split: str = "test",
@@ -80,6 +84,33 @@ def split_points(config: TrainConfig, device: torch.device, *, split: str = "tes
             generator = torch.Generator().manual_seed(seed)
             x = torch.bernoulli(x, generator=generator)
     return x.to(device), None if labels is None else labels.to(device), data.image_shape
+
+
+def _is_encoding(path: Path) -> bool:
+    """Whether ``path`` is an ``.npz`` that ``encode`` wrote (read from its zip directory
+    alone, whatever its size)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return set(_ENCODING_ARRAYS) <= set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_png(path: Path) -> bool:
+    from pyrovae.runs import PNG_SIGNATURE
+
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def _check_points(model: Any, config: TrainConfig, saved: dict[str, Any], x: torch.Tensor,
+                  split: str) -> None:
+    """Refuse points the run's model cannot take: a VAE checks its own; your program is
+    held to the width of the data it was trained on."""
+    if config.program is None:
+        model.check_data(x, name=f"the {split} points")
+    else:
+        check_data(x, saved.get("data_dim"), name=f"the {split} points")
 
 
 def _refuse_label_models(config: TrainConfig, command: str) -> None:
@@ -165,24 +196,29 @@ def _encode_batch(program: Any, batch: torch.Tensor, nesting: int, num_samples: 
 def encode_checkpoint(checkpoint: str | Path, device: torch.device, *, split: str = "test",
                       dataset: str | None = None, data_dir: str | None = None,
                       num_samples: int = 0, batch_size: int = 1000, seed: int = 0,
-                      output: str | Path | None = None) -> Path:
+                      output: str | Path | None = None, program: str | None = None,
+                      force: bool = False) -> Path:
     """What ``pyrovae encode`` does: :func:`posterior_moments` of every point of ``split``
     written to an ``.npz`` (default ``encoding_<split>.npz`` in the run directory, or the
     next free ``-N`` name), with ``labels`` where the data has them, ``split``, ``dataset``
     and the checkpoint's ``epoch``.
 
+    :param program: a run of your own program: its spec again
+        (:func:`~pyrovae.runs.load_run_checkpoint`).
+    :param force: replace an ``output`` that is not an earlier encoding (refused otherwise).
     :returns: the file written.
     """
     from pyrovae.runs import check_output, free_name, load_run_checkpoint, run_dir_of
 
-    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program,
+                                             command="encode")
     _refuse_label_models(config, "encode")
     output = Path(output) if output else free_name(
         run_dir_of(checkpoint) / ENCODING_NAME.format(split=split))
-    check_output(output)
+    check_output(output, kind="a pyrovae encoding (.npz)", same_kind=_is_encoding, force=force)
     x, labels, _ = split_points(config, device, split=split, dataset=dataset,
                                 data_dir=data_dir, seed=seed)
-    vae.check_data(x, name=f"the {split} points")
+    _check_points(vae, config, saved, x, split)
     seed_everything(seed)
     values = posterior_moments(vae, x, batch_size=batch_size, num_samples=num_samples)
     arrays = {key: value.numpy() if torch.is_tensor(value) else value
@@ -202,16 +238,52 @@ def encode_checkpoint(checkpoint: str | Path, device: torch.device, *, split: st
 
 
 @torch.no_grad()
+def program_reconstructions(program: Any, x: torch.Tensor) -> torch.Tensor:
+    """E[x' | z] for one draw of every latent site from your program's guide: the guide run
+    on ``x``, the model replayed on its draws, and the mean of the model's observed site of
+    ``x``'s size (a draw where that distribution has no mean): ``(N, D)``.
+
+    :raises ProgramError: the model has no single observed site of ``x``'s size.
+    """
+    from pyrovae.programs import ProgramError
+
+    resolved = as_program(program)
+    with pyro.validation_enabled(False):
+        guide_trace = poutine.trace(resolved.guide).get_trace(x)
+        trace = poutine.trace(poutine.replay(resolved.model, trace=guide_trace)).get_trace(x)
+    observed = [name for name, site in trace.nodes.items()
+                if site["type"] == "sample" and site["is_observed"]
+                and site["value"].numel() == x.numel()]
+    if len(observed) != 1:
+        raise ProgramError(f"the program cannot reconstruct x: its model has "
+                           f"{len(observed) or 'no'} observed sites of x's size"
+                           f"{' (' + ', '.join(observed) + ')' if observed else ''}")
+    site = trace.nodes[observed[0]]
+    try:
+        values = site["fn"].mean
+    except NotImplementedError:
+        values = site["fn"].sample()
+    return values.reshape(x.shape[0], -1)
+
+
+@torch.no_grad()
 def reconstruction_grid(vae: Any, x: torch.Tensor, *, columns: int = 8,
                         decode: str = "sample") -> torch.Tensor:
     """Rows of ``columns`` inputs, each above the row of their reconstructions: ``(2 R
     columns, D)`` for R = ceil(N / columns) row pairs, blank (zero) images filling the last.
 
+    :param vae: a VAE, or your own program (:func:`program_reconstructions`, ``decode``
+        ``"sample"`` only).
     :param decode: ``"sample"``, E[x' | z] for one z ~ q(z | x) (``vae.reconstruct``);
         ``"mean"``, E[x' | z] at z = E[z | x] (a VAE's decoder and likelihood).
     """
+    own_program = not all(hasattr(vae, name)
+                          for name in ("reconstruct", "encode", "decoder", "likelihood"))
+    if own_program and decode == "mean":
+        raise ConfigError("--decode mean is for the built-in models (their decoder at E[z|x]); "
+                          "your program's run reconstructs with --decode sample")
     if decode == "sample":
-        reconstructions = vae.reconstruct(x)
+        reconstructions = program_reconstructions(vae, x) if own_program else vae.reconstruct(x)
     elif decode == "mean":
         try:
             z = vae.encode(x).mean
@@ -233,28 +305,33 @@ def reconstruct_checkpoint(checkpoint: str | Path, device: torch.device, *,
                            num_images: int = 32, columns: int = 8, split: str = "test",
                            dataset: str | None = None, data_dir: str | None = None,
                            decode: str = "sample", seed: int = 0,
-                           output: str | Path | None = None) -> Path:
+                           output: str | Path | None = None, program: str | None = None,
+                           force: bool = False) -> Path:
     """What ``pyrovae reconstruct`` does: the first ``num_images`` points of ``split`` above
     their reconstructions (:func:`reconstruction_grid`), as a PNG (default
     ``reconstructions.png`` in the run directory, or the next free ``-N`` name).
 
+    :param program: a run of your own program: its spec again
+        (:func:`~pyrovae.runs.load_run_checkpoint`).
+    :param force: replace an ``output`` that is not a PNG image (refused otherwise).
     :returns: the file written.
     """
     from pyrovae.runs import check_output, free_name, load_run_checkpoint, run_dir_of
 
-    vae, config, saved = load_run_checkpoint(checkpoint, device)
+    vae, config, saved = load_run_checkpoint(checkpoint, device, program=program,
+                                             command="reconstruct")
     _refuse_label_models(config, "reconstruct")
     image_shape = saved.get("image_shape")
     if image_shape is None:
         raise ConfigError("the run's data are not images (no image shape); cannot draw a grid")
     output = Path(output) if output else free_name(run_dir_of(checkpoint) / RECONSTRUCTIONS_NAME)
-    check_output(output)
+    check_output(output, kind="a PNG image", same_kind=_is_png, force=force)
     x, _, _ = split_points(config, device, split=split, dataset=dataset, data_dir=data_dir,
                            seed=seed)
     x = x[:num_images]
-    vae.check_data(x, name=f"the {split} points")
+    _check_points(vae, config, saved, x, split)
     seed_everything(seed)
-    vae.eval()
+    as_program(vae).train(False)
     grid = reconstruction_grid(vae, x, columns=columns, decode=decode)
     save_image_grid(grid, output, tuple(image_shape), nrow=columns, pad_value=0.0)
     return output
@@ -275,13 +352,18 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0,
                         help="random seed of the draws (and of the training split's "
                              "binarization under dynamic binarization; default: 0)")
+    parser.add_argument("--program", default=None, metavar="FILE.py:NAME",
+                        help="a run of your own program: the program it was trained with, "
+                             "named again (pyrovae never imports code because a run directory "
+                             "names it); built with the run's recorded --program-args")
 
 
 def encode_command(args: argparse.Namespace) -> int:
     output = encode_checkpoint(args.checkpoint, resolve_device(args.device), split=args.split,
                                dataset=args.dataset, data_dir=args.data_dir,
                                num_samples=args.num_samples, batch_size=args.batch_size,
-                               seed=args.seed, output=args.output)
+                               seed=args.seed, output=args.output, program=args.program,
+                               force=args.force)
     print(f"posterior means and scales of the {args.split} points written to {output}")
     return 0
 
@@ -291,7 +373,8 @@ def reconstruct_command(args: argparse.Namespace) -> int:
                                     num_images=args.num_images, columns=args.columns,
                                     split=args.split, dataset=args.dataset,
                                     data_dir=args.data_dir, decode=args.decode, seed=args.seed,
-                                    output=args.output)
+                                    output=args.output, program=args.program,
+                                    force=args.force)
     print(f"{args.num_images} {args.split} images and their reconstructions written to {output}")
     return 0
 
@@ -312,6 +395,9 @@ def add_commands(commands: Any) -> None:
     encode.add_argument("--output", "-o", default=None,
                         help="the .npz to write (default: encoding_<split>.npz in the run "
                              "directory)")
+    encode.add_argument("--force", action="store_true",
+                        help="replace an existing --output file that is not an earlier "
+                             "encoding (refused otherwise)")
     encode.set_defaults(handler=encode_command)
 
     reconstruct = commands.add_parser(
@@ -329,4 +415,7 @@ def add_commands(commands: Any) -> None:
     reconstruct.add_argument("--output", "-o", default=None,
                              help="PNG file to write (default: reconstructions.png in the run "
                                   "directory)")
+    reconstruct.add_argument("--force", action="store_true",
+                             help="replace an existing --output file that is not a PNG image "
+                                  "(refused otherwise)")
     reconstruct.set_defaults(handler=reconstruct_command)

@@ -67,7 +67,7 @@ from pyrovae.metrics import (  # noqa: F401  (re-exported)
     write_metrics,
 )
 from pyrovae.models import VAE
-from pyrovae.objectives import LatentScale, make_objective
+from pyrovae.objectives import AuxiliaryLoss, LatentScale, make_objective
 from pyrovae.optim import (
     OUTPUT_BIAS_INITS,
     AdamSettings,
@@ -76,7 +76,14 @@ from pyrovae.optim import (
     make_adam,
     normalize_gradients_,
 )
-from pyrovae.programs import Program, as_data, as_program, program_parameters
+from pyrovae.programs import (
+    Program,
+    ProgramError,
+    Structure,
+    as_data,
+    as_program,
+    program_parameters,
+)
 from pyrovae.registration import parameters_owned
 from pyrovae.schedules import check_plateau, scheduled_kl_weight, scheduled_lr
 from pyrovae.strategy import SingleProcess, current_strategy
@@ -126,6 +133,37 @@ def _output_bias_of_mean(vae: VAE, x: torch.Tensor) -> torch.Tensor:
         return x.mean(0)
     raise PyrovaeError(f"output_bias_init='data_mean' is defined for Bernoulli and Gaussian "
                        f"likelihoods, not {type(vae.likelihood).__name__}")
+
+
+def _check_local_parameters(structure: Structure, data: DataSplits, batch_size: int,
+                            world_size: int = 1) -> bool:
+    """Whether every step must take the whole training set in its order: a guide with a
+    parameter per data point (:attr:`~pyrovae.programs.Structure.local_parameters`, an
+    ``AutoNormal`` of a model's local latents) learns those points, as Pyro's ``SVI`` stepping
+    on all of them does.
+
+    :raises ProgramError: such a guide with minibatches, several processes, or held-out
+        splits that are not the training points.
+    """
+    if not structure.local_parameters:
+        return False
+    names = ", ".join(structure.local_parameters)
+    n = data.train.shape[0]
+    where = f"the guide keeps parameters for each training point ({names})"
+    if batch_size < n:
+        raise ProgramError(f"{where}: every step must see all {n} points in their order, as "
+                           f"SVI on the whole data does; set batch_size to {n} (or subsample "
+                           f"inside the program: pyro.plate(..., {n}, subsample_size=...))")
+    if world_size > 1:
+        raise ProgramError(f"{where}: one process must see all of them; train it in one")
+    for name, split in (("test", data.test), ("validation", data.valid)):
+        if split is not None and (split.shape != data.train.shape or
+                                  not torch.equal(split, data.train)):
+            raise ProgramError(f"{where}: it has nothing to say about other points, so the "
+                               f"{name} split must be the training points (DataSplits."
+                               f"from_tensors(x) without test data)")
+    return True
+
 
 
 def _check_dtypes(program: Program, data: DataSplits) -> None:
@@ -312,7 +350,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
         run_dir: str | Path | None = None, config: TrainConfig | dict[str, Any] | None = None,
         resume: bool = False, validate: bool = False,
         on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
-        callbacks: Sequence[Callback] = (), **option_values: Any) -> list[EpochRecord]:
+        callbacks: Sequence[Callback] = (), auxiliary: Sequence[AuxiliaryLoss] = (),
+        **option_values: Any) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
     ``vae`` is the program: a :class:`~pyrovae.models.VAE` (or a subclass), an object with
@@ -359,6 +398,9 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
     :param callbacks: your own :class:`~pyrovae.callbacks.Callback` objects, called on every
         process after the evaluation and policies the options ask for and before the
         checkpoint is written (so a state they change is saved with the epoch).
+    :param auxiliary: further losses (:class:`~pyrovae.objectives.AuxiliaryLoss`), each a
+        gradient step of its own after the program's at every step, on the same batch (one
+        process only); their parameters join the optimizer.
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
@@ -390,7 +432,8 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
     # is not the user insisting; the agent kills workers that do not stop in time
     stop = StopSignals(escalate=not strategy.is_distributed)
     loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
-                        config=config, callbacks=given, signals=stop, strategy=strategy)
+                        config=config, callbacks=given, signals=stop, strategy=strategy,
+                        auxiliary=auxiliary)
     with pyro.validation_enabled(validate), stop:
         loop.start(resume)
         history = loop.run()
@@ -410,23 +453,14 @@ def fit_from_config(vae: VAE, data: DataSplits, config: TrainConfig, *,
                callbacks=callbacks)
 
 
-def _trainable(program: Program, module: torch.nn.Module, data: DataSplits,
-               first: tuple[torch.Tensor, ...], batch_size: int,
-               ) -> tuple[Any, list[torch.Tensor], dict[str, torch.Tensor]]:
-    """The program's structure, every parameter it reaches, and its ``pyro.param`` sites
-    outside ``module`` by name (saved beside the module's state dict in a checkpoint)."""
-    # some sites show only on some points (a semi-supervised model enumerates the label
-    # of unlabelled ones): read the program on the test point and a training batch
-    train_inputs = data.train if data.train_labels is None else (data.train, data.train_labels)
-    structure = program.structure(*first).merged(
-        program.structure(*as_data(train_inputs), rows=batch_size))
-    with pyro.validation_enabled(False):
-        parameters = program_parameters(program, *first)
+def _outside_parameters(parameters: list[torch.Tensor],
+                        module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The ``pyro.param`` sites among ``parameters`` outside ``module``, by name (saved
+    beside the module's state dict in a checkpoint)."""
     owned = {id(parameter) for parameter in module.parameters()}
     store = pyro.get_param_store()
-    store_parameters = {store.param_name(p): p for p in parameters
-                        if id(p) not in owned and store.param_name(p) is not None}
-    return structure, parameters, store_parameters
+    return {store.param_name(p): p for p in parameters
+            if id(p) not in owned and store.param_name(p) is not None}
 
 
 def _initialise_from_data(module: torch.nn.Module, x: torch.Tensor, output_bias_init: str) -> None:
@@ -493,7 +527,8 @@ class TrainingLoop:
                  options: FitOptions | None = None, *, run_dir: Path | None = None,
                  config: TrainConfig | dict[str, Any] | None = None,
                  callbacks: Sequence[Callback] = (), signals: StopSignals | None = None,
-                 strategy: SingleProcess | None = None, **option_values: Any) -> None:
+                 strategy: SingleProcess | None = None, auxiliary: Sequence[AuxiliaryLoss] = (),
+                 **option_values: Any) -> None:
         self.config = _config_dict(config)
         #: how this run trains, ``beta`` and ``kl_warmup_epochs`` decided
         self.options = options = FitOptions.of(options, option_values).resolved(self.config)
@@ -506,9 +541,24 @@ class TrainingLoop:
         # the module whose state a checkpoint holds (empty for plain callables)
         self.vae = self.program.module if self.program.module is not None else torch.nn.Module()
         self.data, self.run_dir = data, run_dir
-        first = tuple(argument[:1] for argument in as_data(data.test_inputs))
-        structure, self.parameters, self.store_parameters = _trainable(
-            self.program, self.vae, data, first, options.batch_size)
+        batch_size = options.batch_size
+        # the program's first call is on a training batch, as SVI's first step is: a lazily
+        # built guide (a Pyro autoguide) is built for the points it will be trained on
+        batch = tuple(argument[:batch_size] for argument in as_data(data.train_inputs))
+        structure = self.program.structure(*batch)
+        #: every step takes the whole training set in its order (a guide with a parameter
+        #: per data point: its parameters belong to those points)
+        self.whole_data = _check_local_parameters(structure, data, batch_size,
+                                                  self.strategy.world_size)
+        # some sites show only on some points (a semi-supervised model enumerates the label
+        # of unlabelled ones): read the program on test points too
+        first = tuple(argument[:batch_size] for argument in as_data(data.test_inputs))
+        structure = structure.merged(self.program.structure(*first))
+        with pyro.validation_enabled(False):
+            self.parameters = program_parameters(self.program, *batch)
+        #: (model, guide, objective) of each auxiliary loss, stepped after the program's
+        self.auxiliary = self._auxiliary(auxiliary, batch)
+        self.store_parameters = _outside_parameters(self.parameters, self.vae)
         self.optimizer = make_adam(self.parameters, lr=options.lr, settings=options.adam,
                                    fused=options.fused and self.program.device.type in ("cpu", "cuda"))
         if options.compile != "off":
@@ -543,6 +593,70 @@ class TrainingLoop:
     def _hook(self, name: str, *arguments: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, name)(self, *arguments)
+
+    def _auxiliary(self, auxiliary: Sequence[AuxiliaryLoss],
+                   batch: tuple[torch.Tensor, ...]) -> list[tuple[Any, Any, Any]]:
+        """Read each auxiliary pair's structure and add its parameters to
+        :attr:`parameters` (before the optimizer is made)."""
+        if auxiliary and self.strategy.is_distributed:
+            raise ConfigError("auxiliary losses train in one process")
+        steps = []
+        #: the ids of the parameters the program, then each auxiliary pair, reaches
+        self._reached = [{id(parameter) for parameter in self.parameters}]
+        for index, loss in enumerate(auxiliary):
+            if not isinstance(loss, AuxiliaryLoss):
+                raise TypeError(f"auxiliary[{index}] is a {type(loss).__name__}, not an "
+                                f"AuxiliaryLoss(model, guide)")
+            pair = Program(loss.model, loss.guide)
+            structure = pair.structure(*batch)
+            with pyro.validation_enabled(False):
+                known = {id(parameter) for parameter in self.parameters}
+                reached = program_parameters(pair, *batch)
+                self.parameters += [parameter for parameter in reached
+                                    if id(parameter) not in known]
+            self._reached.append({id(parameter) for parameter in reached})
+            steps.append((loss.model, loss.guide,
+                          make_objective("trace_elbo", 1, structure=structure)))
+        return steps
+
+    def _steps_with_auxiliary(self, x: torch.Tensor | tuple[torch.Tensor, ...],
+                              epoch: int) -> float:
+        """The program's gradient step, then each auxiliary loss's, on the batch ``x``.
+
+        Each step updates the parameters its own pair reaches, as Pyro's ``SVI`` steps the
+        parameters of its traces: gradients are zeroed between steps, not dropped, so a
+        parameter of the pair that its loss does not reach this time is stepped on a zero
+        gradient (Adam's moments decay) once it has had one."""
+        value = 0.0
+        for index, (reached, loss_of) in enumerate(self._pairs(x)):
+            self.optimizer.zero_grad(set_to_none=False)
+            loss = loss_of()
+            self._check_loss(loss.item(), epoch, auxiliary=index > 0)
+            if index == 0:
+                value = loss.item()
+            loss.backward()
+            outside = [p for p in self.parameters if id(p) not in reached and p.grad is not None]
+            kept = [p.grad for p in outside]
+            for parameter in outside:
+                parameter.grad = None
+            self._clip_and_update(epoch)
+            for parameter, grad in zip(outside, kept, strict=True):
+                parameter.grad = grad
+        return value
+
+    def _pairs(self, x: torch.Tensor | tuple[torch.Tensor, ...]
+               ) -> list[tuple[set[int], Callable[[], torch.Tensor]]]:
+        """(the ids of the parameters it reaches, its loss) of the program and each
+        auxiliary pair, in the order they step."""
+        def auxiliary_loss(model: Any, guide: Any, objective: Any) -> Callable[[], torch.Tensor]:
+            def loss() -> torch.Tensor:
+                with parameters_owned():
+                    return objective.differentiable_loss(model, guide, *_arguments(x))
+            return loss
+
+        return [(self._reached[0], lambda: self._loss(x))] + [
+            (reached, auxiliary_loss(*step))
+            for reached, step in zip(self._reached[1:], self.auxiliary, strict=True)]
 
     def kl_weight(self, epoch: int) -> float:
         """The KL weight of ``epoch`` under the options' schedule."""
@@ -585,6 +699,8 @@ class TrainingLoop:
             multi-process run (ignored in one process).
         :returns: the loss summed over the whole (global) batch, nats.
         """
+        if self.auxiliary:
+            return self._steps_with_auxiliary(x, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         with self.strategy.step_context(self.program.device, _arguments(x)[0].shape[0],
                                         global_rows):
@@ -599,15 +715,18 @@ class TrainingLoop:
         self._clip_and_update(epoch)
         return value
 
-    def _check_loss(self, value: float, epoch: int) -> None:
+    def _check_loss(self, value: float, epoch: int, *, auxiliary: bool = False) -> None:
         """Raise :class:`TrainingDivergedError` on a loss that is not finite, or that grew
         past :data:`DIVERGED_LOSS_FACTOR` times its scale at this call's first step (a finite
-        divergence: a working model's loss falls from its start)."""
+        divergence: a working model's loss falls from its start); an ``auxiliary`` loss is
+        checked for finiteness only."""
         where = f"at epoch {epoch}, step {self.step + 1}"
         if not math.isfinite(value):
             raise TrainingDivergedError(
-                f"loss is {value} {where}; {self._kept_checkpoint()}; try a lower learning "
-                f"rate (--lr) or --clip-norm")
+                f"{'an auxiliary ' if auxiliary else ''}loss is {value} {where}; "
+                f"{self._kept_checkpoint()}; try a lower learning rate (--lr) or --clip-norm")
+        if auxiliary:
+            return
         per_point = value / self.options.batch_size
         first = getattr(self, "_first_loss", None)
         if first is None:
@@ -740,8 +859,11 @@ class TrainingLoop:
         started = time.perf_counter()
         self.generator.set_state(self.epoch_generator_state)
         n, batch_size = self.data.train.shape[0], self.options.batch_size
-        for x in self.strategy.batches(self.data, batch_size, generator=self.generator,
-                                       start=self.batch):
+        batches = self.data.train_batches(batch_size, shuffle=False, start=self.batch) \
+            if self.whole_data else \
+            self.strategy.batches(self.data, batch_size, generator=self.generator,
+                                  start=self.batch)
+        for x in batches:
             global_rows = min(batch_size, n - self.batch * batch_size)
             self._hook("on_step_start")
             loss = self.train_step(x, epoch, global_rows=global_rows)

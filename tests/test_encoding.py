@@ -119,3 +119,23 @@ def test_encode_refuses_a_model_of_labelled_data_in_one_line(trained, capsys, tm
     assert capsys.readouterr().err.strip() == (
         "pyrovae: error: encode takes models of x alone; this run's model is conditional, "
         "whose guide needs the label")
+
+
+@pytest.mark.parametrize("command, kind", [("encode", "a pyrovae encoding (.npz)"),
+                                           ("reconstruct", "a PNG image")])
+def test_an_output_that_is_a_users_own_file_is_refused_unless_force(trained, capsys, tmp_path,
+                                                                      command, kind):
+    run_dir, _, _, _ = trained
+    mine = tmp_path / "notes.py"
+    mine.write_text("my own work\n")
+    assert main([command, str(run_dir), "-o", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pyrovae: error: {mine} exists and is not {kind}; choose another --output, or pass "
+        f"--force to replace it")
+    assert mine.read_text() == "my own work\n"
+    # an earlier output of the command is replaced, and --force replaces anything
+    assert main([command, str(run_dir), "-o", str(tmp_path / "out"), "-n", "2"]) == 0
+    assert main([command, str(run_dir), "-o", str(tmp_path / "out"), "-n", "2"]) == 0
+    assert main([command, str(run_dir), "-o", str(mine), "-n", "2", "--force"]) == 0
+    assert mine.read_bytes()[:4] in (b"PK\x03\x04", b"\x89PNG")
+    capsys.readouterr()

@@ -499,3 +499,32 @@ def test_burda2016_iwae_dreg_trains_the_protocol_with_its_own_objective(tmp_path
                          check=False)
     assert refused.returncode == 2
     assert refused.stderr.startswith("burda2016_iwae_dreg.py: error: the run is at epoch 1")
+
+
+@requires_mnist
+def test_gradient_snr_measures_both_estimators_on_the_banked_model(tmp_path):
+    run_script("gradient_snr.py", "--data-dir", str(SHARED_DATA), "--out-dir", str(tmp_path),
+               "--ks", "1", "3", "--draws", "3", "--num-points", "4")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(row["objective"], row["num_particles"]) for row in results["rows"]] == [
+        ("iwae", 1), ("iwae", 3), ("iwae_dreg", 1), ("iwae_dreg", 3)]
+    assert all(row["encoder_snr"] > 0 and row["decoder_snr"] > 0 for row in results["rows"])
+    assert results["checkpoint_epoch"] == 3280 and (tmp_path / "gradient_snr.png").is_file()
+
+
+@requires_mnist
+def test_discretized_mnist(tmp_path):
+    results = run_experiment("discretized_mnist.py", tmp_path)
+    runs = {run["name"]: run for run in results["runs"]}
+    assert set(runs) == {"discretized_logistic", "discretized_gaussian", "gaussian_pixel"}
+    for run in runs.values():
+        # bits/dim = -log p(x) / (784 ln 2), of a probability: positive, at most about 8
+        assert 0 < run["log_px_bits_per_dim"] < 9
+    for name in ("discretized_logistic", "discretized_gaussian"):
+        assert runs[name]["log_px_bits_per_dim"] == pytest.approx(
+            -runs[name]["test_log_marginal_likelihood"] / (784 * 0.6931471805599453))
+    # the Gaussian's density in nats is another number than its binned probability
+    binned = runs["gaussian_pixel"]["binned_log_marginal_likelihood"]
+    assert runs["gaussian_pixel"]["log_px_bits_per_dim"] == pytest.approx(
+        -binned / (784 * 0.6931471805599453))
+    assert binned != pytest.approx(runs["gaussian_pixel"]["test_log_marginal_likelihood"])

@@ -421,3 +421,58 @@ def test_nproc_trains_and_resumes_a_program(files, capsys):
     # the pyro.param sites were trained too: gradients summed over the processes
     assert not torch.equal(checkpoint["param_store"]["values"]["bias"], torch.zeros(16))
     assert [record.epoch for record in read_metrics(run / "metrics.csv")] == [1, 2]
+
+
+def test_encode_and_reconstruct_a_program_run(files, capsys):
+    run = files / "run"
+    assert main(["train", *train_flags(files, "--epochs", "1"), "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    good = f"{files / 'prog.py'}:TinyVAE"
+    for command in ("encode", "reconstruct"):
+        assert main([command, str(run)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"pyrovae: error: {run} holds a run of your program {good}; pyrovae imports no "
+            f"code that a run directory names: name it again, pyrovae {command} {run} "
+            f"--program {good}")
+
+    assert main(["encode", str(run), "--program", good, "-n", "3"]) == 0
+    capsys.readouterr()
+    program = user_program(files)
+    load_program_state(program, run)
+    # the (40, 1, 4, 4) array is read channels last: 1 x 4 images of 4 channels
+    images = np.load(files / "images.npz")["test"]
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).reshape(40, 16))
+    with torch.no_grad():
+        loc, scale = program.encoder(x).chunk(2, -1)
+    with np.load(run / "encoding_test.npz") as encoding:
+        assert torch.allclose(torch.from_numpy(encoding["z_loc"]), loc, atol=1e-6)
+        assert torch.allclose(torch.from_numpy(encoding["z_scale"]),
+                              torch.nn.functional.softplus(scale) + 1e-3, atol=1e-6)
+        assert encoding["z_samples"].shape == (3, 40, 2)
+        assert str(encoding["z_moments"]) == "exact"
+
+    assert main(["reconstruct", str(run), "--program", good, "-n", "6", "--columns", "3"]) == 0
+    assert "6 test images and their reconstructions written to" in capsys.readouterr().out
+    from PIL import Image
+    with Image.open(run / "reconstructions.png") as image:
+        assert image.size == (3 * 6 + 2, 4 * 3 + 2)  # 2 row pairs of 3 1x4 images, padded
+    assert main(["reconstruct", str(run), "--program", good, "--decode", "mean"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyrovae: error: --decode mean is for the built-in models (their decoder at E[z|x]); "
+        "your program's run reconstructs with --decode sample")
+
+
+def test_a_programs_reconstruction_is_its_likelihood_mean_at_a_guide_draw(files):
+    from pyrovae.encoding import program_reconstructions
+
+    program = user_program(files)
+    x = (torch.rand(5, 16, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    pyro.set_rng_seed(7)
+    reconstructions = program_reconstructions(program, x)
+    pyro.set_rng_seed(7)
+    with torch.no_grad():
+        loc, scale = program.encoder(x).chunk(2, -1)
+        z = dist.Normal(loc, torch.nn.functional.softplus(scale) + 1e-3).rsample()
+        expected = torch.sigmoid(program.decoder(z) + pyro.param("bias"))
+    assert reconstructions.shape == (5, 16)
+    assert torch.allclose(reconstructions, expected, atol=1e-6)
