@@ -476,3 +476,19 @@ def test_a_programs_reconstruction_is_its_likelihood_mean_at_a_guide_draw(files)
         expected = torch.sigmoid(program.decoder(z) + pyro.param("bias"))
     assert reconstructions.shape == (5, 16)
     assert torch.allclose(reconstructions, expected, atol=1e-6)
+
+
+def test_a_program_that_fails_on_the_data_is_one_line_naming_its_own_line(files, capsys):
+    # built for 9 values per point, given 16: the guide's first layer cannot take them
+    assert main(["train", *train_flags(files, "--epochs", "1"), "--program-args",
+                 '{"x_dim": 9}', "--out-dir", str(files / "run")]) == 2
+    line = PROGRAM.splitlines().index(
+        "            loc, scale = self.encoder(x).chunk(2, -1)") + 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"pyrovae: error: the program's guide failed on data of shape (1, 16) (prog.py, line "
+        f"{line}, in guide): RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x16 and "
+        f"9x8)")
+    # from Python the program's own error stays attached
+    with pytest.raises(ProgramError) as raised:
+        fit(user_program(files, x_dim=9), tiny_data(), epochs=1)
+    assert isinstance(raised.value.__cause__, RuntimeError)
