@@ -56,6 +56,8 @@ class Protocol:
     :param start_flags: flags for a fresh start beside the preset (the learning curve's
         schedule, an objective other than the preset's).
     :param script: the script's file name, for its messages (default ``<preset>.py``).
+    :param bank_best: bank the best validation ELBO's checkpoint too where it differs from
+        the latest (``False``: the latest only, for a protocol that reports the last one).
     """
 
     preset: str
@@ -65,6 +67,7 @@ class Protocol:
     published_source: str
     start_flags: tuple[str, ...]
     script: str = ""
+    bank_best: bool = True
 
     @property
     def script_name(self) -> str:
@@ -209,7 +212,7 @@ def bank(protocol: Protocol, run_dir: Path, bank_dir: Path,
     best = run_dir / BEST_CHECKPOINT_NAME
     best_is_latest = best.is_file() and filecmp.cmp(best, run_dir / CHECKPOINT_NAME, shallow=False)
     for name in BANKED_FILES:
-        if name == BEST_CHECKPOINT_NAME and best_is_latest:
+        if name == BEST_CHECKPOINT_NAME and (best_is_latest or not protocol.bank_best):
             (bank_dir / name).unlink(missing_ok=True)  # the latest checkpoint stands for it
         elif (run_dir / name).is_file():
             shutil.copy2(run_dir / name, bank_dir / name)

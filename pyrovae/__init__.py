@@ -47,6 +47,7 @@ from pyrovae.nets import (
 )
 from pyrovae.objectives import (
     OBJECTIVES,
+    AuxiliaryLoss,
     DoublyReparameterizedIWAE,
     ImportanceWeightedELBO,
     PathDerivativeELBO,
@@ -112,6 +113,7 @@ __all__ = [
     "load_dataset",
     # training
     "OBJECTIVES",
+    "AuxiliaryLoss",
     "ImportanceWeightedELBO",
     "PathDerivativeELBO",
     "DoublyReparameterizedIWAE",

@@ -10,13 +10,16 @@ checkpoint holds before any of it is used, and names the key or tensor that is w
 
 from __future__ import annotations
 
+import contextlib
+import math
 import pickle
 import random
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyro
@@ -24,6 +27,7 @@ import torch
 from pyro.distributions import constraints as pyro_constraints
 from torch.distributions import transform_to
 
+from pyrovae.argtypes import MAX_INT
 from pyrovae.config import TrainConfig, build_vae
 from pyrovae.errors import CheckpointError, ConfigError
 from pyrovae.models import VAE
@@ -150,8 +154,29 @@ def mark_best(run_dir: Path) -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-#: the first bytes of what ``torch.save`` writes: a zip archive, or a legacy pickle
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+#: the first bytes of what ``torch.save`` writes: a zip archive
+_ZIP_MAGIC = b"PK\x03\x04"
+#: the first byte of a bare pickle (``torch.save`` of old, or ``pickle.dump``)
+_PICKLE_MAGIC = b"\x80"
+#: the top-level keys :func:`save_checkpoint` writes; a checkpoint with any other is refused
+#: before its tensors are read
+CHECKPOINT_KEYS = frozenset({"format_version", "epoch", "data_dim", "image_shape", "config",
+                             "model", "optimizer", "rng", "progress", "param_store", "program"})
+#: where a checkpoint's large tensors live (the parameters, the optimizer's moments, the Pyro
+#: parameter store, and the store as older checkpoints kept it in the training position);
+#: every other tensor is an RNG state of a few kilobytes
+LARGE_TENSOR_PLACES = (("model",), ("optimizer",), ("param_store",), ("progress", "param_store"))
+#: the largest tensor outside :data:`LARGE_TENSOR_PLACES` (torch's RNG state is 5056 bytes)
+MAX_SMALL_TENSOR_BYTES = 64 * 2**10
+#: the largest ``data.pkl`` (the structure, config and epoch history; a few hundred KB after
+#: thousands of epochs)
+MAX_PICKLE_BYTES = 64 * 2**20
+#: the largest of torch's own small records (``version``, ``byteorder``, ...)
+MAX_RECORD_BYTES = 4096
+#: the deepest nesting of lists and dicts a checkpoint holds (a config, a history record)
+MAX_DEPTH = 16
+_PICKLE_ENTRY = re.compile(r"[^/]+/data\.pkl")
+_DATA_ENTRY = re.compile(r"[^/]+/data/\d+")
 
 
 def _unsafe_reason(error: Exception) -> str:
@@ -164,10 +189,29 @@ def _unsafe_reason(error: Exception) -> str:
     return reason.rstrip(":. ")
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code.
+def _corrupted(path: Path, error: BaseException) -> CheckpointError:
+    reason = _ANSI.sub("", str(error)).strip().splitlines()
+    return CheckpointError(f"cannot read checkpoint {path}: truncated or corrupted "
+                           f"({type(error).__name__}: {reason[0] if reason else ''})")
 
-    :raises CheckpointError: missing, truncated, corrupted or unsafe file.
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Load a checkpoint without executing code, refusing what ``torch.save`` never writes
+    before reading the tensors' values.
+
+    In order: the zip directory (only stored entries, as ``torch.save`` writes them: a
+    compressed one can take a thousand times its size in memory; a ``data.pkl`` of at most
+    :data:`MAX_PICKLE_BYTES`) and the CRC-32 of ``data.pkl`` (so that damage is told from an
+    unsafe pickle); the structure, unpickled weights-only with the tensors memory-mapped,
+    not read: only :data:`CHECKPOINT_KEYS`, dense tensors, small ones outside
+    :data:`LARGE_TENSOR_PLACES`, no more tensor data than the tensors take; then ``check``
+    on that structure (the callers compare the tensors' names, shapes and dtypes with their
+    model); then every entry's CRC-32; only then are the tensors read.
+
+    :param check: called with the checkpoint whose tensors are still memory-mapped (their
+        names, shapes and dtypes, not their values); raises to refuse it.
+    :raises CheckpointError: missing, truncated, corrupted, unsafe or oversized file.
     """
     path = Path(path)
     if path.is_dir():
@@ -177,31 +221,163 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with path.open("rb") as handle:
             start = handle.read(4)
+            if start.startswith(_ZIP_MAGIC):
+                archive, data_bytes = _check_archive(handle, path)
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
-    if not start.startswith(_TORCH_MAGIC):
-        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive or "
-                              f"a pickle, and this file is neither")
+    if start.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"refusing to load {path}: it is a bare pickle, not the zip "
+                              f"archive torch.save writes, and unpickling it could run code; "
+                              f"re-create the checkpoint with pyrovae train")
+    if not start.startswith(_ZIP_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive, "
+                              f"and this file is not one")
+    mapped = _load_mapped(path)
+    _check_structure(mapped, path, data_bytes)
+    if check is not None:
+        check(mapped)
+    try:
+        with path.open("rb") as handle, zipfile.ZipFile(handle) as again:
+            for name in archive:
+                with again.open(name) as entry:  # zipfile checks the CRC-32 at the end
+                    while entry.read(2**20):
+                        pass
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise _corrupted(path, error) from None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # threads copying from a mapped file wait on each other's faults
+    try:
+        checkpoint = _materialized(mapped, torch.device(map_location))
+    finally:
+        torch.set_num_threads(threads)
+    del mapped  # unmaps the file
+    return checkpoint
+
+
+def _check_archive(handle: BinaryIO, path: Path) -> tuple[list[str], int]:
+    """The entries of a checkpoint's zip archive and the bytes of tensor data they hold,
+    after refusing compressed or oversized entries and checking ``data.pkl``'s CRC-32.
+
+    :raises CheckpointError: naming the entry.
+    """
+    try:
+        handle.seek(0)
+        with zipfile.ZipFile(handle) as archive:
+            entries = archive.infolist()
+            pickles = [entry for entry in entries if _PICKLE_ENTRY.fullmatch(entry.filename)]
+            for entry in entries:
+                if entry.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(
+                        f"refusing to load {path}: its entry {entry.filename} is compressed "
+                        f"(zip method {entry.compress_type}), which torch.save never does: "
+                        f"the file was re-written or is damaged, and a compressed entry can "
+                        f"take a thousand times its size in memory")
+                limit = (MAX_PICKLE_BYTES if entry in pickles else
+                         None if _DATA_ENTRY.fullmatch(entry.filename) else MAX_RECORD_BYTES)
+                if limit is not None and entry.file_size > limit:
+                    raise CheckpointError(
+                        f"refusing to load {path}: its entry {entry.filename} holds "
+                        f"{entry.file_size:,} bytes; torch.save writes at most {limit:,} there")
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path} is not a checkpoint: a zip archive without the "
+                                      f"data.pkl that torch.save writes")
+            archive.read(pickles[0])  # checks its CRC-32
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, NotImplementedError) as error:
+        raise _corrupted(path, error) from None
+    data_bytes = sum(entry.file_size for entry in entries if _DATA_ENTRY.fullmatch(entry.filename))
+    return [entry.filename for entry in entries], data_bytes
+
+
+def _load_mapped(path: Path) -> Any:
+    """``torch.load`` weights-only, the tensors memory-mapped from the file (nothing of their
+    values is read until used)."""
     try:
         with warnings.catch_warnings():
-            # torch warns about foreign pickle protocols before refusing them below
+            # torch warns about foreign pickle protocols before refusing them below, and
+            # about the scan of a sparse tensor, refused by _check_structure
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            warnings.filterwarnings("ignore", message="Validating sparse tensor")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain values, "
             f"which could run code when unpickled (found: {_unsafe_reason(error)}); "
             f"re-create the checkpoint with pyrovae train"
         ) from None
-    except Exception as error:  # a corrupted file can fail anywhere inside the unpickler
-        reason = _ANSI.sub("", str(error)).strip().splitlines()
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or corrupted "
-            f"({type(error).__name__}: {reason[0] if reason else ''})"
-        ) from None
+    except Exception as error:  # a damaged tensor record can fail anywhere inside torch
+        raise _corrupted(path, error) from None
+
+
+def _tensors(value: Any, path: Path) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
+    """Every tensor in ``value`` (dicts, lists, tuples of them) with its keys from the top.
+
+    :raises CheckpointError: nested deeper than :data:`MAX_DEPTH`.
+    """
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    while stack:
+        keys, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield keys, item
+            continue
+        if isinstance(item, Mapping):
+            children = list(item.items())
+        elif isinstance(item, list | tuple):
+            children = list(enumerate(item))
+        else:
+            continue
+        if len(keys) >= MAX_DEPTH and children:
+            raise CheckpointError(f"checkpoint {path}: {_key_name(keys)} nests lists or dicts "
+                                  f"deeper than {MAX_DEPTH} levels; a checkpoint never does")
+        stack.extend(((*keys, key), child) for key, child in reversed(children))
+
+
+def _key_name(keys: Sequence[Any]) -> str:
+    """``model['encoder.body.0.weight']`` for the keys ``("model", "encoder.body.0.weight")``."""
+    return str(keys[0]) + "".join(f"[{key!r}]" for key in keys[1:]) if keys else "the top"
+
+
+def _check_structure(checkpoint: Any, path: Path, data_bytes: int) -> None:
+    """What :func:`read_checkpoint` checks before reading any tensor's values: the format,
+    the top-level keys, dense tensors, small ones outside :data:`LARGE_TENSOR_PLACES`, and
+    no more tensor data in the file than its tensors take."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a pyrovae checkpoint (format {FORMAT_VERSION})")
-    return checkpoint
+    unknown = sorted(map(str, set(checkpoint) - CHECKPOINT_KEYS))
+    if unknown:
+        raise CheckpointError(f"refusing to load {path}: it has keys that pyrovae never writes "
+                              f"({', '.join(unknown)})")
+    needed = 0
+    for keys, tensor in _tensors(checkpoint, path):
+        if tensor.layout != torch.strided:
+            raise CheckpointError(f"checkpoint {path}: {_key_name(keys)} is a {tensor.layout} "
+                                  f"tensor; a checkpoint holds only dense ones")
+        size = tensor.numel() * tensor.element_size()
+        large = any(tuple(keys[:len(place)]) == place for place in LARGE_TENSOR_PLACES)
+        if not large and size > MAX_SMALL_TENSOR_BYTES:
+            raise CheckpointError(f"refusing to load {path}: {_key_name(keys)} holds "
+                                  f"{size:,} bytes, and a random number generator state "
+                                  f"never more than {MAX_SMALL_TENSOR_BYTES:,}")
+        needed += size
+    if data_bytes > needed:
+        raise CheckpointError(f"refusing to load {path}: it holds {data_bytes:,} bytes of "
+                              f"tensor data and its tensors take {needed:,}; torch.save "
+                              f"writes nothing else")
+
+
+def _materialized(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor copied out of the memory-mapped file onto ``device``
+    (tensors of the meta device stay there, to be refused by name)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value
+        return torch.empty_like(value, device=device).copy_(value)
+    if isinstance(value, dict):
+        return {key: _materialized(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_materialized(item, device) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_materialized(item, device) for item in value)
+    return value
 
 
 #: the training loop's position in a checkpoint's ``"progress"``, with the types it needs
@@ -225,13 +401,19 @@ def _check_type(path: Path, key: str, value: Any, expected: type | tuple[type, .
 
 
 def check_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, *,
-                     resumable: bool = False) -> TrainConfig | None:
+                     resumable: bool = False, values: bool = True) -> TrainConfig | None:
     """Validate what :func:`read_checkpoint` returned, before anything of it is used.
 
-    Checks every key :func:`save_checkpoint` writes and its type, the embedded config (as
-    :meth:`TrainConfig.from_dict` does), the RNG states (restored once and put back), and,
-    with ``resumable``, the training position.  Tensor shapes are checked against a model
-    by :func:`check_state_dict` and :func:`check_optimizer_state`.
+    Checks every key :func:`save_checkpoint` writes and its type, ``data_dim`` (1 to
+    2**31 - 1, the values of ``image_shape``), the embedded config (as
+    :meth:`TrainConfig.from_dict` does), the model's tensors (values, finite), the RNG
+    states (restored once and put back), and, with ``resumable``, the training position.
+    Tensor shapes are checked against a model by :func:`check_state_dict` and
+    :func:`check_optimizer_state`.
+
+    :param values: ``False`` leaves out what reads tensor values (finite weights, the RNG
+        states), for the memory-mapped checkpoint that :func:`read_checkpoint` gives its
+        ``check``.
 
     :returns: the embedded config, or ``None`` where the checkpoint has none.
     :raises CheckpointError: naming the first key that is missing or wrong.
@@ -247,11 +429,28 @@ def check_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, *,
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint {path}: model tensor {name!r} is a "
                                   f"{type(value).__name__}, not a tensor")
+        if value.device.type == "meta":
+            raise CheckpointError(f"checkpoint {path}: model tensor {name!r} holds no values "
+                                  f"(it was saved from the meta device)")
+        if values and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            raise CheckpointError(f"checkpoint {path}: model tensor {name!r} holds {bad} "
+                                  f"non-finite values ({kind}); the run diverged before it "
+                                  f"was saved, or the file was altered")
+    data_dim = checkpoint["data_dim"]
+    if not 1 <= data_dim <= MAX_INT:
+        raise CheckpointError(f"checkpoint {path}: data_dim should be a positive integer of at "
+                              f"most {MAX_INT}, got {data_dim}")
     image_shape = checkpoint.get("image_shape")
     if image_shape is not None and (not isinstance(image_shape, Sequence) or not all(
             isinstance(size, int) and size > 0 for size in image_shape)):
         raise CheckpointError(f"checkpoint {path}: image_shape should be a list of positive "
                               f"integers, got {image_shape!r}")
+    if image_shape is not None and math.prod(image_shape) != data_dim:
+        raise CheckpointError(f"checkpoint {path}: image_shape {list(image_shape)} holds "
+                              f"{math.prod(image_shape)} values per data point and data_dim "
+                              f"says {data_dim}")
     config = None
     if checkpoint.get("config") is not None:
         if not isinstance(checkpoint["config"], Mapping):
@@ -261,9 +460,10 @@ def check_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, *,
             config = TrainConfig.from_dict(dict(checkpoint["config"]))
         except ConfigError as error:
             raise CheckpointError(f"checkpoint {path}: its config is invalid: {error}") from None
-    _check_rng_state(checkpoint["rng"], path)
+    if values:
+        _check_rng_state(checkpoint["rng"], path)
     if resumable:
-        _check_progress(checkpoint.get("progress"), path)
+        _check_progress(checkpoint.get("progress"), path, values=values)
     return config
 
 
@@ -278,7 +478,7 @@ def _check_rng_state(state: Mapping[str, Any], path: Path) -> None:
         restore_rng_state(saved)
 
 
-def _check_progress(position: Any, path: Path) -> None:
+def _check_progress(position: Any, path: Path, *, values: bool = True) -> None:
     if position is None:
         raise CheckpointError(f"{path} has no training position; it cannot be resumed")
     if not isinstance(position, Mapping):
@@ -293,6 +493,8 @@ def _check_progress(position: Any, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path}: the training position is out of range "
                               f"(epoch {position['epoch']}, batch {position['batch']}, "
                               f"step {position['step']})")
+    if not values:
+        return
     try:
         torch.Generator().set_state(position["epoch_generator_state"])
     except Exception as error:
@@ -308,10 +510,11 @@ def _shape(tensor: torch.Tensor) -> str:
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, Any], path: str | Path,
                      what: str = "this model") -> None:
-    """Compare the names and shapes of ``state`` with ``module``'s before loading it.
+    """Compare the names, shapes and dtypes of ``state`` with ``module``'s before loading it
+    (``load_state_dict`` would cast a float64 tensor silently).
 
-    :raises CheckpointError: naming the first missing, unexpected or mis-shaped tensor
-        (with both shapes).
+    :raises CheckpointError: naming the first missing, unexpected, mis-shaped or mis-typed
+        tensor (with both shapes or dtypes).
     """
     expected = module.state_dict()
     missing = [name for name in expected if name not in state]
@@ -329,13 +532,17 @@ def check_state_dict(module: torch.nn.Module, state: Mapping[str, Any], path: st
             raise CheckpointError(f"checkpoint {path} does not match {what}: {name} has shape "
                                   f"{_shape(state[name])} in the checkpoint and "
                                   f"{_shape(tensor)} in the model")
+        if state[name].dtype != tensor.dtype:
+            raise CheckpointError(f"checkpoint {path} does not match {what}: {name} is "
+                                  f"{state[name].dtype} in the checkpoint and {tensor.dtype} "
+                                  f"in the model")
 
 
 def check_optimizer_state(state: Mapping[str, Any], parameters: Sequence[torch.Tensor],
                           path: str | Path) -> None:
     """Check a ``torch.optim`` state dict against the ``parameters`` it will drive: one
-    group holding them all, and every per-parameter tensor (Adam's moments) of the
-    parameter's shape.
+    group holding them all, every per-parameter tensor (Adam's moments) of the parameter's
+    shape and dtype (a scalar ``step`` aside), and no state for other parameters.
 
     :raises CheckpointError: naming the parameter, the state and both shapes.
     """
@@ -349,18 +556,73 @@ def check_optimizer_state(state: Mapping[str, Any], parameters: Sequence[torch.T
     if len(indices) != len(parameters):
         raise CheckpointError(f"checkpoint {path}: the optimizer state is for {len(indices)} "
                               f"parameters and this model has {len(parameters)}")
+    strangers = [index for index in per_parameter if index not in indices]
+    if strangers:
+        raise CheckpointError(f"checkpoint {path}: the optimizer state holds parameter "
+                              f"{strangers[0]!r}, which none of its groups has")
     for position, index in enumerate(indices):
         values = per_parameter.get(index, {})
         if not isinstance(values, Mapping):
             raise CheckpointError(f"checkpoint {path}: the optimizer state of parameter "
                                   f"{index} is malformed")
         for name, value in values.items():
-            if name == "step" or not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name == "step":
+                if value.numel() != 1:
+                    raise CheckpointError(f"checkpoint {path}: the optimizer's step of "
+                                          f"parameter {index} has shape {_shape(value)}, not "
+                                          f"one number")
                 continue
             if value.shape != parameters[position].shape:
                 raise CheckpointError(
                     f"checkpoint {path}: the optimizer's {name} of parameter {index} has shape "
                     f"{_shape(value)} and the parameter {_shape(parameters[position])}")
+            if value.dtype != parameters[position].dtype:
+                raise CheckpointError(
+                    f"checkpoint {path}: the optimizer's {name} of parameter {index} is "
+                    f"{value.dtype} and the parameter {parameters[position].dtype}")
+
+
+def _described(config: TrainConfig, checkpoint: Mapping[str, Any]) -> str:
+    return (f"the config (latent_dim={config.latent_dim}, prior={config.prior}, "
+            f"guide={config.guide}, net={config.net}) and data_dim {checkpoint['data_dim']}")
+
+
+def _model_skeleton(config: TrainConfig, checkpoint: Mapping[str, Any],
+                    path: str | Path) -> torch.nn.Module:
+    """The model of ``config`` and the checkpoint's ``data_dim`` on the meta device (shapes
+    and dtypes, no memory); where a part cannot be built there (Pyro's autoregressive
+    networks read values while built), on the CPU, once ``data_dim`` is known to be no
+    larger than the checkpoint's largest model tensor, as every model's input or output
+    layer is."""
+    image_shape = checkpoint.get("image_shape")
+    options = {"data_dim": checkpoint["data_dim"],
+               "image_shape": tuple(image_shape) if image_shape is not None else None}
+    # the draws of a build are not the caller's
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"), pyro.validation_enabled(False), _no_argument_checks():
+                return build_vae(config, **options)
+        except (RuntimeError, NotImplementedError):
+            pass
+        largest = max((tensor.numel() for tensor in checkpoint["model"].values()), default=0)
+        if checkpoint["data_dim"] > largest:
+            raise CheckpointError(f"checkpoint {path}: data_dim {checkpoint['data_dim']} is "
+                                  f"larger than every tensor of its model (the largest holds "
+                                  f"{largest} values)")
+        return build_vae(config, **options)
+
+
+@contextlib.contextmanager
+def _no_argument_checks() -> Iterator[None]:
+    """torch.distributions without argument validation (it reads values)."""
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu",
@@ -372,22 +634,38 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu",
     :returns: ``(vae, config, checkpoint)``; the VAE is on ``device`` in eval mode.
     :raises CheckpointError: the file is unreadable, incomplete, or does not match.
     """
-    checkpoint = read_checkpoint(path)
-    embedded = check_checkpoint(checkpoint, path)
-    if config is None:
-        if embedded is None:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    chosen = config
+
+    def config_of(checkpoint: Mapping[str, Any], values: bool) -> TrainConfig:
+        embedded = check_checkpoint(checkpoint, path, values=values)
+        config = chosen if chosen is not None else embedded
+        if config is None:
             raise CheckpointError(f"{path} has no config; pass the config used to train it")
-        config = embedded
-    if getattr(config, "program", None) is not None:
-        raise CheckpointError(f"{path} holds a run of your own program ({config.program}), not "
-                              f"a built-in VAE: build the program and load the run into it with "
-                              f"pyrovae.load_program_state(program, run_dir)")
+        if getattr(config, "program", None) is not None:
+            raise CheckpointError(
+                f"{path} holds a run of your own program ({config.program}), not a built-in "
+                f"VAE: build the program and load the run into it with "
+                f"pyrovae.load_program_state(program, run_dir)")
+        return config
+
+    def against_model(mapped: dict[str, Any]) -> None:
+        # the model is built on the meta device (no memory) to compare the tensors' names,
+        # shapes and dtypes before their values are read
+        config = config_of(mapped, values=False)
+        model = _model_skeleton(config, mapped, path)
+        check_state_dict(model, mapped["model"], path, _described(config, mapped))
+        if mapped["optimizer"]:
+            check_optimizer_state(mapped["optimizer"], list(model.parameters()), path)
+
+    checkpoint = read_checkpoint(path, check=against_model)
+    config = config_of(checkpoint, values=True)
     image_shape = checkpoint.get("image_shape")
     vae = build_vae(config, data_dim=checkpoint["data_dim"],
                     image_shape=tuple(image_shape) if image_shape is not None else None)
-    check_state_dict(vae, checkpoint["model"], path,
-                     f"the config (latent_dim={config.latent_dim}, prior={config.prior}, "
-                     f"guide={config.guide}, net={config.net})")
+    check_state_dict(vae, checkpoint["model"], path, _described(config, checkpoint))
     vae.load_state_dict(checkpoint["model"])
     return vae.to(device).eval(), config, checkpoint
 
@@ -398,19 +676,28 @@ def check_resumable(path: str | Path, vae: torch.nn.Module,
     :func:`check_checkpoint` with the training position, the parameters' names and shapes,
     the Pyro parameter store (:func:`check_param_store`), and the optimizer's moments
     against ``parameters`` (default ``vae.parameters()``; the loop's Adam holds them in that
-    order, a program's ``pyro.param`` sites after its module's).  Nothing is loaded into
-    ``vae``.
+    order, a program's ``pyro.param`` sites after its module's), and its ``data_dim``
+    against ``vae.data_dim`` where ``vae`` has one.  The names, shapes and dtypes are
+    compared before any tensor's values are read (:func:`read_checkpoint`'s ``check``).
+    Nothing is loaded into ``vae``.
 
     :returns: the checkpoint.
     :raises CheckpointError: naming the key or tensor that is wrong.
     """
-    checkpoint = read_checkpoint(path)
-    check_checkpoint(checkpoint, path, resumable=True)
-    check_state_dict(vae, checkpoint["model"], path)
-    check_param_store(checkpoint, path)
-    check_optimizer_state(checkpoint["optimizer"],
-                          list(vae.parameters()) if parameters is None else list(parameters),
-                          path)
+    parameters = list(vae.parameters()) if parameters is None else list(parameters)
+
+    def check(checkpoint: Mapping[str, Any], values: bool = True) -> None:
+        check_checkpoint(checkpoint, path, resumable=True, values=values)
+        data_dim = getattr(vae, "data_dim", None)
+        if isinstance(data_dim, int) and checkpoint["data_dim"] != data_dim:
+            raise CheckpointError(f"checkpoint {path}: data_dim is {checkpoint['data_dim']} "
+                                  f"and the data have {data_dim} values per point")
+        check_state_dict(vae, checkpoint["model"], path)
+        check_param_store(checkpoint, path)
+        check_optimizer_state(checkpoint["optimizer"], parameters, path)
+
+    checkpoint = read_checkpoint(path, check=lambda mapped: check(mapped, values=False))
+    check(checkpoint)
     return checkpoint
 
 

@@ -132,8 +132,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # code mixes them into every minibatch: --label-batches mixed); Adam(lr 4.2e-4, betas
     # 0.9, 0.999), batch 200 (the example's batch for 100 labels is 100: --batch-size 100);
     # 50 epochs.  Not followed: Pyro's N(0, 0.001) start of the hidden layers (Glorot here),
-    # exp of the scale head (softplus here), and a second Adam step for the auxiliary loss
-    # (one step on the sum here)
+    # exp of the scale head (softplus here), and the example's second Adam step on every
+    # batch: its auxiliary loss is a second SVI on the same optimizer, run on every batch,
+    # whose gradient is zero for every parameter on an unlabelled batch (and for all but the
+    # classifier's on a labelled one), so Adam moves each parameter a second time by its
+    # momentum alone (here: one step on the sum of the losses)
     "pyro_m2": {
         "dataset": "mnist", "model": "semi_supervised", "binarize": "none",
         "likelihood": "bernoulli_grey", "valid_size": 10_000, "valid_split": "last",
@@ -648,9 +651,9 @@ class TrainConfig:
             raise ConfigError(f"labelled must be >= 0, got {self.labelled}")
         if self.alpha is not None and not self.alpha >= 0:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.net == "conv":
+        if self.net in ("conv", "resnet"):
             raise ConfigError(f"--model {self.model} concatenates the one-hot label to flat "
-                              f"inputs; --net conv is not available with it")
+                              f"inputs; --net {self.net} is not available with it")
         if getattr(self, "latent_dims", None) is not None:
             raise ConfigError(f"--model {self.model} has one latent layer; --latent-dims is not "
                               f"available with it")

@@ -33,7 +33,7 @@ import os
 import shutil
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -107,6 +107,35 @@ def check_labels(labels: object, num_points: int, name: str, *,
     return labels
 
 
+def check_arguments(arguments: Sequence[object], num_points: int | None, name: str, *,
+                    first: int = 1) -> tuple[torch.Tensor, ...]:
+    """Validate the per-point arguments a program takes after x: tensors (or arrays) with
+    ``num_points`` rows (as many as each other where ``None``).
+
+    :param first: the position of the first of them in the program's arguments (1 after x,
+        2 after x and labels), for messages.
+    :raises InvalidDataError: naming the position of an argument that is not a tensor with
+        a value per point (a ``PackedSequence``, a list) or has another number of points.
+    """
+    checked = []
+    for position, argument in enumerate(arguments, start=first):
+        if isinstance(argument, np.ndarray):
+            argument = torch.from_numpy(argument)
+        if not isinstance(argument, torch.Tensor) or argument.dim() == 0:
+            raise InvalidDataError(
+                f"argument {position} of the {name} is a {type(argument).__name__}, not a tensor "
+                f"with a value per data point along dimension 0; pass per-point tensors (pad "
+                f"sequences and pass their lengths as a tensor)")
+        rows = argument.shape[0]
+        if num_points is None:
+            num_points = rows
+        if rows != num_points:
+            raise InvalidDataError(f"argument {position} of the {name} has {rows} points along "
+                                   f"dimension 0, x has {num_points}")
+        checked.append(argument)
+    return tuple(checked)
+
+
 @dataclass(frozen=True)
 class DataSplits:
     """Train and test data as flattened tensors.
@@ -124,6 +153,11 @@ class DataSplits:
     :param test_labels: ``(N_test,)`` labels of the test points (with ``train_labels``).
     :param valid_labels: ``(N_valid,)`` labels of the validation points.
     :param num_classes: C, the number of classes (with labels).
+    :param train_arguments: further per-point tensors the program takes after x (and the
+        labels), each ``(N_train, ...)``: one-hot labels, image-valued targets, masks,
+        lengths.  With them, batches and :attr:`test_inputs` are ``(x, *arguments)``.
+    :param test_arguments: the same arguments of the test points.
+    :param valid_arguments: the same arguments of the validation points.
 
     Example::
 
@@ -141,8 +175,25 @@ class DataSplits:
     test_labels: torch.Tensor | None = None
     valid_labels: torch.Tensor | None = None
     num_classes: int | None = None
+    train_arguments: tuple[torch.Tensor, ...] = ()
+    test_arguments: tuple[torch.Tensor, ...] = ()
+    valid_arguments: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
+        first = 2 if self.train_labels is not None else 1
+        for name, x, arguments in (("training", self.train, self.train_arguments),
+                                   ("test", self.test, self.test_arguments),
+                                   ("validation", self.valid, self.valid_arguments)):
+            if x is None:
+                continue
+            check_arguments(arguments, x.shape[0], f"{name} data", first=first)
+            if len(arguments) != len(self.train_arguments) or any(
+                    a.shape[1:] != b.shape[1:] for a, b in zip(arguments, self.train_arguments,
+                                                               strict=False)):
+                raise InvalidDataError(
+                    f"the {name} data carry arguments of shapes "
+                    f"{[tuple(a.shape[1:]) for a in arguments]} per point, the training data "
+                    f"{[tuple(a.shape[1:]) for a in self.train_arguments]}")
         if self.train_labels is None:
             if self.test_labels is not None or self.valid_labels is not None:
                 raise InvalidDataError("test or validation labels without training labels")
@@ -175,18 +226,31 @@ class DataSplits:
             return 0
         return int((self.train_labels != HIDDEN_LABEL).sum())
 
-    @property
-    def test_inputs(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The program's data arguments on the test split: ``test``, or ``(test,
-        test_labels)`` with labels (what the estimators take)."""
-        return self.test if self.test_labels is None else (self.test, self.test_labels)
+    @staticmethod
+    def _inputs(x: torch.Tensor, labels: torch.Tensor | None,
+                arguments: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if labels is None and not arguments:
+            return x
+        return (x, *(() if labels is None else (labels,)), *arguments)
 
     @property
-    def valid_inputs(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    def train_inputs(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The program's data arguments on the training split: ``train``, or ``(train,
+        train_labels, *train_arguments)`` (labels where there are some)."""
+        return self._inputs(self.train, self.train_labels, self.train_arguments)
+
+    @property
+    def test_inputs(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The program's data arguments on the test split: ``test``, or ``(test,
+        test_labels, *test_arguments)`` (what the estimators take)."""
+        return self._inputs(self.test, self.test_labels, self.test_arguments)
+
+    @property
+    def valid_inputs(self) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
         """:attr:`test_inputs` of the validation split, ``None`` without one."""
         if self.valid is None:
             return None
-        return self.valid if self.valid_labels is None else (self.valid, self.valid_labels)
+        return self._inputs(self.valid, self.valid_labels, self.valid_arguments)
 
     @classmethod
     def from_tensors(cls, train: torch.Tensor | Dataset, test: torch.Tensor | Dataset | None = None,
@@ -195,6 +259,10 @@ class DataSplits:
                      test_labels: object = None, num_classes: int | None = None) -> DataSplits:
         """Wrap user data: tensors ``(N, ...)`` or a ``Dataset`` whose items are images or
         ``(image, label)`` pairs.  Images are flattened; ``test`` defaults to ``train``.
+
+        ``train`` (and ``test``) may also be a tuple ``(x, *arguments)``: x as above, then
+        any tensors with a value per point that the program takes after it (one-hot labels,
+        image-valued targets, masks, lengths), kept as they are.
 
         :param train_labels: class labels of the training points, integers ``(N_train,)`` in
             0..C-1 (tensor or array), for models conditioned on them; ``None``: no labels.
@@ -210,6 +278,23 @@ class DataSplits:
             for x, y in data.train_batches(100):
                 ...  # x: (100, D), y: (100,) int64
         """
+        if isinstance(train, tuple | list):
+            if test is not None and not isinstance(test, tuple | list):
+                raise InvalidDataError("the training data are a tuple (x, *arguments); give the "
+                                       "test data as one too")
+            first = 2 if train_labels is not None else 1
+            arguments = {"train_arguments": check_arguments(train[1:], None, "training data",
+                                                            first=first)}
+            if test is not None:
+                arguments["test_arguments"] = check_arguments(test[1:], None, "test data",
+                                                              first=first)
+                test = test[0]
+            else:
+                arguments["test_arguments"] = arguments["train_arguments"]
+            data = cls.from_tensors(train[0], test, image_shape=image_shape, binarize=binarize,
+                                    train_labels=train_labels, test_labels=test_labels,
+                                    num_classes=num_classes)
+            return replace(data, **arguments)
         train_x = _own_copy(_flatten(as_tensor(train), "train data"), train)
         if test is None:
             logger.warning("no test data given: the test ELBO and log p(x) will be computed on "
@@ -250,7 +335,9 @@ class DataSplits:
         if self.has_labels:
             labels = {"train_labels": self.train_labels[:train_size],
                       "test_labels": self.test_labels[:test_size]}
-        return replace(self, train=self.train[:train_size], test=self.test[:test_size], **labels)
+        return replace(self, train=self.train[:train_size], test=self.test[:test_size], **labels,
+                       train_arguments=tuple(a[:train_size] for a in self.train_arguments),
+                       test_arguments=tuple(a[:test_size] for a in self.test_arguments))
 
     def to(self, device: torch.device | str) -> DataSplits:
         """Move the splits to ``device`` (the whole dataset lives there during training)."""
@@ -259,7 +346,10 @@ class DataSplits:
 
         return replace(self, train=self.train.to(device), test=self.test.to(device),
                        valid=move(self.valid), train_labels=move(self.train_labels),
-                       test_labels=move(self.test_labels), valid_labels=move(self.valid_labels))
+                       test_labels=move(self.test_labels), valid_labels=move(self.valid_labels),
+                       train_arguments=tuple(a.to(device) for a in self.train_arguments),
+                       test_arguments=tuple(a.to(device) for a in self.test_arguments),
+                       valid_arguments=tuple(a.to(device) for a in self.valid_arguments))
 
     def with_validation(self, size: int, *, own: bool = False) -> DataSplits:
         """Hold out the last ``size`` training points as the validation set (0: none), or
@@ -283,9 +373,10 @@ class DataSplits:
             if size == 0:
                 return self
             labels = {} if self.valid_labels is None else {"valid_labels": self.valid_labels[:size]}
-            return replace(self, valid=self.valid[:size], **labels)
+            return replace(self, valid=self.valid[:size], **labels,
+                           valid_arguments=tuple(a[:size] for a in self.valid_arguments))
         if size == 0:
-            return replace(self, valid=None, valid_labels=None)
+            return replace(self, valid=None, valid_labels=None, valid_arguments=())
         if not 0 < size < self.train.shape[0]:
             raise ConfigError(f"validation size must be between 1 and the training set size - 1 "
                               f"({self.train.shape[0] - 1}), got {size}")
@@ -298,7 +389,9 @@ class DataSplits:
                 raise ConfigError("hold out the validation points before hiding labels")
             labels = {"train_labels": self.train_labels[:-size],
                       "valid_labels": self.train_labels[-size:]}
-        return replace(self, train=self.train[:-size], valid=valid, **labels)
+        return replace(self, train=self.train[:-size], valid=valid, **labels,
+                       train_arguments=tuple(a[:-size] for a in self.train_arguments),
+                       valid_arguments=tuple(a[-size:] for a in self.train_arguments))
 
     def with_labelled(self, num_labelled: int, seed: int = 0) -> DataSplits:
         """Keep the labels of ``num_labelled`` training points and hide the others
@@ -367,7 +460,10 @@ class DataSplits:
             indices = order[first : first + batch_size]
             rows = part(indices.shape[0]) if part is not None else slice(None)
             x = self._train_rows(indices, rows)
-            yield x if self.train_labels is None else (x, self.train_labels[indices[rows]])
+            picked = indices[rows]
+            yield self._inputs(x, None if self.train_labels is None else
+                               self.train_labels[picked],
+                               tuple(a[picked.to(a.device)] for a in self.train_arguments))
 
     def _train_rows(self, indices: torch.Tensor, rows: slice) -> torch.Tensor:
         """The training rows ``indices[rows]``, binarized afresh under dynamic binarization

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,15 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from pyrovae.devices import seeded
-from pyrovae.programs import ProgramError, as_data, as_program, evaluates, is_sample_site
+from pyrovae.errors import PyrovaeError
+from pyrovae.programs import (
+    Program,
+    ProgramError,
+    as_data,
+    as_program,
+    evaluates,
+    is_sample_site,
+)
 from pyrovae.sites import PARTICLE_PLATE
 
 
@@ -120,11 +130,59 @@ def log_weights(program: Any, *args: torch.Tensor, num_samples: int,
     """
     program = as_program(program)
     structure = program.structure(*args)
-    model_trace, guide_trace = particle_traces(
-        program.model, program.guide, *args, num_samples=num_samples,
-        max_plate_nesting=structure.max_plate_nesting,
-        enumerate_model=bool(structure.enumerated_sites))
+    owner = _owner(program)
+    if owner not in _SEQUENTIAL:
+        try:
+            return _log_weights(program, structure, args, num_samples, scaled, vectorized=True)
+        except PyrovaeError:  # pyrovae's own refusals and interruptions are not shape errors
+            raise
+        except (RuntimeError, IndexError, ValueError, TypeError) as error:
+            # the retry raises the program's own error where it fails unbatched too
+            failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            _log_weights(program, structure, args, 1, scaled, vectorized=False)
+            _SEQUENTIAL[owner] = True
+            warnings.warn(
+                f"the program does not run with its samples batched along a dimension left of "
+                f"its plates ({failure}); drawing them one trace at a time instead, about "
+                f"K times slower (see the fast-path contract in pyrovae.programs)",
+                SequentialSamplingWarning, stacklevel=2)
+    return torch.cat([_log_weights(program, structure, args, 1, scaled, vectorized=False)
+                      for _ in range(num_samples)])
+
+
+class SequentialSamplingWarning(UserWarning):
+    """A program that does not broadcast over a sample dimension is sampled one trace at a
+    time (once per program)."""
+
+
+#: the programs (their module, else their guide) found not to broadcast over samples
+_SEQUENTIAL: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _owner(program: Program) -> Any:
+    """What a program's vectorization failure is remembered by: its module, else its guide
+    (the object behind a bound method)."""
+    if program.module is not None:
+        return program.module
+    return getattr(program.guide, "__self__", program.guide)
+
+
+def _log_weights(program: Program, structure: Any, args: tuple[torch.Tensor, ...],
+                 num_samples: int, scaled: bool, *, vectorized: bool) -> torch.Tensor:
+    """``(K, N)`` log weights from one trace pair: with a particle plate of K, or (K = 1) a
+    plain run of the guide replayed through the model, as the program is written."""
     nesting = structure.max_plate_nesting
+    enumerate_model = bool(structure.enumerated_sites)
+    if vectorized:
+        model_trace, guide_trace = particle_traces(
+            program.model, program.guide, *args, num_samples=num_samples,
+            max_plate_nesting=nesting, enumerate_model=enumerate_model)
+    else:
+        guide_trace = poutine.trace(program.guide).get_trace(*args)
+        replayed = poutine.replay(program.model, trace=guide_trace)
+        if enumerate_model:
+            replayed = poutine.enum(replayed, first_available_dim=-(nesting + 2))
+        model_trace = poutine.trace(replayed).get_trace(*args)
     log_p = trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
     log_q = trace_log_prob(guide_trace, nesting, scaled)
     return (log_p - log_q).expand(num_samples, args[0].shape[0])

@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pyro.distributions as dist
@@ -208,6 +209,9 @@ class GreyLevelBernoulliLikelihood(BernoulliLikelihood):
 
     :param logit_clip: as :class:`BernoulliLikelihood`'s.
     """
+
+    #: not a probability over the data's values: no bits per dimension
+    num_levels = None
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         return _GreyLevelBernoulli(logits=self._logits(params)).to_event(1)
@@ -602,8 +606,9 @@ class _Discretized(dist.TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def _survival(self, t: torch.Tensor) -> torch.Tensor:
-        """P(Y > t) of the continuous distribution, ``t`` broadcast with ``batch_shape``."""
+    def _survival(self) -> Callable[[float], torch.Tensor]:
+        """t -> P(Y > t) of the continuous distribution, ``batch_shape``, with what does not
+        depend on t computed once."""
         raise NotImplementedError
 
     def _continuous_sample(self, shape: torch.Size) -> torch.Tensor:
@@ -614,11 +619,10 @@ class _Discretized(dist.TorchDistribution):
         """E[X] = (1 / (L - 1)) sum_{k=1}^{L-1} P(X >= x_k), exactly, ``batch_shape``; with
         the edge bins taking the tails, P(X >= x_k) = P(Y > x_k - h)."""
         steps = self.num_levels - 1
-        like = getattr(self, self._parameters[0])
-        total = 0.0
-        for k in range(1, self.num_levels):
-            edge = torch.tensor((k - 0.5) / steps, dtype=torch.float64, device=like.device)
-            total = total + self._survival(edge)
+        survival = self._survival()
+        total = survival(0.5 / steps)
+        for k in range(2, self.num_levels):
+            total += survival((k - 0.5) / steps)
         return total / steps
 
     def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
@@ -662,9 +666,9 @@ class DiscretizedLogistic(_Discretized):
             self._validate_sample(value)
         return discretized_logistic_log_prob(value, self.loc, self.log_scale, self.num_levels)
 
-    def _survival(self, t: torch.Tensor) -> torch.Tensor:
-        scale = self.log_scale.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND).exp()
-        return torch.sigmoid((self.loc - t.to(self.loc.dtype)) / scale)
+    def _survival(self) -> Callable[[float], torch.Tensor]:
+        inverse_scale = torch.exp(-self.log_scale.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND))
+        return lambda t: torch.sigmoid((self.loc - t) * inverse_scale)
 
     def _continuous_sample(self, shape: torch.Size) -> torch.Tensor:
         u = _uniform_open(shape, self.loc)
@@ -698,10 +702,12 @@ class DiscretizedGaussian(_Discretized):
             self._validate_sample(value)
         return discretized_gaussian_log_prob(value, self.loc, self.log_scale, self.num_levels)
 
-    def _survival(self, t: torch.Tensor) -> torch.Tensor:
+    def _survival(self) -> Callable[[float], torch.Tensor]:
         # in float64, as the probabilities are computed
-        scale = self.log_scale.double().clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND).exp()
-        return torch.special.ndtr((self.loc.double() - t) / scale).to(self.loc.dtype)
+        inverse_scale = torch.exp(-self.log_scale.double().clamp(-LOG_SCALE_BOUND,
+                                                                  LOG_SCALE_BOUND))
+        loc = self.loc.double()
+        return lambda t: torch.special.ndtr((loc - t) * inverse_scale).to(self.loc.dtype)
 
     def _continuous_sample(self, shape: torch.Size) -> torch.Tensor:
         scale = self.log_scale.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND).exp()
@@ -750,10 +756,10 @@ class DiscretizedLogisticMixture(_Discretized):
                                                    self.log_scales, self.num_levels)
         return torch.logsumexp(self.log_weights + components, dim=-1)
 
-    def _survival(self, t: torch.Tensor) -> torch.Tensor:
-        scales = self.log_scales.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND).exp()
-        each = torch.sigmoid((self.locs - t.to(self.locs.dtype)) / scales)
-        return (self.log_weights.exp() * each).sum(-1)
+    def _survival(self) -> Callable[[float], torch.Tensor]:
+        inverse_scales = torch.exp(-self.log_scales.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND))
+        weights = self.log_weights.exp()
+        return lambda t: (weights * torch.sigmoid((self.locs - t) * inverse_scales)).sum(-1)
 
     def _continuous_sample(self, shape: torch.Size) -> torch.Tensor:
         batch = shape[: len(shape) - len(self.batch_shape)]

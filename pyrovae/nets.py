@@ -428,6 +428,39 @@ def _halved(size: int) -> int:
     return size // 2
 
 
+class ResidualBlock(nn.Module):
+    """x + conv(act(conv(act(x)))): two 3x3 convolutions (padding 1) of ``channels`` channels
+    on a residual path; the output has the input's shape ``(N, channels, H, W)``.  No
+    normalisation layer, so that each image's output depends on that image alone (a batch
+    of importance samples is not a batch of data).
+
+    :param channels: input and output channels.
+    :param activation: a key of :data:`ACTIVATIONS`.
+
+    Example::
+
+        block = ResidualBlock(32)
+        block(torch.randn(5, 32, 7, 7)).shape  # (5, 32, 7, 7)
+
+    References:
+
+    1. He, Zhang, Ren, Sun (2016). Identity mappings in deep residual networks. ECCV.
+    """
+
+    def __init__(self, channels: int, activation: str = "relu") -> None:
+        super().__init__()
+        act = _activation(activation)
+        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  act(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _blocks(count: int, channels: int, activation: str) -> list[nn.Module]:
+    return [ResidualBlock(channels, activation) for _ in range(count)]
+
+
 class ConvEncoder(nn.Module):
     """Convolutional encoder body ``x -> h`` for flattened images.
 
@@ -445,6 +478,7 @@ class ConvEncoder(nn.Module):
     :param init_gain: the fully connected layers' (:func:`mlp`); the convolutions keep
         PyTorch's default initialisation.
     :param init_scheme: the fully connected layers' (:func:`mlp`); not the convolutions'.
+    :param residual_blocks: :class:`ResidualBlock` s after each convolution (0: none).
 
     Example::
 
@@ -455,7 +489,7 @@ class ConvEncoder(nn.Module):
     def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int] = (256,),
                  activation: str = "relu", channels: tuple[int, int] = (32, 64), *,
                  init_gain: float | str = ACTIVATION_GAIN,
-                 init_scheme: str = GLOROT_UNIFORM) -> None:
+                 init_scheme: str = GLOROT_UNIFORM, residual_blocks: int = 0) -> None:
         super().__init__()
         if not hidden_dims:
             raise ValueError("the convolutional encoder needs at least one hidden width")
@@ -466,7 +500,9 @@ class ConvEncoder(nn.Module):
         act = _activation(activation)
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, channels[0], 4, stride=2, padding=1), act(),
+            *_blocks(residual_blocks, channels[0], activation),
             nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), act(),
+            *_blocks(residual_blocks, channels[1], activation),
         )
         conv_dim = channels[1] * _halved(_halved(height)) * _halved(_halved(width))
         self.head = mlp((conv_dim, *hidden_dims), activation, final_activation=True,
@@ -498,6 +534,8 @@ class ConvDecoder(nn.Module):
     :param init_gain: the fully connected layers' (:func:`mlp`); the transposed
         convolutions keep PyTorch's default initialisation.
     :param init_scheme: the fully connected layers' (:func:`mlp`); not the convolutions'.
+    :param residual_blocks: :class:`ResidualBlock` s before each transposed convolution
+        (0: none).
 
     Example::
 
@@ -509,7 +547,7 @@ class ConvDecoder(nn.Module):
                  hidden_dims: Sequence[int] = (256,), activation: str = "relu",
                  channels: tuple[int, int] = (32, 64), *,
                  init_gain: float | str = ACTIVATION_GAIN,
-                 init_scheme: str = GLOROT_UNIFORM) -> None:
+                 init_scheme: str = GLOROT_UNIFORM, residual_blocks: int = 0) -> None:
         super().__init__()
         self.image_shape = _channels_height_width(image_shape, math.prod(image_shape))
         out_channels, height, width = self.image_shape
@@ -523,8 +561,10 @@ class ConvDecoder(nn.Module):
         # padding adds the 1 that halving an odd size rounded off
         half = (_halved(height), _halved(width))
         self.deconv = nn.Sequential(
+            *_blocks(residual_blocks, channels[1], activation),
             nn.ConvTranspose2d(channels[1], channels[0], 4, stride=2, padding=1,
                                output_padding=(half[0] % 2, half[1] % 2)), act(),
+            *_blocks(residual_blocks, channels[0], activation),
             nn.ConvTranspose2d(channels[0], out_channels, 4, stride=2, padding=1,
                                output_padding=(height % 2, width % 2)),
         )
@@ -549,6 +589,25 @@ def conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] 
     return encoder, decoder
 
 
+#: residual blocks per stage of ``--net resnet``
+RESNET_BLOCKS = 2
+
+
+def residual_conv_networks(*, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (256,),
+                           activation: str = "relu", image_shape: Sequence[int] | None = None,
+                           init_gain: float | str = ACTIVATION_GAIN,
+                           init_scheme: str = GLOROT_UNIFORM) -> tuple[ConvEncoder, ConvDecoder]:
+    """:func:`conv_networks` with :data:`RESNET_BLOCKS` residual blocks at each resolution
+    (after each convolution of the encoder, before each transposed convolution of the
+    decoder): a deeper network for colour images at the same resolutions and widths."""
+    shape = _channels_height_width(image_shape, data_dim)
+    options = {"init_gain": init_gain, "init_scheme": init_scheme,
+               "residual_blocks": RESNET_BLOCKS}
+    encoder = ConvEncoder(shape, hidden_dims, activation, **options)
+    decoder = ConvDecoder(latent_dim, shape, tuple(reversed(hidden_dims)), activation, **options)
+    return encoder, decoder
+
+
 #: encoder/decoder pairs selectable by name from the CLI and config; each takes the keyword
 #: arguments ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``image_shape``,
 #: ``init_gain`` and ``init_scheme``
@@ -556,4 +615,5 @@ NETWORKS = {
     "mlp": mlp_networks,
     "gated_mlp": gated_mlp_networks,
     "conv": conv_networks,
+    "resnet": residual_conv_networks,
 }

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -401,6 +402,27 @@ class LoopTrace_ELBO(_LossCheckedByTheLoop, Trace_ELBO):
 
 class LoopTraceMeanField_ELBO(_LossCheckedByTheLoop, TraceMeanField_ELBO):
     """:class:`pyro.infer.TraceMeanField_ELBO` for pyrovae's training loop."""
+
+
+@dataclass(frozen=True)
+class AuxiliaryLoss:
+    """A further model/guide pair that :func:`~pyrovae.train.fit` trains at every step, on
+    the same batch and with the same optimizer, after the program's own loss: a separate
+    gradient step each, in order, as a list of Pyro ``SVI`` objects sharing one optimizer
+    steps (Kingma et al.'s auxiliary classification loss, trained as Pyro's ``ss_vae_M2.py``
+    trains it: a model that observes the labels under ``poutine.scale``, a guide without
+    sample sites).  Its loss is minus its ELBO, with ``TraceEnum_ELBO`` where it enumerates.
+
+    :param model: ``model(*batch)``, taking the program's data arguments.
+    :param guide: ``guide(*batch)``.
+
+    Example::
+
+        fit(m2, data, auxiliary=[AuxiliaryLoss(m2.model_classify, m2.guide_classify)])
+    """
+
+    model: Callable[..., object]
+    guide: Callable[..., object]
 
 
 #: objectives selectable by name from the CLI and config

@@ -8,10 +8,30 @@ anything with a model and a guide:
 - two callables ``(model, guide)``.
 
 The contract, read from the traces rather than assumed: the model and guide take the same
-positional arguments, the first of which (and every tensor argument) has the data points
-along dimension 0; every sample site lies in one plate over the data points at ``dim=-1``
-(of any name); sites may sit in further plates nested inside it.  Sites of the model marked
-``infer={"enumerate": "parallel"}`` and absent from the guide are summed out exactly.
+positional arguments, every one a tensor with the data points along dimension 0 (labels,
+one-hot labels, masks, targets, lengths); every sample site lies in one plate over the data
+points at ``dim=-1`` (of any name); sites may sit in further plates nested inside it.  Sites
+of the model marked ``infer={"enumerate": "parallel"}`` and absent from the guide are summed
+out exactly.  The structure is read from a trace on the arguments training (or the
+estimator) calls the program with, so the first call of a lazily built guide (a Pyro
+autoguide) builds it for those points.
+
+- **The fast path.**  Estimators draw their K samples in one trace, inside a plate of K at
+  the dimension left of the program's plates (``dim=-2`` for one plate): a program on it
+  must broadcast over that dimension (``Normal(loc, scale)`` of ``(K, N, L)`` draws,
+  networks applied to the last dimension, ``...`` indexing).  A program that does not
+  (boolean-mask indexing over points and pixels, a ``view(N, -1)``) is sampled one trace
+  at a time instead, with one :class:`~pyrovae.evaluation.SequentialSamplingWarning`:
+  the same estimate, about K times slower.
+- **Subsampled plates** (``pyro.plate("data", N, subsample_size=B)``) train as Pyro's
+  ``SVI`` trains them; estimators switch subsampling off (:func:`every_point`) and score
+  every point.
+- **Autoguides.**  ``AutoNormal`` and an ``AutoGuideList`` of guides that keep the model's
+  plates are guides with a parameter per data point: they train on the whole training set
+  at every step (``batch_size`` = N, in order), and are evaluated on those points.  A
+  guide that draws all points' latents as one vector (``AutoDiagonalNormal``,
+  ``AutoLowRankMultivariateNormal``, ``AutoMultivariateNormal``) has no estimate per point
+  and is refused in one line naming its site.
 
 Example::
 
@@ -39,6 +59,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -65,6 +86,9 @@ class Structure:
     :ivar non_reparameterized_sites: guide sites without ``rsample``.
     :ivar guide_enumerated_sites: guide sites marked ``infer={"enumerate": "parallel"}``,
         which ``TraceEnum_ELBO`` sums over in training (importance sampling draws them).
+    :ivar local_parameters: parameters with a value per point of the data plate (read in it
+        with an ``event_dim``: an ``AutoNormal``'s ``locs`` and ``scales`` of a latent in it), so they
+        describe the points the guide was built on, as a whole and in their order.
     """
 
     data_plate: str
@@ -74,6 +98,7 @@ class Structure:
     enumerated_sites: tuple[str, ...]
     non_reparameterized_sites: tuple[str, ...]
     guide_enumerated_sites: tuple[str, ...] = ()
+    local_parameters: tuple[str, ...] = ()
 
     @property
     def enumerates(self) -> bool:
@@ -94,7 +119,8 @@ class Structure:
                          union(self.observed_sites, other.observed_sites),
                          union(self.enumerated_sites, other.enumerated_sites),
                          union(self.non_reparameterized_sites, other.non_reparameterized_sites),
-                         union(self.guide_enumerated_sites, other.guide_enumerated_sites))
+                         union(self.guide_enumerated_sites, other.guide_enumerated_sites),
+                         union(self.local_parameters, other.local_parameters))
 
 
 @dataclass
@@ -133,9 +159,14 @@ class Program:
                     raise InvalidDataError(f"data argument {index} holds NaN or infinite values")
         return args
 
-    def structure(self, *args: torch.Tensor, rows: int = 1) -> Structure:
+    def structure(self, *args: torch.Tensor, rows: int | None = None) -> Structure:
         """The program's :class:`Structure`, read from one trace on the first ``rows`` data
-        points (cached per argument shape after the first)."""
+        points (``None``: all of them; cached per argument shape after the first).
+
+        The first call of a lazily built guide (a Pyro autoguide) builds it: reading on
+        the arguments it is called with, not on fewer points, keeps it what it would be."""
+        if rows is None:
+            rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 1
         key = (rows, *(tuple(a.shape[1:]) if torch.is_tensor(a) else type(a) for a in args))
         if key not in self._structure:
             self._structure[key] = read_structure(self.model, self.guide,
@@ -193,11 +224,12 @@ def as_program(program: Any, guide: Callable[..., Any] | None = None) -> Program
 
 def evaluates(function: Callable[..., Any]) -> Callable[..., Any]:
     """Make an estimator ``function(program, ...)`` take anything :func:`as_program` takes and
-    run it with the program in eval mode (:meth:`Program.evaluating`)."""
+    run it with the program in eval mode (:meth:`Program.evaluating`) and its plates
+    unsubsampled (:func:`every_point`)."""
     @functools.wraps(function)
     def in_eval_mode(program: Any, *args: Any, **kwargs: Any) -> Any:
         program = as_program(program)
-        with program.evaluating():
+        with program.evaluating(), every_point():
             return function(program, *args, **kwargs)
 
     return in_eval_mode
@@ -205,9 +237,18 @@ def evaluates(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def as_data(data: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The program's positional data arguments as a tuple, each with the points along dim 0."""
-    args = (data,) if torch.is_tensor(data) else tuple(data)
-    if not args or not all(torch.is_tensor(a) for a in args):
+    # a named tuple (a PackedSequence) is one argument, not a sequence of them
+    single = torch.is_tensor(data) or hasattr(data, "_fields") or \
+        not isinstance(data, Sequence)
+    args = (data,) if single else tuple(data)
+    if not args:
         raise InvalidDataError("data must be a tensor or a sequence of tensors")
+    for position, argument in enumerate(args):
+        if not torch.is_tensor(argument) or argument.dim() == 0:
+            raise InvalidDataError(
+                f"data argument {position} is a {type(argument).__name__}, not a tensor with a "
+                f"value per data point along dimension 0; pass per-point tensors (pad "
+                f"sequences and pass their lengths as a tensor)")
     sizes = {a.shape[0] if a.dim() else None for a in args}
     if len(sizes) != 1 or None in sizes:
         raise InvalidDataError(f"every data argument needs the same number of points along "
@@ -275,6 +316,7 @@ def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
     try:
         with torch.no_grad(), poutine.block(), _untouched_rng(), pyro.validation_enabled(False):
             guide_trace = poutine.trace(guide).get_trace(*args)
+            _check_local_size(guide_trace, args)
             owner = "model"
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
     except PyrovaeError:
@@ -287,22 +329,38 @@ def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
                            ) from error
     data_plates: set[str] = set()
     nesting = 1
+    sizes: dict[str, set[int]] = {"guide": set(), "model": set()}
+    local: list[str] = []
     for owner, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in trace.nodes.items():
+            if _is_local_parameter(site) and name not in local:
+                local.append(name)
             if not is_sample_site(site):
                 continue
             dims = _plate_dims(site)
             if DATA_DIM not in dims:
                 raise ProgramError(
                     f"sample site {name!r} of the {owner} is outside a plate over the data at "
-                    f"dim=-1; put it inside one (pyro.plate(..., x.shape[0], dim=-1))")
+                    f"dim=-1; put it inside one (pyro.plate(..., x.shape[0], dim=-1))"
+                    + _joint_guide_hint(name, owner))
             data_plates.add(dims[DATA_DIM])
             nesting = max(nesting, -min(dims))
+            sizes[owner].update(_full_size(frame) for frame in site["cond_indep_stack"]
+                                if frame.vectorized and frame.dim == DATA_DIM)
     if len(data_plates) > 1:
         raise ProgramError(f"the sites use different plates at dim=-1: {sorted(data_plates)}; "
                            f"one plate over the data points is expected")
     if not data_plates:
         raise ProgramError("the model has no sample sites")
+    if sizes["guide"] and sizes["model"] and sizes["guide"] != sizes["model"]:
+        plate = next(iter(data_plates))
+        guide_size, model_size = max(sizes["guide"]), max(sizes["model"])
+        why = (f"the guide keeps parameters for each of {guide_size} points "
+               f"({', '.join(local)}), so it must be called with all of them (batch_size >= "
+               f"{guide_size}, the points it was built on)" if local else
+               "the model and guide must draw the same points")
+        raise ProgramError(f"plate {plate!r} covers {guide_size} points in the guide and "
+                           f"{model_size} in the model: {why}")
     latent, observed, enumerated = [], [], []
     for name, site in model_trace.nodes.items():
         if not is_sample_site(site):
@@ -324,14 +382,88 @@ def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
     guide_enumerated = [name for name, site in guide_sites
                         if site["infer"].get("enumerate") == "parallel"]
     return Structure(data_plates.pop(), nesting, tuple(latent), tuple(observed),
-                     tuple(enumerated), tuple(non_reparameterized), tuple(guide_enumerated))
+                     tuple(enumerated), tuple(non_reparameterized), tuple(guide_enumerated),
+                     tuple(local))
+
+
+def _local_parameters(trace: poutine.Trace) -> list[str]:
+    """The parameters a trace reads inside the data plate, in order."""
+    return list(dict.fromkeys(name for name, site in trace.nodes.items()
+                              if _is_local_parameter(site)))
+
+
+def _is_local_parameter(site: dict[str, Any]) -> bool:
+    """A ``pyro.param`` with one value per point of the data plate: read inside it with an
+    ``event_dim`` and a batch dimension there (what a plate subsamples, as Pyro does)."""
+    if site["type"] != "param" or DATA_DIM not in _plate_dims(site):
+        return False
+    event_dim = site["kwargs"].get("event_dim")
+    shape = getattr(site.get("value"), "shape", ())
+    if event_dim is None:
+        return False
+    dim = DATA_DIM - event_dim
+    return len(shape) >= -dim and shape[dim] != 1
+
+
+def _check_local_size(guide_trace: poutine.Trace, args: tuple[Any, ...]) -> None:
+    """Refuse a guide with a parameter per point called on other points than it keeps (before
+    the model runs into an index error of its own)."""
+    local = _local_parameters(guide_trace)
+    rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else None
+    sizes = {_full_size(frame) for site in guide_trace.nodes.values() if is_sample_site(site)
+             for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim == DATA_DIM}
+    if local and rows is not None and sizes and sizes != {rows}:
+        raise ProgramError(f"the guide keeps parameters for each of {max(sizes)} points "
+                           f"({', '.join(local)}) and is called on {rows}: call it with all of "
+                           f"them (batch_size >= {max(sizes)}, the points it was built on)")
+
+
+def _full_size(frame: Any) -> int:
+    """The number of points a plate frame stands for (its size before subsampling)."""
+    return int(getattr(frame, "full_size", None) or frame.size)
+
+
+def _joint_guide_hint(name: str, owner: str) -> str:
+    """A hint for a site outside the data plate drawn by an autoguide of one joint vector
+    (``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``, ...: site ``_<name>_latent``)."""
+    if owner != "guide" or not (name.startswith("_") and name.endswith("_latent")):
+        return ""
+    return ("; this autoguide draws the latents of all points as one vector, so no estimate "
+            "per data point can be read from it: use AutoNormal (one site per model site, in "
+            "the model's plates), or AutoGuideList of guides that keep the plates")
+
+
+@contextlib.contextmanager
+def every_point() -> Iterator[None]:
+    """Run the block with every ``pyro.plate`` drawing all its indices, ``subsample_size``
+    ignored (so with scale 1).
+
+    Subsampling a plate is a training device, like a site's scale: an estimate per data
+    point needs every point's sites.  Pyro checks a plate's ``subsample_size`` against its
+    drawn indices inside ``SubsampleMessenger._subsample``, so that one function is swapped
+    for the block (not thread-safe: one estimator at a time per process)."""
+    original = SubsampleMessenger.__dict__["_subsample"]
+
+    def whole(name: str, size: int | None = None, subsample_size: int | None = None,
+              subsample: torch.Tensor | None = None, use_cuda: bool | None = None,
+              device: str | None = None) -> Any:
+        if size is not None and subsample is None:
+            subsample_size = None
+        return original.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+    SubsampleMessenger._subsample = staticmethod(whole)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SubsampleMessenger._subsample = original  # type: ignore[method-assign]
 
 
 def program_parameters(program: Program, *args: torch.Tensor) -> list[torch.Tensor]:
     """Every tensor the program optimises: the module's parameters and the unconstrained
     values of the ``pyro.param`` sites its model and guide reach (as Pyro's ``SVI`` finds
     them), each once."""
-    with torch.no_grad(), _untouched_rng(), poutine.trace(param_only=True) as capture:
+    with torch.no_grad(), _untouched_rng(), every_point(), \
+            poutine.trace(param_only=True) as capture:
         guide_trace = poutine.trace(program.guide).get_trace(*args)
         poutine.replay(program.model, trace=guide_trace)(*args)
     found: dict[int, torch.Tensor] = {}

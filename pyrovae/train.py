@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,9 @@ from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F40
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
+from pyrovae.likelihoods import bits_per_dim
 from pyrovae.models import VAE
-from pyrovae.objectives import LatentScale, make_objective
+from pyrovae.objectives import AuxiliaryLoss, LatentScale, make_objective
 from pyrovae.optim import (
     OUTPUT_BIAS_INITS,
     AdamSettings,
@@ -67,7 +68,7 @@ from pyrovae.optim import (
     make_adam,
     normalize_gradients_,
 )
-from pyrovae.programs import Program, as_program, program_parameters
+from pyrovae.programs import Program, ProgramError, Structure, as_program, program_parameters
 from pyrovae.registration import parameters_owned
 from pyrovae.rundir import clear_run, remove_temporaries, write_text
 from pyrovae.schedules import check_plateau, plateau_step, scheduled_kl_weight, scheduled_lr
@@ -143,6 +144,35 @@ def _output_bias_of_mean(vae: VAE, x: torch.Tensor) -> torch.Tensor:
         return x.mean(0)
     raise PyrovaeError(f"output_bias_init='data_mean' is defined for Bernoulli and Gaussian "
                        f"likelihoods, not {type(vae.likelihood).__name__}")
+
+
+def _check_local_parameters(structure: Structure, data: DataSplits, batch_size: int) -> bool:
+    """Whether every step must take the whole training set in its order: a guide with a
+    parameter per data point (:attr:`~pyrovae.programs.Structure.local_parameters`, an
+    ``AutoNormal`` of a model's local latents) learns those points, as Pyro's ``SVI`` stepping
+    on all of them does.
+
+    :raises ProgramError: such a guide with minibatches, several processes, or held-out
+        splits that are not the training points.
+    """
+    if not structure.local_parameters:
+        return False
+    names = ", ".join(structure.local_parameters)
+    n = data.train.shape[0]
+    where = f"the guide keeps parameters for each training point ({names})"
+    if batch_size < n:
+        raise ProgramError(f"{where}: every step must see all {n} points in their order, as "
+                           f"SVI on the whole data does; set batch_size to {n} (or subsample "
+                           f"inside the program: pyro.plate(..., {n}, subsample_size=...))")
+    if distributed.get_world_size() > 1:
+        raise ProgramError(f"{where}: one process must see all of them; train it in one")
+    for name, split in (("test", data.test), ("validation", data.valid)):
+        if split is not None and (split.shape != data.train.shape or
+                                  not torch.equal(split, data.train)):
+            raise ProgramError(f"{where}: it has nothing to say about other points, so the "
+                               f"{name} split must be the training points (DataSplits."
+                               f"from_tensors(x) without test data)")
+    return True
 
 
 def _check_dtypes(program: Program, data: DataSplits) -> None:
@@ -328,6 +358,7 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
         run_dir: str | Path | None = None, config: TrainConfig | None = None,
         resume: bool = False, validate: bool = False,
         on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+        auxiliary: Sequence[AuxiliaryLoss] = (),
         **option_values: Any) -> list[EpochRecord]:
     """Train a program on ``data.train`` by SVI; return one record per epoch.
 
@@ -372,6 +403,9 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
         time in the hot loop, and the data are checked once up front instead.
     :param on_epoch_end: ``on_epoch_end(record, loop)`` after each epoch on the main process
         (e.g. :class:`pyrovae.tensorboard.TensorBoardWriter`).
+    :param auxiliary: further losses (:class:`~pyrovae.objectives.AuxiliaryLoss`), each a
+        gradient step of its own after the program's at every step, on the same batch (one
+        process only); their parameters join the optimizer.
     :returns: the records; ``train_elbo`` there is minus the loss being minimised, i.e. the
         KL-weighted ELBO while beta is not 1, and the IWAE bound for ``objective="iwae"``.
     :raises TrainingDivergedError: the loss became NaN or infinite (checked before the
@@ -391,7 +425,7 @@ def fit(vae: VAE | Program | Any, data: DataSplits, options: FitOptions | None =
     if (resume or options.on_divergence == "rollback") and run_dir is None:
         raise PyrovaeError("resuming or rolling back needs a run_dir to hold checkpoints")
     loop = TrainingLoop(program, data, options, run_dir=Path(run_dir) if run_dir else None,
-                        config=config, on_epoch_end=on_epoch_end)
+                        config=config, on_epoch_end=on_epoch_end, auxiliary=auxiliary)
     # torchrun's agent forwards a signal it receives to every worker, so a repeated signal
     # is not the user insisting; the agent kills workers that do not stop in time
     escalate = not distributed.is_distributed()
@@ -470,6 +504,7 @@ class TrainingLoop:
                  options: FitOptions | None = None, *, run_dir: Path | None = None,
                  config: TrainConfig | None = None,
                  on_epoch_end: Callable[[EpochRecord, TrainingLoop], None] | None = None,
+                 auxiliary: Sequence[AuxiliaryLoss] = (),
                  **option_values: Any) -> None:
         #: how this run trains, ``beta`` and ``kl_warmup_epochs`` decided
         self.options = options = FitOptions.of(options, option_values).resolved(config)
@@ -484,15 +519,22 @@ class TrainingLoop:
         # the schedule's base rate, halved by every rollback
         self.lr, self.rollbacks = options.lr, 0
         batch_size = options.batch_size
-        first = tuple(argument[:1] for argument in _arguments(data.test_inputs))
+        train_inputs = data.train_inputs
+        # the program's first call is on a training batch, as SVI's first step is: a lazily
+        # built guide (a Pyro autoguide) is built for the points it will be trained on
+        batch = tuple(argument[:batch_size] for argument in _arguments(train_inputs))
+        structure = self.program.structure(*batch)
+        #: every step takes the whole training set in its order (a guide with a parameter
+        #: per data point: its parameters belong to those points)
+        self.whole_data = _check_local_parameters(structure, data, batch_size)
         # some sites show only on some points (a semi-supervised model enumerates the label
-        # of unlabelled ones): read the program on the test point and a training batch
-        train_inputs = data.train if data.train_labels is None else (data.train,
-                                                                     data.train_labels)
-        structure = self.program.structure(*first).merged(
-            self.program.structure(*_arguments(train_inputs), rows=batch_size))
+        # of unlabelled ones): read the program on test points too
+        first = tuple(argument[:batch_size] for argument in _arguments(data.test_inputs))
+        structure = structure.merged(self.program.structure(*first))
         with pyro.validation_enabled(False):
-            self.parameters = program_parameters(self.program, *first)
+            self.parameters = program_parameters(self.program, *batch)
+        #: (model, guide, objective) of each auxiliary loss, stepped after the program's
+        self.auxiliary = self._auxiliary(auxiliary, batch)
         owned = {id(parameter) for parameter in self.vae.parameters()}
         store = pyro.get_param_store()
         # pyro.param sites outside the module: saved beside its state dict in a checkpoint
@@ -534,6 +576,70 @@ class TrainingLoop:
         self.agreed_stop: int | None = None
         self._stop: _StopSignals | None = None
 
+    def _auxiliary(self, auxiliary: Sequence[AuxiliaryLoss],
+                   batch: tuple[torch.Tensor, ...]) -> list[tuple[Any, Any, Any]]:
+        """Read each auxiliary pair's structure and add its parameters to
+        :attr:`parameters` (before the optimizer is made)."""
+        if auxiliary and distributed.get_world_size() > 1:
+            raise ConfigError("auxiliary losses train in one process")
+        steps = []
+        #: the ids of the parameters the program, then each auxiliary pair, reaches
+        self._reached = [{id(parameter) for parameter in self.parameters}]
+        for index, loss in enumerate(auxiliary):
+            if not isinstance(loss, AuxiliaryLoss):
+                raise TypeError(f"auxiliary[{index}] is a {type(loss).__name__}, not an "
+                                f"AuxiliaryLoss(model, guide)")
+            pair = Program(loss.model, loss.guide)
+            structure = pair.structure(*batch)
+            with pyro.validation_enabled(False):
+                known = {id(parameter) for parameter in self.parameters}
+                reached = program_parameters(pair, *batch)
+                self.parameters += [parameter for parameter in reached
+                                    if id(parameter) not in known]
+            self._reached.append({id(parameter) for parameter in reached})
+            steps.append((loss.model, loss.guide,
+                          make_objective("trace_elbo", 1, structure=structure)))
+        return steps
+
+    def _steps_with_auxiliary(self, x: torch.Tensor | tuple[torch.Tensor, ...],
+                              epoch: int) -> float:
+        """The program's gradient step, then each auxiliary loss's, on the batch ``x``.
+
+        Each step updates the parameters its own pair reaches, as Pyro's ``SVI`` steps the
+        parameters of its traces: gradients are zeroed between steps, not dropped, so a
+        parameter of the pair that its loss does not reach this time is stepped on a zero
+        gradient (Adam's moments decay) once it has had one."""
+        value = 0.0
+        for index, (reached, loss_of) in enumerate(self._pairs(x)):
+            self.optimizer.zero_grad(set_to_none=False)
+            loss = loss_of()
+            self._check_loss(loss.item(), epoch, auxiliary=index > 0)
+            if index == 0:
+                value = loss.item()
+            loss.backward()
+            outside = [p for p in self.parameters if id(p) not in reached and p.grad is not None]
+            kept = [p.grad for p in outside]
+            for parameter in outside:
+                parameter.grad = None
+            self._clip_and_update(epoch)
+            for parameter, grad in zip(outside, kept, strict=True):
+                parameter.grad = grad
+        return value
+
+    def _pairs(self, x: torch.Tensor | tuple[torch.Tensor, ...]
+               ) -> list[tuple[set[int], Callable[[], torch.Tensor]]]:
+        """(the ids of the parameters it reaches, its loss) of the program and each
+        auxiliary pair, in the order they step."""
+        def auxiliary_loss(model: Any, guide: Any, objective: Any) -> Callable[[], torch.Tensor]:
+            def loss() -> torch.Tensor:
+                with parameters_owned():
+                    return objective.differentiable_loss(model, guide, *_arguments(x))
+            return loss
+
+        return [(self._reached[0], lambda: self._loss(x))] + [
+            (reached, auxiliary_loss(*step))
+            for reached, step in zip(self._reached[1:], self.auxiliary, strict=True)]
+
     def kl_weight(self, epoch: int) -> float:
         """The KL weight of ``epoch`` under the options' schedule."""
         options = self.options
@@ -573,6 +679,8 @@ class TrainingLoop:
                 raise ValueError("a multi-process train_step needs global_rows, the size of the "
                                  "global batch x is a slice of")
             return self._distributed_step(x, epoch, distributed.shard_of(global_rows))
+        if self.auxiliary:
+            return self._steps_with_auxiliary(x, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(x)
         value = loss.item()
@@ -599,15 +707,18 @@ class TrainingLoop:
         self._clip_and_update(epoch)
         return value
 
-    def _check_loss(self, value: float, epoch: int) -> None:
+    def _check_loss(self, value: float, epoch: int, *, auxiliary: bool = False) -> None:
         """Raise :class:`TrainingDivergedError` on a loss that is not finite, or that grew
         past :data:`DIVERGED_LOSS_FACTOR` times its scale at this call's first step (a finite
-        divergence: a working model's loss falls from its start)."""
+        divergence: a working model's loss falls from its start); an ``auxiliary`` loss is
+        checked for finiteness only."""
         where = f"at epoch {epoch}, step {self.step + 1}"
         if not math.isfinite(value):
             raise TrainingDivergedError(
-                f"loss is {value} {where}; {self._kept_checkpoint()}; try a lower learning "
-                f"rate (--lr) or --clip-norm")
+                f"{'an auxiliary ' if auxiliary else ''}loss is {value} {where}; "
+                f"{self._kept_checkpoint()}; try a lower learning rate (--lr) or --clip-norm")
+        if auxiliary:
+            return
         per_point = value / self.options.batch_size
         first = getattr(self, "_first_loss", None)
         if first is None:
@@ -794,9 +905,12 @@ class TrainingLoop:
         self.generator.set_state(self.epoch_generator_state)
         n = self.data.train.shape[0]
         batch_size = self.options.batch_size
-        for x in distributed.local_batches(self.data, batch_size, generator=self.generator,
-                                           start=self.batch, rank=self.rank,
-                                           world_size=self.world_size):
+        batches = self.data.train_batches(batch_size, shuffle=False, start=self.batch) \
+            if self.whole_data else \
+            distributed.local_batches(self.data, batch_size, generator=self.generator,
+                                      start=self.batch, rank=self.rank,
+                                      world_size=self.world_size)
+        for x in batches:
             global_rows = min(batch_size, n - self.batch * batch_size)
             if self._launcher is not None and stop.signal_number is None and \
                     os.getppid() != self._launcher:
@@ -828,11 +942,13 @@ class TrainingLoop:
             if self.is_main:
                 self.program.train(False)
                 with seeded(self.options.seed, epoch, device=self.program.device):
+                    # a guide with per-point parameters is evaluated on all its points at once
+                    rows = max(1000, self.data.train.shape[0]) if self.whole_data else 1000
                     test_elbo = elbo(self.program, self.data.test_inputs,
-                                     batch_size=1000).mean().item()
+                                     batch_size=rows).mean().item()
                     if self.data.valid is not None:
                         valid_elbo = elbo(self.program, self.data.valid_inputs,
-                                          batch_size=1000).mean().item()
+                                          batch_size=rows).mean().item()
                 self.program.train()
             test_elbo, valid_elbo = distributed.broadcast_from_main([test_elbo, valid_elbo])
             distributed.share_rng_state(self.program.device)
@@ -843,6 +959,9 @@ class TrainingLoop:
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
         if not math.isnan(test_log_px):
             validation += f", test log p(x) {test_log_px:.3f} (K={self.options.log_px_samples})"
+            levels = getattr(getattr(self.vae, "likelihood", None), "num_levels", None)
+            if levels is not None:  # a probability over the data's values
+                validation += f" = {bits_per_dim(test_log_px, self.data.data_dim):.4f} bits/dim"
         log = logger.info if self.is_main else logger.debug
         if not math.isnan(record.active_units):
             validation += (f", {record.active_units:.0f} active units, I(x; z) "

@@ -210,3 +210,185 @@ def test_history_copies_sort_by_epoch_number_and_skip_temporaries(tmp_path):
     (folder / "epoch-10001.pt.abc.tmp").write_bytes(b"partial")
     keep_history(tmp_path, 10000, keep_last=2)
     assert [p.name for p in history_checkpoints(tmp_path)] == ["epoch-9999.pt", "epoch-10000.pt"]
+
+
+# --- what torch.save never writes is refused before the tensors are read (issue 39) -------
+
+
+@pytest.fixture
+def values_never_read(monkeypatch):
+    """Fail the test if read_checkpoint copies any tensor out of the file."""
+    import pyrovae.checkpoint
+
+    def copied(*args, **kwargs):
+        raise AssertionError("the tensors were read before the checkpoint was refused")
+
+    monkeypatch.setattr(pyrovae.checkpoint, "_materialized", copied, raising=False)
+
+
+def _rewritten(path, compress_type=None, extra=None):
+    """Re-write the zip archive at ``path`` entry by entry: compressed, or with ``extra``
+    entries ``{name: bytes}`` added beside the tensors."""
+    import zipfile
+
+    source = path.read_bytes()
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(source)) as archive, zipfile.ZipFile(path, "w") as out:
+        prefix = archive.namelist()[0].split("/")[0]
+        for info in archive.infolist():
+            data = archive.read(info)
+            if compress_type is not None:
+                info.compress_type = compress_type
+            out.writestr(info, data)
+        for name, data in (extra or {}).items():
+            out.writestr(f"{prefix}/{name}", data)
+
+
+def test_a_compressed_checkpoint_is_refused_before_anything_is_unpacked(tmp_path,
+                                                                        values_never_read):
+    import zipfile
+
+    _, _, path = saved_run(tmp_path)
+    _rewritten(path, compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="its entry [a-z]+/data.pkl is compressed \\(zip "
+                                              "method 8\\), which torch.save never does"):
+        read_checkpoint(path)
+
+
+def test_tensor_data_beyond_what_the_tensors_take_is_refused(tmp_path, values_never_read):
+    _, _, path = saved_run(tmp_path)
+    _rewritten(path, extra={"data/999": bytes(2**20)})
+    with pytest.raises(CheckpointError, match="holds [0-9,]+ bytes of tensor data and its "
+                                              "tensors take [0-9,]+; torch.save writes nothing "
+                                              "else"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(extra=torch.zeros(10)), "it has keys that pyrovae never writes \\(extra\\)"),
+    (lambda c: c["rng"]["numpy"].update(keys=torch.zeros(100_000, dtype=torch.int64)),
+     "rng\\['numpy'\\]\\['keys'\\] holds 800,000 bytes, and a random number generator state "
+     "never more than 65,536"),
+    (lambda c: c["model"].update({"encoder.body.0.weight": torch.zeros(8, 60_000)}),
+     "encoder.body.0.weight has shape \\(8, 60000\\) in the checkpoint and \\(8, 6\\)"),
+    (lambda c: c["model"].update({"encoder.body.0.weight": torch.zeros(8, 6).to_sparse()}),
+     "model\\['encoder.body.0.weight'\\] is a torch.sparse_coo tensor; a checkpoint holds only "
+     "dense ones"),
+    (lambda c: c["model"].update({"encoder.body.0.weight": torch.zeros(8, 6, device="meta")}),
+     "model tensor 'encoder.body.0.weight' holds no values \\(it was saved from the meta "
+     "device\\)"),
+    (lambda c: c["model"].update({"encoder.body.0.weight": torch.zeros(8, 6,
+                                                                       dtype=torch.float64)}),
+     "encoder.body.0.weight is torch.float64 in the checkpoint and torch.float32 in the model"),
+    (lambda c: c.update(data_dim=-1),
+     "data_dim should be a positive integer of at most 2147483647, got -1"),
+    (lambda c: c.update(data_dim=10**12),
+     "data_dim should be a positive integer of at most 2147483647, got 1000000000000"),
+    (lambda c: c.update(data_dim=7), "does not match the config \\(latent_dim=2, prior=normal, "
+                                     "guide=diagonal, net=mlp\\) and data_dim 7: "),
+    (lambda c: c.update(image_shape=[1, 2, 2]),
+     "image_shape \\[1, 2, 2\\] holds 4 values per data point and data_dim says 6"),
+    (lambda c: c["config"].update(hidden_dims=[[[[[[[[[[[[[[[[[[8]]]]]]]]]]]]]]]]]]),
+     "config\\['hidden_dims'\\]\\[0\\].* nests lists or dicts deeper than 16 levels"),
+])
+def test_load_vae_refuses_what_no_model_has_in_one_line_naming_the_key(tmp_path, change,
+                                                                       message,
+                                                                       values_never_read):
+    _, _, path = saved_run(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_vae(path)
+    assert "\n" not in str(error.value)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    _, _, path = saved_run(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"]["decoder.body.0.bias"][[0, 3]] = float("nan")
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="model tensor 'decoder.body.0.bias' holds 2 "
+                                              "non-finite values \\(NaN\\)"):
+        load_vae(path)
+
+
+def test_evaluate_and_sample_refuse_nan_weights_with_exit_2(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    _, _, path = saved_run(tmp_path, dataset="npy:absent.npy")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"]["decoder.body.0.weight"].fill_(float("nan"))
+    checkpoint["image_shape"] = [1, 2, 3]
+    torch.save(checkpoint, path)
+    for argv in (["evaluate", str(path), "-o", str(tmp_path / "e.json")],
+                 ["sample", str(path), "-o", str(tmp_path / "s.png")]):
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds 16 non-finite values (NaN)" in err[0], err
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_data_dim(tmp_path):
+    from pyrovae.checkpoint import check_resumable
+
+    vae, path = trained_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["data_dim"] = 7
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="data_dim is 7 and the data have 6 values per "
+                                              "point"):
+        check_resumable(path, vae)
+
+
+def test_one_flipped_byte_is_corruption_not_an_attack(tmp_path):
+    import zipfile
+
+    _, _, path = saved_run(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        pickle_entry = next(info for info in archive.infolist()
+                            if info.filename.endswith("data.pkl"))
+        tensor_entry = next(info for info in archive.infolist()
+                            if info.filename.endswith("data/0"))
+    for entry, offset in ((pickle_entry, 200), (tensor_entry, 40)):
+        # an entry's data follow its 30-byte local header, its name and its extra field
+        start = entry.header_offset
+        name_length, extra_length = (int.from_bytes(data[start + at:start + at + 2], "little")
+                                     for at in (26, 28))
+        damaged = bytearray(data)
+        damaged[start + 30 + name_length + extra_length + offset] ^= 4
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError) as error:
+            load_vae(path)
+        assert "truncated or corrupted (BadZipFile: Bad CRC-32 for file" in str(error.value)
+        assert "could run code" not in str(error.value)
+
+
+def test_a_bare_pickle_is_refused_unread(tmp_path):
+    marker = tmp_path / "pwned"
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    with pytest.raises(CheckpointError, match="it is a bare pickle, not the zip archive "
+                                              "torch.save writes"):
+        read_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_evaluate_and_sample_refuse_a_compressed_checkpoint_with_exit_2(tmp_path, capsys):
+    import zipfile
+
+    from pyrovae.cli import main
+
+    _, _, path = saved_run(tmp_path, dataset="npy:absent.npy")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["image_shape"] = [1, 2, 3]
+    torch.save(checkpoint, path)
+    _rewritten(path, compress_type=zipfile.ZIP_DEFLATED)
+    for argv in (["evaluate", str(path), "-o", str(tmp_path / "e.json")],
+                 ["sample", str(path), "-o", str(tmp_path / "s.png")]):
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is compressed (zip method 8)" in err[0], err
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "e.json").exists()

@@ -510,3 +510,21 @@ def test_gradient_snr_measures_both_estimators_on_the_banked_model(tmp_path):
         ("iwae", 1), ("iwae", 3), ("iwae_dreg", 1), ("iwae_dreg", 3)]
     assert all(row["encoder_snr"] > 0 and row["decoder_snr"] > 0 for row in results["rows"])
     assert results["checkpoint_epoch"] == 3280 and (tmp_path / "gradient_snr.png").is_file()
+
+
+@requires_mnist
+def test_discretized_mnist(tmp_path):
+    results = run_experiment("discretized_mnist.py", tmp_path)
+    runs = {run["name"]: run for run in results["runs"]}
+    assert set(runs) == {"discretized_logistic", "discretized_gaussian", "gaussian_pixel"}
+    for run in runs.values():
+        # bits/dim = -log p(x) / (784 ln 2), of a probability: positive, at most about 8
+        assert 0 < run["log_px_bits_per_dim"] < 9
+    for name in ("discretized_logistic", "discretized_gaussian"):
+        assert runs[name]["log_px_bits_per_dim"] == pytest.approx(
+            -runs[name]["test_log_marginal_likelihood"] / (784 * 0.6931471805599453))
+    # the Gaussian's density in nats is another number than its binned probability
+    binned = runs["gaussian_pixel"]["binned_log_marginal_likelihood"]
+    assert runs["gaussian_pixel"]["log_px_bits_per_dim"] == pytest.approx(
+        -binned / (784 * 0.6931471805599453))
+    assert binned != pytest.approx(runs["gaussian_pixel"]["test_log_marginal_likelihood"])
