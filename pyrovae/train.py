@@ -1038,11 +1038,13 @@ class TrainingLoop:
         if not every or (epoch % every and epoch != self.options.epochs):
             return math.nan
         self.program.train(False)
+        # a guide with a parameter per point is evaluated on all its points at once
+        size = None if self.whole_data else self.options.log_px_size
+        rows = {"batch_size": self.data.train.shape[0]} if self.whole_data else {}
         log_px = distributed.sharded(
             log_marginal_likelihood, self.program,
-            tuple(argument[: self.options.log_px_size]
-                  for argument in _arguments(self.data.test_inputs)),
-            num_samples=self.options.log_px_samples, seed=self.options.seed)
+            tuple(argument[:size] for argument in _arguments(self.data.test_inputs)),
+            num_samples=self.options.log_px_samples, seed=self.options.seed, **rows)
         self.program.train()
         return log_px.mean().item()
 
