@@ -140,8 +140,11 @@ def classification_curve(run_dir: Path) -> list[dict[str, Any]]:
 
 def bank_checkpoint(source: Path, destination: Path) -> None:
     """Copy the checkpoint ``source`` to ``destination`` without the optimizer's moments
-    (a third of its size): enough to evaluate it, not to resume it."""
+    (a third of its size): enough to evaluate it, not to resume it.  A banked copy of the
+    same epoch is left as it is, so a rerun does not rewrite a committed file."""
     checkpoint = read_checkpoint(source)
+    if destination.is_file() and read_checkpoint(destination)["epoch"] == checkpoint["epoch"]:
+        return
     checkpoint["optimizer"] = {}
     destination.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, destination)
@@ -220,6 +223,8 @@ def _evaluate_banked(banked: Path, args: argparse.Namespace) -> dict[str, Any]:
                      str(args.eval_samples), "--test-size", str(args.eval_size),
                      "--data-dir", args.data_dir, "--device", args.device, "--no-progress",
                      "--output", str(path), threads=args.threads)
+    # the command's lock beside the checkpoint is no result: not banked
+    (banked / ".pyrovae.lock").unlink(missing_ok=True)
     return json.loads(path.read_text())
 
 

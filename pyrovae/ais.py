@@ -171,6 +171,13 @@ class _Densities:
             self.event_shapes[name] = site["fn"].event_shape
         self.z0 = flatten_latents({name: trace.nodes[name]["value"] for name in self.sites},
                                   self.sites, batch)
+        try:
+            self._log_densities(self.z0)
+        except (RuntimeError, IndexError, ValueError, TypeError) as error:
+            failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise ProgramError(f"AIS runs its chains batched in one trace, and this program does "
+                               f"not run so ({failure}); log_marginal_likelihood samples it one "
+                               f"trace at a time") from error
 
     def _plate(self) -> pyro.plate:
         return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=-(self.nesting + 1))

@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 import weakref
@@ -130,24 +131,49 @@ def log_weights(program: Any, *args: torch.Tensor, num_samples: int,
     """
     program = as_program(program)
     structure = program.structure(*args)
+    nesting = structure.max_plate_nesting
+
+    def weights(model_trace: poutine.Trace, guide_trace: poutine.Trace, count: int
+                ) -> torch.Tensor:
+        log_p = trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
+        log_q = trace_log_prob(guide_trace, nesting, scaled)
+        return (log_p - log_q).expand(count, args[0].shape[0])
+
+    return torch.cat(sampled_traces(program, structure, args, num_samples, weights))
+
+
+def sampled_traces(program: Program, structure: Any, args: tuple[torch.Tensor, ...],
+                   num_samples: int,
+                   reduce: Callable[[poutine.Trace, poutine.Trace, int], Any]) -> list[Any]:
+    """``reduce(model_trace, guide_trace, count)`` of trace pairs that hold ``num_samples``
+    guide draws per data point, replayed through the model (its ``"parallel"`` sites
+    enumerated): one pair with a particle plate of ``count = K`` (the fast path), or, for a
+    program that does not run batched so, ``K`` plain runs of ``count = 1`` each.
+
+    The first failure of the fast path (a shape error of the program's, in the traces or in
+    ``reduce``) sends the program to plain runs for good, with one
+    :class:`SequentialSamplingWarning`; where the plain run fails too, its error is raised.
+    """
     owner = _owner(program)
     if owner not in _SEQUENTIAL:
         try:
-            return _log_weights(program, structure, args, num_samples, scaled, vectorized=True)
+            return [reduce(*_trace_pair(program, structure, args, num_samples, vectorized=True),
+                           num_samples)]
         except PyrovaeError:  # pyrovae's own refusals and interruptions are not shape errors
             raise
         except (RuntimeError, IndexError, ValueError, TypeError) as error:
-            # the retry raises the program's own error where it fails unbatched too
             failure = f"{type(error).__name__}: {error}".splitlines()[0]
-            _log_weights(program, structure, args, 1, scaled, vectorized=False)
+            first = reduce(*_trace_pair(program, structure, args, 1, vectorized=False), 1)
             _SEQUENTIAL[owner] = True
             warnings.warn(
                 f"the program does not run with its samples batched along a dimension left of "
                 f"its plates ({failure}); drawing them one trace at a time instead, about "
                 f"K times slower (see the fast-path contract in pyrovae.programs)",
-                SequentialSamplingWarning, stacklevel=2)
-    return torch.cat([_log_weights(program, structure, args, 1, scaled, vectorized=False)
-                      for _ in range(num_samples)])
+                SequentialSamplingWarning, stacklevel=3)
+            return [first] + [reduce(*_trace_pair(program, structure, args, 1, vectorized=False),
+                                     1) for _ in range(num_samples - 1)]
+    return [reduce(*_trace_pair(program, structure, args, 1, vectorized=False), 1)
+            for _ in range(num_samples)]
 
 
 class SequentialSamplingWarning(UserWarning):
@@ -167,25 +193,20 @@ def _owner(program: Program) -> Any:
     return getattr(program.guide, "__self__", program.guide)
 
 
-def _log_weights(program: Program, structure: Any, args: tuple[torch.Tensor, ...],
-                 num_samples: int, scaled: bool, *, vectorized: bool) -> torch.Tensor:
-    """``(K, N)`` log weights from one trace pair: with a particle plate of K, or (K = 1) a
-    plain run of the guide replayed through the model, as the program is written."""
+def _trace_pair(program: Program, structure: Any, args: tuple[torch.Tensor, ...],
+                num_samples: int, *, vectorized: bool) -> tuple[poutine.Trace, poutine.Trace]:
+    """``(model_trace, guide_trace)``: with a particle plate of K, or (K = 1) a plain run of
+    the guide replayed through the model, as the program is written."""
     nesting = structure.max_plate_nesting
     enumerate_model = bool(structure.enumerated_sites)
     if vectorized:
-        model_trace, guide_trace = particle_traces(
-            program.model, program.guide, *args, num_samples=num_samples,
-            max_plate_nesting=nesting, enumerate_model=enumerate_model)
-    else:
-        guide_trace = poutine.trace(program.guide).get_trace(*args)
-        replayed = poutine.replay(program.model, trace=guide_trace)
-        if enumerate_model:
-            replayed = poutine.enum(replayed, first_available_dim=-(nesting + 2))
-        model_trace = poutine.trace(replayed).get_trace(*args)
-    log_p = trace_log_prob(model_trace, nesting, scaled, len(structure.enumerated_sites))
-    log_q = trace_log_prob(guide_trace, nesting, scaled)
-    return (log_p - log_q).expand(num_samples, args[0].shape[0])
+        return particle_traces(program.model, program.guide, *args, num_samples=num_samples,
+                               max_plate_nesting=nesting, enumerate_model=enumerate_model)
+    guide_trace = poutine.trace(program.guide).get_trace(*args)
+    replayed = poutine.replay(program.model, trace=guide_trace)
+    if enumerate_model:
+        replayed = poutine.enum(replayed, first_available_dim=-(nesting + 2))
+    return poutine.trace(replayed).get_trace(*args), guide_trace
 
 
 def importance_log_weights(program: Any, *args: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -371,26 +392,33 @@ def elbo_terms(program: Any, x: torch.Tensor | Sequence[torch.Tensor], *, num_sa
                 raise ProgramError("the ELBO of a program that sums sites out by enumeration "
                                    "does not split into per-site terms")
             nesting = structure.max_plate_nesting
+
             with draws:
-                model_trace, guide_trace = particle_traces(
-                    program.model, program.guide, *batch, num_samples=num_samples,
-                    max_plate_nesting=nesting)
-            shape = (num_samples, batch[0].shape[0])
-            observed = torch.zeros(shape, device=batch[0].device)
-            latent = torch.zeros(shape, device=batch[0].device)
-            for site in model_trace.nodes.values():
-                if is_sample_site(site):
-                    term = site_log_prob(site, nesting, False)
-                    if site["is_observed"]:
-                        observed = observed + term
-                    else:
-                        latent = latent - term
-            for site in guide_trace.nodes.values():
-                if is_sample_site(site) and not site["is_observed"]:
-                    latent = latent + site_log_prob(site, nesting, False)
-            reconstruction.append(observed.mean(0).cpu())
-            kl.append(latent.mean(0).cpu())
+                sums = sampled_traces(program, structure, batch, num_samples, functools.partial(
+                    _split_terms, nesting=nesting, points=batch[0].shape[0]))
+            reconstruction.append((sum(part[0] for part in sums) / num_samples).cpu())
+            kl.append((sum(part[1] for part in sums) / num_samples).cpu())
     return {"reconstruction": torch.cat(reconstruction), "kl": torch.cat(kl)}
+
+
+def _split_terms(model_trace: poutine.Trace, guide_trace: poutine.Trace, count: int, *,
+                 nesting: int, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums over a trace pair's ``count`` draws of log p(x | z) and of
+    log q(z | x) - log p(z): two ``(N,)`` tensors."""
+    observed: Any = 0.0
+    latent: Any = 0.0
+    for site in model_trace.nodes.values():
+        if is_sample_site(site):
+            term = site_log_prob(site, nesting, False)
+            if site["is_observed"]:
+                observed = observed + term
+            else:
+                latent = latent - term
+    for site in guide_trace.nodes.values():
+        if is_sample_site(site) and not site["is_observed"]:
+            latent = latent + site_log_prob(site, nesting, False)
+    return tuple(torch.as_tensor(total).expand(count, points).sum(0)  # type: ignore[return-value]
+                 for total in (observed, latent))
 
 
 @dataclass(frozen=True)

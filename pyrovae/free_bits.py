@@ -63,7 +63,8 @@ class FreeBitsELBO(ELBO):
 
     Each latent site's KL terms are multiplied by the site's scale (a KL weight from
     :class:`~pyrovae.objectives.LatentScale`, a subsampling scale), the floor applied to the
-    unscaled KL.  Particles are averaged, one trace each.
+    unscaled KL.  Particles are averaged, one trace each.  In a multi-process run each
+    process floors the mean over its own slice of the global batch.
 
     :param free_bits: lambda, nats per group, > 0.
     :param group: ``"dimension"``, one floor per latent dimension; ``"site"``, one per latent

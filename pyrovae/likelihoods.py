@@ -210,6 +210,9 @@ class GreyLevelBernoulliLikelihood(BernoulliLikelihood):
     :param logit_clip: as :class:`BernoulliLikelihood`'s.
     """
 
+    #: not a probability over the data's values: no bits per dimension
+    num_levels = None
+
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         return _GreyLevelBernoulli(logits=self._logits(params)).to_event(1)
 

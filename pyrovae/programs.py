@@ -50,8 +50,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -283,17 +285,48 @@ def _plate_dims(site: dict[str, Any]) -> dict[int, str]:
             if frame.vectorized and frame.dim is not None}
 
 
+#: the folders of the libraries a program runs through, not the program's own code
+_LIBRARY_FOLDERS = tuple(Path(module.__file__).resolve().parent
+                         for module in (torch, pyro, contextlib))
+
+
+def _program_frame(error: BaseException) -> str:
+    """`` (FILE, line N)``: the last frame of ``error``'s traceback in the program's own
+    code (outside torch, Pyro, pyrovae and the standard library), or ``""``."""
+    package = Path(__file__).resolve().parent
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if frame.filename.startswith("<") or path.is_relative_to(package) or \
+                any(path.is_relative_to(folder) for folder in _LIBRARY_FOLDERS):
+            continue
+        return f" ({path.name}, line {frame.lineno}, in {frame.name})"
+    return ""
+
+
 def read_structure(model: Callable[..., Any], guide: Callable[..., Any],
                    args: tuple[Any, ...]) -> Structure:
     """Trace ``guide`` and ``model`` (replayed) once on ``args`` and read their plates and sites.
 
-    :raises ProgramError: a sample site outside a plate at ``dim=-1``, or two names for it.
+    :raises ProgramError: a sample site outside a plate at ``dim=-1``, or two names for it;
+        the program raising on ``args`` (one line naming the error and the line of the
+        program's code, the original error chained).
     """
     # values are not checked here: the run that follows checks (and names) bad ones
-    with torch.no_grad(), poutine.block(), _untouched_rng(), pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        _check_local_size(guide_trace, args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    owner = "guide"
+    try:
+        with torch.no_grad(), poutine.block(), _untouched_rng(), pyro.validation_enabled(False):
+            guide_trace = poutine.trace(guide).get_trace(*args)
+            _check_local_size(guide_trace, args)
+            owner = "model"
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    except PyrovaeError:
+        raise
+    except Exception as error:  # the user's code can fail in any way; say where in one line
+        shapes = ", ".join(str(tuple(a.shape)) for a in args if torch.is_tensor(a))
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ProgramError(f"the program's {owner} failed on data of shape {shapes}"
+                           f"{_program_frame(error)}: {type(error).__name__}: {message}"
+                           ) from error
     data_plates: set[str] = set()
     nesting = 1
     sizes: dict[str, set[int]] = {"guide": set(), "model": set()}

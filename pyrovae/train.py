@@ -57,6 +57,7 @@ from pyrovae.devices import resolve_device, seed_everything, seeded  # noqa: F40
 from pyrovae.distributed import Shard
 from pyrovae.errors import CheckpointError, ConfigError, InvalidDataError, PyrovaeError
 from pyrovae.evaluation import elbo, log_marginal_likelihood
+from pyrovae.likelihoods import bits_per_dim
 from pyrovae.models import VAE
 from pyrovae.objectives import AuxiliaryLoss, LatentScale, make_objective
 from pyrovae.optim import (
@@ -958,6 +959,9 @@ class TrainingLoop:
         validation = "" if math.isnan(valid_elbo) else f", validation ELBO {valid_elbo:.3f}"
         if not math.isnan(test_log_px):
             validation += f", test log p(x) {test_log_px:.3f} (K={self.options.log_px_samples})"
+            levels = getattr(getattr(self.vae, "likelihood", None), "num_levels", None)
+            if levels is not None:  # a probability over the data's values
+                validation += f" = {bits_per_dim(test_log_px, self.data.data_dim):.4f} bits/dim"
         log = logger.info if self.is_main else logger.debug
         if not math.isnan(record.active_units):
             validation += (f", {record.active_units:.0f} active units, I(x; z) "
@@ -1034,11 +1038,13 @@ class TrainingLoop:
         if not every or (epoch % every and epoch != self.options.epochs):
             return math.nan
         self.program.train(False)
+        # a guide with a parameter per point is evaluated on all its points at once
+        size = None if self.whole_data else self.options.log_px_size
+        rows = {"batch_size": self.data.train.shape[0]} if self.whole_data else {}
         log_px = distributed.sharded(
             log_marginal_likelihood, self.program,
-            tuple(argument[: self.options.log_px_size]
-                  for argument in _arguments(self.data.test_inputs)),
-            num_samples=self.options.log_px_samples, seed=self.options.seed)
+            tuple(argument[:size] for argument in _arguments(self.data.test_inputs)),
+            num_samples=self.options.log_px_samples, seed=self.options.seed, **rows)
         self.program.train()
         return log_px.mean().item()
 

@@ -82,11 +82,14 @@ def test_the_readmes_image_folder_line_trains_on_grey_images(tmp_path, monkeypat
     PNGs (only the run's size added): grey levels need a likelihood for them."""
     image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
-    for kind in ("cats", "dogs"):
+    ramp = np.linspace(0.1, 0.9, 12)
+    patterns = {"cats": np.tile(ramp, (12, 1)), "dogs": np.tile(ramp[:, None], (1, 12))}
+    for kind, pattern in patterns.items():  # a learnable picture per class, a little noise
         (tmp_path / "photos" / kind).mkdir(parents=True)
-        for i in range(12):
-            grey = (rng.random((12, 12)) * 255).astype(np.uint8)
-            image.fromarray(grey, mode="L").save(tmp_path / "photos" / kind / f"{i}.png")
+        for i in range(30):
+            grey = np.clip(pattern + 0.05 * rng.standard_normal((12, 12)), 0, 1)
+            image.fromarray((255 * grey).astype(np.uint8), mode="L").save(
+                tmp_path / "photos" / kind / f"{i}.png")
     flags = _readme_command("--dataset folder:photos")
     monkeypatch.chdir(tmp_path)  # the README's path is relative to the working directory
     code = main(["train", *flags, "--epochs", "1", "--batch-size", "10", "--latent-dim", "2",
@@ -95,7 +98,7 @@ def test_the_readmes_image_folder_line_trains_on_grey_images(tmp_path, monkeypat
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["dataset"], config["binarize"], config["net"]) == ("folder:photos", "none", "conv")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["num_test_points"] == 2  # the default test fraction, 0.1 of 24 images
+    assert results["num_test_points"] == 6  # the default test fraction, 0.1 of 60 images
     assert np.isfinite(results["test_elbo"])
 
 

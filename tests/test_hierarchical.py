@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pyro
@@ -37,6 +35,7 @@ from pyrovae import (
 )
 from pyrovae.ais import ais_log_marginal_likelihood
 from pyrovae.checkpoint import load_vae, save_checkpoint
+from pyrovae.cli import main
 from pyrovae.config import hierarchical_hidden_dims
 from pyrovae.diagnostics import importance_summary
 from pyrovae.errors import ConfigError
@@ -316,44 +315,40 @@ def test_a_checkpoint_rebuilds_the_same_model(tmp_path):
 
 # --- the command line ---------------------------------------------------------------------
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True,
-                          text=True, timeout=300)
+def run_cli(capsys, *args: str) -> None:
+    """``pyrovae ARGS`` in this process (test_cli.py runs the command as a subprocess)."""
+    code = main(list(args))
+    assert code == 0, capsys.readouterr().err
 
 
-def test_train_evaluate_and_sample_a_two_layer_run_from_the_command_line(tmp_path):
+def test_train_evaluate_and_sample_a_two_layer_run_from_the_command_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     images = (rng.random((240, 6, 6)) < np.linspace(0.1, 0.9, 36).reshape(6, 6))
     np.savez(tmp_path / "tiny.npz", train=images[:200].astype(np.float32),
              test=images[200:].astype(np.float32))
     run_dir = tmp_path / "run"
-    result = run_cli("train", "--dataset", f"npz:{tmp_path / 'tiny.npz'}", "--binarize", "none",
-                     "--latent-dims", "4", "2", "--hidden-dims", "8", "--epochs", "2",
-                     "--batch-size", "50", "--eval-samples", "30", "--no-progress",
-                     "--out-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr
+    run_cli(capsys, "train", "--dataset", f"npz:{tmp_path / 'tiny.npz'}", "--binarize", "none",
+            "--latent-dims", "4", "2", "--hidden-dims", "8", "--epochs", "2", "--batch-size", "50",
+            "--eval-samples", "30", "--no-progress", "--out-dir", str(run_dir))
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["latent_dims"] == [4, 2]
     assert results["test_elbo"] < results["log_marginal_likelihood"] < 0
     assert (run_dir / "samples.png").is_file()
 
-    result = run_cli("evaluate", str(run_dir), "-k", "40", "--device", "cpu",
-                     "-o", str(tmp_path / "eval.json"))
-    assert result.returncode == 0, result.stderr
+    run_cli(capsys, "evaluate", str(run_dir), "-k", "40", "--device", "cpu",
+            "-o", str(tmp_path / "eval.json"))
     values = json.loads((tmp_path / "eval.json").read_text())
     assert values["num_samples"] == 40 and values["test_elbo"] < values["log_marginal_likelihood"]
 
     report_dir = tmp_path / "report"
     report_dir.mkdir()
-    result = run_cli("evaluate", str(run_dir), "--report", "--ks", "1,10", "--ais-temperatures",
-                     "20", "--ais-chains", "2", "--device", "cpu", "-o", str(report_dir))
-    assert result.returncode == 0, result.stderr
+    run_cli(capsys, "evaluate", str(run_dir), "--report", "--ks", "1,10", "--ais-temperatures",
+            "20", "--ais-chains", "2", "--device", "cpu", "-o", str(report_dir))
     report = json.loads((report_dir / "report.json").read_text())
     assert report
 
-    result = run_cli("sample", str(run_dir), "-n", "4", "-o", str(tmp_path / "grid.png"),
-                     "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    run_cli(capsys, "sample", str(run_dir), "-n", "4", "-o", str(tmp_path / "grid.png"),
+            "--device", "cpu")
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as image:  # 2 x 2 grid of 6-pixel images, x14

@@ -487,7 +487,7 @@ def eight_bit_images(path, rows: int = 60, side: int = 4):
 @pytest.mark.parametrize("name, levels", [("discretized_logistic", 256),
                                           ("discretized_logistic_mixture", 256),
                                           ("discretized_gaussian", 256), ("bernoulli", 2),
-                                          ("gaussian", None)])
+                                          ("gaussian", None), ("bernoulli_grey", None)])
 def test_evaluation_reports_bits_per_dim_beside_nats_for_discrete_likelihoods(name, levels):
     from pyrovae.runs import evaluate_vae, log_px_line
 
@@ -537,3 +537,19 @@ def test_the_command_line_trains_a_discretized_logistic_on_8_bit_images(tmp_path
                  "--no-progress", "--batch-size", "5"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "values k/255, k = 0..255" in error[0]
+
+
+def test_the_epoch_log_gives_the_test_log_px_in_bits_per_dim_too(caplog):
+    import logging
+
+    from pyrovae.data import DataSplits
+    from pyrovae.train import fit
+
+    x = torch.randint(0, 256, (20, 16)) / 255
+    vae = build_vae(TrainConfig(hidden_dims=(8,), latent_dim=2,
+                                likelihood="discretized_logistic"), data_dim=16)
+    with caplog.at_level(logging.INFO, logger="pyrovae.train"):
+        history = fit(vae, DataSplits.from_tensors(x[:10], x[10:]), epochs=1, batch_size=5,
+                      progress=False, log_px_every=1, log_px_samples=3)
+    bits = bits_per_dim(history[0].test_log_px, 16)
+    assert f"(K=3) = {bits:.4f} bits/dim" in caplog.text

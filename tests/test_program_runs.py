@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -476,3 +477,20 @@ def test_a_programs_reconstruction_is_its_likelihood_mean_at_a_guide_draw(files)
         expected = torch.sigmoid(program.decoder(z) + pyro.param("bias"))
     assert reconstructions.shape == (5, 16)
     assert torch.allclose(reconstructions, expected, atol=1e-6)
+
+
+def test_a_program_that_fails_on_the_data_is_one_line_naming_its_own_line(files, capsys):
+    # built for 9 values per point, given 16: the guide's first layer cannot take them
+    assert main(["train", *train_flags(files, "--epochs", "1"), "--program-args",
+                 '{"x_dim": 9}', "--out-dir", str(files / "run")]) == 2
+    line = PROGRAM.splitlines().index(
+        "            loc, scale = self.encoder(x).chunk(2, -1)") + 1
+    # the first trace is of one point or of a batch: either way, N rows of 16 values
+    assert re.fullmatch(
+        rf"pyrovae: error: the program's guide failed on data of shape \((\d+), 16\) \(prog.py, "
+        rf"line {line}, in guide\): RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        rf"\(\1x16 and 9x8\)", capsys.readouterr().err.strip().splitlines()[-1])
+    # from Python the program's own error stays attached
+    with pytest.raises(ProgramError) as raised:
+        fit(user_program(files, x_dim=9), tiny_data(), epochs=1)
+    assert isinstance(raised.value.__cause__, RuntimeError)

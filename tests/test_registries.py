@@ -49,9 +49,9 @@ def data_for(likelihood: str, n: int = 8) -> torch.Tensor:
 def test_the_registries_hold_the_families():
     assert set(PRIORS) == {"normal", "diagonal", "mog", "vamp", "flow"}
     assert set(GUIDES) == {"diagonal", "fullcov", "lowrank", "iaf"}
-    assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian", "gaussian_pixel",
-                                "discretized_logistic", "discretized_logistic_mixture",
-                                "discretized_gaussian"}
+    assert set(LIKELIHOODS) == {"bernoulli", "bernoulli_grey", "continuous_bernoulli", "gaussian",
+                                "gaussian_pixel", "discretized_logistic",
+                                "discretized_logistic_mixture", "discretized_gaussian"}
     assert set(OBJECTIVES) == {"trace_elbo", "meanfield_elbo", "iwae", "stl_elbo", "iwae_dreg"}
 
 

@@ -79,7 +79,7 @@ def test_the_bounds_bracket_log_px_and_close_as_temperatures_grow():
 def test_a_two_layer_hierarchy_is_sandwiched():
     hierarchy = TwoLayerLinearGaussian(inflate=1.3)
     program = (hierarchy.model, hierarchy.guide)
-    result = bidirectional_monte_carlo(program, hierarchy.sample(60), num_temperatures=30,
+    result = bidirectional_monte_carlo(program, hierarchy.sample(60), num_temperatures=10,
                                        num_chains=4, num_leapfrog_steps=2, seed=0)
     assert result.simulation.latents.shape == (60, 5)  # z2 (2) then z1 (3), in program order
     assert result.simulation.sites == ("z2", "z1")
@@ -87,7 +87,8 @@ def test_a_two_layer_hierarchy_is_sandwiched():
     for difference in (exact - result.lower, result.upper - exact):
         estimate = mean_and_standard_error(difference)
         assert estimate.mean > -3 * estimate.standard_error, estimate
-    # measured on 200 points: gap 0.13 nats at T = 30 (0.39 at T = 1)
+    # measured on 200 points: gap 0.13 nats at T = 30 (0.39 at T = 1); the bracket, not the
+    # gap, is what this test is for
     assert 0 < result.summary()["gap_mean"] < 0.5
 
 

@@ -196,6 +196,14 @@ def test_autonormal_is_built_on_the_training_points_and_trains_step_for_step_as_
                                torch.tensor(losses), rtol=1e-5, atol=1e-3)
 
 
+def test_fit_estimates_log_px_of_an_autonormal_program_on_all_its_points():
+    x = local_latent_data()
+    model, guide = local_latent_program()
+    history = fit((model, guide), DataSplits.from_tensors(x, x), epochs=1, batch_size=POINTS,
+                  progress=False, log_px_every=1, log_px_size=30, log_px_samples=5)
+    assert math.isfinite(history[-1].test_log_px)
+
+
 def test_log_px_of_a_subsampled_autonormal_program_is_every_points_and_agrees_with_a_sampler():
     x = local_latent_data()
     torch.manual_seed(0)
@@ -566,3 +574,24 @@ def test_a_sequential_model_with_pyro_markov_trains_as_svi_and_evaluates():
         torch.testing.assert_close(trained[name], value.detach(), rtol=1e-4, atol=1e-5)
     estimate = log_marginal_likelihood((model, guide), x, num_samples=50)
     assert_paired_agreement(estimate, sequential_log_px(model, guide, (x,), 50))
+
+
+def test_the_elbo_terms_of_a_program_that_does_not_broadcast_are_drawn_a_trace_at_a_time():
+    completion = MaskedCompletion()
+    data = completion_data()
+    with pytest.warns(SequentialSamplingWarning, match="IndexError"):
+        terms = elbo_terms(completion, data, num_samples=3)
+    pyro.set_rng_seed(2)
+    estimate = elbo(completion, data, num_samples=3)
+    pyro.set_rng_seed(2)
+    terms = elbo_terms(completion, data, num_samples=3)
+    torch.testing.assert_close(terms["reconstruction"] - terms["kl"], estimate)
+    assert terms["kl"].shape == (40,)
+
+
+def test_ais_refuses_a_program_that_does_not_broadcast_in_one_line():
+    with pytest.raises(ProgramError, match=r"^AIS runs its chains batched in one trace, and "
+                       r"this program does not run so \(IndexError: .*\); "
+                       r"log_marginal_likelihood samples it one trace at a time$"):
+        ais_log_marginal_likelihood(MaskedCompletion(), completion_data(), num_temperatures=2,
+                                    num_chains=2)
