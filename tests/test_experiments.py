@@ -495,6 +495,8 @@ def test_burda2016_iwae_dreg_trains_the_protocol_with_its_own_objective(tmp_path
     assert config["objective"] == "iwae_dreg" and config["num_particles"] == 5
     assert results["published_log_marginal_likelihood"] == -85.54
     assert results["epochs_done"] == 1 and results["learning_curve"][0]["test_log_px"] < 0
+    # the protocol reports the last checkpoint: the bank holds that one only
+    assert (bank_dir / "checkpoint.pt").is_file() and not (bank_dir / "checkpoint_best.pt").exists()
     refused = run_script("burda2016_iwae_dreg.py", "final", "--run-dir", str(run_dir),
                          check=False)
     assert refused.returncode == 2
