@@ -54,6 +54,7 @@ from pyrovae.checkpoint import (
 from pyrovae.devices import seeded
 from pyrovae.errors import TrainingDivergedError, TrainingInterrupted
 from pyrovae.evaluation import elbo, log_marginal_likelihood
+from pyrovae.likelihoods import bits_per_dim
 from pyrovae.metrics import METRICS_NAME, EpochRecord, write_metrics
 from pyrovae.programs import as_data
 from pyrovae.rundir import clear_run, remove_temporaries
@@ -127,10 +128,12 @@ class Evaluation(Callback):
 
         def evaluate() -> tuple[float, float]:
             program.train(False)
+            # a guide with per-point parameters is evaluated on all its points at once
+            rows = max(1000, data.train.shape[0]) if loop.whole_data else 1000
             with seeded(loop.options.seed, record.epoch, device=program.device):
-                test = elbo(program, data.test_inputs, batch_size=1000).mean().item()
+                test = elbo(program, data.test_inputs, batch_size=rows).mean().item()
                 valid = math.nan if data.valid is None else \
-                    elbo(program, data.valid_inputs, batch_size=1000).mean().item()
+                    elbo(program, data.valid_inputs, batch_size=rows).mean().item()
             program.train()
             return test, valid
 
@@ -150,9 +153,13 @@ class LogMarginalLikelihood(Callback):
         if not _due(record.epoch, self.every, loop.options.epochs):
             return
         loop.program.train(False)
-        points = tuple(argument[: self.size] for argument in as_data(loop.data.test_inputs))
+        # a guide with a parameter per point is evaluated on all its points at once
+        size = None if loop.whole_data else self.size
+        rows = {"batch_size": loop.data.train.shape[0]} if loop.whole_data else {}
+        points = tuple(argument[:size] for argument in as_data(loop.data.test_inputs))
         log_px = loop.strategy.sharded(log_marginal_likelihood, loop.program, points,
-                                       num_samples=self.num_samples, seed=loop.options.seed)
+                                       num_samples=self.num_samples, seed=loop.options.seed,
+                                       **rows)
         loop.program.train()
         record.test_log_px = log_px.mean().item()
 
@@ -195,6 +202,9 @@ class EpochLog(Callback):
             f", validation ELBO {record.valid_elbo:.3f}"
         if not math.isnan(record.test_log_px):
             notes += f", test log p(x) {record.test_log_px:.3f} (K={loop.options.log_px_samples})"
+            levels = getattr(getattr(loop.vae, "likelihood", None), "num_levels", None)
+            if levels is not None:  # a probability over the data's values
+                notes += f" = {bits_per_dim(record.test_log_px, loop.data.data_dim):.4f} bits/dim"
         if not math.isnan(record.active_units):
             notes += (f", {record.active_units:.0f} active units, I(x; z) "
                       f"{record.mutual_information:.3f}")
