@@ -166,11 +166,13 @@ def test_the_kl_weight_rises_linearly_then_stays_at_beta():
 def test_fit_follows_the_warm_up_schedule_of_its_config(monkeypatch):
     used = []
 
-    def recording_kl_weight(epoch, **options):
-        used.append(kl_weight(epoch, **options))
+    scheduled = train_module.TrainingLoop.kl_weight
+
+    def recording_kl_weight(loop, epoch):
+        used.append(scheduled(loop, epoch))
         return used[-1]
 
-    monkeypatch.setattr(train_module, "kl_weight", recording_kl_weight)
+    monkeypatch.setattr(train_module.TrainingLoop, "kl_weight", recording_kl_weight)
     config = TrainConfig(hidden_dims=(6,), latent_dim=2, likelihood="gaussian", beta=2.0,
                          kl_warmup_epochs=2, epochs=3)
     vae = build_vae(config, data_dim=5)
