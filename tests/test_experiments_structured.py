@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+from pyrovae.plotting import display_scale
 from tests.conftest import SHARED_DATA, requires_mnist
 from tests.test_experiments import run_script
 
@@ -74,5 +75,8 @@ def test_conditional_draws_one_row_per_digit(tmp_path):
                 - runs["vae"]["test_log_marginal_likelihood"])
     assert abs(gain - expected) < 1e-9
     width, height = _png_size(tmp_path / "out" / "samples.png")
-    # ten rows of ten 28-pixel digits, torchvision's 2-pixel padding around each
-    assert (width, height) == (10 * 30 + 2, 10 * 30 + 2)
+    # ten rows of ten 28-pixel digits, torchvision's 2-pixel padding around each, the whole
+    # grid enlarged by the display factor (3 for a 28x28 digit)
+    scale = display_scale((1, 28, 28))
+    assert scale == 3
+    assert (width, height) == ((10 * 30 + 2) * scale, (10 * 30 + 2) * scale)
