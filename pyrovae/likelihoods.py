@@ -639,7 +639,25 @@ def _uniform_open(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return torch.rand(shape, dtype=like.dtype, device=like.device).clamp_(tiny, 1 - 1e-7)
 
 
-class DiscretizedLogistic(_Discretized):
+class _DiscretizedLocScale(_Discretized):
+    """A location-scale distribution discretized onto ``num_levels`` values; subclasses give
+    ``_log_prob(value, loc, log_scale, num_levels)``."""
+
+    _parameters = ("loc", "log_scale")
+    _log_prob: Callable[..., torch.Tensor]
+
+    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor,
+                 num_levels: int = EIGHT_BIT_LEVELS, validate_args: bool | None = None) -> None:
+        self.loc, self.log_scale = broadcast_all(loc, log_scale)
+        super().__init__(self.loc.shape, num_levels, validate_args=validate_args)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._log_prob(value, self.loc, self.log_scale, self.num_levels)
+
+
+class DiscretizedLogistic(_DiscretizedLocScale):
     """The logistic distribution discretized onto ``num_levels`` values on [0, 1]
     (:func:`discretized_logistic_log_prob`).
 
@@ -654,17 +672,7 @@ class DiscretizedLogistic(_Discretized):
         p.log_prob(levels).exp().sum()  # 1
     """
 
-    _parameters = ("loc", "log_scale")
-
-    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor,
-                 num_levels: int = EIGHT_BIT_LEVELS, validate_args: bool | None = None) -> None:
-        self.loc, self.log_scale = broadcast_all(loc, log_scale)
-        super().__init__(self.loc.shape, num_levels, validate_args=validate_args)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return discretized_logistic_log_prob(value, self.loc, self.log_scale, self.num_levels)
+    _log_prob = staticmethod(discretized_logistic_log_prob)
 
     def _survival(self) -> Callable[[float], torch.Tensor]:
         inverse_scale = torch.exp(-self.log_scale.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND))
@@ -676,7 +684,7 @@ class DiscretizedLogistic(_Discretized):
         return self.loc + scale * (torch.log(u) - torch.log1p(-u))
 
 
-class DiscretizedGaussian(_Discretized):
+class DiscretizedGaussian(_DiscretizedLocScale):
     """The Gaussian discretized onto ``num_levels`` values on [0, 1]
     (:func:`discretized_gaussian_log_prob`).
 
@@ -690,17 +698,7 @@ class DiscretizedGaussian(_Discretized):
         p.log_prob(torch.arange(256) / 255).exp().sum()  # 1
     """
 
-    _parameters = ("loc", "log_scale")
-
-    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor,
-                 num_levels: int = EIGHT_BIT_LEVELS, validate_args: bool | None = None) -> None:
-        self.loc, self.log_scale = broadcast_all(loc, log_scale)
-        super().__init__(self.loc.shape, num_levels, validate_args=validate_args)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return discretized_gaussian_log_prob(value, self.loc, self.log_scale, self.num_levels)
+    _log_prob = staticmethod(discretized_gaussian_log_prob)
 
     def _survival(self) -> Callable[[float], torch.Tensor]:
         # in float64, as the probabilities are computed
