@@ -35,7 +35,7 @@ from pyrovae.data import LABELLED_DATASETS, load_dataset
 from pyrovae.devices import resolve_device, seed_everything
 from pyrovae.errors import ConfigError, PyrovaeError
 from pyrovae.plotting import save_image_grid
-from pyrovae.programs import as_program
+from pyrovae.programs import as_program, observed_site_of_size
 from pyrovae.rundir import write_atomically
 from pyrovae.validation import check_data
 
@@ -245,20 +245,12 @@ def program_reconstructions(program: Any, x: torch.Tensor) -> torch.Tensor:
 
     :raises ProgramError: the model has no single observed site of ``x``'s size.
     """
-    from pyrovae.programs import ProgramError
 
     resolved = as_program(program)
     with pyro.validation_enabled(False):
         guide_trace = poutine.trace(resolved.guide).get_trace(x)
         trace = poutine.trace(poutine.replay(resolved.model, trace=guide_trace)).get_trace(x)
-    observed = [name for name, site in trace.nodes.items()
-                if site["type"] == "sample" and site["is_observed"]
-                and site["value"].numel() == x.numel()]
-    if len(observed) != 1:
-        raise ProgramError(f"the program cannot reconstruct x: its model has "
-                           f"{len(observed) or 'no'} observed sites of x's size"
-                           f"{' (' + ', '.join(observed) + ')' if observed else ''}")
-    site = trace.nodes[observed[0]]
+    site = trace.nodes[observed_site_of_size(trace, x.numel(), "reconstruct x")]
     try:
         values = site["fn"].mean
     except NotImplementedError:

@@ -109,7 +109,7 @@ def program_samples(program: Any, num_samples: int, data_dim: int) -> torch.Tens
     import pyro
     from pyro import poutine
 
-    from pyrovae.programs import ProgramError, as_program
+    from pyrovae.programs import ProgramError, as_program, observed_site_of_size
 
     sample = getattr(program, "sample", None)
     if callable(sample):
@@ -126,14 +126,7 @@ def program_samples(program: Any, num_samples: int, data_dim: int) -> torch.Tens
         raise ProgramError(f"the program cannot draw x: its model, run on x alone without "
                            f"observations, failed ({type(error).__name__}: {error}){advice}"
                            ) from None
-    observed = [name for name, site in conditioned.nodes.items()
-                if site["type"] == "sample" and site["is_observed"]
-                and site["value"].numel() == template.numel()]
-    if len(observed) != 1:
-        raise ProgramError(f"the program cannot draw x: its model has "
-                           f"{len(observed) or 'no'} observed sites of x's size"
-                           f"{' (' + ', '.join(observed) + ')' if observed else ''}{advice}")
-    site = drawn.nodes[observed[0]]
+    site = drawn.nodes[observed_site_of_size(conditioned, template.numel(), "draw x", advice)]
     try:
         values = site["fn"].mean
     except NotImplementedError:

@@ -272,6 +272,25 @@ def is_sample_site(site: dict[str, Any]) -> bool:
     return site["type"] == "sample" and not site_is_subsample(site)
 
 
+def observed_site_of_size(trace: poutine.Trace, size: int, purpose: str,
+                          advice: str = "") -> str:
+    """The name of the one observed sample site of ``trace`` holding ``size`` values: the
+    model's x, for a caller that must ``purpose`` (refused in one line naming the candidates
+    when there is none or more than one).
+
+    :param size: the number of values of x for the traced batch.
+    :param advice: appended to the refusal.
+    """
+    observed = [name for name, site in trace.nodes.items()
+                if site["type"] == "sample" and site["is_observed"]
+                and site["value"].numel() == size]
+    if len(observed) != 1:
+        raise ProgramError(f"the program cannot {purpose}: its model has "
+                           f"{len(observed) or 'no'} observed sites of x's size"
+                           f"{' (' + ', '.join(observed) + ')' if observed else ''}{advice}")
+    return observed[0]
+
+
 def is_real_support(support: Any) -> bool:
     """Whether a site's support is the real line (of any event shape): what HMC moves on and
     what a Gaussian summary of its draws describes."""
