@@ -362,11 +362,16 @@ def pyrovae_train(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+#: long enough that a signal at a random moment after the first checkpoint lands mid-run on an
+#: idle machine too (3 epochs could finish before it)
+KILL_TEST_EPOCHS = "40"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
-    """The program files, and the checkpoint of a run of 3 epochs that nothing interrupted."""
+    """The program files, and the checkpoint of a run that nothing interrupted."""
     files = write_files(tmp_path_factory.mktemp("program"))
-    assert main(["train", *train_flags(files, "--epochs", "3"),
+    assert main(["train", *train_flags(files, "--epochs", KILL_TEST_EPOCHS),
                  "--out-dir", str(files / "whole")]) == 0
     return files, read_checkpoint(files / "whole")
 
@@ -380,7 +385,8 @@ def test_a_killed_program_run_resumes_bit_identical(uninterrupted, signal_number
     run = files / f"run-{signal_number}"
     rng = random.Random(signal_number)
     for _ in range(5):
-        process = pyrovae_train(*train_flags(files, "--epochs", "3"), "--out-dir", str(run),
+        process = pyrovae_train(*train_flags(files, "--epochs", KILL_TEST_EPOCHS), "--out-dir",
+                                str(run),
                                 "--overwrite")
         while not (run / "checkpoint.pt").exists() and process.poll() is None:
             time.sleep(0.02)
@@ -388,7 +394,8 @@ def test_a_killed_program_run_resumes_bit_identical(uninterrupted, signal_number
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=120)
         # a signal after the last checkpoint interrupts nothing: try again
-        if process.returncode != 0 and read_checkpoint(run)["progress"]["step"] < 3 * 10:
+        if (process.returncode != 0 and read_checkpoint(run)["progress"]["step"]
+                < expected["progress"]["step"]):
             break
     else:
         pytest.fail("the run finished before every interruption")
@@ -397,6 +404,7 @@ def test_a_killed_program_run_resumes_bit_identical(uninterrupted, signal_number
         assert "SIGTERM at epoch" in stderr and "Traceback" not in stderr
     assert main(["train", "--resume", str(run), "--program", str(files / "prog.py") +
                  ":TinyVAE"]) == 0
+    assert read_checkpoint(run)["progress"]["step"] == expected["progress"]["step"]
     resumed = read_checkpoint(run)
     assert_same(resumed["model"], expected["model"])
     assert_same(resumed["param_store"]["values"], expected["param_store"]["values"])
